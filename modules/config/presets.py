@@ -1,0 +1,230 @@
+"""JSON presets: sparse overlays on the config defaults, versioned, migrated, written atomically.
+
+A preset file holds ``schema_version`` and only the values that differ from the defaults. Loading
+runs the named migration functions from the file's version up to :data:`SCHEMA_VERSION`, overlays
+the result on the defaults and validates it. ``--set a.b=value`` overrides go through the same
+validation, so a wrong type or an unknown path fails with a message naming the field.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from modules.config.schema import SCHEMA_VERSION, TrainConfig
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used. The message names the field (or file) and the fix."""
+
+
+def _v0_to_v1(data: dict[str, Any]) -> dict[str, Any]:
+    """Version 0 presets (unversioned) named the prior weight ``prior.preservation_weight``."""
+    prior = dict(data.get("prior", {}))
+    if "preservation_weight" in prior:
+        prior["weight"] = prior.pop("preservation_weight")
+        data = {**data, "prior": prior}
+    return data
+
+
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {0: _v0_to_v1}
+"""``MIGRATIONS[v]`` turns a version ``v`` preset into a version ``v + 1`` preset."""
+
+
+def migrate(data: dict[str, Any], source: str = "preset") -> dict[str, Any]:
+    version = data.get("schema_version", 0)
+    if not isinstance(version, int) or version < 0:
+        raise ConfigError(f"{source}: schema_version must be a whole number, got {version!r}")
+    if version > SCHEMA_VERSION:
+        raise ConfigError(
+            f"{source}: schema_version {version} is newer than this program understands "
+            f"({SCHEMA_VERSION}); update MaskPrior Trainer to use it"
+        )
+    data = {k: v for k, v in data.items() if k != "schema_version"}
+    for step in range(version, SCHEMA_VERSION):
+        data = MIGRATIONS[step](data)
+    return data
+
+
+def _merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge ``overlay`` onto ``base``; lists and scalars in the overlay replace wholesale."""
+    merged = dict(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _field_names(model: type[BaseModel], loc: Iterable[Any]) -> list[str]:
+    """Names of the fields next to the (unknown) field at ``loc``, for "did you mean" hints."""
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:
+            break
+        inner = _section_type(field.annotation)
+        if inner is None:
+            break
+        model = inner
+    return list(model.model_fields)
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _section_type(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def format_validation_error(error: ValidationError, source: str = "config") -> str:
+    """One line per problem: ``source: field.path: what is wrong (got X); fix``."""
+    lines = []
+    for item in error.errors():
+        loc = [p for p in item["loc"]]
+        path = ".".join(str(p) for p in loc)
+        if item["type"] == "extra_forbidden":
+            siblings = _field_names(TrainConfig, loc[:-1])
+            close = difflib.get_close_matches(str(loc[-1]), siblings, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(siblings)}"
+            lines.append(f"{source}: unknown field '{path}'; {hint}")
+            continue
+        message = item["msg"].removeprefix("Value error, ")
+        if message.startswith(f"{path.split('.')[0]}.") or not path:
+            lines.append(f"{source}: {message}")
+        else:
+            got = (
+                f" (got {item['input']!r})" if "input" in item and item["type"] != "missing" else ""
+            )
+            lines.append(f"{source}: {path}: {message}{got}")
+    return "\n".join(lines)
+
+
+def config_from_dict(data: dict[str, Any], source: str = "config") -> TrainConfig:
+    """Migrate, overlay on the defaults and validate a preset-shaped dict."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a JSON object at the top level")
+    overlay = migrate(data, source)
+    merged = _merge(TrainConfig().model_dump(), overlay)
+    try:
+        return TrainConfig.model_validate(merged)
+    except ValidationError as error:
+        raise ConfigError(format_validation_error(error, source)) from None
+
+
+def load_preset(path: str | os.PathLike[str]) -> TrainConfig:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: preset file not found; check the path") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ConfigError(
+            f"{path}: not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})"
+        ) from None
+    return config_from_dict(data, str(path))
+
+
+def _sparse(values: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    diff: dict[str, Any] = {}
+    for key, value in values.items():
+        default = defaults.get(key)
+        if isinstance(value, dict) and isinstance(default, dict):
+            nested = _sparse(value, default)
+            if nested:
+                diff[key] = nested
+        elif value != default:
+            diff[key] = value
+    return diff
+
+
+def preset_dict(config: TrainConfig) -> dict[str, Any]:
+    """The sparse preset form of ``config``: schema_version plus the non-default values."""
+    sparse = _sparse(config.model_dump(mode="json"), TrainConfig().model_dump(mode="json"))
+    return {"schema_version": SCHEMA_VERSION, **sparse}
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+    """Write a temp file in the same folder, then ``os.replace``: the old file survives a crash."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_preset(config: TrainConfig, path: str | os.PathLike[str]) -> None:
+    write_text_atomic(path, json.dumps(preset_dict(config), indent=2) + "\n")
+
+
+def resolved_config_json(config: TrainConfig) -> str:
+    """The full config with every value spelled out, as saved next to a trained LoRA."""
+    data = {"schema_version": SCHEMA_VERSION, **config.model_dump(mode="json")}
+    return json.dumps(data, indent=2)
+
+
+def _parse_value(text: str) -> Any:
+    """``--set`` values are JSON where they parse (numbers, true, null, lists), else text."""
+    if text.lower() in {"none", "null"}:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def apply_overrides(config: TrainConfig, overrides: Iterable[str]) -> TrainConfig:
+    """Apply ``a.b=value`` overrides (list items by index: ``data.concepts.0.path=x``)."""
+    data = config.model_dump()
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--set {override!r}: expected the form section.field=value")
+        parts = key.split(".")
+        node: Any = data
+        for index, part in enumerate(parts):
+            last = index == len(parts) - 1
+            known = _field_names(TrainConfig, parts[:index])
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(
+                        f"--set {key}: '{part}' is not an index of {'.'.join(parts[:index])} "
+                        f"(it has {len(node)} items)"
+                    )
+                slot: Any = int(part)
+            elif isinstance(node, dict) and part in node:
+                slot = part
+            else:
+                close = difflib.get_close_matches(part, known, n=1)
+                hint = f"did you mean '{close[0]}'?" if close else f"known: {', '.join(known)}"
+                raise ConfigError(f"--set {key}: unknown field '{part}'; {hint}")
+            if last:
+                node[slot] = _parse_value(raw)
+            else:
+                node = node[slot]
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(format_validation_error(error, "--set")) from None

@@ -1,0 +1,373 @@
+"""The one typed training config.
+
+Every field is declared once, here, with a description and bounds. The UI builds its widgets,
+labels, tooltips and choices from this metadata; presets are sparse JSON overlays on these
+defaults; the CLI's ``--set a.b=value`` overrides are type-checked against it.
+
+Cross-field rules that make a config unusable raise (naming the field and the fix); rules that
+only make a config questionable are returned by :func:`config_warnings` (design §4.2 and §4.6).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+SCHEMA_VERSION = 1
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
+
+
+class ModelConfig(Section):
+    family: Literal["demo"] = Field(
+        "demo",
+        title="Model family",
+        description="Which model architecture to train a LoRA for.",
+    )
+    path: str = Field(
+        "",
+        title="Model path",
+        description=(
+            "Local folder (diffusers layout) or file of the base model. Empty: the family's "
+            "built-in weights (only the demo family has them)."
+        ),
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32",
+        title="Base weight dtype",
+        description=(
+            "Data type of the frozen base weights. bfloat16 halves memory on GPUs; the LoRA "
+            "weights always train in float32."
+        ),
+    )
+
+
+class CaptionConfig(Section):
+    extension: str = Field(
+        ".txt",
+        title="Caption extension",
+        description="Caption files sit next to each image with this extension (name.txt).",
+        pattern=r"^\.[A-Za-z0-9_-]+$",
+    )
+    default: str = Field(
+        "",
+        title="Default caption",
+        description="Caption used for an image that has no caption file.",
+    )
+    prefix: str = Field(
+        "",
+        title="Caption prefix",
+        description="Text put before every caption of this concept, e.g. a trigger word.",
+    )
+    dropout: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        title="Caption dropout",
+        description="Probability of training a sample with the empty prompt, not its caption.",
+    )
+
+
+class ConceptConfig(Section):
+    path: str = Field(
+        ...,
+        min_length=1,
+        title="Folder",
+        description=(
+            "Folder of images (png, jpg, webp) with name.txt captions and name-masklabel.png "
+            "masks whose grey levels are loss weights (255 = learn fully, 0 = background)."
+        ),
+    )
+    type: Literal["standard", "prior_prediction"] = Field(
+        "standard",
+        title="Concept type",
+        description=(
+            "standard: learn the images. prior_prediction: the target is the base model's own "
+            "prediction (regularisation by distillation; masks are ignored)."
+        ),
+    )
+    repeats: int = Field(
+        1, ge=1, le=1000, title="Repeats", description="How many times each image counts per epoch."
+    )
+    loss_weight: float = Field(
+        1.0,
+        ge=0.0,
+        le=100.0,
+        title="Loss weight",
+        description="Multiplies the loss of this concept's samples.",
+    )
+    caption: CaptionConfig = Field(default_factory=CaptionConfig, title="Captions")
+
+
+class DataConfig(Section):
+    concepts: list[ConceptConfig] = Field(
+        default_factory=list,
+        title="Concepts",
+        description="Image folders to train on. At least one is needed to start training.",
+    )
+    resolution: int = Field(
+        64,
+        ge=16,
+        le=4096,
+        multiple_of=16,
+        title="Resolution",
+        description="Images are resized (short side) and centre-cropped to this square size.",
+    )
+    cache_dir: str = Field(
+        "cache",
+        title="Cache folder",
+        description=(
+            "Where encoded latents (with masks baked in) are cached, keyed by file content and "
+            "settings, and reused across runs."
+        ),
+    )
+
+
+class MaskConfig(Section):
+    enabled: bool = Field(
+        False,
+        title="Masked training",
+        description="Weight the loss by each image's -masklabel.png mask.",
+    )
+    gamma: float = Field(
+        1.0,
+        gt=0.0,
+        le=10.0,
+        title="Mask gamma",
+        description=(
+            "Raw mask values are raised to this power before use. Below 1 lifts mid grey "
+            "levels (e.g. 0.7 turns 0.5 into 0.62)."
+        ),
+    )
+    min_weight: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        title="Minimum weight",
+        description=(
+            "Floor of the target weight outside the mask. Keep 0 with prior preservation: a "
+            "floor pulls the background toward each image's own clutter."
+        ),
+    )
+    unmasked_probability: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        title="Unmasked probability",
+        description=(
+            "Per sample and step, the probability of dropping its mask (all ones) so the model "
+            "also learns globally. Recommended 0.05-0.1."
+        ),
+    )
+    normalize_per_sample: bool = Field(
+        False,
+        title="Normalise per sample",
+        description=(
+            "Average each sample's weighted loss first, so every sample counts the same "
+            "whatever its mask area. Recommended with prior preservation."
+        ),
+    )
+
+
+class PriorConfig(Section):
+    weight: float = Field(
+        0.0,
+        ge=0.0,
+        le=100.0,
+        title="Prior preservation weight",
+        description=(
+            "Weight of the loss that pulls the LoRA model toward the base model's prediction "
+            "outside the mask. 0 disables it; 0.5-1 recommended. Costs one extra no-grad "
+            "forward pass per step."
+        ),
+    )
+    threshold: float | None = Field(
+        None,
+        gt=0.0,
+        lt=1.0,
+        title="Prior threshold",
+        description=(
+            "Binary mode: full prior preservation where the raw mask is below this value and "
+            "none elsewhere (0.05-0.15). Empty: continuous mode (prior weight = 1 - mask)."
+        ),
+    )
+
+
+class LoraConfig(Section):
+    rank: int = Field(16, ge=1, le=1024, title="Rank", description="LoRA rank (inner dimension).")
+    alpha: float = Field(
+        16.0,
+        gt=0.0,
+        le=4096.0,
+        title="Alpha",
+        description="LoRA alpha; the update is scaled by alpha / rank.",
+    )
+    dropout: float = Field(
+        0.0, ge=0.0, lt=1.0, title="Dropout", description="Dropout on the LoRA input."
+    )
+    targets: Literal["attention", "attention_ffn"] = Field(
+        "attention",
+        title="Target layers",
+        description=(
+            "Which layers get LoRA adapters: the family's attention projections, or attention "
+            "and feed-forward layers."
+        ),
+    )
+
+
+class TrainingConfig(Section):
+    steps: int = Field(
+        500, ge=1, le=10_000_000, title="Steps", description="Optimizer steps to train."
+    )
+    batch_size: int = Field(1, ge=1, le=256, title="Batch size", description="Samples per step.")
+    learning_rate: float = Field(
+        1e-4, gt=0.0, le=1.0, title="Learning rate", description="Peak learning rate."
+    )
+    seed: int = Field(
+        42,
+        ge=0,
+        le=2**32 - 1,
+        title="Seed",
+        description="Seeds LoRA init, data order, noise, timesteps and mask dropout.",
+    )
+    optimizer: Literal["adamw", "sgd"] = Field(
+        "adamw", title="Optimizer", description="Optimizer for the LoRA weights."
+    )
+    weight_decay: float = Field(
+        0.0, ge=0.0, le=1.0, title="Weight decay", description="Decoupled weight decay (AdamW)."
+    )
+    scheduler: Literal["constant", "linear", "cosine"] = Field(
+        "constant",
+        title="LR scheduler",
+        description="Learning-rate schedule after warm-up.",
+    )
+    warmup_steps: int = Field(
+        0, ge=0, le=1_000_000, title="Warm-up steps", description="Linear warm-up from 0."
+    )
+    gradient_accumulation: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        title="Gradient accumulation",
+        description="Micro-batches summed per optimizer step.",
+    )
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
+        "no",
+        title="Mixed precision",
+        description="Autocast precision of the forward passes (fp16 needs a GPU).",
+    )
+    gradient_checkpointing: bool = Field(
+        False,
+        title="Gradient checkpointing",
+        description="Recompute activations in the backward pass: less memory, ~30% slower.",
+    )
+    max_grad_norm: float = Field(
+        1.0,
+        ge=0.0,
+        le=1000.0,
+        title="Max gradient norm",
+        description="Gradient clipping norm; 0 disables clipping.",
+    )
+
+
+class OutputConfig(Section):
+    run_dir: str = Field(
+        "runs/demo",
+        min_length=1,
+        title="Run folder",
+        description="Where the LoRA, the resolved config, metrics.jsonl and samples are written.",
+    )
+    name: str = Field(
+        "lora",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        max_length=120,
+        title="LoRA name",
+        description="File name of the saved LoRA (letters, digits, . _ -), without extension.",
+    )
+    save_every: int = Field(
+        0,
+        ge=0,
+        le=10_000_000,
+        title="Save every",
+        description="Also save the LoRA every N steps (0: only at the end and on stop).",
+    )
+
+
+class SamplingConfig(Section):
+    prompts: list[str] = Field(
+        default_factory=list,
+        title="Prompts",
+        description="Prompts to sample during training, with and without the LoRA.",
+    )
+    every: int = Field(
+        0,
+        ge=0,
+        le=10_000_000,
+        title="Sample every",
+        description="Sample every N steps (0: only on request).",
+    )
+    steps: int = Field(
+        20, ge=1, le=1000, title="Sampling steps", description="Denoising steps per sample."
+    )
+    seed: int = Field(
+        0, ge=0, le=2**32 - 1, title="Sampling seed", description="Noise seed of the samples."
+    )
+
+
+class TrainConfig(Section):
+    model: ModelConfig = Field(default_factory=ModelConfig, title="Model")
+    data: DataConfig = Field(default_factory=DataConfig, title="Data")
+    mask: MaskConfig = Field(default_factory=MaskConfig, title="Masked training")
+    prior: PriorConfig = Field(default_factory=PriorConfig, title="Prior preservation")
+    lora: LoraConfig = Field(default_factory=LoraConfig, title="LoRA")
+    training: TrainingConfig = Field(default_factory=TrainingConfig, title="Training")
+    output: OutputConfig = Field(default_factory=OutputConfig, title="Output")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig, title="Sampling")
+
+    @model_validator(mode="after")
+    def _check_cross_field(self) -> TrainConfig:
+        if self.prior.weight > 0 and not self.mask.enabled:
+            raise ValueError(
+                "prior.weight: masked prior preservation needs masks; set mask.enabled=true "
+                "or prior.weight=0 (for whole-image regularisation use a prior_prediction "
+                "concept)"
+            )
+        return self
+
+
+def config_warnings(config: TrainConfig) -> list[str]:
+    """Settings that are allowed but probably not what the user wants (design §4.2, §4.6)."""
+    warnings: list[str] = []
+    mask, prior = config.mask, config.prior
+    if prior.threshold is not None and prior.weight == 0:
+        warnings.append(
+            "prior.threshold is set but prior.weight is 0: the threshold has no effect."
+        )
+    if prior.threshold is not None and mask.min_weight > 0:
+        warnings.append(
+            f"prior.threshold={prior.threshold} with mask.min_weight={mask.min_weight}: threshold "
+            "mode removes the overlap, but the minimum weight still applies to the remaining "
+            "target regions."
+        )
+    if prior.weight > 0 and mask.min_weight > 0:
+        warnings.append(
+            f"mask.min_weight={mask.min_weight} reduces the prior effect; recommended "
+            "mask.min_weight=0 with prior preservation."
+        )
+    if prior.weight > 0 and not mask.normalize_per_sample:
+        warnings.append(
+            "mask.normalize_per_sample is off: recommended with prior preservation for "
+            "predictable behaviour when mask coverage varies."
+        )
+    if not mask.enabled and (mask.unmasked_probability > 0 or mask.min_weight > 0):
+        warnings.append("mask settings are set but mask.enabled is false: they have no effect.")
+    if mask.unmasked_probability >= 1 and prior.weight > 0:
+        warnings.append(
+            "mask.unmasked_probability=1 drops every mask, so prior preservation never acts."
+        )
+    return warnings

@@ -1,0 +1,122 @@
+"""peft LoRA on a diffusers denoiser: attach, switch off for the teacher, save, load.
+
+A LoRA adds to a frozen linear layer ``W`` the low-rank update ``(alpha / r) * B @ A`` with
+``A`` (r × in) random and ``B`` (out × r) zero at the start, so the LoRA model equals the base
+model at step 0. Switching the adapter off (``lora_disabled``) removes the update exactly: the
+teacher then *is* the base model, which is what masked prior preservation needs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from diffusers.models.modeling_utils import ModelMixin
+from peft import LoraConfig as PeftLoraConfig
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import save_file
+
+ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # the key diffusers reads rank/alpha from
+PREFIX = "transformer"
+
+
+def add_lora(
+    denoiser: ModelMixin, *, rank: int, alpha: float, dropout: float, target_modules: list[str]
+) -> list[torch.nn.Parameter]:
+    """Freeze the base, add one LoRA adapter, upcast its weights to float32; return them."""
+    denoiser.requires_grad_(False)
+    config = PeftLoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=target_modules,
+        init_lora_weights=True,
+    )
+    denoiser.add_adapter(config)
+    trainable = [p for p in denoiser.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError(
+            f"lora.targets: no layer of {type(denoiser).__name__} matches {target_modules}"
+        )
+    for param in trainable:
+        # Low-precision LoRA weights lose small updates; the base may stay in bf16.
+        param.data = param.data.float()
+    return trainable
+
+
+@contextmanager
+def lora_disabled(denoiser: ModelMixin) -> Iterator[None]:
+    """Run the base model: every LoRA adapter of ``denoiser`` is off inside, back on after.
+
+    The only way the teacher pass switches the adapter off. ``try/finally`` puts the adapter back
+    even when the teacher forward raises, so a failed step never leaves the student as the base.
+    """
+    denoiser.disable_adapters()
+    try:
+        yield
+    finally:
+        denoiser.enable_adapters()
+
+
+def lora_state_dict(denoiser: ModelMixin) -> dict[str, torch.Tensor]:
+    """The adapter weights in the diffusers layout: ``transformer.<module>.lora_A.weight``."""
+    state = get_peft_model_state_dict(denoiser)
+    return {
+        f"{PREFIX}.{key}": value.detach().float().contiguous().cpu() for key, value in state.items()
+    }
+
+
+def _adapter_metadata(denoiser: ModelMixin) -> dict[str, object]:
+    config = denoiser.peft_config["default"].to_dict()
+    plain = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+    return {f"{PREFIX}.{key}": value for key, value in plain.items()}
+
+
+def save_lora(
+    denoiser: ModelMixin, path: str | os.PathLike[str], *, family: str, config_json: str
+) -> Path:
+    """Write the LoRA as safetensors, atomically: a crash mid-write keeps the previous file.
+
+    The metadata carries what diffusers needs to rebuild the adapter (``lora_adapter_metadata``:
+    rank, alpha, target modules) and, for people, the rank, alpha, family and the whole resolved
+    training config.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    peft_config = denoiser.peft_config["default"]
+    metadata = {
+        "format": "pt",
+        ADAPTER_METADATA_KEY: json.dumps(_adapter_metadata(denoiser), sort_keys=True),
+        "maskprior.family": family,
+        "maskprior.rank": str(peft_config.r),
+        "maskprior.alpha": str(peft_config.lora_alpha),
+        "maskprior.config": config_json,
+    }
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(lora_state_dict(denoiser), tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_lora(denoiser: ModelMixin, path: str | os.PathLike[str], adapter_name: str = "default"):
+    """Load a saved LoRA file into ``denoiser`` through diffusers' own LoRA loader."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: LoRA file not found")
+    denoiser.load_lora_adapter(
+        str(path.parent),
+        weight_name=path.name,
+        prefix=PREFIX,
+        adapter_name=adapter_name,
+        local_files_only=True,
+    )

@@ -1,0 +1,97 @@
+"""The small Protocol every model family implements.
+
+A family knows how to load its base model from local files, encode images and prompts, build the
+noisy input and training target for a timestep, and run the denoiser. Everything else (LoRA,
+masks, the teacher pass, the loss) is shared and lives outside the family.
+
+The Protocol was checked against the diffusers classes the later families use:
+
+- WAN (``WanTransformer3DModel``): 5-D video latents (B, C, F, h, w); flow matching; text from
+  UMT5 as ``encoder_hidden_states``. Loss layout ``video``.
+- FLUX.1 / FLUX.2 / Qwen-Image: latents (B, C, h, w) packed into tokens *inside* ``predict``
+  and unpacked on the way out, so the loss and masks stay in latent space. Qwen-Image-Layered
+  returns (B, L, C, h, w) and uses loss layout ``layered``.
+- SDXL (``UNet2DConditionModel``): 4-D latents, discrete timesteps, epsilon or v target: the
+  family's ``noisy_input_and_target`` hides which; ``text`` carries the pooled embeddings and
+  time ids too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+LossLayout = Literal["video", "layered"]
+TextEncoding = dict[str, Tensor]
+"""Prompt encodings, every tensor batch-first, so a subset of the batch is ``t[index]``."""
+
+
+class ModelLoadError(ValueError):
+    """A base model that cannot be loaded. The message names the path and the fix."""
+
+
+@dataclass
+class LoadedModel:
+    """A loaded base model: the denoiser the LoRA attaches to, plus the family's other parts."""
+
+    denoiser: torch.nn.Module
+    identity: str
+    """Stable description of the weights (path or built-in name), part of the cache key."""
+    parts: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class ModelFamily(Protocol):
+    name: str
+    loss_layout: LossLayout
+    lora_targets: Mapping[str, list[str]]
+    """LoRA target presets (``attention``, ``attention_ffn``) → peft ``target_modules``."""
+
+    def load(self, path: str, *, dtype: torch.dtype, device: torch.device) -> LoadedModel: ...
+
+    def encode_images(self, model: LoadedModel, images: Tensor) -> Tensor:
+        """(B, 3, H, W) in [-1, 1] → latents (B, C, h, w) or (B, C, F, h, w)."""
+        ...
+
+    def decode_latents(self, model: LoadedModel, latents: Tensor) -> Tensor:
+        """Latents → (B, 3, H, W) images in [-1, 1]."""
+        ...
+
+    def encode_prompts(self, model: LoadedModel, prompts: list[str]) -> TextEncoding: ...
+
+    def sample_timesteps(
+        self, batch_size: int, *, generator: torch.Generator, device: torch.device
+    ) -> Tensor:
+        """Training timesteps (B,) in the family's own convention."""
+        ...
+
+    def noisy_input_and_target(
+        self, latents: Tensor, noise: Tensor, timesteps: Tensor
+    ) -> tuple[Tensor, Tensor]: ...
+
+    def predict(
+        self, model: LoadedModel, noisy: Tensor, timesteps: Tensor, text: TextEncoding
+    ) -> Tensor:
+        """The denoiser's prediction, same shape as the target."""
+        ...
+
+    def sample(
+        self,
+        model: LoadedModel,
+        text: TextEncoding,
+        *,
+        resolution: int,
+        steps: int,
+        generator: torch.Generator,
+    ) -> Tensor:
+        """Generate images (B, 3, H, W) in [-1, 1] for the encoded prompts."""
+        ...
+
+
+def select_text(text: TextEncoding, index: Tensor) -> TextEncoding:
+    """The encodings of the samples at ``index`` (the teacher runs on a subset of the batch)."""
+    return {key: value[index] for key, value in text.items()}

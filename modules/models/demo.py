@@ -1,0 +1,199 @@
+"""The ``demo`` family: a tiny real diffusers model that trains on a laptop CPU in seconds.
+
+- Codec: parameter-free pixel unshuffle, (B, 3, H, W) → (B, 48, H/4, W/4). No VAE to download,
+  and decoding is exact.
+- Denoiser: a ~4M-parameter ``WanTransformer3DModel`` (the WAN 2.1 architecture, shrunk) on
+  one-frame latents, trained with flow matching.
+- Text encoder: a tiny ``T5EncoderModel`` (WAN's UMT5 is a T5 variant) with the byte-level
+  ``ByT5Tokenizer``, which needs no vocabulary file.
+
+On disk the model is a folder with ``transformer/`` (diffusers ``save_pretrained``),
+``text_encoder/`` and ``tokenizer/`` (transformers ``save_pretrained``), loaded with
+``local_files_only``: the same code path a user's model takes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from diffusers import WanTransformer3DModel
+from torch import Tensor
+from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+
+from modules.models.base import LoadedModel, ModelLoadError, TextEncoding
+from modules.models.flow_matching import (
+    euler_sample,
+    flow_noisy_input_and_target,
+    sample_flow_timesteps,
+)
+
+CODEC_FACTOR = 4
+LATENT_CHANNELS = 3 * CODEC_FACTOR**2
+MAX_PROMPT_BYTES = 64
+BUILTIN_WEIGHTS = Path(__file__).with_name("demo_weights")
+
+TRANSFORMER_CONFIG = {
+    "patch_size": (1, 2, 2),
+    "num_attention_heads": 4,
+    "attention_head_dim": 48,
+    "in_channels": LATENT_CHANNELS,
+    "out_channels": LATENT_CHANNELS,
+    "text_dim": 64,
+    "freq_dim": 64,
+    "ffn_dim": 768,
+    "num_layers": 6,
+    "rope_max_seq_len": 256,
+}
+TEXT_ENCODER_CONFIG = {
+    "vocab_size": 384,  # ByT5: 256 bytes + 3 specials + 125 sentinels
+    "d_model": 64,
+    "d_kv": 32,
+    "d_ff": 128,
+    "num_layers": 2,
+    "num_heads": 2,
+    "feed_forward_proj": "gated-gelu",
+}
+
+
+def build_demo_model(seed: int = 0) -> LoadedModel:
+    """Random demo weights, deterministic in ``seed`` (used until pretrained weights ship)."""
+    torch.manual_seed(seed)
+    denoiser = WanTransformer3DModel(**TRANSFORMER_CONFIG)
+    text_encoder = T5EncoderModel(T5Config(**TEXT_ENCODER_CONFIG))
+    return LoadedModel(
+        denoiser=denoiser,
+        identity=f"demo-random-seed{seed}",
+        parts={"text_encoder": text_encoder.eval(), "tokenizer": ByT5Tokenizer()},
+    )
+
+
+def save_demo_model(model: LoadedModel, directory: str | Path) -> None:
+    """Write the model in the on-disk layout :meth:`DemoFamily.load` reads."""
+    directory = Path(directory)
+    model.denoiser.save_pretrained(directory / "transformer")
+    model.parts["text_encoder"].save_pretrained(directory / "text_encoder")
+    model.parts["tokenizer"].save_pretrained(directory / "tokenizer")
+
+
+class DemoFamily:
+    name = "demo"
+    loss_layout = "video"
+    lora_targets: ClassVar[dict[str, list[str]]] = {
+        "attention": ["to_q", "to_k", "to_v", "to_out.0"],
+        "attention_ffn": ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"],
+    }
+
+    def load(self, path: str, *, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+        if not path and not BUILTIN_WEIGHTS.is_dir():
+            model = build_demo_model()
+        else:
+            folder = Path(path) if path else BUILTIN_WEIGHTS
+            model = _load_folder(folder, dtype)
+        if next(model.denoiser.parameters()).dtype != dtype:
+            model.denoiser.to(dtype=dtype)
+        model.denoiser.to(device=device)
+        model.parts["text_encoder"].to(device=device)
+        return model
+
+    def encode_images(self, model: LoadedModel, images: Tensor) -> Tensor:
+        return F.pixel_unshuffle(images, CODEC_FACTOR)
+
+    def decode_latents(self, model: LoadedModel, latents: Tensor) -> Tensor:
+        return F.pixel_shuffle(latents, CODEC_FACTOR).clamp(-1, 1)
+
+    @torch.no_grad()
+    def encode_prompts(self, model: LoadedModel, prompts: list[str]) -> TextEncoding:
+        tokens = model.parts["tokenizer"](
+            prompts,
+            padding="max_length",
+            max_length=MAX_PROMPT_BYTES,
+            truncation=True,
+            return_tensors="pt",
+        )
+        encoder = model.parts["text_encoder"]
+        device = next(encoder.parameters()).device
+        mask = tokens.attention_mask.to(device)
+        hidden = encoder(input_ids=tokens.input_ids.to(device), attention_mask=mask)
+        # WAN zeroes the padded positions instead of passing an attention mask to cross-attention.
+        embeds = hidden.last_hidden_state * mask.unsqueeze(-1)
+        return {"embeds": embeds.float()}
+
+    def sample_timesteps(
+        self, batch_size: int, *, generator: torch.Generator, device: torch.device
+    ) -> Tensor:
+        return sample_flow_timesteps(batch_size, generator=generator, device=device)
+
+    def noisy_input_and_target(
+        self, latents: Tensor, noise: Tensor, timesteps: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        return flow_noisy_input_and_target(latents, noise, timesteps)
+
+    def predict(
+        self, model: LoadedModel, noisy: Tensor, timesteps: Tensor, text: TextEncoding
+    ) -> Tensor:
+        denoiser = model.denoiser
+        dtype = next(denoiser.parameters()).dtype
+        # (B, C, h, w) → one-frame video (B, C, 1, h, w) for the WAN transformer, and back.
+        out = denoiser(
+            hidden_states=noisy.unsqueeze(2).to(dtype),
+            timestep=timesteps * 1000,
+            encoder_hidden_states=text["embeds"].to(dtype),
+            return_dict=False,
+        )[0]
+        return out.squeeze(2)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        model: LoadedModel,
+        text: TextEncoding,
+        *,
+        resolution: int,
+        steps: int,
+        generator: torch.Generator,
+    ) -> Tensor:
+        batch = next(iter(text.values())).shape[0]
+        side = resolution // CODEC_FACTOR
+        device = next(model.denoiser.parameters()).device
+        noise = torch.randn(batch, LATENT_CHANNELS, side, side, generator=generator).to(device)
+        latents = euler_sample(
+            lambda x, t: self.predict(model, x, t, text).float(), noise, steps=steps
+        )
+        return self.decode_latents(model, latents)
+
+
+def _load_folder(folder: Path, dtype: torch.dtype) -> LoadedModel:
+    if not folder.is_dir():
+        raise ModelLoadError(
+            f"model.path: folder {folder} not found; point model.path at a demo model folder "
+            "(transformer/, text_encoder/, tokenizer/) or leave it empty for the built-in model"
+        )
+    missing = [p for p in ("transformer", "text_encoder", "tokenizer") if not (folder / p).is_dir()]
+    if missing:
+        raise ModelLoadError(
+            f"model.path: {folder} has no {', '.join(missing)} subfolder; a demo model folder "
+            "holds transformer/, text_encoder/ and tokenizer/"
+        )
+    denoiser = WanTransformer3DModel.from_pretrained(
+        folder / "transformer", torch_dtype=dtype, local_files_only=True
+    )
+    text_encoder = T5EncoderModel.from_pretrained(folder / "text_encoder", local_files_only=True)
+    tokenizer = ByT5Tokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
+    return LoadedModel(
+        denoiser=denoiser,
+        identity=_folder_identity(folder),
+        parts={"text_encoder": text_encoder.eval(), "tokenizer": tokenizer},
+    )
+
+
+def _folder_identity(folder: Path) -> str:
+    """Path plus size and modification time of every file: changes when the weights change."""
+    stamps = sorted(
+        f"{p.relative_to(folder)}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
+        for p in folder.rglob("*")
+        if p.is_file()
+    )
+    return f"demo:{folder.resolve()}:" + ",".join(stamps)

@@ -1,0 +1,24 @@
+"""The trainer shared by the UI and the CLI, and the events it emits."""
+
+from modules.trainer.events import (
+    Command,
+    Event,
+    FileSaved,
+    Finished,
+    SampleSaved,
+    StatusMessage,
+    StepMetrics,
+)
+from modules.trainer.generic_trainer import GenericTrainer, TrainingError
+
+__all__ = [
+    "Command",
+    "Event",
+    "FileSaved",
+    "Finished",
+    "GenericTrainer",
+    "SampleSaved",
+    "StatusMessage",
+    "StepMetrics",
+    "TrainingError",
+]

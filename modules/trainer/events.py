@@ -1,0 +1,70 @@
+"""What the trainer tells its front end (events) and what the front end asks of it (commands).
+
+Events are frozen dataclasses put on a ``queue.Queue``; the UI drains it from its own thread,
+the CLI prints them. Commands go the other way on a second queue. Neither side touches the
+other's objects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class StepMetrics:
+    """One optimizer step's loss breakdown (the numbers in ``metrics.jsonl``)."""
+
+    step: int
+    total_steps: int
+    epoch: int
+    loss_total: float
+    loss_target: float
+    loss_prior: float
+    target_weight_mean: float
+    prior_weight_mean: float
+    teacher_fraction: float
+    """Share of the batch the teacher (base model, LoRA off) ran on; 0 when it was skipped."""
+    lr: float
+    sec_per_step: float
+    eta_seconds: float
+
+
+@dataclass(frozen=True)
+class StatusMessage:
+    text: str
+    level: str = "info"  # "info" | "warning"
+
+
+@dataclass(frozen=True)
+class FileSaved:
+    path: Path
+    step: int
+
+
+@dataclass(frozen=True)
+class SampleSaved:
+    path: Path
+    step: int
+    prompt: str
+    with_lora: bool
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The run ended. ``error`` is None on success or stop; ``lora_path`` is the last saved LoRA."""
+
+    step: int
+    lora_path: Path | None
+    error: str | None = None
+    stopped: bool = False
+
+
+Event = StepMetrics | StatusMessage | FileSaved | SampleSaved | Finished
+
+
+class Command(Enum):
+    STOP = "stop"  # save the LoRA and end
+    SAVE = "save"  # save the LoRA now, keep training
+    SAMPLE = "sample"  # sample now, keep training

@@ -1,0 +1,437 @@
+"""One trainer for the UI and the CLI: setup, train, save, cleanup.
+
+The step (design §4.4) with flow matching:
+
+1. noise and timesteps; noisy input and target from the family;
+2. per sample, with probability ``mask.unmasked_probability``, its mask becomes all ones;
+3. the samples that need the teacher: prior weight map > 0 somewhere, or from a
+   ``prior_prediction`` concept. None → the teacher is skipped;
+4. teacher: no-grad forward inside ``lora_disabled`` on exactly those samples' inputs;
+5. student forward; ``prior_prediction`` samples take the teacher prediction as their target;
+6. ``masked_prior_loss``; backward, optimizer, scheduler.
+
+The trainer never imports Tk. It reports through frozen-dataclass events on a queue and reads
+commands (stop, save, sample) from another.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import queue
+import random
+import time
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers.optimization import get_scheduler
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from modules.config import ConfigError, TrainConfig, config_warnings, resolved_config_json
+from modules.config.presets import write_text_atomic
+from modules.data.concept import DataError
+from modules.data.dataset import Batch, collate
+from modules.data.preparation import prepare_dataset
+from modules.lora import add_lora, lora_disabled, save_lora
+from modules.loss import LossBreakdown, masked_prior_loss, process_masks
+from modules.models import LoadedModel, ModelFamily, ModelLoadError, get_family, select_text
+from modules.trainer.banner import banner_lines
+from modules.trainer.events import (
+    Command,
+    Event,
+    FileSaved,
+    Finished,
+    SampleSaved,
+    StatusMessage,
+    StepMetrics,
+)
+
+log = logging.getLogger(__name__)
+
+_LOSS_FIELDS = tuple(LossBreakdown.__dataclass_fields__)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (for example a NaN loss). The message says why and what to change."""
+
+
+@dataclass(frozen=True)
+class StepResult:
+    loss: LossBreakdown
+    teacher_fraction: float
+
+
+class GenericTrainer:
+    def __init__(
+        self,
+        config: TrainConfig,
+        events: queue.Queue[Event] | None = None,
+        commands: queue.Queue[Command] | None = None,
+    ) -> None:
+        self.config = config
+        self.events: queue.Queue[Event] = events if events is not None else queue.Queue()
+        self.commands: queue.Queue[Command] = commands if commands is not None else queue.Queue()
+        self.run_dir = Path(config.output.run_dir)
+        self.lora_path = self.run_dir / f"{config.output.name}.safetensors"
+        self.last_saved: Path | None = None
+        self.step = 0
+
+    # ----------------------------------------------------------------------------- entry point
+
+    def run(self) -> Finished:
+        """Train to the end (or until stopped). Always emits and returns a ``Finished`` event."""
+        try:
+            self._setup()
+            stopped = self._train()
+            self._save(self.lora_path)
+            finished = Finished(step=self.step, lora_path=self.last_saved, stopped=stopped)
+        except (TrainingError, DataError, ModelLoadError, ConfigError) as error:
+            self._status(f"ERROR: {error}", "warning")
+            finished = Finished(step=self.step, lora_path=self.last_saved, error=str(error))
+        except Exception as error:
+            self._status(traceback.format_exc(), "warning")
+            finished = Finished(
+                step=self.step,
+                lora_path=self.last_saved,
+                error=f"unexpected error: {type(error).__name__}: {error}",
+            )
+        self.events.put(finished)
+        return finished
+
+    # ----------------------------------------------------------------------------------- setup
+
+    def _setup(self) -> None:
+        config = self.config
+        if not config.data.concepts:
+            raise ConfigError("data.concepts: no concepts; add at least one image folder")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.accelerator = Accelerator(mixed_precision=config.training.mixed_precision)
+        self.device = self.accelerator.device
+        self.family: ModelFamily = get_family(config.model.family)
+
+        self._status(f"Loading {config.model.family} model {config.model.path or '(built-in)'}")
+        self.model: LoadedModel = self.family.load(
+            config.model.path, dtype=DTYPES[config.model.dtype], device=self.device
+        )
+        prepared = prepare_dataset(
+            config.data,
+            family=self.family,
+            model=self.model,
+            progress=lambda done, total: self._status(f"Caching latents {done}/{total}"),
+        )
+        self.dataset = prepared.dataset
+        for line in prepared.report_lines():
+            self._status(line)
+        for level, text in banner_lines(config, prepared.cache_hint()):
+            self._status(text, level)
+        for warning in config_warnings(config):
+            self._status(f"warning: {warning}", "warning")
+
+        torch.manual_seed(config.training.seed)  # LoRA init
+        denoiser = self.model.denoiser
+        params = add_lora(
+            denoiser,
+            rank=config.lora.rank,
+            alpha=config.lora.alpha,
+            dropout=config.lora.dropout,
+            target_modules=self.family.lora_targets[config.lora.targets],
+        )
+        if config.training.gradient_checkpointing:
+            denoiser.enable_gradient_checkpointing()
+        denoiser.train()
+        self.params = params
+        self.optimizer = _make_optimizer(config, params)
+        self.scheduler = get_scheduler(
+            _scheduler_name(config),
+            self.optimizer,
+            num_warmup_steps=config.training.warmup_steps,
+            num_training_steps=config.training.steps,
+        )
+        self.model.denoiser, self.optimizer, self.scheduler = self.accelerator.prepare(
+            denoiser, self.optimizer, self.scheduler
+        )
+        self.generator = torch.Generator().manual_seed(config.training.seed)
+        self.mask_rng = random.Random(config.training.seed)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.metrics_path.write_text("")
+        write_text_atomic(
+            self.run_dir / f"{config.output.name}.json", resolved_config_json(config) + "\n"
+        )
+        n_params = sum(p.numel() for p in params)
+        self._status(f"LoRA: {n_params:,} trainable parameters in {len(params) // 2} layers")
+
+    # ----------------------------------------------------------------------------------- train
+
+    def _train(self) -> bool:
+        """The loop. Returns True when stopped by a command before the last step."""
+        config = self.config.training
+        batches = self._batches()
+        started = time.perf_counter()
+        sec_per_step = 0.0
+        while self.step < config.steps:
+            tick = time.perf_counter()
+            result = self._optimizer_step(batches)
+            self.step += 1
+            elapsed = time.perf_counter() - tick
+            # Smoothed step time for a steady ETA; the first step (warm-up) is not representative.
+            sec_per_step = elapsed if self.step <= 2 else 0.9 * sec_per_step + 0.1 * elapsed
+            self._record(result, elapsed, sec_per_step * (config.steps - self.step))
+            if self._between_steps():
+                return self.step < config.steps
+        self._status(f"Finished {self.step} steps in {time.perf_counter() - started:.1f} s")
+        return False
+
+    def _optimizer_step(self, batches: Iterator[Batch]) -> StepResult:
+        accumulation = self.config.training.gradient_accumulation
+        results = []
+        for _ in range(accumulation):
+            result = self._train_step(next(batches))
+            if not torch.isfinite(result.loss.total):
+                raise TrainingError(self._nan_message(result.loss))
+            self.accelerator.backward(result.loss.total / accumulation)
+            results.append(result)
+        if self.config.training.max_grad_norm > 0:
+            self.accelerator.clip_grad_norm_(self.params, self.config.training.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return _mean_result(results)
+
+    def _train_step(self, batch: Batch) -> StepResult:
+        family, model, mask_cfg, prior_cfg = (
+            self.family,
+            self.model,
+            self.config.mask,
+            self.config.prior,
+        )
+        latents = batch.latents.to(self.device)  # (B, C, h, w) or (B, C, F, h, w)
+        text = {k: v.to(self.device) for k, v in batch.text.items()}
+        size = latents.shape[0]
+        noise = torch.randn(latents.shape, generator=self.generator).to(self.device)
+        timesteps = family.sample_timesteps(size, generator=self.generator, device=self.device)
+        noisy, target = family.noisy_input_and_target(latents, noise, timesteps)
+
+        masks = self._step_masks(batch)  # (B, 1, h, w) or None when masked training is off
+        needs_teacher = batch.prior_prediction.clone()
+        if masks is not None and prior_cfg.weight > 0:
+            weights = process_masks(
+                masks,
+                gamma=mask_cfg.gamma,
+                min_weight=mask_cfg.min_weight,
+                prior_threshold=prior_cfg.threshold,
+            )
+            needs_teacher |= weights.prior.flatten(1).amax(dim=1).cpu() > 0
+
+        teacher = None
+        index = needs_teacher.nonzero().squeeze(1).to(self.device)
+        if len(index) > 0:
+            with torch.no_grad(), self.accelerator.autocast(), lora_disabled(model.denoiser):
+                sub = family.predict(
+                    model, noisy[index], timesteps[index], select_text(text, index)
+                )
+            teacher = torch.zeros_like(target, dtype=torch.float32)
+            teacher[index] = sub.float()
+
+        with self.accelerator.autocast():
+            prediction = family.predict(model, noisy, timesteps, text).float()
+
+        prior_prediction = batch.prior_prediction.to(self.device)
+        if prior_prediction.any():
+            # A prior-prediction sample learns the base model's prediction, everywhere.
+            shape = (-1,) + (1,) * (target.ndim - 1)
+            target = torch.where(prior_prediction.view(shape), teacher, target.float())
+        # Per-sample concept weight, on both terms (broadcast over C, [F,] h, w).
+        sample_weight = batch.loss_weight.to(self.device).view((-1,) + (1,) * (target.ndim - 1))
+        loss = F.mse_loss(prediction, target.float(), reduction="none") * sample_weight
+        prior_loss = None
+        if teacher is not None and prior_cfg.weight > 0:
+            prior_loss = F.mse_loss(prediction, teacher, reduction="none") * sample_weight
+        breakdown = masked_prior_loss(
+            loss,
+            masks,
+            prior_loss=prior_loss,
+            prior_weight=prior_cfg.weight,
+            gamma=mask_cfg.gamma,
+            min_weight=mask_cfg.min_weight,
+            prior_threshold=prior_cfg.threshold,
+            normalize_per_sample=mask_cfg.normalize_per_sample,
+            layout=family.loss_layout,
+        )
+        return StepResult(loss=breakdown, teacher_fraction=len(index) / size)
+
+    def _step_masks(self, batch: Batch) -> torch.Tensor | None:
+        """This step's masks: per sample dropped to all ones with ``unmasked_probability``.
+
+        Prior-prediction samples also get all ones: their whole image learns the teacher.
+        """
+        if not self.config.mask.enabled:
+            return None
+        masks = batch.masks.to(self.device, torch.float32).clone()
+        probability = self.config.mask.unmasked_probability
+        for i in range(masks.shape[0]):
+            dropped = probability > 0 and self.mask_rng.random() < probability
+            if dropped or bool(batch.prior_prediction[i]):
+                masks[i] = 1.0
+        return masks
+
+    def _batches(self) -> Iterator[Batch]:
+        """Endless batches: reshuffled each epoch with the run's seed."""
+        loader_generator = torch.Generator().manual_seed(self.config.training.seed + 1)
+        loader = DataLoader(
+            self.dataset,
+            batch_size=self.config.training.batch_size,
+            shuffle=True,
+            drop_last=len(self.dataset) >= self.config.training.batch_size,
+            collate_fn=functools.partial(collate, generator=self.generator),
+            generator=loader_generator,
+        )
+        self.steps_per_epoch = max(1, len(loader) // self.config.training.gradient_accumulation)
+        while True:
+            yield from loader
+
+    # ------------------------------------------------------------------------- between steps
+
+    def _record(self, result: StepResult, elapsed: float, eta: float) -> None:
+        loss = LossBreakdown(**{name: getattr(result.loss, name).detach() for name in _LOSS_FIELDS})
+        metrics = StepMetrics(
+            step=self.step,
+            total_steps=self.config.training.steps,
+            epoch=(self.step - 1) // self.steps_per_epoch + 1,
+            loss_total=float(loss.total),
+            loss_target=float(loss.target),
+            loss_prior=float(loss.prior),
+            target_weight_mean=float(loss.target_weight_mean),
+            prior_weight_mean=float(loss.prior_weight_mean),
+            teacher_fraction=result.teacher_fraction,
+            lr=float(self.scheduler.get_last_lr()[0]),
+            sec_per_step=elapsed,
+            eta_seconds=eta,
+        )
+        with self.metrics_path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(metrics.__dict__) + "\n")
+        self.events.put(metrics)
+
+    def _between_steps(self) -> bool:
+        """Scheduled saves and samples, then commands. Returns True when asked to stop."""
+        output, sampling = self.config.output, self.config.sampling
+        if output.save_every and self.step % output.save_every == 0:
+            self._save(self.run_dir / f"{output.name}-step{self.step:06d}.safetensors")
+        if sampling.every and sampling.prompts and self.step % sampling.every == 0:
+            self._sample()
+        while True:
+            try:
+                command = self.commands.get_nowait()
+            except queue.Empty:
+                return False
+            if command is Command.STOP:
+                self._status(f"Stopping at step {self.step}: saving the LoRA")
+                return True
+            if command is Command.SAVE:
+                self._save(self.lora_path)
+            elif command is Command.SAMPLE:
+                self._sample()
+
+    def _save(self, path: Path) -> None:
+        denoiser = self.accelerator.unwrap_model(self.model.denoiser)
+        save_lora(
+            denoiser, path, family=self.family.name, config_json=resolved_config_json(self.config)
+        )
+        self.last_saved = path
+        self.events.put(FileSaved(path=path, step=self.step))
+        self._status(f"Saved {path} (step {self.step})")
+
+    @torch.no_grad()
+    def _sample(self) -> None:
+        sampling = self.config.sampling
+        if not sampling.prompts:
+            self._status("Nothing to sample: add prompts under sampling.prompts", "warning")
+            return
+        folder = self.run_dir / "samples"
+        folder.mkdir(parents=True, exist_ok=True)
+        text = self.family.encode_prompts(self.model, list(sampling.prompts))
+        denoiser = self.model.denoiser
+        was_training = denoiser.training
+        denoiser.eval()
+        try:
+            for with_lora in (True, False):
+                generator = torch.Generator().manual_seed(sampling.seed)
+                with self.accelerator.autocast():
+                    if with_lora:
+                        images = self._generate(text, generator)
+                    else:
+                        with lora_disabled(denoiser):
+                            images = self._generate(text, generator)
+                for i, (prompt, image) in enumerate(zip(sampling.prompts, images, strict=True)):
+                    tag = "lora" if with_lora else "base"
+                    path = folder / f"step{self.step:06d}-{i}-{tag}.png"
+                    _to_pil(image).save(path)
+                    self.events.put(SampleSaved(path, self.step, prompt, with_lora))
+        finally:
+            denoiser.train(was_training)
+        self._status(f"Sampled {len(sampling.prompts)} prompt(s) at step {self.step}")
+
+    def _generate(self, text: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+        return self.family.sample(
+            self.model,
+            text,
+            resolution=self.config.data.resolution,
+            steps=self.config.sampling.steps,
+            generator=generator,
+        )
+
+    def _nan_message(self, loss: LossBreakdown) -> str:
+        kept = (
+            f"the last saved LoRA ({self.last_saved}) is kept"
+            if self.last_saved
+            else ("no LoRA had been saved yet")
+        )
+        total, target, prior = (float(x.detach()) for x in (loss.total, loss.target, loss.prior))
+        return (
+            f"step {self.step + 1}: the loss is not finite (total {total}, target {target}, "
+            f"prior {prior}); training stopped and {kept}. "
+            "Lower training.learning_rate, use mixed_precision bf16 instead of fp16, or check "
+            "the images for broken files."
+        )
+
+    def _status(self, text: str, level: str = "info") -> None:
+        log.log(logging.WARNING if level == "warning" else logging.INFO, text)
+        self.events.put(StatusMessage(text, level))
+
+
+def _make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    training = config.training
+    if training.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=training.learning_rate, momentum=0.9)
+    return torch.optim.AdamW(params, lr=training.learning_rate, weight_decay=training.weight_decay)
+
+
+def _scheduler_name(config: TrainConfig) -> str:
+    name = config.training.scheduler
+    if name == "constant" and config.training.warmup_steps > 0:
+        return "constant_with_warmup"
+    return name
+
+
+def _mean_result(results: list[StepResult]) -> StepResult:
+    if len(results) == 1:
+        return results[0]
+    mean = {
+        name: torch.stack([getattr(r.loss, name).detach().float() for r in results]).mean()
+        for name in _LOSS_FIELDS
+    }
+    fraction = sum(r.teacher_fraction for r in results) / len(results)
+    return StepResult(loss=LossBreakdown(**mean), teacher_fraction=fraction)
+
+
+def _to_pil(image: torch.Tensor) -> Image.Image:
+    """(3, H, W) in [-1, 1] → an 8-bit RGB image."""
+    array = ((image.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0)
+    return Image.fromarray(array.cpu().numpy())

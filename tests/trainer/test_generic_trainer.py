@@ -1,0 +1,224 @@
+"""The trainer end to end on the demo family: real diffusers model, peft LoRA, cached data."""
+
+import json
+import queue
+
+import pytest
+import torch
+
+from modules.config import TrainConfig, config_from_dict
+from modules.data.demo_dataset import write_demo_dataset
+from modules.lora import load_lora
+from modules.models.demo import DemoFamily, build_demo_model
+from modules.trainer import (
+    Command,
+    FileSaved,
+    Finished,
+    GenericTrainer,
+    SampleSaved,
+    StatusMessage,
+    StepMetrics,
+)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    return write_demo_dataset(tmp_path_factory.mktemp("demo-data"), size=64).root
+
+
+def make_config(demo_root, tmp_path, *, prior_concept=False, **sections) -> TrainConfig:
+    concepts = [{"path": str(demo_root / "subject")}]
+    if prior_concept:
+        concepts.append({"path": str(demo_root / "prior"), "type": "prior_prediction"})
+    data = {
+        "data": {"concepts": concepts, "resolution": 32, "cache_dir": str(tmp_path / "cache")},
+        "mask": {"enabled": True, "normalize_per_sample": True},
+        "prior": {"weight": 1.0},
+        "lora": {"rank": 4, "alpha": 4},
+        "training": {"steps": 4, "batch_size": 2, "learning_rate": 1e-3},
+        "output": {"run_dir": str(tmp_path / "run")},
+    }
+    for section, values in sections.items():
+        data[section] = {**data.get(section, {}), **values}
+    return config_from_dict(data)
+
+
+def run(config, commands=()):
+    events, command_queue = queue.Queue(), queue.Queue()
+    for command in commands:
+        command_queue.put(command)
+    finished = GenericTrainer(config, events, command_queue).run()
+    drained = []
+    while not events.empty():
+        drained.append(events.get())
+    assert isinstance(drained[-1], Finished)
+    return finished, drained
+
+
+def metrics(events):
+    return [e for e in events if isinstance(e, StepMetrics)]
+
+
+def test_prior_run_logs_both_terms_and_saves_a_lora_that_reloads(demo_root, tmp_path):
+    config = make_config(demo_root, tmp_path, training={"steps": 6})
+    trainer = GenericTrainer(config)
+    finished = trainer.run()
+    assert finished.error is None and not finished.stopped
+    lines = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == list(range(1, 7))
+    for key in ("loss_total", "loss_target", "loss_prior", "target_weight_mean", "lr"):
+        assert all(key in x for x in lines)
+    assert all(x["teacher_fraction"] == 1.0 for x in lines)  # every demo image has background
+    assert all(x["loss_target"] > 0 for x in lines)
+    assert lines[-1]["loss_prior"] > 0  # the LoRA has moved away from the base
+    assert 0 < lines[0]["prior_weight_mean"] < 1
+    assert (tmp_path / "run/lora.json").is_file()
+
+    # The saved file, loaded into a fresh base through diffusers, reproduces the trained model.
+    family, trained = trainer.family, trainer.model
+    generator = torch.Generator().manual_seed(0)
+    noisy = torch.randn(2, 48, 8, 8, generator=generator)
+    timesteps = torch.tensor([0.2, 0.9])
+    text = family.encode_prompts(trained, ["a photo of sks star", "a red square"])
+    trained.denoiser.eval()
+    fresh = build_demo_model(seed=0)
+    load_lora(fresh.denoiser, finished.lora_path)
+    with torch.no_grad():
+        expected = family.predict(trained, noisy, timesteps, text)
+        assert torch.allclose(family.predict(fresh, noisy, timesteps, text), expected, atol=1e-5)
+        base = family.predict(build_demo_model(seed=0), noisy, timesteps, text)
+    assert not torch.allclose(expected, base, atol=1e-4)
+
+
+def test_unmasked_probability_one_never_runs_the_teacher(demo_root, tmp_path):
+    config = make_config(demo_root, tmp_path, mask={"unmasked_probability": 1.0})
+    finished, events = run(config)
+    assert finished.error is None
+    steps = metrics(events)
+    assert len(steps) == 4
+    assert all(s.teacher_fraction == 0 and s.loss_prior == 0 for s in steps)
+    assert all(s.target_weight_mean == 1 and s.prior_weight_mean == 0 for s in steps)
+
+
+def test_prior_weight_zero_never_runs_the_teacher(demo_root, tmp_path, monkeypatch):
+    calls = []
+    original = DemoFamily.predict
+
+    def spy(self, model, noisy, timesteps, text):
+        calls.append(torch.is_grad_enabled())
+        return original(self, model, noisy, timesteps, text)
+
+    monkeypatch.setattr(DemoFamily, "predict", spy)
+    config = make_config(demo_root, tmp_path, prior={"weight": 0.0})
+    finished, events = run(config)
+    assert finished.error is None
+    assert all(s.teacher_fraction == 0 and s.loss_prior == 0 for s in metrics(events))
+    assert calls == [True] * 4  # only the student forward, once per step
+
+
+def test_teacher_is_the_base_model_on_the_same_inputs(demo_root, tmp_path, monkeypatch):
+    """Design §5.2 test_prior_prediction_matches_base_model, against a separate base copy."""
+    records = []
+    original = DemoFamily.predict
+
+    def spy(self, model, noisy, timesteps, text):
+        out = original(self, model, noisy, timesteps, text)
+        records.append((torch.is_grad_enabled(), noisy.clone(), timesteps.clone(), text, out))
+        return out
+
+    monkeypatch.setattr(DemoFamily, "predict", spy)
+    config = make_config(demo_root, tmp_path, training={"steps": 3, "learning_rate": 1e-2})
+    finished, _ = run(config)
+    assert finished.error is None
+    # Last step: the teacher call (no grad), then the student call (grad) on the same inputs.
+    (t_grad, t_noisy, t_steps, t_text, teacher), (s_grad, s_noisy, s_steps, _, student) = records[
+        -2:
+    ]
+    assert not t_grad and s_grad
+    assert torch.equal(t_noisy, s_noisy) and torch.equal(t_steps, s_steps)
+    base = build_demo_model(seed=0)
+    with torch.no_grad():
+        expected = original(DemoFamily(), base, t_noisy, t_steps, t_text)
+    assert torch.allclose(teacher, expected, atol=1e-6)
+    assert not torch.allclose(student.detach(), expected, atol=1e-4)  # the LoRA is on again
+
+
+def test_prior_prediction_concept_runs_the_teacher_for_its_samples_only(demo_root, tmp_path):
+    config = make_config(
+        demo_root,
+        tmp_path,
+        prior_concept=True,
+        prior={"weight": 0.0},
+        training={"steps": 6, "batch_size": 4},
+    )
+    finished, events = run(config)
+    assert finished.error is None
+    fractions = {s.teacher_fraction for s in metrics(events)}
+    assert fractions - {0.0, 0.25, 0.5, 0.75, 1.0} == set()
+    assert any(0 < f < 1 for f in fractions)  # 16 subject + 8 prior images: mixed batches
+    assert all(s.loss_prior == 0 for s in metrics(events))
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_lora(
+    demo_root, tmp_path, monkeypatch
+):
+    original = DemoFamily.predict
+    count = {"student": 0}
+
+    def poisoned(self, model, noisy, timesteps, text):
+        out = original(self, model, noisy, timesteps, text)
+        if torch.is_grad_enabled():
+            count["student"] += 1
+            if count["student"] == 3:
+                return out * float("nan")
+        return out
+
+    monkeypatch.setattr(DemoFamily, "predict", poisoned)
+    config = make_config(demo_root, tmp_path, output={"save_every": 1, "name": "x"})
+    finished, events = run(config)
+    assert finished.error is not None
+    assert "step 3: the loss is not finite" in finished.error
+    assert "x-step000002.safetensors" in finished.error
+    saved = [e.path.name for e in events if isinstance(e, FileSaved)]
+    assert saved == ["x-step000001.safetensors", "x-step000002.safetensors"]
+    assert finished.lora_path.name == "x-step000002.safetensors"
+    assert not (tmp_path / "run/x.safetensors").exists()  # no NaN weights were written
+
+
+def test_stop_save_and_sample_commands(demo_root, tmp_path):
+    config = make_config(
+        demo_root,
+        tmp_path,
+        sampling={"prompts": ["a photo of sks star"], "steps": 2},
+        training={"steps": 50},
+    )
+    finished, events = run(config, [Command.SAVE, Command.SAMPLE, Command.STOP])
+    assert finished.stopped and finished.error is None and finished.step == 1
+    assert (tmp_path / "run/lora.safetensors").is_file()
+    samples = [e for e in events if isinstance(e, SampleSaved)]
+    assert {s.with_lora for s in samples} == {True, False}
+    assert all(s.path.is_file() for s in samples)
+    texts = [e.text for e in events if isinstance(e, StatusMessage)]
+    assert "MASKED PRIOR PRESERVATION TRAINING ENABLED" in texts
+
+
+def test_cache_is_reused_by_a_second_run(demo_root, tmp_path):
+    config = make_config(demo_root, tmp_path, training={"steps": 1})
+    run(config)
+    _, events = run(config)
+    texts = [e.text for e in events if isinstance(e, StatusMessage)]
+    assert any("16 of 16 items reused" in t for t in texts)
+    assert not any(t.startswith("Caching latents") for t in texts)
+
+
+def test_missing_concept_folder_is_reported(tmp_path):
+    config = config_from_dict(
+        {
+            "data": {"concepts": [{"path": str(tmp_path / "nope")}], "cache_dir": str(tmp_path)},
+            "output": {"run_dir": str(tmp_path / "run")},
+        }
+    )
+    finished, _ = run(config)
+    assert finished.error and "nope" in finished.error and finished.lora_path is None
