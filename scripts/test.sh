@@ -3,6 +3,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# The UI tests drive the real window on a virtual display (Xvfb).
+if ! command -v Xvfb >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "Installing Xvfb for the UI tests"
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq xvfb >/dev/null
+    else
+        echo "Xvfb is missing: install it (Debian/Ubuntu: sudo apt-get install xvfb); UI tests will be skipped"
+    fi
+fi
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/python -m pytest "$@"

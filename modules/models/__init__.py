@@ -1,17 +1,24 @@
 """Model families behind one Protocol, registered by name."""
 
+from collections.abc import Callable
+
+from modules.config.schema import ModelConfig
 from modules.models.base import LoadedModel, ModelFamily, ModelLoadError, TextEncoding, select_text
 from modules.models.demo import DemoFamily
 
-FAMILIES: dict[str, ModelFamily] = {"demo": DemoFamily()}
+FAMILIES: dict[str, Callable[[ModelConfig], ModelFamily]] = {"demo": DemoFamily}
+"""Family name → constructor taking the model config (for family options such as a flow shift)."""
 
 
-def get_family(name: str) -> ModelFamily:
+def get_family(config: ModelConfig) -> ModelFamily:
     try:
-        return FAMILIES[name]
+        factory = FAMILIES[config.family]
     except KeyError:
         known = ", ".join(FAMILIES)
-        raise ModelLoadError(f"model.family: unknown family {name!r}; known: {known}") from None
+        raise ModelLoadError(
+            f"model.family: unknown family {config.family!r}; known: {known}"
+        ) from None
+    return factory(config)
 
 
 __all__ = [

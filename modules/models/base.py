@@ -46,8 +46,12 @@ class LoadedModel:
 
 @runtime_checkable
 class ModelFamily(Protocol):
+    """One instance per run, built from the model config (``modules.models.get_family``)."""
+
     name: str
     loss_layout: LossLayout
+    latent_scale: int
+    """Pixels per latent cell along H and W (the UI previews masks at this resolution)."""
     lora_targets: Mapping[str, list[str]]
     """LoRA target presets (``attention``, ``attention_ffn``) → peft ``target_modules``."""
 
@@ -77,6 +81,11 @@ class ModelFamily(Protocol):
         self, model: LoadedModel, noisy: Tensor, timesteps: Tensor, text: TextEncoding
     ) -> Tensor:
         """The denoiser's prediction, same shape as the target."""
+        ...
+
+    def release_encoders(self, model: LoadedModel, *, keep_decoder: bool) -> None:
+        """Free what training no longer needs once the cache is filled (text encoder, and the
+        image encoder unless ``keep_decoder`` because samples are decoded)."""
         ...
 
     def sample(

@@ -23,6 +23,7 @@ from diffusers import WanTransformer3DModel
 from torch import Tensor
 from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
+from modules.config.schema import ModelConfig
 from modules.models.base import LoadedModel, ModelLoadError, TextEncoding
 from modules.models.flow_matching import (
     euler_sample,
@@ -79,12 +80,18 @@ def save_demo_model(model: LoadedModel, directory: str | Path) -> None:
 
 
 class DemoFamily:
+    """The demo family has no options; it takes the model config like every family."""
+
     name = "demo"
     loss_layout = "video"
+    latent_scale = CODEC_FACTOR
     lora_targets: ClassVar[dict[str, list[str]]] = {
         "attention": ["to_q", "to_k", "to_v", "to_out.0"],
         "attention_ffn": ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"],
     }
+
+    def __init__(self, config: ModelConfig | None = None) -> None:
+        self.config = config if config is not None else ModelConfig()
 
     def load(self, path: str, *, dtype: torch.dtype, device: torch.device) -> LoadedModel:
         if not path and not BUILTIN_WEIGHTS.is_dir():
@@ -100,6 +107,9 @@ class DemoFamily:
 
     def encode_images(self, model: LoadedModel, images: Tensor) -> Tensor:
         return F.pixel_unshuffle(images, CODEC_FACTOR)
+
+    def release_encoders(self, model: LoadedModel, *, keep_decoder: bool) -> None:
+        """Nothing to free: the codec has no weights and the text encoder is tiny."""
 
     def decode_latents(self, model: LoadedModel, latents: Tensor) -> Tensor:
         return F.pixel_shuffle(latents, CODEC_FACTOR).clamp(-1, 1)

@@ -115,7 +115,7 @@ class GenericTrainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.accelerator = Accelerator(mixed_precision=config.training.mixed_precision)
         self.device = self.accelerator.device
-        self.family: ModelFamily = get_family(config.model.family)
+        self.family: ModelFamily = get_family(config.model)
 
         self._status(f"Loading {config.model.family} model {config.model.path or '(built-in)'}")
         self.model: LoadedModel = self.family.load(
@@ -128,6 +128,10 @@ class GenericTrainer:
             progress=lambda done, total: self._status(f"Caching latents {done}/{total}"),
         )
         self.dataset = prepared.dataset
+        # Sampling prompts are encoded once, now, so the text encoder can be freed for training.
+        prompts = list(config.sampling.prompts)
+        self.sample_text = self.family.encode_prompts(self.model, prompts) if prompts else None
+        self.family.release_encoders(self.model, keep_decoder=bool(prompts))
         for line in prepared.report_lines():
             self._status(line)
         for level, text in banner_lines(config, prepared.cache_hint()):
@@ -350,13 +354,12 @@ class GenericTrainer:
 
     @torch.no_grad()
     def _sample(self) -> None:
-        sampling = self.config.sampling
-        if not sampling.prompts:
+        sampling, text = self.config.sampling, self.sample_text
+        if text is None:
             self._status("Nothing to sample: add prompts under sampling.prompts", "warning")
             return
         folder = self.run_dir / "samples"
         folder.mkdir(parents=True, exist_ok=True)
-        text = self.family.encode_prompts(self.model, list(sampling.prompts))
         denoiser = self.model.denoiser
         was_training = denoiser.training
         denoiser.eval()

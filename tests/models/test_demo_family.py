@@ -13,11 +13,12 @@ CPU = torch.device("cpu")
 
 def test_registry_matches_the_config_choices():
     assert set(typing.get_args(ModelConfig.model_fields["family"].annotation)) == set(FAMILIES)
-    for family in FAMILIES.values():
-        assert isinstance(family, ModelFamily)
+    for name in FAMILIES:
+        family = get_family(ModelConfig(family=name))
+        assert isinstance(family, ModelFamily) and family.name == name
         assert set(family.lora_targets) == {"attention", "attention_ffn"}
     with pytest.raises(ModelLoadError, match="model.family: unknown family 'nope'"):
-        get_family("nope")
+        get_family(ModelConfig.model_construct(family="nope"))
 
 
 def test_codec_is_exact(demo_family, demo_model):
