@@ -38,6 +38,10 @@ MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {0: _v0_to_v
 """``MIGRATIONS[v]`` turns a version ``v`` preset into a version ``v + 1`` preset."""
 
 
+PRESET_KEYS = ("schema_version", "description")
+"""Top-level preset keys that are not config fields. ``description`` is free text for people."""
+
+
 def migrate(data: dict[str, Any], source: str = "preset") -> dict[str, Any]:
     version = data.get("schema_version", 0)
     if not isinstance(version, int) or version < 0:
@@ -47,7 +51,7 @@ def migrate(data: dict[str, Any], source: str = "preset") -> dict[str, Any]:
             f"{source}: schema_version {version} is newer than this program understands "
             f"({SCHEMA_VERSION}); update MaskPrior Trainer to use it"
         )
-    data = {k: v for k, v in data.items() if k != "schema_version"}
+    data = {k: v for k, v in data.items() if k not in PRESET_KEYS}
     for step in range(version, SCHEMA_VERSION):
         data = MIGRATIONS[step](data)
     return data
@@ -139,23 +143,52 @@ def load_preset(path: str | os.PathLike[str]) -> TrainConfig:
     return config_from_dict(data, str(path))
 
 
-def _sparse(values: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+def _defaults(model: type[BaseModel]) -> dict[str, Any]:
+    """The JSON form of a section's default values (required fields have none)."""
+    values = {}
+    for name, field in model.model_fields.items():
+        if field.is_required():
+            continue
+        value = field.get_default(call_default_factory=True)
+        values[name] = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+    return values
+
+
+def _sparse(values: dict[str, Any], defaults: dict[str, Any], model: type[BaseModel]) -> dict:
+    """Only the values that differ from the defaults; list items (concepts) sparse as well."""
     diff: dict[str, Any] = {}
     for key, value in values.items():
         default = defaults.get(key)
-        if isinstance(value, dict) and isinstance(default, dict):
-            nested = _sparse(value, default)
+        inner = _section_type(model.model_fields[key].annotation)
+        if isinstance(value, dict) and isinstance(default, dict) and inner is not None:
+            nested = _sparse(value, default, inner)
             if nested:
                 diff[key] = nested
         elif value != default:
+            if isinstance(value, list) and inner is not None:
+                value = [_sparse(item, _defaults(inner), inner) for item in value]
             diff[key] = value
     return diff
 
 
-def preset_dict(config: TrainConfig) -> dict[str, Any]:
-    """The sparse preset form of ``config``: schema_version plus the non-default values."""
-    sparse = _sparse(config.model_dump(mode="json"), TrainConfig().model_dump(mode="json"))
-    return {"schema_version": SCHEMA_VERSION, **sparse}
+def preset_dict(config: TrainConfig, description: str | None = None) -> dict[str, Any]:
+    """The sparse preset form of ``config``: schema_version, an optional description, and the
+    non-default values."""
+    defaults = TrainConfig().model_dump(mode="json")
+    sparse = _sparse(config.model_dump(mode="json"), defaults, TrainConfig)
+    head: dict[str, Any] = {"schema_version": SCHEMA_VERSION}
+    if description:
+        head["description"] = description
+    return {**head, **sparse}
+
+
+def read_description(path: str | os.PathLike[str]) -> str | None:
+    """The preset's ``description``, or None (for menus and tooltips; no validation)."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8")).get("description")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
@@ -174,8 +207,10 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
         raise
 
 
-def save_preset(config: TrainConfig, path: str | os.PathLike[str]) -> None:
-    write_text_atomic(path, json.dumps(preset_dict(config), indent=2) + "\n")
+def save_preset(
+    config: TrainConfig, path: str | os.PathLike[str], description: str | None = None
+) -> None:
+    write_text_atomic(path, json.dumps(preset_dict(config, description), indent=2) + "\n")
 
 
 def resolved_config_json(config: TrainConfig) -> str:

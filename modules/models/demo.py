@@ -100,7 +100,7 @@ class DemoFamily:
             folder = Path(path) if path else BUILTIN_WEIGHTS
             model = _load_folder(folder, dtype)
         if next(model.denoiser.parameters()).dtype != dtype:
-            model.denoiser.to(dtype=dtype)
+            _cast_keeping_fp32_modules(model.denoiser, dtype)
         model.denoiser.to(device=device)
         model.parts["text_encoder"].to(device=device)
         return model
@@ -207,3 +207,12 @@ def _folder_identity(folder: Path) -> str:
         if p.is_file()
     )
     return f"demo:{folder.resolve()}:" + ",".join(stamps)
+
+
+def _cast_keeping_fp32_modules(denoiser: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast like ``from_pretrained(torch_dtype=...)`` does: the modules the model class lists in
+    ``_keep_in_fp32_modules`` (norms, time embedding, RoPE) stay float32 for stability."""
+    keep = set(getattr(denoiser, "_keep_in_fp32_modules", None) or ())
+    for name, tensor in [*denoiser.named_parameters(), *denoiser.named_buffers()]:
+        if tensor.is_floating_point() and keep.isdisjoint(name.split(".")):
+            tensor.data = tensor.data.to(dtype)

@@ -17,6 +17,7 @@ commands (stop, save, sample) from another.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 import queue
@@ -24,7 +25,7 @@ import random
 import time
 import traceback
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -67,6 +68,7 @@ class TrainingError(RuntimeError):
 class StepResult:
     loss: LossBreakdown
     teacher_fraction: float
+    lr: float = 0.0
 
 
 class GenericTrainer:
@@ -89,7 +91,7 @@ class GenericTrainer:
     def run(self) -> Finished:
         """Train to the end (or until stopped). Always emits and returns a ``Finished`` event."""
         try:
-            self._setup()
+            self.setup()
             stopped = self._train()
             self._save(self.lora_path)
             finished = Finished(step=self.step, lora_path=self.last_saved, stopped=stopped)
@@ -108,7 +110,8 @@ class GenericTrainer:
 
     # ----------------------------------------------------------------------------------- setup
 
-    def _setup(self) -> None:
+    def setup(self) -> None:
+        """Load the model, fill the cache, add the LoRA, build optimizer and data order."""
         config = self.config
         if not config.data.concepts:
             raise ConfigError("data.concepts: no concepts; add at least one image folder")
@@ -164,6 +167,7 @@ class GenericTrainer:
         )
         self.generator = torch.Generator().manual_seed(config.training.seed)
         self.mask_rng = random.Random(config.training.seed)
+        self.batches = self._batches()
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.metrics_path.write_text("")
         write_text_atomic(
@@ -177,12 +181,11 @@ class GenericTrainer:
     def _train(self) -> bool:
         """The loop. Returns True when stopped by a command before the last step."""
         config = self.config.training
-        batches = self._batches()
         started = time.perf_counter()
         sec_per_step = 0.0
         while self.step < config.steps:
             tick = time.perf_counter()
-            result = self._optimizer_step(batches)
+            result = self.optimizer_step()
             self.step += 1
             elapsed = time.perf_counter() - tick
             # Smoothed step time for a steady ETA; the first step (warm-up) is not representative.
@@ -193,21 +196,23 @@ class GenericTrainer:
         self._status(f"Finished {self.step} steps in {time.perf_counter() - started:.1f} s")
         return False
 
-    def _optimizer_step(self, batches: Iterator[Batch]) -> StepResult:
+    def optimizer_step(self) -> StepResult:
+        """One optimizer step over ``gradient_accumulation`` batches (after ``setup``)."""
         accumulation = self.config.training.gradient_accumulation
         results = []
         for _ in range(accumulation):
-            result = self._train_step(next(batches))
+            result = self._train_step(next(self.batches))
             if not torch.isfinite(result.loss.total):
                 raise TrainingError(self._nan_message(result.loss))
             self.accelerator.backward(result.loss.total / accumulation)
             results.append(result)
+        lr = float(self.scheduler.get_last_lr()[0])  # the rate this step uses
         if self.config.training.max_grad_norm > 0:
             self.accelerator.clip_grad_norm_(self.params, self.config.training.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return _mean_result(results)
+        return replace(_mean_result(results), lr=lr)
 
     def _train_step(self, batch: Batch) -> StepResult:
         family, model, mask_cfg, prior_cfg = (
@@ -287,19 +292,17 @@ class GenericTrainer:
         return masks
 
     def _batches(self) -> Iterator[Batch]:
-        """Endless batches: reshuffled each epoch with the run's seed."""
-        loader_generator = torch.Generator().manual_seed(self.config.training.seed + 1)
+        """Endless batches: each pass over the loader reshuffles with the run's seed."""
         loader = DataLoader(
             self.dataset,
             batch_size=self.config.training.batch_size,
             shuffle=True,
             drop_last=len(self.dataset) >= self.config.training.batch_size,
             collate_fn=functools.partial(collate, generator=self.generator),
-            generator=loader_generator,
+            generator=torch.Generator().manual_seed(self.config.training.seed + 1),
         )
         self.steps_per_epoch = max(1, len(loader) // self.config.training.gradient_accumulation)
-        while True:
-            yield from loader
+        return itertools.chain.from_iterable(itertools.repeat(loader))
 
     # ------------------------------------------------------------------------- between steps
 
@@ -315,7 +318,7 @@ class GenericTrainer:
             target_weight_mean=float(loss.target_weight_mean),
             prior_weight_mean=float(loss.prior_weight_mean),
             teacher_fraction=result.teacher_fraction,
-            lr=float(self.scheduler.get_last_lr()[0]),
+            lr=result.lr,
             sec_per_step=elapsed,
             eta_seconds=eta,
         )

@@ -20,4 +20,7 @@ def test_preset_loads_and_is_sparse(path):
     config = load_preset(path)
     data = json.loads(path.read_text())
     assert data["schema_version"] == SCHEMA_VERSION
-    assert preset_dict(config) == data, "preset has default values spelled out or is not canonical"
+    assert data.get("description"), "every shipped preset says what it is for"
+    assert preset_dict(config, data["description"]) == data, (
+        "preset has default values spelled out or is not canonical"
+    )

@@ -222,3 +222,31 @@ def test_missing_concept_folder_is_reported(tmp_path):
     )
     finished, _ = run(config)
     assert finished.error and "nope" in finished.error and finished.lora_path is None
+
+
+def test_memory_options_bf16_checkpointing_and_accumulation(demo_root, tmp_path):
+    config = make_config(
+        demo_root,
+        tmp_path,
+        model={"dtype": "bfloat16"},
+        training={
+            "steps": 3,
+            "mixed_precision": "bf16",
+            "gradient_checkpointing": True,
+            "gradient_accumulation": 2,
+            "scheduler": "cosine",
+            "warmup_steps": 1,
+        },
+    )
+    trainer = GenericTrainer(config)
+    finished = trainer.run()
+    assert finished.error is None
+    block = trainer.model.denoiser.blocks[0]
+    assert block.attn1.to_q.base_layer.weight.dtype == torch.bfloat16
+    assert block.norm2.weight.dtype == torch.float32  # kept in float32, as diffusers does
+    lora = [p for n, p in trainer.model.denoiser.named_parameters() if "lora_" in n]
+    assert lora and all(p.dtype == torch.float32 for p in lora)
+    assert trainer.model.denoiser.is_gradient_checkpointing
+    lines = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 3 and all(x["loss_total"] == x["loss_total"] for x in lines)  # no NaN
+    assert lines[0]["lr"] == 0 and lines[1]["lr"] == 1e-3 > lines[2]["lr"]  # warm-up, cosine
