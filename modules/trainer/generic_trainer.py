@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 from diffusers.optimization import get_scheduler
 from PIL import Image
 from torch.utils.data import DataLoader
@@ -116,7 +117,7 @@ class GenericTrainer:
         if not config.data.concepts:
             raise ConfigError("data.concepts: no concepts; add at least one image folder")
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.accelerator = Accelerator(mixed_precision=config.training.mixed_precision)
+        self.accelerator = _new_accelerator(config.training.mixed_precision)
         self.device = self.accelerator.device
         self.family: ModelFamily = get_family(config.model)
 
@@ -410,6 +411,15 @@ class GenericTrainer:
     def _status(self, text: str, level: str = "info") -> None:
         log.log(logging.WARNING if level == "warning" else logging.INFO, text)
         self.events.put(StatusMessage(text, level))
+
+
+def _new_accelerator(mixed_precision: str) -> Accelerator:
+    """An Accelerator for this run. accelerate keeps its settings in a process-wide singleton
+    that refuses a second mixed-precision mode; the UI runs many trainings in one process, each
+    with its own config, so the singleton is cleared first (one run at a time per process)."""
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    return Accelerator(mixed_precision=mixed_precision)
 
 
 def _make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
