@@ -117,6 +117,9 @@ class GenericTrainer:
         if not config.data.concepts:
             raise ConfigError("data.concepts: no concepts; add at least one image folder")
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        kept = _keep_previous_run(self.run_dir, config.output.name)
+        if kept is not None:
+            self._status(f"The run folder held an earlier run: moved it to {kept}")
         self.accelerator = _new_accelerator(config.training.mixed_precision)
         self.device = self.accelerator.device
         self.family: ModelFamily = get_family(config.model)
@@ -411,6 +414,25 @@ class GenericTrainer:
     def _status(self, text: str, level: str = "info") -> None:
         log.log(logging.WARNING if level == "warning" else logging.INFO, text)
         self.events.put(StatusMessage(text, level))
+
+
+def _keep_previous_run(run_dir: Path, name: str) -> Path | None:
+    """Move an earlier run's outputs into ``run_dir/previous/<time>/`` so a new run in the
+    same folder never overwrites a LoRA the user may still want. Returns the folder, or None."""
+    patterns = (f"{name}.safetensors", f"{name}-step*.safetensors", f"{name}.json")
+    found = [p for pattern in patterns for p in run_dir.glob(pattern)]
+    found += [p for p in (run_dir / "metrics.jsonl", run_dir / "samples") if p.exists()]
+    if not any(p.name.endswith(".safetensors") for p in found):
+        return None  # nothing worth keeping: a run that never saved a LoRA
+    target = run_dir / "previous" / time.strftime("%Y%m%d-%H%M%S")
+    suffix = 1
+    while target.exists():
+        target = target.with_name(f"{target.name.split('_')[0]}_{suffix}")
+        suffix += 1
+    target.mkdir(parents=True)
+    for path in found:
+        path.rename(target / path.name)
+    return target
 
 
 def _new_accelerator(mixed_precision: str) -> Accelerator:

@@ -250,3 +250,15 @@ def test_memory_options_bf16_checkpointing_and_accumulation(demo_root, tmp_path)
     lines = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 3 and all(x["loss_total"] == x["loss_total"] for x in lines)  # no NaN
     assert lines[0]["lr"] == 0 and lines[1]["lr"] == 1e-3 > lines[2]["lr"]  # warm-up, cosine
+
+
+def test_a_second_run_in_the_same_folder_keeps_the_first_lora(demo_root, tmp_path):
+    config = make_config(demo_root, tmp_path, training={"steps": 1})
+    first, _ = run(config)
+    saved = first.lora_path.read_bytes()
+    second, events = run(config)
+    assert second.error is None
+    kept = list((tmp_path / "run/previous").glob("*/lora.safetensors"))
+    assert len(kept) == 1 and kept[0].read_bytes() == saved
+    assert (kept[0].parent / "metrics.jsonl").is_file()
+    assert any("moved it to" in e.text for e in events if isinstance(e, StatusMessage))
