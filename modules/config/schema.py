@@ -12,9 +12,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 SCHEMA_VERSION = 1
+VIDEO_FAMILIES = frozenset({"wan"})
+"""Families whose latents have a time axis: the only ones that can train clips (data.frames > 1)."""
 
 
 class Section(BaseModel):
@@ -24,10 +26,13 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
-    family: Literal["demo"] = Field(
+    family: Literal["demo", "wan"] = Field(
         "demo",
         title="Model family",
-        description="Which model architecture to train a LoRA for.",
+        description=(
+            "Which model architecture to train a LoRA for. demo: a tiny built-in model. wan: "
+            "WAN 2.1 / 2.2 text-to-video (1.3B, 14B, 2.2 A14B, 2.2 TI2V 5B)."
+        ),
     )
     path: str = Field(
         "",
@@ -43,6 +48,46 @@ class ModelConfig(Section):
         description=(
             "Data type of the frozen base weights. bfloat16 halves memory on GPUs; the LoRA "
             "weights always train in float32."
+        ),
+    )
+    flow_shift: float | None = Field(
+        None,
+        ge=1.0,
+        le=20.0,
+        title="Flow shift",
+        description=(
+            "Shift of the flow-matching timesteps, s t / (1 + (s - 1) t): above 1 trains more at "
+            "high noise. Empty: the family's default (WAN 3.0, suited to 480p; use 5.0 for 720p). "
+            "Also used for the samples. WAN only."
+        ),
+    )
+    expert: Literal["auto", "high_noise", "low_noise"] = Field(
+        "auto",
+        title="Expert (WAN 2.2 A14B)",
+        description=(
+            "WAN 2.2 A14B has two transformers: high_noise (transformer/) for timesteps at or "
+            "above the boundary (boundary_ratio in model_index.json, 0.875 if absent) and "
+            "low_noise (transformer_2/) below it. The LoRA trains the chosen one on its own "
+            "timestep range, and the teacher is the same expert. auto: the only transformer of "
+            "a one-transformer model (WAN 2.1, TI2V 5B). WAN only."
+        ),
+    )
+    transformer_file: str = Field(
+        "",
+        title="Transformer file",
+        description=(
+            "Optional single .safetensors transformer (original WAN or ComfyUI key layout) used "
+            "instead of the folder's transformer (or the chosen expert's); the folder still "
+            "gives its config, the VAE and the text encoder. WAN only."
+        ),
+    )
+    fp8_base: bool = Field(
+        False,
+        title="fp8 base weights",
+        description=(
+            "Store the frozen transformer weights in float8 (e4m3) and compute in the base "
+            "dtype, layer by layer: about half the memory of bfloat16, slightly lower "
+            "fidelity. The teacher uses the same fp8 weights. WAN only; meant for GPUs."
         ),
     )
 
@@ -80,7 +125,10 @@ class ConceptConfig(Section):
         title="Folder",
         description=(
             "Folder of images (png, jpg, webp) with name.txt captions and name-masklabel.png "
-            "masks whose grey levels are loss weights (255 = learn fully, 0 = background)."
+            "masks whose grey levels are loss weights (255 = learn fully, 0 = background). For "
+            "video families also clips: video files (mp4, webm, mov, mkv) and sub-folders of "
+            "frames, masked by a name-masklabel video, a name-masklabel/ folder of frames or "
+            "one static name-masklabel.png."
         ),
     )
     type: Literal["standard", "prior_prediction"] = Field(
@@ -126,6 +174,39 @@ class DataConfig(Section):
             "settings, and reused across runs."
         ),
     )
+    frames: int = Field(
+        1,
+        ge=1,
+        le=257,
+        title="Frames per clip",
+        description=(
+            "Frames taken from each clip, 4n+1 (1, 5, 9, ..., 81) to match WAN's 4x temporal "
+            "compression; 1 trains images and first frames only. Still images always train as "
+            "1-frame videos."
+        ),
+    )
+    fps: float = Field(
+        16.0,
+        ge=0.0,
+        le=240.0,
+        title="Frame rate",
+        description=(
+            "Clips are resampled to this rate before taking the frames (WAN 2.1 and 2.2 A14B: "
+            "16, TI2V 5B: 24). 0: every source frame. Frame folders count as recorded at this "
+            "rate."
+        ),
+    )
+
+    @field_validator("frames")
+    @classmethod
+    def _frames_4n_plus_1(cls, frames: int) -> int:
+        if (frames - 1) % 4:
+            lower, upper = frames - (frames - 1) % 4, frames + 4 - (frames - 1) % 4
+            raise ValueError(
+                f"data.frames: {frames} is not 4n+1 (WAN compresses time 4x after the first "
+                f"frame); use {lower} or {upper}"
+            )
+        return frames
 
 
 class MaskConfig(Section):
@@ -296,6 +377,15 @@ class OutputConfig(Section):
         title="Save every",
         description="Also save the LoRA every N steps (0: only at the end and on stop).",
     )
+    format: Literal["diffusers", "comfyui"] = Field(
+        "diffusers",
+        title="LoRA format",
+        description=(
+            "Key layout of the saved LoRA. diffusers: transformer.blocks.0.attn1.to_q.lora_A "
+            "(pipe.load_lora_weights). comfyui: diffusion_model.blocks.0.self_attn.q.lora_down "
+            "with alpha, the native WAN layout ComfyUI's LoRA loaders read."
+        ),
+    )
 
 
 class SamplingConfig(Section):
@@ -337,6 +427,11 @@ class TrainConfig(Section):
                 "or prior.weight=0 (for whole-image regularisation use a prior_prediction "
                 "concept)"
             )
+        if self.data.frames > 1 and self.model.family not in VIDEO_FAMILIES:
+            raise ValueError(
+                f"data.frames: model.family={self.model.family} trains images only; set "
+                "data.frames=1 or choose a video family (wan)"
+            )
         return self
 
 
@@ -370,4 +465,25 @@ def config_warnings(config: TrainConfig) -> list[str]:
         warnings.append(
             "mask.unmasked_probability=1 drops every mask, so prior preservation never acts."
         )
+    warnings.extend(_wan_only_warnings(config))
     return warnings
+
+
+def _wan_only_warnings(config: TrainConfig) -> list[str]:
+    """WAN options set for another family: allowed, but they do nothing."""
+    model = config.model
+    if model.family == "wan":
+        return []
+    set_options = [
+        name
+        for name, is_set in (
+            ("model.flow_shift", model.flow_shift is not None),
+            ("model.expert", model.expert != "auto"),
+            ("model.transformer_file", bool(model.transformer_file)),
+            ("model.fp8_base", model.fp8_base),
+        )
+        if is_set
+    ]
+    return [
+        f"{name} is a WAN option; model.family={model.family} ignores it." for name in set_options
+    ]

@@ -1,9 +1,17 @@
-"""Scanning a concept folder: its images, their captions and their weighted masks.
+"""Scanning a concept folder: its images and clips, their captions and their weighted masks.
 
 A concept folder holds images (``name.png``, ``.jpg``, ``.jpeg``, ``.webp``, any case), optional
 captions next to them (``name.txt``, per ``CaptionConfig.extension``) and optional masks
-``name-masklabel.png`` whose grey levels are per-pixel loss weights (value / 255). Sub-folders are
-not searched.
+``name-masklabel.png`` whose grey levels are per-pixel loss weights (value / 255).
+
+Video families also train clips, listed by the same scan:
+
+- a video file ``name.mp4`` (``.webm``, ``.mov``, ``.mkv``), or
+- a sub-folder ``name/`` of frame images (in name order, numbers by value: ``f2`` before ``f10``).
+
+A clip's mask is a mask video ``name-masklabel.mp4``, a folder ``name-masklabel/`` with one mask
+image per source frame, or one still ``name-masklabel.png`` for every frame. Its caption is
+``name.txt``. Sub-folders without images are ignored; sub-folders are not searched further.
 
 This module touches only the file system (no torch, no PIL), so the UI can import it to show a
 folder's counts without loading the training stack.
@@ -11,12 +19,14 @@ folder's counts without loading the training stack.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from modules.config.schema import CaptionConfig, ConceptConfig
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp"})
+VIDEO_EXTENSIONS = frozenset({".mp4", ".webm", ".mov", ".mkv"})
 MASK_SUFFIX = "-masklabel"
 
 
@@ -27,23 +37,32 @@ class DataError(ValueError):
 @dataclass(frozen=True)
 class ConceptItem:
     image: Path
+    """The image file; for a clip, the video file or the folder of frames."""
     mask: Path | None
-    """The image's ``-masklabel`` file, or None: it then trains with an all-ones mask."""
+    """The ``-masklabel`` image, video or folder, or None: it then trains with an all-ones mask."""
     caption: str
     """Final caption: prefix and caption text, already joined."""
+    clip: bool = False
+    """A video file or a folder of frames rather than a still image."""
 
 
 @dataclass(frozen=True)
 class ConceptScan:
     folder: Path
     items: tuple[ConceptItem, ...]
-    """One per image, sorted by file name (case-insensitively)."""
+    """One per image or clip, sorted by file name (case-insensitively)."""
     orphan_masks: tuple[Path, ...]
     """Mask files whose image is missing (usually a renamed or deleted image)."""
 
     @property
     def images(self) -> int:
+        """Training items: still images and clips (``videos`` says how many are clips)."""
         return len(self.items)
+
+    @property
+    def videos(self) -> int:
+        """Items that are clips (video files or folders of frames)."""
+        return sum(item.clip for item in self.items)
 
     @property
     def masks_found(self) -> int:
@@ -59,11 +78,15 @@ class ConceptScan:
         return len(self.orphan_masks)
 
     def describe(self) -> str:
-        """One line for the UI, e.g. ``16 images: 14 with a mask, 2 without.``"""
-        text = (
-            f"{self.images} images: {self.masks_found} with a mask, "
-            f"{self.images_without_mask} without."
-        )
+        """One line for the UI, e.g. ``16 images: 14 with a mask, 2 without.`` (with clips:
+        ``5 items (3 clips, 2 images): 4 with a mask, 1 without.``)."""
+        counted = f"{self.images} images"
+        if self.videos:
+            stills = self.images - self.videos
+            counted = (
+                f"{self.images} items ({_count(self.videos, 'clip')}, {_count(stills, 'image')})"
+            )
+        text = f"{counted}: {self.masks_found} with a mask, {self.images_without_mask} without."
         if self.orphan_masks:
             names = ", ".join(path.name for path in self.orphan_masks[:3])
             more = ", ..." if len(self.orphan_masks) > 3 else ""
@@ -72,9 +95,10 @@ class ConceptScan:
 
 
 def scan_concept(concept: ConceptConfig) -> ConceptScan:
-    """List a concept's images with their masks and final captions.
+    """List a concept's images and clips with their masks and final captions.
 
-    Raises DataError when the folder is missing or holds no images.
+    Raises DataError when the folder is missing or holds no images or clips, when two items
+    share a name, or when a still image has a video or folder as its mask.
     """
     folder = Path(concept.path).expanduser()
     if not folder.is_dir():
@@ -85,25 +109,34 @@ def scan_concept(concept: ConceptConfig) -> ConceptScan:
     images, masks = _list_images_and_masks(folder)
     if not images:
         raise DataError(
-            f"concept folder '{folder}' has no images (png, jpg, jpeg, webp): add images "
-            "or remove the concept"
+            f"concept folder '{folder}' has no images (png, jpg, jpeg, webp; or clips: mp4, "
+            "webm, mov, mkv, folders of frames): add images or remove the concept"
         )
-    items = tuple(
-        ConceptItem(
-            image=image,
-            mask=masks.get(image.stem),
-            caption=read_caption(image, concept.caption),
+    items = []
+    for image in images:
+        clip = _is_clip(image)
+        mask = masks.get(_stem(image))
+        if mask is not None and not clip and _is_clip(mask):
+            raise DataError(
+                f"mask '{mask}' is a video or a folder but '{image.name}' is a still image: "
+                f"use one mask image, {_stem(image)}{MASK_SUFFIX}.png"
+            )
+        items.append(
+            ConceptItem(
+                image=image, mask=mask, caption=read_caption(image, concept.caption), clip=clip
+            )
         )
-        for image in images
-    )
-    image_stems = {image.stem for image in images}
+    image_stems = {_stem(image) for image in images}
     orphans = tuple(mask for stem, mask in masks.items() if stem not in image_stems)
-    return ConceptScan(folder=folder, items=items, orphan_masks=orphans)
+    return ConceptScan(folder=folder, items=tuple(items), orphan_masks=orphans)
 
 
 def read_caption(image: Path, caption: CaptionConfig) -> str:
-    """Prefix and caption text (the caption file's, else the default), joined with ", "."""
-    caption_file = image.with_suffix(caption.extension)
+    """Prefix and caption text (the caption file's, else the default), joined with ", ".
+
+    The caption of ``name.png``, ``name.mp4`` or the frame folder ``name/`` is ``name.txt``.
+    """
+    caption_file = image.parent / f"{_stem(image)}{caption.extension}"
     text = caption.default
     if caption_file.is_file():
         try:
@@ -118,19 +151,67 @@ def read_caption(image: Path, caption: CaptionConfig) -> str:
     return ", ".join(part for part in parts if part)
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def has_frames(folder: Path) -> bool:
+    """Whether ``folder`` holds at least one image (it is then a clip of frames)."""
+    return any(_is_image_file(path) for path in folder.iterdir())
+
+
+def list_frames(folder: Path) -> list[Path]:
+    """The images of a frame folder in playing order: by name, numbers by value (f2 < f10)."""
+    return sorted((p for p in folder.iterdir() if _is_image_file(p)), key=_natural_key)
+
+
+def _natural_key(path: Path) -> tuple[tuple[int, int | str], ...]:
+    # "frame10" → ("frame", 10): digit runs compare as numbers, text case-insensitively.
+    return tuple(
+        (0, int(part)) if part.isdigit() else (1, part.casefold())
+        for part in re.split(r"(\d+)", path.name)
+        if part
+    )
+
+
+def _is_image_file(path: Path) -> bool:
+    return (
+        not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+    )
+
+
+def _is_clip(path: Path) -> bool:
+    return path.is_dir() or path.suffix.lower() in VIDEO_EXTENSIONS
+
+
+def _stem(path: Path) -> str:
+    """The name items and masks are matched by: a file's stem, a folder's whole name."""
+    return path.name if path.is_dir() else path.stem
+
+
 def _list_images_and_masks(folder: Path) -> tuple[list[Path], dict[str, Path]]:
-    """Images sorted by name, and masks keyed by the stem of the image they belong to."""
+    """Images and clips sorted by name, and masks keyed by the stem of the item they belong to."""
     images: list[Path] = []
+    stems: dict[str, Path] = {}
     masks: dict[str, Path] = {}
     # Case-insensitive order, as file browsers show it; the exact name breaks ties.
     for path in sorted(folder.iterdir(), key=lambda p: (p.name.casefold(), p.name)):
         # Dot files are skipped: macOS leaves "._name.png" metadata files that are not images.
-        if path.name.startswith(".") or path.suffix.lower() not in IMAGE_EXTENSIONS:
+        if path.name.startswith("."):
             continue
-        if not path.is_file():
+        if path.is_dir():
+            if not path.name.lower().endswith(MASK_SUFFIX) and not has_frames(path):
+                continue  # not a clip: a folder of something else
+        elif path.suffix.lower() not in IMAGE_EXTENSIONS | VIDEO_EXTENSIONS or not path.is_file():
             continue
-        stem = path.stem
+        stem = _stem(path)
         if not stem.lower().endswith(MASK_SUFFIX):
+            if stem in stems:
+                raise DataError(
+                    f"two items named '{stem}' in '{folder}': {stems[stem].name} and "
+                    f"{path.name} would share a caption and a mask; rename one"
+                )
+            stems[stem] = path
             images.append(path)
             continue
         # Any image format counts as a mask, so "name-masklabel.jpg" is never trained on as an

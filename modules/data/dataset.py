@@ -115,6 +115,12 @@ def collate(samples: Sequence[Sample], generator: torch.Generator | None = None)
         sample["empty_text"] if drop else sample["text"]
         for sample, drop in zip(samples, dropped.tolist(), strict=True)
     ]
+    shapes = {tuple(sample["latent"].shape) for sample in samples}
+    if len(shapes) > 1:
+        raise ValueError(
+            f"a batch mixes latent shapes {sorted(shapes)} (stills and clips, or clips of "
+            "different lengths): use training.batch_size=1 for such datasets"
+        )
     return Batch(
         latents=torch.stack([sample["latent"] for sample in samples]),
         masks=torch.stack([sample["mask"] for sample in samples]),

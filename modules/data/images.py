@@ -22,7 +22,12 @@ _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 
 def load_image(path: Path, resolution: int) -> Tensor:
     """An RGB image as a float32 tensor (3, R, R) in [-1, 1]."""
-    image = _to_rgb(_open(path, "image"))
+    return image_to_tensor(_open(path, "image"), resolution)
+
+
+def image_to_tensor(image: Image.Image, resolution: int) -> Tensor:
+    """A decoded image (an image file's or a video frame's) as (3, R, R) in [-1, 1]."""
+    image = _to_rgb(image)
     # LANCZOS: the sharpest of PIL's filters; the uint8 result is clipped, so no overshoot.
     square = image.resize(
         (resolution, resolution), Image.Resampling.LANCZOS, box=_centre_square(image.size)
@@ -49,6 +54,11 @@ def load_mask(path: Path, image_size: tuple[int, int], resolution: int) -> Tenso
             f"mask '{path}' is {mask.size[0]}×{mask.size[1]} but its image is "
             f"{width}×{height}: re-export the mask at {width}×{height}"
         )
+    return mask_image_to_tensor(mask, resolution)
+
+
+def mask_image_to_tensor(mask: Image.Image, resolution: int) -> Tensor:
+    """A decoded mask (a mask file's or a mask video frame's) as (1, R, R) weights in [0, 1]."""
     grey, full_scale = _to_grey(mask)
     # BOX: exact area averaging when shrinking, so grey levels inside a region are kept exactly
     # and nothing rings outside [0, 1] (LANCZOS would); it works in float ("F") to avoid rounding.
@@ -70,6 +80,11 @@ def mask_to_latent(mask: Tensor, size: tuple[int, int]) -> Tensor:
     if mask.dim() != 3 or mask.shape[0] != 1:
         raise ValueError(f"mask_to_latent expects a (1, H, W) mask, got {tuple(mask.shape)}")
     return F.interpolate(mask.unsqueeze(0), size=size, mode="area").squeeze(0)  # (1, h, w)
+
+
+def open_image(path: Path, what: str = "image") -> Image.Image:
+    """Decode an image file, upright; a DataError naming the file (as ``what``) if it cannot."""
+    return _open(path, what)
 
 
 def _open(path: Path, what: str) -> Image.Image:

@@ -3,15 +3,21 @@
 One safetensors file per item at ``cache_dir/<key[:2]>/<key>.safetensors``. The key is the
 sha256 of everything the stored tensors depend on: the image bytes, the mask bytes (or
 "no-mask"), the caption text, the resolution and the caller's settings (model family, model
-identity, codec version, ...). Editing an image, its mask or its caption, or switching models,
-therefore gives a new key and a fresh encode; unchanged items are never encoded again.
+identity, codec version, ...); for a clip also the frame count and rate, and for folders of
+frames every frame's name and bytes. Editing an image, its mask or its caption, or switching
+models, therefore gives a new key and a fresh encode; unchanged items are never encoded again.
+
+Still images are encoded in batches of (3, R, R); a clip with ``frames > 1`` alone as
+(1, 3, F, R, R) (see :mod:`modules.data.video`), and with ``frames == 1`` as its first frame,
+like a still image.
 
 Stored tensors (all contiguous, on the CPU):
 
 - ``latent``: (C, h, w) or (C, F, h, w), float32 whatever the encoder's dtype, because the
   trainer adds noise and computes targets in float32.
-- ``mask``: the mask at latent resolution via :func:`mask_to_latent`, (1, h, w) or (1, F, h, w),
-  float32; all ones when the image has no mask.
+- ``mask``: the mask at latent resolution via :func:`mask_to_latent` (clips:
+  :func:`~modules.data.video.clip_mask_to_latent`), (1, h, w) or (1, F, h, w), float32; all
+  ones when the image has no mask.
 - ``text.<name>``: the caption's prompt encoding, one row of each batch-first tensor, in the
   encoder's dtype (attention masks stay integer).
 - ``empty.<name>``: the empty prompt's encoding, used for caption dropout.
@@ -37,11 +43,19 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
-from modules.data.concept import ConceptItem, DataError
+from modules.data.concept import ConceptItem, DataError, list_frames
 from modules.data.images import image_size, load_image, load_mask, mask_to_latent
+from modules.data.video import (
+    clip_frame_indices,
+    clip_info,
+    clip_mask_to_latent,
+    load_clip,
+    load_clip_mask,
+)
 
 Encoder = Callable[[Tensor], Tensor]
-"""(B, 3, R, R) float32 CPU images in [-1, 1] → latents (B, C, h, w) or (B, C, F, h, w).
+"""(B, 3, R, R) float32 CPU images in [-1, 1] → latents (B, C, h, w) or (B, C, F, h, w); for
+video families also (1, 3, F, R, R) clips → (1, C, F', h, w).
 
 The callable moves the batch to its own device and dtype; build_cache runs it under no_grad.
 """
@@ -71,22 +85,55 @@ class CachedSample:
     """The image file the latent was encoded from."""
 
 
-def cache_key(item: ConceptItem, *, resolution: int, settings: Mapping[str, Any]) -> str:
-    """The sha256 hex digest that names an item's cache file."""
+def cache_key(
+    item: ConceptItem,
+    *,
+    resolution: int,
+    settings: Mapping[str, Any],
+    frames: int = 1,
+    fps: float = 0.0,
+) -> str:
+    """The sha256 hex digest that names an item's cache file (``frames``, ``fps``: clips only)."""
     digest = hashlib.sha256()
-    parts = (
-        CACHE_FORMAT.encode(),
-        _read_bytes(item.image),
-        _read_bytes(item.mask) if item.mask is not None else b"no-mask",
-        item.caption.encode("utf-8"),
-        str(resolution).encode(),
-        json.dumps(settings, sort_keys=True, separators=(",", ":")).encode(),
-    )
-    for part in parts:
-        # Length prefixes keep the parts apart: ("ab", "c") and ("a", "bc") must not collide.
-        digest.update(len(part).to_bytes(8, "little"))
-        digest.update(part)
+    _update(digest, CACHE_FORMAT.encode())
+    _update_content(digest, item.image)
+    if item.mask is not None:
+        _update_content(digest, item.mask)
+    else:
+        _update(digest, b"no-mask")
+    _update(digest, item.caption.encode("utf-8"))
+    _update(digest, str(resolution).encode())
+    _update(digest, json.dumps(settings, sort_keys=True, separators=(",", ":")).encode())
+    if item.clip:
+        _update(digest, f"clip:{frames}:{fps:g}".encode())
     return digest.hexdigest()
+
+
+def _update(digest: Any, part: bytes) -> None:
+    # Length prefixes keep the parts apart: ("ab", "c") and ("a", "bc") must not collide.
+    digest.update(len(part).to_bytes(8, "little"))
+    digest.update(part)
+
+
+def _update_content(digest: Any, path: Path) -> None:
+    """A file's bytes (streamed: videos can be large), or a frame folder's names and bytes."""
+    if path.is_dir():
+        inner = hashlib.sha256()
+        for frame in list_frames(path):
+            _update(inner, frame.name.encode("utf-8"))
+            _update_content(inner, frame)
+        _update(digest, b"frames:" + inner.digest())
+        return
+    try:
+        with path.open("rb") as file:
+            digest.update(os.fstat(file.fileno()).st_size.to_bytes(8, "little"))
+            while chunk := file.read(1 << 20):
+                digest.update(chunk)
+    except OSError as error:
+        raise DataError(
+            f"cannot read '{path}' ({error.strerror}): it changed after the concept folder was "
+            "scanned; scan the folder again"
+        ) from error
 
 
 def cache_path(cache_dir: Path, key: str) -> Path:
@@ -103,16 +150,22 @@ def build_cache(
     encode_prompts: PromptEncoder,
     batch_size: int = 8,
     progress: Progress | None = None,
+    frames: int = 1,
+    fps: float = 0.0,
 ) -> list[Path]:
     """Encode the items that are not cached yet; return every item's cache file, in order.
 
-    ``progress`` is called with (0, n) before the first batch and after each batch, where n is
-    the number of items to encode; it is not called when everything is cached already.
+    Clips train as ``frames`` frames at ``fps`` (see :mod:`modules.data.video`). ``progress`` is
+    called with (0, n) before the first batch and after each batch (each clip), where n is the
+    number of items to encode; it is not called when everything is cached already.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     paths = [
-        cache_path(cache_dir, cache_key(item, resolution=resolution, settings=settings))
+        cache_path(
+            cache_dir,
+            cache_key(item, resolution=resolution, settings=settings, frames=frames, fps=fps),
+        )
         for item in items
     ]
     # Keyed by path so an image listed twice (e.g. in two concepts) is encoded once.
@@ -123,13 +176,24 @@ def build_cache(
     if progress is not None:
         progress(0, len(todo))
     metadata = {"format": CACHE_FORMAT, "settings": json.dumps(settings, sort_keys=True)}
+    # Stills (and 1-frame clips) batch together; longer clips are encoded one at a time.
+    stills = [entry for entry in todo if not entry[1].clip or frames == 1]
+    clips = [entry for entry in todo if entry[1].clip and frames > 1]
+    done = 0
     with torch.no_grad():
-        empty = _rows(encode_prompts([""]), 1, "empty prompt")
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start : start + batch_size]
-            _encode_batch(batch, resolution, encode_images, encode_prompts, empty[0], metadata)
+        empty = _rows(encode_prompts([""]), 1, "empty prompt")[0]
+        for start in range(0, len(stills), batch_size):
+            batch = stills[start : start + batch_size]
+            _encode_batch(batch, resolution, encode_images, encode_prompts, empty, metadata)
+            done += len(batch)
             if progress is not None:
-                progress(start + len(batch), len(todo))
+                progress(done, len(todo))
+        for path, item in clips:
+            clip = _ClipRequest(item, resolution, frames, fps)
+            _encode_clip(path, clip, encode_images, encode_prompts, empty, metadata)
+            done += 1
+            if progress is not None:
+                progress(done, len(todo))
     return paths
 
 
@@ -165,16 +229,6 @@ def cached_has_mask(path: Path) -> bool:
         raise _unreadable(path, error) from error
 
 
-def _read_bytes(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as error:
-        raise DataError(
-            f"cannot read '{path}' ({error.strerror}): it changed after the concept folder was "
-            "scanned; scan the folder again"
-        ) from error
-
-
 def _unreadable(path: Path, error: Exception) -> DataError:
     return DataError(
         f"cannot read cache file '{path}' ({error}): delete it if it exists; the next run "
@@ -190,7 +244,7 @@ def _encode_batch(
     empty: dict[str, Tensor],
     metadata: dict[str, str],
 ) -> None:
-    images = torch.stack([load_image(item.image, resolution) for _, item in batch])  # (B,3,R,R)
+    images = torch.stack([_still_pixels(item, resolution) for _, item in batch])  # (B,3,R,R)
     latents = encode_images(images)
     if latents.dim() not in (4, 5) or latents.shape[0] != len(batch):
         raise ValueError(
@@ -200,20 +254,87 @@ def _encode_batch(
     texts = _rows(encode_prompts([item.caption for _, item in batch]), len(batch), "captions")
     for (path, item), latent, text in zip(batch, latents, texts, strict=True):
         mask = _latent_mask(item, resolution, latent.shape)
-        tensors = {
-            "latent": latent.float(),
-            "mask": mask,
-            **{_TEXT_PREFIX + name: value for name, value in text.items()},
-            **{_EMPTY_PREFIX + name: value for name, value in empty.items()},
-        }
-        item_metadata = {
-            **metadata,
-            "source_image": str(item.image),
-            "source_mask": str(item.mask) if item.mask is not None else "",
-            "caption": item.caption,
-            "has_mask": "1" if item.mask is not None else "0",
-        }
-        _write_atomic(path, tensors, item_metadata)
+        _write_item(path, item, latent, mask, text, empty, metadata)
+
+
+@dataclass(frozen=True)
+class _ClipRequest:
+    item: ConceptItem
+    resolution: int
+    frames: int
+    fps: float
+
+
+def _encode_clip(
+    path: Path,
+    clip: _ClipRequest,
+    encode_images: Encoder,
+    encode_prompts: PromptEncoder,
+    empty: dict[str, Tensor],
+    metadata: dict[str, str],
+) -> None:
+    item, resolution = clip.item, clip.resolution
+    info = clip_info(item.image)
+    indices = clip_frame_indices(item.image, info, clip.frames, clip.fps)
+    pixels = load_clip(item.image, indices, resolution)  # (3, F, R, R)
+    latents = encode_images(pixels.unsqueeze(0))  # (1, C, F', h, w)
+    if latents.dim() != 5 or latents.shape[0] != 1:
+        raise ValueError(
+            f"image encoder returned shape {tuple(latents.shape)} for one clip of "
+            f"{clip.frames} frames; expected (1, C, F', h, w): this model family trains "
+            "images only, set data.frames=1"
+        )
+    latent = latents[0]  # (C, F', h, w)
+    size = (latent.shape[-2], latent.shape[-1])
+    if item.mask is None:
+        mask = torch.ones(1, latent.shape[1], *size)
+    else:
+        full = load_clip_mask(item.mask, item.image, info, indices, resolution)  # (1, F, R, R)
+        mask = clip_mask_to_latent(full, size, latent.shape[1])  # (1, F', h, w)
+    text = _rows(encode_prompts([item.caption]), 1, "captions")[0]
+    metadata = {**metadata, "frames": str(clip.frames), "source_frames": json.dumps(indices)}
+    _write_item(path, item, latent, mask, text, empty, metadata)
+
+
+def _write_item(
+    path: Path,
+    item: ConceptItem,
+    latent: Tensor,
+    mask: Tensor,
+    text: dict[str, Tensor],
+    empty: dict[str, Tensor],
+    metadata: dict[str, str],
+) -> None:
+    tensors = {
+        "latent": latent.float(),
+        "mask": mask,
+        **{_TEXT_PREFIX + name: value for name, value in text.items()},
+        **{_EMPTY_PREFIX + name: value for name, value in empty.items()},
+    }
+    item_metadata = {
+        **metadata,
+        "source_image": str(item.image),
+        "source_mask": str(item.mask) if item.mask is not None else "",
+        "caption": item.caption,
+        "has_mask": "1" if item.mask is not None else "0",
+    }
+    _write_atomic(path, tensors, item_metadata)
+
+
+def _still_pixels(item: ConceptItem, resolution: int) -> Tensor:
+    """(3, R, R): the image, or a clip's first frame."""
+    if not item.clip:
+        return load_image(item.image, resolution)
+    return load_clip(item.image, [0], resolution)[:, 0]  # (3, 1, R, R) → (3, R, R)
+
+
+def _still_mask(item: ConceptItem, resolution: int) -> Tensor:
+    """(1, R, R): the image's mask, or the mask of a clip's first frame (item.mask is set)."""
+    assert item.mask is not None
+    if not item.clip:
+        return load_mask(item.mask, image_size(item.image), resolution)
+    info = clip_info(item.image)
+    return load_clip_mask(item.mask, item.image, info, [0], resolution)[:, 0]
 
 
 def _latent_mask(item: ConceptItem, resolution: int, latent_shape: torch.Size) -> Tensor:
@@ -222,12 +343,21 @@ def _latent_mask(item: ConceptItem, resolution: int, latent_shape: torch.Size) -
     if item.mask is None:
         mask = torch.ones(1, *size)
     else:
-        full = load_mask(item.mask, image_size(item.image), resolution)  # (1, R, R)
-        mask = mask_to_latent(full, size)  # (1, h, w)
+        mask = mask_to_latent(_still_mask(item, resolution), size)  # (1, R, R) → (1, h, w)
     if len(latent_shape) == 4:
         # Video latents: the still mask applies to every latent frame.
         mask = mask.unsqueeze(1).expand(1, latent_shape[1], *size)  # (1, F, h, w)
     return mask
+
+
+def cached_latent_frames(path: Path) -> int:
+    """Latent frames of a cache file (1 for image latents), reading only the file's header."""
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            shape = file.get_slice("latent").get_shape()
+    except (OSError, SafetensorError) as error:
+        raise _unreadable(path, error) from error
+    return shape[1] if len(shape) == 4 else 1
 
 
 def _rows(encoding: Mapping[str, Tensor], count: int, what: str) -> list[dict[str, Tensor]]:

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from modules.config.schema import DataConfig
-from modules.data.concept import ConceptScan, scan_concept
+from modules.data.concept import ConceptScan, DataError, scan_concept
 from modules.data.dataset import ConceptDataset
-from modules.data.latent_cache import build_cache
+from modules.data.latent_cache import build_cache, cached_latent_frames
 from modules.models.base import LoadedModel, ModelFamily
 
 CODEC_VERSION = 1
@@ -43,8 +43,13 @@ def prepare_dataset(
     family: ModelFamily,
     model: LoadedModel,
     progress: Callable[[int, int], None] | None = None,
+    batch_size: int = 1,
 ) -> PreparedData:
-    """Scan every concept, encode what the cache lacks, and build the dataset over the cache."""
+    """Scan every concept, encode what the cache lacks, and build the dataset over the cache.
+
+    Clips train as ``data.frames`` frames at ``data.fps``. With ``batch_size`` > 1 every item
+    must have the same latent frame count (a DataError naming the fix otherwise).
+    """
     cache_dir = Path(data.cache_dir)
     settings = {"family": family.name, "model": model.identity, "codec": CODEC_VERSION}
     scans = [scan_concept(concept) for concept in data.concepts]
@@ -67,8 +72,12 @@ def prepare_dataset(
             encode_images=lambda images: family.encode_images(model, images),
             encode_prompts=lambda prompts: family.encode_prompts(model, prompts),
             progress=report,
+            frames=data.frames,
+            fps=data.fps,
         )
         per_concept.append((concept, paths))
+    if batch_size > 1:
+        _check_one_frame_count([path for _, paths in per_concept for path in paths], batch_size)
     return PreparedData(
         dataset=ConceptDataset(per_concept),
         scans=scans,
@@ -76,3 +85,18 @@ def prepare_dataset(
         total=sum(len(scan.items) for scan in scans),
         cache_dir=cache_dir,
     )
+
+
+def _check_one_frame_count(paths: list[Path], batch_size: int) -> None:
+    """Batches stack latents: stills (1 latent frame) and clips cannot share one."""
+    counts: dict[int, int] = {}
+    for path in paths:
+        frames = cached_latent_frames(path)
+        counts[frames] = counts.get(frames, 0) + 1
+    if len(counts) > 1:
+        found = ", ".join(f"{n} items with {frames}" for frames, n in sorted(counts.items()))
+        raise DataError(
+            f"training.batch_size={batch_size}: the items have different latent frame counts "
+            f"({found}; still images have 1) and cannot share a batch: set "
+            "training.batch_size=1, or train only clips (or only images) in this run"
+        )

@@ -4,6 +4,9 @@ A LoRA adds to a frozen linear layer ``W`` the low-rank update ``(alpha / r) * B
 ``A`` (r × in) random and ``B`` (out × r) zero at the start, so the LoRA model equals the base
 model at step 0. Switching the adapter off (``lora_disabled``) removes the update exactly: the
 teacher then *is* the base model, which is what masked prior preservation needs.
+
+Files are saved in the diffusers layout or, for WAN transformers, in ComfyUI's layout
+(:mod:`modules.lora.comfyui`); :func:`load_lora` reads both.
 """
 
 from __future__ import annotations
@@ -14,12 +17,17 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Literal
 
 import torch
+from diffusers.loaders import WanLoraLoaderMixin
 from diffusers.models.modeling_utils import ModelMixin
 from peft import LoraConfig as PeftLoraConfig
 from peft.utils import get_peft_model_state_dict
+from safetensors import safe_open
 from safetensors.torch import save_file
+
+from modules.lora.comfyui import is_comfyui_layout, to_comfyui
 
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # the key diffusers reads rank/alpha from
 PREFIX = "transformer"
@@ -78,29 +86,41 @@ def _adapter_metadata(denoiser: ModelMixin) -> dict[str, object]:
 
 
 def save_lora(
-    denoiser: ModelMixin, path: str | os.PathLike[str], *, family: str, config_json: str
+    denoiser: ModelMixin,
+    path: str | os.PathLike[str],
+    *,
+    family: str,
+    config_json: str,
+    layout: Literal["diffusers", "comfyui"] = "diffusers",
 ) -> Path:
     """Write the LoRA as safetensors, atomically: a crash mid-write keeps the previous file.
 
-    The metadata carries what diffusers needs to rebuild the adapter (``lora_adapter_metadata``:
-    rank, alpha, target modules) and, for people, the rank, alpha, family and the whole resolved
-    training config.
+    ``layout="diffusers"``: the metadata carries what diffusers needs to rebuild the adapter
+    (``lora_adapter_metadata``: rank, alpha, target modules). ``layout="comfyui"``: WAN module
+    names with a per-module ``alpha`` tensor and no adapter metadata (diffusers would apply
+    alpha twice after converting). Both carry, for people, the rank, alpha, family, layout and
+    the whole resolved training config.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     peft_config = denoiser.peft_config["default"]
+    state = lora_state_dict(denoiser)
     metadata = {
         "format": "pt",
-        ADAPTER_METADATA_KEY: json.dumps(_adapter_metadata(denoiser), sort_keys=True),
         "maskprior.family": family,
+        "maskprior.layout": layout,
         "maskprior.rank": str(peft_config.r),
         "maskprior.alpha": str(peft_config.lora_alpha),
         "maskprior.config": config_json,
     }
+    if layout == "comfyui":
+        state = to_comfyui(state, alpha=peft_config.lora_alpha)
+    else:
+        metadata[ADAPTER_METADATA_KEY] = json.dumps(_adapter_metadata(denoiser), sort_keys=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file(lora_state_dict(denoiser), tmp, metadata=metadata)
+        save_file(state, tmp, metadata=metadata)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -109,10 +129,20 @@ def save_lora(
 
 
 def load_lora(denoiser: ModelMixin, path: str | os.PathLike[str], adapter_name: str = "default"):
-    """Load a saved LoRA file into ``denoiser`` through diffusers' own LoRA loader."""
+    """Load a saved LoRA file into ``denoiser`` through diffusers' own LoRA loader.
+
+    A ComfyUI-layout file goes through diffusers' conversion of non-diffusers WAN LoRAs, which
+    folds each module's alpha / rank into the weights.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: LoRA file not found")
+    with safe_open(str(path), framework="pt") as file:
+        keys = list(file.keys())
+    if is_comfyui_layout(keys):
+        state = WanLoraLoaderMixin.lora_state_dict(str(path))
+        denoiser.load_lora_adapter(state, prefix=PREFIX, adapter_name=adapter_name)
+        return
     denoiser.load_lora_adapter(
         str(path.parent),
         weight_name=path.name,

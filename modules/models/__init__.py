@@ -5,8 +5,9 @@ from collections.abc import Callable
 from modules.config.schema import ModelConfig
 from modules.models.base import LoadedModel, ModelFamily, ModelLoadError, TextEncoding, select_text
 from modules.models.demo import DemoFamily
+from modules.models.wan import WanFamily
 
-FAMILIES: dict[str, Callable[[ModelConfig], ModelFamily]] = {"demo": DemoFamily}
+FAMILIES: dict[str, Callable[[ModelConfig], ModelFamily]] = {"demo": DemoFamily, "wan": WanFamily}
 """Family name → constructor taking the model config (for family options such as a flow shift)."""
 
 

@@ -6,8 +6,10 @@ masks, the teacher pass, the loss) is shared and lives outside the family.
 
 The Protocol was checked against the diffusers classes the later families use:
 
-- WAN (``WanTransformer3DModel``): 5-D video latents (B, C, F, h, w); flow matching; text from
-  UMT5 as ``encoder_hidden_states``. Loss layout ``video``.
+- WAN (``WanTransformer3DModel``, ``modules.models.wan``): 5-D video latents (B, C, F, h, w),
+  images as 1-frame videos; flow matching with a shift and, for WAN 2.2 A14B, one expert's
+  timestep range (all inside ``sample_timesteps``); text from UMT5 as
+  ``encoder_hidden_states``. Loss layout ``video``.
 - FLUX.1 / FLUX.2 / Qwen-Image: latents (B, C, h, w) packed into tokens *inside* ``predict``
   and unpacked on the way out, so the loss and masks stay in latent space. Qwen-Image-Layered
   returns (B, L, C, h, w) and uses loss layout ``layered``.
@@ -58,11 +60,16 @@ class ModelFamily(Protocol):
     def load(self, path: str, *, dtype: torch.dtype, device: torch.device) -> LoadedModel: ...
 
     def encode_images(self, model: LoadedModel, images: Tensor) -> Tensor:
-        """(B, 3, H, W) in [-1, 1] → latents (B, C, h, w) or (B, C, F, h, w)."""
+        """(B, 3, H, W) in [-1, 1] → latents (B, C, h, w) or (B, C, F, h, w).
+
+        Video families also take clips (B, 3, F, H, W) → (B, C, F', h, w); the data layer
+        sends them only when ``data.frames`` > 1.
+        """
         ...
 
     def decode_latents(self, model: LoadedModel, latents: Tensor) -> Tensor:
-        """Latents → (B, 3, H, W) images in [-1, 1]."""
+        """Latents → (B, 3, H, W) images in [-1, 1] (video families: (B, 3, F, H, W) when the
+        latents have more than one frame)."""
         ...
 
     def encode_prompts(self, model: LoadedModel, prompts: list[str]) -> TextEncoding: ...
@@ -85,7 +92,9 @@ class ModelFamily(Protocol):
 
     def release_encoders(self, model: LoadedModel, *, keep_decoder: bool) -> None:
         """Free what training no longer needs once the cache is filled (text encoder, and the
-        image encoder unless ``keep_decoder`` because samples are decoded)."""
+        image encoder unless ``keep_decoder`` because samples are decoded). A family may keep
+        the denoiser off the GPU until here (WAN does), so that it never shares the GPU with
+        the text encoder."""
         ...
 
     def sample(

@@ -133,6 +133,7 @@ class GenericTrainer:
             family=self.family,
             model=self.model,
             progress=lambda done, total: self._status(f"Caching latents {done}/{total}"),
+            batch_size=config.training.batch_size,
         )
         self.dataset = prepared.dataset
         # Sampling prompts are encoded once, now, so the text encoder can be freed for training.
@@ -353,7 +354,11 @@ class GenericTrainer:
     def _save(self, path: Path) -> None:
         denoiser = self.accelerator.unwrap_model(self.model.denoiser)
         save_lora(
-            denoiser, path, family=self.family.name, config_json=resolved_config_json(self.config)
+            denoiser,
+            path,
+            family=self.family.name,
+            config_json=resolved_config_json(self.config),
+            layout=self.config.output.format,
         )
         self.last_saved = path
         self.events.put(FileSaved(path=path, step=self.step))

@@ -1,0 +1,474 @@
+"""The ``wan`` family: WAN 2.1 / 2.2 text-to-video LoRAs from a local diffusers folder.
+
+The folder is the diffusers layout (as ``WanPipeline.save_pretrained`` writes it, e.g. the
+``Wan-AI/Wan2.1-T2V-14B-Diffusers`` download)::
+
+    model_index.json   boundary_ratio (2.2 A14B), expand_timesteps (2.2 TI2V 5B)
+    transformer/       WanTransformer3DModel (2.2 A14B: the high-noise expert)
+    transformer_2/     2.2 A14B only: the low-noise expert
+    vae/               AutoencoderKLWan
+    text_encoder/      UMT5EncoderModel
+    tokenizer/         the UMT5 tokenizer
+
+Everything is read with ``local_files_only``. Variants: WAN 2.1 T2V 1.3B and 14B; WAN 2.2 T2V
+A14B (one LoRA per expert, ``model.expert``); WAN 2.2 TI2V 5B trained as text-to-video (its
+per-token timesteps are all equal when no frame is conditioned, which is one timestep per
+sample). Image-to-video transformers (more input channels than the VAE has latent channels)
+are refused with a message.
+
+- Latents: the VAE (float32) posterior's mode (deterministic, so the cache holds one latent per
+  item), normalised per channel to ``(z - latents_mean) / latents_std`` as the WAN pipelines do.
+  Videos (B, 3, F, H, W) → (B, C, F', h, w) with F' = (F - 1) / 4 + 1; an image is a 1-frame
+  video.
+- Prompts: the UMT5 last hidden state with padded positions zeroed, as the pipeline does. The
+  transformer always sees :data:`TEXT_TOKENS` tokens (zeros after the prompt); the cache keeps
+  only the tokens up to the longest prompt of an encoding batch.
+- Timesteps: flow matching with ``t`` uniform and then flow-shifted (``model.flow_shift``).
+  WAN 2.2 A14B: the pipeline hands a step to the high-noise expert when the shifted ``t`` is at
+  or above ``boundary_ratio``; training draws ``t`` from the chosen expert's side only, keeping
+  the shifted distribution within it, and the teacher is the same expert with the LoRA off.
+- Memory: the VAE and the text encoder load on first use (a run whose cache is complete never
+  loads them) and :meth:`WanFamily.release_encoders` frees them; the transformer stays on the
+  CPU until then, so it never shares the GPU with the text encoder. ``model.fp8_base`` stores
+  the transformer's weights in float8 with diffusers' layerwise casting (the LoRA layers stay
+  float32).
+"""
+
+from __future__ import annotations
+
+import gc
+import html
+import json
+import re
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from diffusers import AutoencoderKLWan, WanTransformer3DModel
+from torch import Tensor
+from transformers import AutoTokenizer, UMT5EncoderModel
+
+from modules.config import ConfigError
+from modules.config.schema import ModelConfig
+from modules.models.base import LoadedModel, ModelLoadError, TextEncoding
+from modules.models.flow_matching import euler_sample, flow_noisy_input_and_target, shift_timesteps
+
+DEFAULT_FLOW_SHIFT = 3.0
+"""WAN's flow shift for 480p; 5.0 suits 720p (``model.flow_shift``)."""
+DEFAULT_BOUNDARY = 0.875
+"""WAN 2.2 T2V A14B's expert boundary, used when model_index.json has no boundary_ratio."""
+TEXT_TOKENS = 512
+"""Prompt length the WAN transformers were trained with (the pipeline's max_sequence_length)."""
+SAMPLE_GUIDANCE = 5.0
+"""Classifier-free guidance scale of the training samples (the WAN pipeline's default)."""
+T_MIN, T_MAX = 1e-3, 1 - 1e-3
+"""The uniform draw is kept off the exact ends, as in ``sample_flow_timesteps``."""
+REQUIRED_PARTS = ("transformer", "vae", "text_encoder", "tokenizer")
+
+
+class WanFamily:
+    """WAN 2.1 / 2.2 text-to-video. Options come from the model config."""
+
+    name = "wan"
+    loss_layout = "video"
+    lora_targets: ClassVar[dict[str, list[str]]] = {
+        # attn1 (self-attention) and attn2 (cross-attention) share these projection names.
+        "attention": ["to_q", "to_k", "to_v", "to_out.0"],
+        "attention_ffn": ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"],
+    }
+
+    def __init__(self, config: ModelConfig | None = None) -> None:
+        self.config = config if config is not None else ModelConfig(family="wan")
+        self.flow_shift = self.config.flow_shift or DEFAULT_FLOW_SHIFT
+        self.timestep_range = (0.0, 1.0)
+        """The trained expert's range of shifted ``t`` (the whole range unless 2.2 A14B)."""
+        self.boundary: float | None = None
+        """2.2 A14B: the shifted ``t`` at which sampling switches experts; set by ``load``."""
+
+    @property
+    def latent_scale(self) -> int:
+        """Pixels per latent cell: the VAE's spatial factor (8; 16 for TI2V 5B)."""
+        if not self.config.path:
+            return 8
+        vae = _read_json(Path(self.config.path).expanduser() / "vae" / "config.json")
+        return int((vae or {}).get("scale_factor_spatial") or 8)
+
+    # ---------------------------------------------------------------------------------- load
+
+    def load(self, path: str, *, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+        """The transformer to train, on the CPU until ``release_encoders``; the encoders load
+        on first use."""
+        folder = _check_folder(path)
+        index = _read_json(folder / "model_index.json") or {}
+        vae_config = _read_json(folder / "vae" / "config.json") or {}
+        subfolder, other = self._choose_expert(folder, index)
+        denoiser = self._load_transformer(folder, subfolder, dtype)
+        _check_text_to_video(folder, denoiser, vae_config)
+        if self.config.fp8_base:
+            # Weights stored in float8, each layer upcast to ``dtype`` for its forward only.
+            denoiser.enable_layerwise_casting(
+                storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype
+            )
+        parts: dict[str, Any] = {
+            "folder": folder,
+            "device": torch.device(device),
+            "dtype": dtype,
+            "vae_config": vae_config,
+            "other_expert": other,  # 2.2 A14B: subfolder of the expert that is not trained
+            "vae": None,
+            "text_encoder": None,
+            "tokenizer": None,
+            "negative": None,
+            "released": False,
+        }
+        identity = _encoders_identity(folder, _encoder_dtype(dtype))
+        return LoadedModel(denoiser=denoiser, identity=identity, parts=parts)
+
+    def _choose_expert(self, folder: Path, index: dict[str, Any]) -> tuple[str, str | None]:
+        """The transformer subfolder to train and the other expert's (None without one)."""
+        expert = self.config.expert
+        listed = (index.get("transformer_2") or [None])[0] is not None
+        has_second = (folder / "transformer_2").is_dir()
+        if listed and not has_second:
+            raise ModelLoadError(
+                f"model.path: {folder}/model_index.json lists transformer_2 but the folder has "
+                "no transformer_2/ subfolder: complete the download of the model"
+            )
+        if not has_second:
+            if expert != "auto":
+                raise ModelLoadError(
+                    f"model.expert={expert}: {folder} has one transformer (no transformer_2/), "
+                    "so there is no expert to choose; set model.expert=auto"
+                )
+            return "transformer", None
+        if expert == "auto":
+            raise ModelLoadError(
+                f"model.expert: {folder} is a WAN 2.2 A14B model with two experts "
+                "(transformer/ for high noise, transformer_2/ for low noise); set "
+                "model.expert=high_noise or model.expert=low_noise (one LoRA per expert)"
+            )
+        boundary = float(index.get("boundary_ratio") or DEFAULT_BOUNDARY)
+        self.boundary = boundary
+        if expert == "high_noise":
+            self.timestep_range = (boundary, 1.0)
+            return "transformer", "transformer_2"
+        self.timestep_range = (0.0, boundary)
+        return "transformer_2", "transformer"
+
+    def _load_transformer(
+        self, folder: Path, subfolder: str, dtype: torch.dtype
+    ) -> WanTransformer3DModel:
+        file = self.config.transformer_file
+        if not file:
+            return WanTransformer3DModel.from_pretrained(
+                folder / subfolder, torch_dtype=dtype, local_files_only=True
+            )
+        single = Path(file).expanduser()
+        if not single.is_file():
+            raise ModelLoadError(
+                f"model.transformer_file: {single} not found; point it at a .safetensors "
+                "transformer or leave it empty to use the folder's"
+            )
+        try:
+            return WanTransformer3DModel.from_single_file(
+                str(single),
+                config=str(folder),
+                subfolder=subfolder,
+                torch_dtype=dtype,
+                local_files_only=True,
+            )
+        except (ValueError, KeyError, RuntimeError, OSError) as error:
+            raise ModelLoadError(
+                f"model.transformer_file: {single} is not a WAN transformer matching "
+                f"{folder / subfolder} ({type(error).__name__}: {error}); use a file of the "
+                "same model size, or leave it empty"
+            ) from error
+
+    # ------------------------------------------------------------------------------ encoders
+
+    @torch.no_grad()
+    def encode_images(self, model: LoadedModel, images: Tensor) -> Tensor:
+        """(B, 3, H, W) images or (B, 3, F, H, W) videos in [-1, 1] → (B, C, F', h, w)."""
+        vae = self._vae(model, encoder=True)
+        video = images.unsqueeze(2) if images.dim() == 4 else images  # image → 1-frame video
+        factor = self._pixel_multiple(model)
+        height, width = video.shape[-2:]
+        if height % factor or width % factor:
+            raise ConfigError(
+                f"data.resolution: {height}×{width} is not a multiple of {factor} (this model's "
+                f"VAE factor × patch size); use a multiple of {factor}"
+            )
+        param = next(vae.parameters())
+        latents = vae.encode(video.to(param.device, param.dtype)).latent_dist.mode()
+        mean, std = _latent_stats(model.parts["vae_config"], latents)
+        return ((latents - mean) / std).float()
+
+    @torch.no_grad()
+    def decode_latents(self, model: LoadedModel, latents: Tensor) -> Tensor:
+        """(B, C, F', h, w) → (B, 3, H, W) for one latent frame, else (B, 3, F, H, W); [-1, 1]."""
+        vae = self._vae(model, encoder=False)
+        param = next(vae.parameters())
+        mean, std = _latent_stats(model.parts["vae_config"], latents)
+        frames = vae.decode((latents * std + mean).to(param.device, param.dtype)).sample
+        frames = frames.float().clamp(-1, 1)
+        return frames[:, :, 0] if latents.shape[2] == 1 else frames
+
+    @torch.no_grad()
+    def encode_prompts(self, model: LoadedModel, prompts: list[str]) -> TextEncoding:
+        """``{"embeds": (B, L, D)}``: padding zeroed, L = the longest prompt's token count."""
+        tokenizer, encoder = self._text_encoder(model)
+        tokens = tokenizer(
+            [_clean_prompt(prompt) for prompt in prompts],
+            padding="max_length",
+            max_length=TEXT_TOKENS,
+            truncation=True,
+            add_special_tokens=True,
+            return_attention_mask=True,
+            return_tensors="pt",
+        )
+        device = next(encoder.parameters()).device
+        mask = tokens.attention_mask.to(device)  # (B, 512)
+        hidden = encoder(tokens.input_ids.to(device), mask).last_hidden_state  # (B, 512, D)
+        # WAN zeroes the padded positions instead of masking them in cross-attention.
+        hidden = hidden * mask.unsqueeze(-1).to(hidden.dtype)
+        length = max(int(mask.sum(dim=1).max()), 1)
+        return {"embeds": hidden[:, :length].contiguous()}  # (B, L, D)
+
+    def release_encoders(self, model: LoadedModel, *, keep_decoder: bool) -> None:
+        """Free the text encoder and the VAE (its decoder stays for samples), then move the
+        transformer to the training device. For samples, the empty prompt (the negative of
+        classifier-free guidance) is encoded first."""
+        parts = model.parts
+        if keep_decoder and parts["negative"] is None:
+            parts["negative"] = self.encode_prompts(model, [""])
+        parts["text_encoder"] = parts["tokenizer"] = None
+        vae = parts["vae"]
+        if vae is not None and keep_decoder:
+            vae.encoder = vae.quant_conv = None  # decoding needs post_quant_conv and decoder
+        elif vae is not None:
+            parts["vae"] = None
+        parts["released"] = True
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self._on_device(model)
+
+    def _text_encoder(self, model: LoadedModel) -> tuple[Any, UMT5EncoderModel]:
+        parts = model.parts
+        if parts["text_encoder"] is None:
+            folder = parts["folder"]
+            parts["tokenizer"] = AutoTokenizer.from_pretrained(
+                folder / "tokenizer", local_files_only=True
+            )
+            encoder = UMT5EncoderModel.from_pretrained(
+                folder / "text_encoder", dtype=_encoder_dtype(parts["dtype"]), local_files_only=True
+            )
+            parts["text_encoder"] = encoder.eval().requires_grad_(False).to(parts["device"])
+        return parts["tokenizer"], parts["text_encoder"]
+
+    def _vae(self, model: LoadedModel, *, encoder: bool) -> AutoencoderKLWan:
+        parts = model.parts
+        vae = parts["vae"]
+        if vae is None or (encoder and vae.encoder is None):
+            # float32 as the WAN pipelines run it: the VAE is small and only encodes once.
+            vae = AutoencoderKLWan.from_pretrained(
+                parts["folder"] / "vae", torch_dtype=torch.float32, local_files_only=True
+            )
+            vae = vae.eval().requires_grad_(False).to(parts["device"])
+            if parts["released"] and not encoder:
+                vae.encoder = vae.quant_conv = None
+            parts["vae"] = vae
+        return vae
+
+    def _pixel_multiple(self, model: LoadedModel) -> int:
+        """Frame sides must be multiples of the VAE factor times the transformer's patch."""
+        vae = model.parts["vae_config"]
+        return int(vae.get("scale_factor_spatial") or 8) * model.denoiser.config.patch_size[1]
+
+    # ---------------------------------------------------------------------------- training
+
+    def sample_timesteps(
+        self, batch_size: int, *, generator: torch.Generator, device: torch.device
+    ) -> Tensor:
+        """Shifted flow timesteps (B,) in (0, 1), within the trained expert's range."""
+        low, high = (_unshift(t, self.flow_shift) for t in self.timestep_range)
+        low, high = max(low, T_MIN), min(high, T_MAX)
+        u = low + (high - low) * torch.rand(batch_size, generator=generator)
+        return shift_timesteps(u, self.flow_shift).to(device)
+
+    def noisy_input_and_target(
+        self, latents: Tensor, noise: Tensor, timesteps: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        return flow_noisy_input_and_target(latents, noise, timesteps)
+
+    def predict(
+        self, model: LoadedModel, noisy: Tensor, timesteps: Tensor, text: TextEncoding
+    ) -> Tensor:
+        """The velocity (B, C, F', h, w) for noisy latents of the same shape."""
+        self._on_device(model)
+        return _forward(model.denoiser, model.parts["dtype"], noisy, timesteps, text["embeds"])
+
+    @torch.no_grad()
+    def sample(
+        self,
+        model: LoadedModel,
+        text: TextEncoding,
+        *,
+        resolution: int,
+        steps: int,
+        generator: torch.Generator,
+    ) -> Tensor:
+        """One frame per prompt (WAN as a text-to-image model: cheap previews), with
+        classifier-free guidance when the empty prompt was encoded; 2.2 A14B switches experts
+        at the boundary like the pipeline."""
+        self._on_device(model)
+        parts = model.parts
+        embeds = text["embeds"]
+        batch = embeds.shape[0]
+        scale = int(parts["vae_config"].get("scale_factor_spatial") or 8)
+        channels = model.denoiser.config.in_channels
+        side = resolution // scale
+        noise = torch.randn(batch, channels, 1, side, side, generator=generator)
+        negative = parts["negative"]
+        uncond = None if negative is None else negative["embeds"].expand(batch, -1, -1)
+        dtype = parts["dtype"]
+
+        def velocity(x: Tensor, t: Tensor) -> Tensor:
+            denoiser = self._expert_for(model, float(t[0]))
+            cond = _forward(denoiser, dtype, x, t, embeds).float()
+            if uncond is None:
+                return cond
+            free = _forward(denoiser, dtype, x, t, uncond).float()
+            return free + SAMPLE_GUIDANCE * (cond - free)
+
+        latents = euler_sample(
+            velocity, noise.to(parts["device"]), steps=steps, shift=self.flow_shift
+        )
+        return self.decode_latents(model, latents)
+
+    def _expert_for(self, model: LoadedModel, t: float) -> torch.nn.Module:
+        """The transformer the pipeline would use at shifted time ``t``."""
+        if self.boundary is None:
+            return model.denoiser
+        trained_high = self.timestep_range[0] > 0
+        if (t >= self.boundary) == trained_high:
+            return model.denoiser
+        parts = model.parts
+        if not isinstance(parts["other_expert"], torch.nn.Module):
+            # Loaded on the first sample only: training itself never needs the other expert.
+            other = WanTransformer3DModel.from_pretrained(
+                parts["folder"] / parts["other_expert"],
+                torch_dtype=parts["dtype"],
+                local_files_only=True,
+            )
+            if self.config.fp8_base:
+                other.enable_layerwise_casting(
+                    storage_dtype=torch.float8_e4m3fn, compute_dtype=parts["dtype"]
+                )
+            parts["other_expert"] = other.eval().requires_grad_(False).to(parts["device"])
+        return parts["other_expert"]
+
+    def _on_device(self, model: LoadedModel) -> None:
+        device = model.parts["device"]
+        if next(model.denoiser.parameters()).device != device:
+            model.denoiser.to(device)
+
+
+def _forward(
+    denoiser: torch.nn.Module, dtype: torch.dtype, noisy: Tensor, t: Tensor, embeds: Tensor
+) -> Tensor:
+    """One transformer call: (B, C, F', h, w) latents, t (B,) in (0, 1), prompt (B, L, D)."""
+    if embeds.shape[1] < TEXT_TOKENS:
+        # The transformer was trained on 512 tokens with zeros after the prompt.
+        pad = embeds.new_zeros(embeds.shape[0], TEXT_TOKENS - embeds.shape[1], embeds.shape[2])
+        embeds = torch.cat([embeds, pad], dim=1)  # (B, 512, D)
+    return denoiser(
+        hidden_states=noisy.to(dtype),
+        timestep=t * 1000,  # the transformer's timestep scale
+        encoder_hidden_states=embeds.to(dtype),
+        return_dict=False,
+    )[0]
+
+
+def _unshift(t: float, shift: float) -> float:
+    """Inverse of ``shift_timesteps``: the uniform draw that shifts to ``t``."""
+    return t / (shift - (shift - 1) * t)
+
+
+def _latent_stats(vae_config: dict[str, Any], like: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and std, shaped (1, C, 1, 1, 1) to broadcast over (B, C, F, h, w)."""
+    channels = like.shape[1]
+    mean = vae_config.get("latents_mean") or [0.0] * channels
+    std = vae_config.get("latents_std") or [1.0] * channels
+    shape = (1, channels, 1, 1, 1)
+    as_tensor = lambda values: torch.tensor(values).view(shape).to(like.device, like.dtype)  # noqa: E731
+    return as_tensor(mean), as_tensor(std)
+
+
+def _encoder_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The text encoder runs in the base dtype, but UMT5 overflows in float16: bfloat16 then."""
+    return torch.bfloat16 if dtype == torch.float16 else dtype
+
+
+def _clean_prompt(text: str) -> str:
+    """As the WAN pipeline cleans prompts: HTML entities decoded, whitespace collapsed."""
+    return re.sub(r"\s+", " ", html.unescape(html.unescape(text))).strip()
+
+
+def _check_folder(path: str) -> Path:
+    if not path:
+        raise ModelLoadError(
+            "model.path: the wan family has no built-in weights; set model.path to a local "
+            "WAN diffusers folder (transformer/, vae/, text_encoder/, tokenizer/)"
+        )
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise ModelLoadError(
+            f"model.path: folder {folder} not found; point model.path at a WAN diffusers "
+            "folder (e.g. a download of Wan-AI/Wan2.1-T2V-1.3B-Diffusers)"
+        )
+    missing = [part for part in REQUIRED_PARTS if not (folder / part).is_dir()]
+    if missing:
+        raise ModelLoadError(
+            f"model.path: {folder} has no {', '.join(f'{m}/' for m in missing)} subfolder; a "
+            "WAN diffusers folder holds transformer/, vae/, text_encoder/ and tokenizer/ "
+            "(download the -Diffusers version of the model)"
+        )
+    return folder
+
+
+def _check_text_to_video(
+    folder: Path, denoiser: WanTransformer3DModel, vae_config: dict[str, Any]
+) -> None:
+    channels, z_dim = denoiser.config.in_channels, vae_config.get("z_dim", 16)
+    if channels != z_dim:
+        raise ModelLoadError(
+            f"model.path: {folder} is an image-to-video WAN model (transformer in_channels "
+            f"{channels}, VAE latent channels {z_dim}); this version trains text-to-video "
+            "models: WAN 2.1 T2V, WAN 2.2 T2V A14B and TI2V 5B"
+        )
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(
+            f"model.path: cannot read {path} ({error}); repair or re-download the file"
+        ) from error
+
+
+def _encoders_identity(folder: Path, text_dtype: torch.dtype) -> str:
+    """What the cached latents and prompt encodings depend on: the VAE, the text encoder and
+    the tokenizer files (path, size, modification time) and the text encoder's dtype, not the
+    transformer. Runs on either A14B expert, or with another transformer file, share the cache."""
+    stamps = sorted(
+        f"{p.relative_to(folder)}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
+        for part in ("vae", "text_encoder", "tokenizer")
+        for p in (folder / part).rglob("*")
+        if p.is_file()
+    )
+    head = f"wan:{folder.resolve()}:tokens={TEXT_TOKENS}:text={text_dtype}:"
+    return head + ",".join(stamps)

@@ -1,0 +1,72 @@
+"""The WAN config fields: bounds, the 4n+1 frame rule, family checks, WAN-only warnings."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from modules.config import ConfigError, apply_overrides, config_from_dict, config_warnings
+from modules.config.schema import TrainConfig
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def wan(**sections):
+    return config_from_dict({"model": {"family": "wan", "path": "w"}, **sections})
+
+
+def test_wan_defaults_are_valid_and_demo_defaults_unchanged():
+    config = wan()
+    assert config.model.flow_shift is None and config.model.expert == "auto"
+    assert (config.data.frames, config.data.fps, config.output.format) == (1, 16.0, "diffusers")
+    assert config_warnings(TrainConfig()) == []
+
+
+@pytest.mark.parametrize(("frames", "fix"), [(8, "use 5 or 9"), (2, "use 1 or 5"), (80, "81")])
+def test_frames_must_be_4n_plus_1(frames, fix):
+    with pytest.raises(ConfigError, match=rf"data.frames: {frames} is not 4n\+1 .*{fix}"):
+        wan(data={"frames": frames})
+    assert wan(data={"frames": frames - (frames - 1) % 4}).data.frames % 4 == 1
+
+
+def test_clips_need_a_video_family():
+    with pytest.raises(ConfigError, match="data.frames: model.family=demo trains images only"):
+        config_from_dict({"data": {"frames": 5}})
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.flow_shift=0.5", "model.flow_shift: Input should be greater than or equal to 1"),
+        ("model.expert=middle", "model.expert: Input should be 'auto', 'high_noise'"),
+        ("output.format=kohya", "output.format: Input should be 'diffusers' or 'comfyui'"),
+        ("data.fps=-1", "data.fps: Input should be greater than or equal to 0"),
+    ],
+)
+def test_bad_values_name_the_field(override, message):
+    with pytest.raises(ConfigError, match=message):
+        apply_overrides(wan(), [override])
+
+
+def test_wan_options_on_another_family_are_warnings():
+    config = config_from_dict(
+        {"model": {"flow_shift": 5.0, "expert": "low_noise", "fp8_base": True}}
+    )
+    warnings = config_warnings(config)
+    for name in ("model.flow_shift", "model.expert", "model.fp8_base"):
+        assert f"{name} is a WAN option; model.family=demo ignores it." in warnings
+    assert not any("WAN option" in w for w in config_warnings(wan(model={"family": "wan"})))
+
+
+def test_cli_check_names_the_frames_field_and_the_fix():
+    command = [sys.executable, "-m", "modules.cli", "check", "presets/wan-prior.json"]
+    result = subprocess.run(
+        [*command, "--set", "data.frames=32"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "data.frames: 32 is not 4n+1" in result.stderr and "use 29 or 33" in result.stderr
