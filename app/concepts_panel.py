@@ -1,0 +1,225 @@
+"""The concepts editor: one card per concept folder, with the folder's image and mask counts.
+
+Each card is built from the concept's fields (``ConceptConfig`` and its ``CaptionConfig``) like
+every other form. Cards are rebuilt from their values when a concept is added or removed, so a
+card's field paths (``data.concepts.N.*``) always match its position in the list.
+"""
+
+from __future__ import annotations
+
+import tkinter as tk
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import customtkinter as ctk
+from pydantic import ValidationError
+
+from app import dialogs
+from app.field_specs import section_specs
+from app.field_widgets import FieldRow, OnChange, SectionForm
+from app.style import ERROR_COLOUR, MUTED_COLOUR, heading_font
+from modules.config.schema import CaptionConfig, ConceptConfig
+from modules.data.concept import ConceptScan, DataError, scan_concept
+
+SCAN_DELAY_MS = 300
+"""Typing a folder path rescans it once the typing pauses, not on every key."""
+
+
+def describe_scan(scan: ConceptScan) -> str:
+    return (
+        f"{scan.images} images · {scan.masks_found} masks found · "
+        f"{scan.images_without_mask} images without a mask · "
+        f"{scan.masks_without_image} masks without an image"
+    )
+
+
+class ConceptCard(ctk.CTkFrame):
+    def __init__(
+        self,
+        parent: tk.Misc,
+        index: int,
+        values: dict[str, Any],
+        on_change: OnChange,
+        on_remove: Callable[[int], None],
+        on_scanned: Callable[[], None],
+    ) -> None:
+        super().__init__(parent, corner_radius=8)
+        self.index = index
+        self._on_scanned = on_scanned
+        self.prefix = f"data.concepts.{index}"
+        self._on_change = on_change
+        self._pending_scan: str | None = None
+        self.scan: ConceptScan | None = None
+
+        header = ctk.CTkFrame(self, fg_color="transparent")
+        header.grid(row=0, column=0, columnspan=2, sticky="ew", padx=10, pady=(8, 0))
+        title = ctk.CTkLabel(header, text=f"Concept {index + 1}", font=heading_font())
+        title.pack(side="left")
+        self.remove_button = ctk.CTkButton(
+            header, text="Remove", width=80, command=lambda: on_remove(self.index)
+        )
+        self.remove_button.pack(side="right")
+
+        path_frame = ctk.CTkFrame(self, fg_color="transparent")
+        path_frame.grid(row=1, column=0, columnspan=2, sticky="w", padx=10)
+        specs = {spec.name: spec for spec in section_specs(ConceptConfig, self.prefix)}
+        path_spec = specs["path"]
+        self.path_row = FieldRow(path_frame, path_spec, 0, self._path_changed)
+        self.browse_button = ctk.CTkButton(
+            path_frame, text="Browse…", width=80, command=self._browse
+        )
+        self.browse_button.grid(row=0, column=2, padx=(8, 0), pady=(4, 0))
+        path_frame.columnconfigure(0, minsize=210)
+
+        self.counts = ctk.CTkLabel(self, text="", anchor="w", justify="left")
+        self.counts.grid(row=2, column=0, columnspan=2, sticky="w", padx=10)
+
+        self.form = SectionForm(
+            self, ConceptConfig, self.prefix, on_change, exclude=("path", "caption")
+        )
+        self.form.grid(row=3, column=0, sticky="nw", padx=10, pady=(0, 10))
+        caption_spec = specs["caption"]
+        self.caption_form = SectionForm(
+            self, CaptionConfig, caption_spec.path, on_change, title=caption_spec.title
+        )
+        self.caption_form.grid(row=3, column=1, sticky="nw", padx=(30, 10), pady=(0, 10))
+        self._load(values)
+
+    def _field_rows(self) -> list[FieldRow]:
+        return [*self.form.all_rows(), *self.caption_form.all_rows()]
+
+    def _load(self, values: dict[str, Any]) -> None:
+        self.path_row.set(values.get("path", ""))
+        full = _merged(ConceptConfig(path="-").model_dump(), values)
+        for row in self._field_rows():
+            relative = row.path.removeprefix(self.prefix + ".").split(".")
+            value: Any = full
+            for part in relative:
+                value = value[part]
+            row.set(value)
+
+    def rows(self) -> list[FieldRow]:
+        return [self.path_row, *self._field_rows()]
+
+    def values(self) -> dict[str, Any]:
+        values: dict[str, Any] = {"path": self.path_row.get()}
+        for row in self._field_rows():
+            *parents, name = row.path.removeprefix(self.prefix + ".").split(".")
+            node = values
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[name] = row.get()
+        return values
+
+    def _browse(self) -> None:
+        folder = dialogs.ask_directory(self, "Concept folder")
+        if folder is not None:
+            self.path_row.set(str(folder))
+
+    def _path_changed(self) -> None:
+        self._on_change()
+        if self._pending_scan is not None:
+            self.after_cancel(self._pending_scan)
+        self._pending_scan = self.after(SCAN_DELAY_MS, self.rescan)
+
+    def rescan(self) -> None:
+        """Count the folder's images and masks now (file names only: fast, no image decoding)."""
+        self._pending_scan = None
+        path = str(self.path_row.get()).strip()
+        self.scan = None
+        if not path:
+            self.counts.configure(text="Choose a folder of images.", text_color=MUTED_COLOUR)
+        else:
+            try:
+                self.scan = scan_concept(ConceptConfig(path=path))
+            except DataError as error:
+                self.counts.configure(text=str(error), text_color=ERROR_COLOUR)
+            else:
+                self.counts.configure(text=describe_scan(self.scan), text_color=MUTED_COLOUR)
+        self._on_scanned()
+
+
+class ConceptsPanel(ctk.CTkScrollableFrame):
+    """The list of concept cards, an Add button, and the scans for the weight-map preview."""
+
+    def __init__(self, parent: tk.Misc, on_change: OnChange) -> None:
+        super().__init__(parent, fg_color="transparent")
+        self._on_change = on_change
+        self._listeners: list[Callable[[], None]] = []
+        self.cards: list[ConceptCard] = []
+        bar = ctk.CTkFrame(self, fg_color="transparent")
+        bar.pack(fill="x", pady=(4, 8))
+        self.add_button = ctk.CTkButton(bar, text="Add concept folder…", command=self._add)
+        self.add_button.pack(side="left")
+        hint = ctk.CTkLabel(
+            bar,
+            text="Images with name.txt captions and name-masklabel.png masks.",
+            text_color=MUTED_COLOUR,
+        )
+        hint.pack(side="left", padx=12)
+        self.empty = ctk.CTkLabel(self, text="No concepts yet.", text_color=MUTED_COLOUR)
+
+    def on_scans_changed(self, listener: Callable[[], None]) -> None:
+        self._listeners.append(listener)
+
+    def values(self) -> list[dict[str, Any]]:
+        return [card.values() for card in self.cards]
+
+    def rows(self) -> list[FieldRow]:
+        return [row for card in self.cards for row in card.rows()]
+
+    def scans(self) -> list[tuple[ConceptConfig | None, ConceptScan | None]]:
+        """Per card: its concept (None while invalid) and its scan (None while unreadable)."""
+        found = []
+        for card in self.cards:
+            try:
+                concept = ConceptConfig.model_validate(card.values())
+            except ValidationError:
+                concept = None
+            found.append((concept, card.scan))
+        return found
+
+    def load(self, concepts: list[dict[str, Any]]) -> None:
+        for card in self.cards:
+            card.destroy()
+        self.cards = []
+        for index, values in enumerate(concepts):
+            card = ConceptCard(self, index, values, self._on_change, self.remove, self._scanned)
+            card.pack(fill="x", pady=(0, 10))
+            card.rescan()
+            self.cards.append(card)
+        if self.cards:
+            self.empty.pack_forget()
+        else:
+            self.empty.pack(anchor="w")
+        self._on_change()
+        self._scanned()
+
+    def add(self, folder: Path | str) -> None:
+        self.load([*self.values(), {"path": str(folder)}])
+
+    def remove(self, index: int) -> None:
+        values = self.values()
+        del values[index]
+        self.load(values)
+
+    def _add(self) -> None:
+        folder = dialogs.ask_directory(self, "Add concept folder")
+        if folder is not None:
+            self.add(folder)
+
+    def _scanned(self) -> None:
+        for listener in self._listeners:
+            listener()
+
+
+def _merged(defaults: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """A concept's values over the defaults (presets hold only what differs)."""
+    merged = dict(defaults)
+    for key, value in values.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merged(merged[key], value)
+        else:
+            merged[key] = value
+    return merged

@@ -1,0 +1,199 @@
+"""The arrays behind the weight-map preview, computed exactly as training computes them.
+
+An image and its mask go through the engine's own loaders (``load_image``, ``load_mask``: same
+crop and resize as the latent cache), the mask is shrunk to the latent grid with
+``mask_to_latent`` and turned into the target map m and the prior map p by ``process_masks``.
+So what the preview shows is what the loss uses, cell for cell.
+
+No Tk here (tested without a display). torch is imported inside the functions: importing
+``app`` must not load the training stack.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+LEVEL_MIN_SHARE = 0.005
+"""Mask grey levels covering less of the image than this are edge pixels, not tiers."""
+LEVELS_SHOWN = 8
+LEVEL_RESOLUTION_CAP = 1024
+"""Grey levels are counted on the cropped mask at its own size, up to this many pixels a side."""
+
+TARGET_COLOUR = np.array([60, 220, 90], dtype=np.float32)  # green: learns the target
+PRIOR_COLOUR = np.array([220, 60, 220], dtype=np.float32)  # magenta: kept like the base model
+
+
+@dataclass(frozen=True)
+class PreviewSource:
+    """What one image contributes, loaded once per image and resolution."""
+
+    image: np.ndarray
+    """(R, R, 3) uint8, the crop training sees."""
+    mask: np.ndarray
+    """(R, R) float32 raw mask in [0, 1]; all ones when the image has no mask."""
+    latent_mask: np.ndarray
+    """(h, w) float32 raw mask on the latent grid (area-averaged)."""
+    has_mask: bool
+    levels: tuple[tuple[float, float], ...]
+    """(raw grey level, share of the image) of the mask's main tiers, highest level first."""
+
+
+@dataclass(frozen=True)
+class LevelRow:
+    raw: float
+    target: float
+    prior: float
+    share: float
+
+
+@dataclass(frozen=True)
+class PreviewMaps:
+    target: np.ndarray
+    """(h, w) float32 m from ``process_masks``."""
+    prior: np.ndarray
+    """(h, w) float32 p from ``process_masks``."""
+    levels: tuple[LevelRow, ...]
+
+    @property
+    def target_mean(self) -> float:
+        return float(self.target.mean())
+
+    @property
+    def prior_mean(self) -> float:
+        return float(self.prior.mean())
+
+    @property
+    def prior_share(self) -> float:
+        """Share of the latent cells where prior preservation acts at all (p > 0)."""
+        return float((self.prior > 0).mean())
+
+
+def load_source(
+    image_path: Path, mask_path: Path | None, resolution: int, latent_scale: int
+) -> PreviewSource:
+    from modules.data.images import image_size, load_image, load_mask, mask_to_latent
+
+    pixels = load_image(image_path, resolution)  # (3, R, R) in [-1, 1]
+    image = ((pixels + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+    side = resolution // latent_scale
+    size = image_size(image_path)
+    if mask_path is None:
+        import torch
+
+        mask = torch.ones(1, resolution, resolution)
+        levels: tuple[tuple[float, float], ...] = ((1.0, 1.0),)
+    else:
+        mask = load_mask(mask_path, size, resolution)  # (1, R, R)
+        native = min(min(size), LEVEL_RESOLUTION_CAP)
+        levels = mask_levels(load_mask(mask_path, size, native)[0].numpy())
+    latent = mask_to_latent(mask, (side, side))  # (1, h, w)
+    return PreviewSource(
+        image=image,
+        mask=mask[0].numpy(),
+        latent_mask=latent[0].numpy(),
+        has_mask=mask_path is not None,
+        levels=levels,
+    )
+
+
+def mask_levels(mask: np.ndarray) -> tuple[tuple[float, float], ...]:
+    """The main grey levels of a mask (the tiers a user painted) with their area shares."""
+    codes = np.round(mask * 255).astype(np.int64).ravel()
+    counts = np.bincount(codes, minlength=256)
+    shares = counts / codes.size
+    found = [(code / 255, float(shares[code])) for code in range(255, -1, -1)]
+    main = [level for level in found if level[1] >= LEVEL_MIN_SHARE]
+    main = sorted(main, key=lambda level: -level[1])[:LEVELS_SHOWN]
+    return tuple(sorted(main, key=lambda level: -level[0]))
+
+
+def compute_maps(
+    source: PreviewSource, *, gamma: float, min_weight: float, threshold: float | None
+) -> PreviewMaps:
+    """m and p of the image's latent mask, and of each tier level, via ``process_masks``."""
+    import torch
+
+    from modules.loss.masked_loss import process_masks
+
+    settings = {"gamma": gamma, "min_weight": min_weight, "prior_threshold": threshold}
+    weights = process_masks(torch.from_numpy(source.latent_mask), **settings)
+    raw = torch.tensor([level for level, _ in source.levels], dtype=torch.float32)
+    tiers = process_masks(raw, **settings)
+    rows = tuple(
+        LevelRow(raw=level, target=float(m), prior=float(p), share=share)
+        for (level, share), m, p in zip(source.levels, tiers.target, tiers.prior, strict=True)
+    )
+    return PreviewMaps(target=weights.target.numpy(), prior=weights.prior.numpy(), levels=rows)
+
+
+def upscale(values: np.ndarray, size: int) -> np.ndarray:
+    """(h, w) → (size, size) by repeating cells (no smoothing: one latent cell stays a block)."""
+    height, width = values.shape
+    rows = np.minimum(np.arange(size) * height // size, height - 1)
+    cols = np.minimum(np.arange(size) * width // size, width - 1)
+    return values[np.ix_(rows, cols)]
+
+
+def overlay(source: PreviewSource, maps: PreviewMaps) -> np.ndarray:
+    """The image tinted green by m and magenta by p, (R, R, 3) uint8."""
+    side = source.image.shape[0]
+    target = upscale(maps.target, side)[..., None]
+    prior = upscale(maps.prior, side)[..., None]
+    tint = target * TARGET_COLOUR + prior * PRIOR_COLOUR
+    strength = np.clip(target + prior, 0, 1) * 0.55
+    blended = source.image.astype(np.float32) * (1 - strength) + tint * 0.55
+    return np.clip(blended, 0, 255).round().astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class PreviewSettings:
+    """The config values the preview depends on, each validated by its own section."""
+
+    gamma: float
+    min_weight: float
+    threshold: float | None
+    resolution: int
+    model: Any
+    """The ``ModelConfig``: its family gives the latent scale."""
+    mask_enabled: bool
+    prior_weight: float
+
+
+def settings_from_values(values: dict[str, Any]) -> PreviewSettings | str:
+    """The preview's settings from the form's values, or why they cannot be had yet.
+
+    Only the sections the preview uses are validated, so a typo elsewhere (say in the run
+    folder) does not freeze the preview while the sliders move.
+    """
+    from pydantic import ValidationError
+
+    from modules.config.schema import DataConfig, MaskConfig, ModelConfig, PriorConfig
+
+    parts = {
+        "mask": (MaskConfig, values["mask"]),
+        "prior": (PriorConfig, values["prior"]),
+        "data": (DataConfig, {"resolution": values["data"]["resolution"]}),
+        "model": (ModelConfig, values["model"]),
+    }
+    found = {}
+    for name, (model, data) in parts.items():
+        try:
+            found[name] = model.model_validate(data)
+        except ValidationError as error:
+            item = error.errors()[0]
+            path = ".".join([name, *(str(part) for part in item["loc"])])
+            return f"Fix {path} to update the preview: {item['msg']}"
+    mask, prior = found["mask"], found["prior"]
+    return PreviewSettings(
+        gamma=mask.gamma,
+        min_weight=mask.min_weight,
+        threshold=prior.threshold,
+        resolution=found["data"].resolution,
+        model=found["model"],
+        mask_enabled=mask.enabled,
+        prior_weight=prior.weight,
+    )

@@ -1,0 +1,327 @@
+"""The Run tab: Start, Stop, Save now, Sample now; progress; live charts; samples; the log.
+
+Events come from :class:`app.trainer_thread.TrainerThread` and are drained here every
+``DRAIN_MS`` in batches of at most ``MAX_EVENTS`` (Tk's own thread only). A trainer error
+shows a dialog and stays in the log; the panel goes back to idle and can start again.
+"""
+
+from __future__ import annotations
+
+import time
+import tkinter as tk
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import customtkinter as ctk
+from PIL import Image
+
+from app import dialogs
+from app.charts import ChartData, RunCharts
+from app.config_form import Validation
+from app.style import ERROR_COLOUR, MUTED_COLOUR, OK_COLOUR, WARNING_COLOUR, mono_font
+from app.trainer_thread import TrainerThread, WorkerFailed
+
+if TYPE_CHECKING:
+    from modules.config import TrainConfig
+
+DRAIN_MS = 50
+MAX_EVENTS = 200
+REDRAW_SECONDS = 0.5
+LOG_LINES = 5000
+SAMPLE_PX = 112
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
+
+
+class RunPanel(ctk.CTkFrame):
+    def __init__(
+        self,
+        parent: tk.Misc,
+        trainer: TrainerThread,
+        config: Callable[[], TrainConfig | None],
+        before_start: Callable[[TrainConfig], None] = lambda _config: None,
+    ) -> None:
+        super().__init__(parent, fg_color="transparent")
+        self.trainer = trainer
+        self._config = config
+        self._before_start = before_start
+        self._end_listeners: list[Callable[[Any], None]] = []
+        self.state = "idle"  # "idle" | "running" | "stopping"
+        self.blockers: list[str] = []
+        self.chart_data = ChartData()
+        self.last_saved: Path | None = None
+        self.last_end: Any = None
+        self._end_text = ""
+        self._dirty = False
+        self._drawn_at = 0.0
+        self._sec_per_step: float | None = None
+        self.samples: dict[tuple[str, bool], Path] = {}
+        """The latest samples by (prompt, with LoRA)."""
+        self._sample_step = -1
+        self._sample_images: list[ctk.CTkImage] = []
+        self.columnconfigure(0, weight=1)
+        self.rowconfigure(4, weight=1)
+        self._build_controls()
+        self._build_progress()
+        self.charts = RunCharts(self, self.chart_data)
+        self.charts.grid(row=3, column=0, sticky="nsew", padx=(0, 8), pady=(6, 6))
+        self._build_samples()
+        self.log_view = ctk.CTkTextbox(self, font=mono_font(12), wrap="none", height=220)
+        self.log_view.grid(row=4, column=0, columnspan=2, sticky="nsew")
+        self.log_view.tag_config("warning", foreground=WARNING_COLOUR[1])
+        self.log_view.tag_config("error", foreground=ERROR_COLOUR[1])
+        self.log_view.configure(state="disabled")
+        self._show_state()
+
+    # -------------------------------------------------------------------------------- build
+
+    def _build_controls(self) -> None:
+        bar = ctk.CTkFrame(self, fg_color="transparent")
+        bar.grid(row=0, column=0, columnspan=2, sticky="ew")
+        self.start_button = ctk.CTkButton(bar, text="Start", width=100, command=self.start)
+        self.stop_button = ctk.CTkButton(bar, text="Stop", width=90, command=self.stop)
+        self.save_button = ctk.CTkButton(bar, text="Save now", width=100, command=self.save_now)
+        self.sample_button = ctk.CTkButton(
+            bar, text="Sample now", width=110, command=self.sample_now
+        )
+        for button in (self.start_button, self.stop_button, self.save_button, self.sample_button):
+            button.pack(side="left", padx=(0, 8))
+        self.state_label = ctk.CTkLabel(bar, text="", text_color=MUTED_COLOUR)
+        self.state_label.pack(side="left", padx=8)
+        self.problems = ctk.CTkLabel(
+            self, text="", anchor="w", justify="left", text_color=ERROR_COLOUR, wraplength=1300
+        )
+        self.problems.grid(row=1, column=0, columnspan=2, sticky="w", pady=(4, 0))
+
+    def _build_progress(self) -> None:
+        frame = ctk.CTkFrame(self, fg_color="transparent")
+        frame.grid(row=2, column=0, columnspan=2, sticky="ew", pady=(6, 0))
+        frame.columnconfigure(1, weight=1)
+        self.progress = ctk.CTkProgressBar(frame, width=360)
+        self.progress.set(0)
+        self.progress.grid(row=0, column=0, sticky="w", padx=(0, 12))
+        self.progress_text = ctk.CTkLabel(frame, text="", anchor="w", font=mono_font(12))
+        self.progress_text.grid(row=0, column=1, sticky="w")
+        self.latest_text = ctk.CTkLabel(frame, text="", anchor="w", font=mono_font(12))
+        self.latest_text.grid(row=1, column=0, columnspan=2, sticky="w")
+        self.saved_text = ctk.CTkLabel(frame, text="", anchor="w", text_color=MUTED_COLOUR)
+        self.saved_text.grid(row=2, column=0, columnspan=2, sticky="w")
+
+    def _build_samples(self) -> None:
+        self.samples_frame = ctk.CTkFrame(self)
+        self.samples_frame.grid(row=3, column=1, sticky="nsew", pady=(6, 6))
+        self.samples_title = ctk.CTkLabel(self.samples_frame, text="Latest samples")
+        self.samples_title.grid(row=0, column=0, columnspan=2, padx=8, pady=(6, 2))
+        self.samples_hint = ctk.CTkLabel(
+            self.samples_frame,
+            text="None yet: Sample now, or set\nsampling.every with prompts.",
+            text_color=MUTED_COLOUR,
+        )
+        self.samples_hint.grid(row=1, column=0, columnspan=2, padx=8)
+
+    # ------------------------------------------------------------------------------ actions
+
+    def on_run_end(self, listener: Callable[[Any], None]) -> None:
+        self._end_listeners.append(listener)
+
+    def set_validation(self, validation: Validation) -> None:
+        self.blockers = validation.blockers
+        lines = [f"✖ {line}" for line in self.blockers]
+        lines += [f"⚠ {line}" for line in validation.warnings]
+        colour = ERROR_COLOUR if self.blockers else WARNING_COLOUR
+        self.problems.configure(text="\n".join(lines), text_color=colour)
+        self._show_state()
+
+    def start(self) -> None:
+        config = self._config()
+        if self.state != "idle" or config is None or self.blockers:
+            return
+        self._before_start(config)
+        self.chart_data.clear()
+        self.charts.redraw()
+        self.progress.set(0)
+        self.progress_text.configure(text="")
+        self.latest_text.configure(text="")
+        self._sec_per_step = None
+        self.last_saved = None
+        self.last_end = None
+        self._end_text = ""
+        self.state_label.configure(text_color=MUTED_COLOUR)
+        self.log(f"Starting a run in {config.output.run_dir} (loading the training engine)")
+        self.trainer.start(config)
+        self.state = "running"
+        self._show_state()
+        self.after(DRAIN_MS, self.drain)
+
+    def stop(self) -> None:
+        if self.state != "running":
+            return
+        self._command("STOP")
+        self.state = "stopping"
+        self.log("Stop requested: the LoRA is saved after the current step")
+        self._show_state()
+
+    def save_now(self) -> None:
+        if self.state == "running":
+            self._command("SAVE")
+
+    def sample_now(self) -> None:
+        if self.state == "running":
+            self._command("SAMPLE")
+
+    def _command(self, name: str) -> None:
+        from modules.trainer.events import Command  # loaded by the running worker already
+
+        self.trainer.request(Command[name])
+
+    def _show_state(self) -> None:
+        idle = self.state == "idle"
+        can_start = idle and not self.blockers
+        self.start_button.configure(state="normal" if can_start else "disabled")
+        running = "normal" if self.state == "running" else "disabled"
+        for button in (self.stop_button, self.save_button, self.sample_button):
+            button.configure(state=running)
+        text = {"idle": "Idle", "running": "Training", "stopping": "Stopping…"}[self.state]
+        if idle and self._end_text:
+            text = self._end_text
+        if idle and self.blockers:
+            text = "Fix the marked fields to start"
+        self.state_label.configure(text=text)
+
+    # ------------------------------------------------------------------------------- events
+
+    def drain(self) -> None:
+        """One tick: handle a bounded batch of events, redraw if due, re-arm while running."""
+        for event in self.trainer.poll(MAX_EVENTS):
+            self.handle(event)
+        now = time.monotonic()
+        if self._dirty and (now - self._drawn_at >= REDRAW_SECONDS or self.state == "idle"):
+            self.charts.redraw()
+            self._dirty = False
+            self._drawn_at = now
+        if self.state != "idle":
+            self.after(DRAIN_MS, self.drain)
+
+    def handle(self, event: Any) -> None:
+        from modules.trainer.events import (
+            FileSaved,
+            Finished,
+            SampleSaved,
+            StatusMessage,
+            StepMetrics,
+        )
+
+        if isinstance(event, StepMetrics):
+            self._step(event)
+        elif isinstance(event, StatusMessage):
+            self.log(event.text, "warning" if event.level == "warning" else None)
+        elif isinstance(event, FileSaved):
+            self.last_saved = Path(event.path)
+            self.saved_text.configure(text=f"Last saved: {event.path} (step {event.step})")
+        elif isinstance(event, SampleSaved):
+            self._sample(event)
+        elif isinstance(event, Finished | WorkerFailed):
+            self._end(event)
+
+    def _step(self, metrics: Any) -> None:
+        self.chart_data.add(metrics)
+        self._dirty = True
+        seconds = metrics.sec_per_step
+        # Smoothed like the trainer's ETA, so the rate does not flicker with each step.
+        if self._sec_per_step is None or metrics.step <= 2:
+            self._sec_per_step = seconds
+        else:
+            self._sec_per_step = 0.9 * self._sec_per_step + 0.1 * seconds
+        rate = 1 / self._sec_per_step if self._sec_per_step > 0 else 0.0
+        self.progress.set(metrics.step / metrics.total_steps)
+        self.progress_text.configure(
+            text=(
+                f"step {metrics.step}/{metrics.total_steps}   epoch {metrics.epoch}   "
+                f"{rate:.2f} it/s   ETA {format_duration(metrics.eta_seconds)}   "
+                f"lr {metrics.lr:.2e}"
+            )
+        )
+        self.latest_text.configure(
+            text=(
+                f"loss {metrics.loss_total:.4f}   target {metrics.loss_target:.4f}   "
+                f"prior {metrics.loss_prior:.4f}   mean m {metrics.target_weight_mean:.3f}   "
+                f"mean p {metrics.prior_weight_mean:.3f}   "
+                f"teacher ran {metrics.teacher_fraction:.0%}"
+            )
+        )
+
+    def _sample(self, event: Any) -> None:
+        if event.step != self._sample_step:
+            self.samples.clear()
+            self._sample_step = event.step
+        self.samples[(event.prompt, event.with_lora)] = Path(event.path)
+        for widget in self.samples_frame.winfo_children():
+            if widget not in (self.samples_title, self.samples_hint):
+                widget.destroy()
+        self.samples_hint.grid_remove()
+        self.samples_title.configure(text=f"Latest samples (step {self._sample_step})")
+        self._sample_images = []
+        prompts = list(dict.fromkeys(prompt for prompt, _ in self.samples))
+        for column, caption in enumerate(("with LoRA", "base")):
+            label = ctk.CTkLabel(self.samples_frame, text=caption, text_color=MUTED_COLOUR)
+            label.grid(row=1, column=column)
+        for index, prompt in enumerate(prompts):
+            for column, with_lora in enumerate((True, False)):
+                path = self.samples.get((prompt, with_lora))
+                if path is None:
+                    continue
+                with Image.open(path) as source:
+                    picture = source.convert("RGB").resize(
+                        (SAMPLE_PX, SAMPLE_PX), Image.Resampling.NEAREST
+                    )
+                image = ctk.CTkImage(picture, picture, size=(SAMPLE_PX, SAMPLE_PX))
+                self._sample_images.append(image)
+                ctk.CTkLabel(self.samples_frame, text="", image=image).grid(
+                    row=2 + 2 * index, column=column, padx=4
+                )
+            text = prompt if len(prompt) <= 60 else prompt[:57] + "…"
+            ctk.CTkLabel(
+                self.samples_frame, text=text, wraplength=2 * SAMPLE_PX, text_color=MUTED_COLOUR
+            ).grid(row=3 + 2 * index, column=0, columnspan=2, pady=(0, 4))
+
+    def _end(self, event: Any) -> None:
+        self.state = "idle"
+        self.last_end = event
+        self._dirty = True
+        error = event.error
+        if error:
+            self._end_text = "Failed"
+            self.log(f"Training failed: {error}", "error")
+        elif event.stopped:
+            self._end_text = f"Stopped at step {event.step}"
+            self.log(f"Stopped at step {event.step}: LoRA saved to {event.lora_path}")
+        else:
+            self._end_text = f"Done: {event.step} steps"
+            self.log(f"Done at step {event.step}: LoRA saved to {event.lora_path}")
+        self.state_label.configure(text_color=ERROR_COLOUR if error else OK_COLOUR)
+        self._show_state()
+        if error:
+            dialogs.show_error(self, "Training failed", error)
+        # Last: a listener may close the window.
+        for listener in self._end_listeners:
+            listener(event)
+
+    # ---------------------------------------------------------------------------------- log
+
+    def log(self, text: str, tag: str | None = None) -> None:
+        self.log_view.configure(state="normal")
+        self.log_view.insert("end", text.rstrip("\n") + "\n", tag or ())
+        lines = int(self.log_view.index("end-1c").split(".")[0])
+        if lines > LOG_LINES:
+            self.log_view.delete("1.0", f"{lines - LOG_LINES}.0")
+        self.log_view.see("end")
+        self.log_view.configure(state="disabled")
+
+    def log_text(self) -> str:
+        return self.log_view.get("1.0", "end")

@@ -1,0 +1,125 @@
+"""Fixtures of the UI tests: a virtual display, the real window, answered dialogs."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app import dialogs
+from app.virtual_display import VirtualDisplay
+from tests.app.driving import REPO
+
+
+@pytest.fixture(scope="session")
+def display() -> Iterator[str]:
+    """An Xvfb display for the whole session; UI tests skip (saying why) without Xvfb."""
+    if not VirtualDisplay.available():
+        pytest.skip("Xvfb is not installed: the UI tests need it (apt-get install xvfb)")
+    virtual = VirtualDisplay()
+    name = virtual.start()
+    previous = os.environ.get("DISPLAY")
+    os.environ["DISPLAY"] = name
+    yield name
+    virtual.stop()
+    if previous is None:
+        os.environ.pop("DISPLAY", None)
+    else:
+        os.environ["DISPLAY"] = previous
+
+
+@dataclass
+class Dialogs:
+    """What the window asked, and what it will be answered."""
+
+    errors: list[tuple[str, str]] = field(default_factory=list)
+    questions: list[str] = field(default_factory=list)
+    yes: bool = True
+    text: str | None = None
+    directory: Path | None = None
+    preset: Path | None = None
+
+
+@pytest.fixture
+def answers(monkeypatch: pytest.MonkeyPatch) -> Dialogs:
+    answered = Dialogs()
+
+    def ask_yes_no(_parent: Any, _title: str, message: str) -> bool:
+        answered.questions.append(message)
+        return answered.yes
+
+    monkeypatch.setattr(
+        dialogs, "show_error", lambda _p, title, message: answered.errors.append((title, message))
+    )
+    monkeypatch.setattr(dialogs, "ask_yes_no", ask_yes_no)
+    monkeypatch.setattr(dialogs, "ask_text", lambda *_args: answered.text)
+    monkeypatch.setattr(dialogs, "ask_directory", lambda *_args: answered.directory)
+    monkeypatch.setattr(dialogs, "ask_open_preset", lambda *_args: answered.preset)
+    return answered
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    folder = tmp_path / "home"
+    monkeypatch.setenv("MASKPRIOR_HOME", str(folder))
+    return folder
+
+
+@pytest.fixture
+def open_window(
+    display: str, home: Path, answers: Dialogs, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Callable[..., Any]]:
+    """Opens real main windows (demo presets are relative to the repository root)."""
+    import customtkinter as ctk
+
+    from app.main_window import MainWindow
+
+    monkeypatch.chdir(REPO)
+    ctk.set_appearance_mode("dark")
+    windows: list[MainWindow] = []
+
+    def opener(**kwargs: Any) -> MainWindow:
+        window = MainWindow(**kwargs)
+        window.update()
+        windows.append(window)
+        return window
+
+    yield opener
+    for window in windows:
+        if window.trainer.running:
+            window.run_panel.stop()
+            window.trainer.join(120)
+        if not window.closed:
+            window.destroy()
+
+
+@pytest.fixture
+def window(open_window: Callable[..., Any]) -> Any:
+    return open_window()
+
+
+@pytest.fixture
+def write_concept() -> Callable[..., Path]:
+    """A concept folder with ``images`` images, ``masks`` of them masked, and ``orphans`` masks
+    whose image is missing."""
+    import numpy as np
+    from PIL import Image
+
+    def write(folder: Path, images: int = 2, masks: int = 2, orphans: int = 0) -> Path:
+        folder.mkdir(parents=True)
+        for index in range(images):
+            Image.new("RGB", (48, 40), (200, 40 * index, 30)).save(folder / f"img{index}.png")
+        for index in range(masks):
+            values = np.zeros((40, 48), dtype=np.uint8)
+            values[8:32, 10:38] = 255
+            values[14:26, 16:30] = 128
+            Image.fromarray(values, "L").save(folder / f"img{index}-masklabel.png")
+        for index in range(orphans):
+            Image.new("L", (48, 40), 255).save(folder / f"gone{index}-masklabel.png")
+        return folder
+
+    return write

@@ -1,0 +1,48 @@
+"""Chart data and smoothing (no display needed)."""
+
+from types import SimpleNamespace
+
+import pytest
+
+from app.charts import SERIES, ChartData, nice_ceiling, smooth
+
+
+def test_smoothing_is_unbiased_from_the_first_point():
+    assert smooth([2.0, 2.0, 2.0]) == pytest.approx([2.0, 2.0, 2.0])
+    assert smooth([1.0]) == [1.0]
+
+
+def test_smoothing_is_an_exponential_moving_average():
+    values = [1.0, 0.0]
+    # s1 = 0.1, s2 = 0.09; debiased by 1 - 0.9 and 1 - 0.81.
+    assert smooth(values, 0.9) == pytest.approx([1.0, 0.09 / 0.19])
+    assert smooth([]) == []
+
+
+def test_chart_data_collects_every_series():
+    data = ChartData()
+    metrics = SimpleNamespace(step=1, **{key: 0.5 for key in SERIES})
+    data.add(metrics)
+    data.add(SimpleNamespace(step=2, **{key: 0.25 for key in SERIES}))
+    assert data.steps == [1, 2] and len(data) == 2
+    assert data.values["loss_prior"] == [0.5, 0.25]
+    data.clear()
+    assert len(data) == 0 and data.values["teacher_fraction"] == []
+
+
+def test_chart_data_smooths_point_by_point_like_smooth():
+    data = ChartData()
+    losses = [1.0, 0.5, 0.8, 0.2, 0.4]
+    for step, value in enumerate(losses, start=1):
+        data.add(SimpleNamespace(step=step, **dict.fromkeys(SERIES, value)))
+    assert data.smoothed["loss_total"] == pytest.approx(smooth(losses))
+    data.clear()
+    data.add(SimpleNamespace(step=1, **dict.fromkeys(SERIES, 3.0)))
+    assert data.smoothed["loss_prior"] == [pytest.approx(3.0)]
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [(1, 1), (1.2, 2), (3, 5), (7, 10), (12.5, 20), (250, 500)]
+)
+def test_nice_ceiling(value, expected):
+    assert nice_ceiling(value) == expected

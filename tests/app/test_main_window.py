@@ -1,0 +1,225 @@
+"""The real window under Xvfb: widgets from the config, presets, validation, last-used config."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from app.field_specs import leaf_paths
+from app.user_store import BUILTIN_PRESETS, UserStore
+from modules.config import TrainConfig, load_preset
+from modules.config.schema import MaskConfig, ModelConfig, PriorConfig
+from tests.app.driving import settle
+
+pytestmark = pytest.mark.ui
+
+TAB_NAMES = [
+    "Model",
+    "Concepts",
+    "Training",
+    "LoRA",
+    "Masked training",
+    "Prior preservation",
+    "Sampling",
+    "Run",
+]
+
+
+def set_text(row, text):
+    row.control.text.set(text)
+
+
+def test_tabs_and_the_top_bar(window):
+    assert [window.tabs.get(i) for i in range(window.tabs.len())] == TAB_NAMES
+    labels = {button.cget("text") for button in (window.save_button, window.save_as_button)}
+    assert labels == {"Save", "Save as…"}
+    assert window.form.row("model.family").control.menu.cget("values") == list(
+        ModelConfig.model_fields["family"].annotation.__args__
+    )
+
+
+def test_every_field_has_exactly_one_widget_built_from_its_metadata(window):
+    concepts = len(window.concepts.cards)
+    assert concepts >= 1
+    rows = window.form.rows()
+    assert sorted(rows) == sorted(leaf_paths(TrainConfig, items=concepts))
+    gamma = rows["mask.gamma"]
+    field = MaskConfig.model_fields["gamma"]
+    assert gamma.label.cget("text") == field.title
+    assert field.description in gamma.tooltip.text
+    assert gamma.control.slider.cget("from_") == 0.01 and gamma.control.slider.cget("to") == 10
+    threshold = rows["prior.threshold"].control
+    assert threshold.switch is not None and threshold.slider is not None
+    assert rows["training.learning_rate"].control.slider is None
+    assert rows["sampling.prompts"].control.textbox is not None
+    assert rows["mask.enabled"].control.switch is not None
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in BUILTIN_PRESETS.glob("*.json")))
+def test_a_loaded_preset_reads_back_as_the_same_config(window, preset):
+    path = BUILTIN_PRESETS / preset
+    label = f"{path.stem} (built-in)"
+    assert label in window.preset_menu.cget("values")
+    window.choose_preset(label)
+    settle(window)
+    assert window.form.validate().config == load_preset(path)
+    assert window.preset_menu.get() == label
+    assert path.stem in window.title()
+
+
+def test_an_invalid_value_is_marked_and_blocks_start(window):
+    row = window.form.row("mask.gamma")
+    set_text(row, "0")
+    settle(window)
+    assert row.message == "Input should be greater than 0"
+    assert row.error.winfo_ismapped()
+    assert window.run_panel.start_button.cget("state") == "disabled"
+    assert "mask.gamma: Input should be greater than 0" in window.run_panel.problems.cget("text")
+    set_text(row, "0.8")
+    settle(window)
+    assert row.message is None
+    assert window.run_panel.start_button.cget("state") == "normal"
+    assert window.form.validation.config.mask.gamma == 0.8
+
+
+def test_a_cross_field_rule_marks_the_field_it_names(window):
+    window.form.row("prior.weight").set(1.0)
+    window.form.row("mask.enabled").set(False)
+    settle(window)
+    assert "needs masks" in window.form.row("prior.weight").message
+    assert window.run_panel.start_button.cget("state") == "disabled"
+
+
+def test_the_optional_threshold_has_an_off_state(window):
+    row = window.form.row("prior.threshold")
+    row.set(None)
+    settle(window)
+    assert window.form.validation.config.prior.threshold is None
+    assert row.control.entry.cget("state") == "disabled"
+    row.control.enabled.set(True)
+    settle(window)
+    assert window.form.validation.config.prior.threshold == pytest.approx(0.1)
+    row.control.slider.set(0.25)
+    settle(window)
+    assert row.control.text.get() == "0.25"
+    assert window.form.validation.config.prior.threshold == 0.25
+    set_text(row, "1.5")
+    settle(window)
+    assert row.message == "Input should be less than 1"
+
+
+def test_a_bad_preset_shows_why_and_keeps_the_config(window, answers, tmp_path):
+    before = window.form.validate().config
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"schema_version": 1, "mask": {"gama": 0.5}}))
+    answers.preset = bad
+    window.load_button.invoke()
+    settle(window)
+    ((_title, message),) = answers.errors
+    assert "unknown field 'mask.gama'; did you mean 'gamma'?" in message
+    assert window.form.validate().config == before
+
+
+def test_save_as_then_save_writes_the_users_presets(window, answers, home):
+    window.form.row("training.steps").set(123)
+    answers.text = "my run"
+    window.save_as_button.invoke()
+    settle(window)
+    path = home / "presets" / "my run.json"
+    assert load_preset(path).training.steps == 123
+    assert "my run" in window.preset_menu.cget("values") and window.preset_menu.get() == "my run"
+    window.form.row("training.steps").set(77)
+    window.save_button.invoke()  # now saves in place, no question asked
+    settle(window)
+    assert load_preset(path).training.steps == 77
+    assert answers.questions == [] and answers.errors == []
+
+
+def test_save_on_a_builtin_preset_asks_for_a_new_name(window, answers, home):
+    window.choose_preset("demo-prior (built-in)")
+    answers.text = None  # the user cancels the name question
+    before = (BUILTIN_PRESETS / "demo-prior.json").read_text()
+    window.save_button.invoke()
+    settle(window)
+    assert (BUILTIN_PRESETS / "demo-prior.json").read_text() == before
+    assert not (home / "presets").exists()
+
+
+def test_the_last_used_config_is_restored(open_window, home):
+    first = open_window()
+    first.form.row("mask.gamma").set(0.55)
+    first.form.row("training.steps").set(321)
+    settle(first)
+    first.close()
+    assert first.closed
+    assert UserStore(home).load_last_used().training.steps == 321
+    second = open_window()
+    settle(second)
+    config = second.form.validate().config
+    assert (config.training.steps, config.mask.gamma) == (321, 0.55)
+
+
+def test_a_preset_given_at_start_is_opened(open_window):
+    path = BUILTIN_PRESETS / "demo-threshold.json"
+    window = open_window(preset=path)
+    assert window.form.validate().config == load_preset(path)
+    assert window.form.validation.config.prior == PriorConfig(weight=1.0, threshold=0.1)
+
+
+def test_concepts_editor_adds_counts_and_removes(window, answers, tmp_path, write_concept):
+    folder = write_concept(tmp_path / "concept", images=3, masks=2, orphans=1)
+    answers.directory = folder
+    start = len(window.concepts.cards)
+    window.concepts.add_button.invoke()
+    settle(window, 0.5)
+    card = window.concepts.cards[-1]
+    assert len(window.concepts.cards) == start + 1
+    text = card.counts.cget("text")
+    assert text == ("3 images · 2 masks found · 1 images without a mask · 1 masks without an image")
+    index = start
+    window.form.row(f"data.concepts.{index}.type").set("prior_prediction")
+    window.form.row(f"data.concepts.{index}.repeats").control.text.set("0")
+    settle(window)
+    assert "greater than or equal to 1" in window.form.row(f"data.concepts.{index}.repeats").message
+    window.form.row(f"data.concepts.{index}.repeats").set(3)
+    window.form.row(f"data.concepts.{index}.caption.prefix").set("sks")
+    settle(window)
+    concept = window.form.validation.config.data.concepts[index]
+    assert (concept.type, concept.repeats, concept.caption.prefix) == ("prior_prediction", 3, "sks")
+    assert concept.path == str(folder)
+    card.remove_button.invoke()
+    settle(window)
+    assert len(window.concepts.cards) == start
+    assert all(c.path != str(folder) for c in window.form.validation.config.data.concepts)
+
+
+def test_a_missing_concept_folder_is_reported_on_its_card(window):
+    window.concepts.add(Path("no/such/folder"))
+    settle(window, 0.5)
+    assert "does not exist" in window.concepts.cards[-1].counts.cget("text")
+
+
+def test_typing_a_prompt_is_seen_by_validation(window):
+    textbox = window.form.row("sampling.prompts").control.textbox
+    before = window.form.validate().config.sampling.prompts
+    textbox.insert("end", "\n  a photo of sks star on grass  \n\n")
+    settle(window)
+    assert window.form.validation.config.sampling.prompts == [
+        *before,
+        "a photo of sks star on grass",
+    ]
+
+
+def test_hovering_a_label_shows_its_description(window):
+    window.tabs.set("Masked training")
+    settle(window)
+    row = window.form.row("mask.gamma")
+    row.label.event_generate("<Enter>")
+    settle(window, 0.8)
+    shown = row.tooltip._window
+    assert shown is not None and shown.winfo_ismapped()
+    texts = [child.cget("text") for child in shown.winfo_children()]
+    assert texts == [row.spec.tooltip()]
+    row.label.event_generate("<Leave>")
+    settle(window)
+    assert row.tooltip._window is None
