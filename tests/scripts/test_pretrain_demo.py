@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from modules.models.demo import DemoFamily, build_demo_model
+from scripts.pretrain_demo import CHECKPOINT, LOSS_LOG, PretrainRun, encode_captions, pretrain
+
+CPU = torch.device("cpu")
+
+
+def _run(out: Path, **overrides: object) -> PretrainRun:
+    settings: dict = {
+        "steps": 3,
+        "batch_size": 2,
+        "warmup_steps": 1,
+        "log_every": 1,
+        "sample_count": 2,
+        "sample_steps": 2,
+        "tiny": True,
+    }
+    return PretrainRun(out=out, **(settings | overrides))
+
+
+def _losses(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / LOSS_LOG).read_text().splitlines()]
+
+
+def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path: Path) -> None:
+    straight = pretrain(_run(tmp_path / "straight"))
+    assert straight is not None and straight["step"] == 3
+
+    stopped = _run(tmp_path / "resumed", session_steps=2)
+    assert pretrain(stopped) is None
+    assert (tmp_path / "resumed" / CHECKPOINT).is_file()
+    assert not (tmp_path / "resumed" / "model").exists()
+    assert [row["step"] for row in _losses(tmp_path / "resumed")] == [1, 2]
+    resumed = pretrain(_run(tmp_path / "resumed"))
+    assert resumed is not None and resumed["step"] == 3
+
+    rows = _losses(tmp_path / "straight")
+    assert [row["step"] for row in rows] == [1, 2, 3]
+    assert set(rows[0]) == {"step", "loss", "lr", "elapsed_s", "steps_per_s"}
+    assert [r["loss"] for r in _losses(tmp_path / "resumed")] == [r["loss"] for r in rows]
+    weights = "model/transformer/diffusion_pytorch_model.safetensors"
+    one, two = load_file(tmp_path / "straight" / weights), load_file(tmp_path / "resumed" / weights)
+    assert all(torch.equal(one[k], two[k]) for k in one)
+    assert all(v.dtype == torch.float16 for v in one.values() if v.is_floating_point())
+
+
+def test_the_exported_folder_loads_through_the_demo_family(tmp_path: Path) -> None:
+    summary = pretrain(_run(tmp_path, steps=1))
+    assert summary is not None
+    assert (tmp_path / "samples.png").is_file()
+    assert json.loads((tmp_path / "summary.json").read_text())["step"] == 1
+    family = DemoFamily()
+    model = family.load(str(tmp_path / "model"), dtype=torch.float32, device=CPU)
+    text = family.encode_prompts(model, ["a red star on a plain background"])
+    images = family.sample(
+        model, text, resolution=32, steps=2, generator=torch.Generator().manual_seed(0)
+    )
+    assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
+
+
+def test_a_checkpoint_refuses_other_data_settings(tmp_path: Path) -> None:
+    assert pretrain(_run(tmp_path, session_steps=1)) is None
+    with pytest.raises(ValueError, match="batch_size=2, this run asks for 3"):
+        pretrain(_run(tmp_path, batch_size=3))
+
+
+def test_trainable_encoding_equals_the_familys() -> None:
+    model = build_demo_model(seed=0)
+    prompts = ["a red star on a plain background", ""]
+    with torch.no_grad():
+        ours = encode_captions(model, prompts)["embeds"]
+    assert torch.equal(ours, DemoFamily().encode_prompts(model, prompts)["embeds"])
