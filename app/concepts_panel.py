@@ -19,6 +19,7 @@ from app import dialogs
 from app.field_specs import section_specs
 from app.field_widgets import FieldRow, OnChange, SectionForm
 from app.style import ERROR_COLOUR, MUTED_COLOUR, heading_font
+from modules.config.presets import merge_overlay
 from modules.config.schema import CaptionConfig, ConceptConfig
 from modules.data.concept import ConceptScan, DataError, scan_concept
 
@@ -91,7 +92,7 @@ class ConceptCard(ctk.CTkFrame):
 
     def _load(self, values: dict[str, Any]) -> None:
         self.path_row.set(values.get("path", ""))
-        full = _merged(ConceptConfig(path="-").model_dump(), values)
+        full = merge_overlay(ConceptConfig(path="-").model_dump(), values)
         for row in self._field_rows():
             relative = row.path.removeprefix(self.prefix + ".").split(".")
             value: Any = full
@@ -212,14 +213,3 @@ class ConceptsPanel(ctk.CTkScrollableFrame):
     def _scanned(self) -> None:
         for listener in self._listeners:
             listener()
-
-
-def _merged(defaults: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
-    """A concept's values over the defaults (presets hold only what differs)."""
-    merged = dict(defaults)
-    for key, value in values.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merged(merged[key], value)
-        else:
-            merged[key] = value
-    return merged

@@ -57,12 +57,12 @@ def migrate(data: dict[str, Any], source: str = "preset") -> dict[str, Any]:
     return data
 
 
-def _merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+def merge_overlay(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
     """Deep-merge ``overlay`` onto ``base``; lists and scalars in the overlay replace wholesale."""
     merged = dict(base)
     for key, value in overlay.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
+            merged[key] = merge_overlay(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -121,7 +121,7 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> TrainConfi
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a JSON object at the top level")
     overlay = migrate(data, source)
-    merged = _merge(TrainConfig().model_dump(), overlay)
+    merged = merge_overlay(TrainConfig().model_dump(), overlay)
     try:
         return TrainConfig.model_validate(merged)
     except ValidationError as error:
