@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from modules.models.demo import DemoFamily, build_demo_model
+from tests.wan.tiny_wan import build_tiny_wan
 
 
 @pytest.fixture(scope="session")
@@ -22,3 +23,21 @@ def demo_inputs(demo_family, demo_model):
     timesteps = torch.tensor([0.3, 0.8])
     text = demo_family.encode_prompts(demo_model, ["a red star", "a blue ring on stripes"])
     return noisy, timesteps, text
+
+
+@pytest.fixture(scope="session")
+def tiny_wan(tmp_path_factory):
+    """A tiny WAN 2.1 T2V folder in the diffusers layout (read-only for the tests)."""
+    return build_tiny_wan(tmp_path_factory.mktemp("wan") / "t2v")
+
+
+@pytest.fixture(scope="session")
+def tiny_wan_a14b(tmp_path_factory):
+    """A tiny WAN 2.2 A14B folder: transformer/ (high noise), transformer_2/ (low noise)."""
+    return build_tiny_wan(tmp_path_factory.mktemp("wan") / "a14b", a14b=True, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_wan_ti2v(tmp_path_factory):
+    """A tiny WAN 2.2 TI2V 5B folder: 48-channel VAE with 16x spatial compression."""
+    return build_tiny_wan(tmp_path_factory.mktemp("wan") / "ti2v", ti2v=True, seed=2)

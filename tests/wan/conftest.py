@@ -1,18 +1,6 @@
 import pytest
 
-from tests.wan.tiny_wan import build_tiny_wan, write_video_concept
-
-
-@pytest.fixture(scope="session")
-def tiny_wan(tmp_path_factory):
-    """A tiny WAN 2.1 T2V folder in the diffusers layout (read-only for the tests)."""
-    return build_tiny_wan(tmp_path_factory.mktemp("wan") / "t2v")
-
-
-@pytest.fixture(scope="session")
-def tiny_wan_a14b(tmp_path_factory):
-    """A tiny WAN 2.2 A14B folder: transformer/ (high noise), transformer_2/ (low noise)."""
-    return build_tiny_wan(tmp_path_factory.mktemp("wan") / "a14b", a14b=True, seed=1)
+from tests.wan.tiny_wan import write_video_concept
 
 
 @pytest.fixture(scope="session")
