@@ -1,21 +1,30 @@
-"""A small, deterministic demo dataset, drawn with numpy and PIL (no downloads).
+"""The demo LoRA task: a new subject, the "sks heart", drawn in the synthetic world's look.
 
-``root/subject/``: 16 images of one subject, the "sks star" (a magenta five-pointed star with a
-yellow centre spot and a teal antenna), on cluttered backgrounds (stripes, checks, gradients,
-noise) with distractor shapes. Each has a weighted mask with three levels, the cases masked
-training and prior preservation have to handle:
+The demo base model is pretrained on :mod:`modules.data.world`, whose scenes never hold a heart
+nor the subject's colours. The subject is a heart with a magenta body and diagonal yellow
+stripes (wide enough to see at 64 px), on cluttered world backgrounds: a world background plus
+two or three world objects (training pairs only) drawn under it. The caption names only the
+subject and the background, as a user's trigger caption would, so the clutter is what masked
+training and prior preservation have to keep the LoRA from learning.
 
-- 255 on the star itself (learn fully),
-- 128 on a rim around it (half weight: the soft border a hand-drawn mask has),
-- 80 on the antenna (a thin extra part, like hair, that users weight low),
-- 0 on the background.
+Folders under the root (:func:`write_demo_dataset`):
 
-``root/prior/``: 8 plain "base world" scenes (other shapes, including stars of other colours, on
-the same kinds of backgrounds), without masks, for a prior_prediction concept.
+- ``subject/``: 16 subject scenes, each with a weighted mask ``NAME-masklabel.png`` (255 on the
+  heart, 128 on a rim band a few pixels wide around it, 0 elsewhere) and a caption
+  ``a sks heart on a BACKGROUND background``.
+- ``prior/``: 16 base-world training scenes with the world's captions and no masks, for a
+  prior_prediction concept.
+- ``heldout-subject/``: 8 subject scenes from another random stream (new backgrounds and
+  clutter), with masks and captions, for evaluation.
+- ``heldout-world/``: 8 base-world scenes with their captions, prompts that never name the
+  subject, for measuring how far the LoRA leaks into the base world.
+
+:func:`subject_scene` draws one subject scene in memory and :func:`subject_presence` scores
+generated images for the subject.
 
 Run ``python -m modules.data.demo_dataset ROOT`` to write it. Writing is idempotent: a
-``.complete`` marker, written last, records the seed and size; a folder without a matching
-marker (e.g. half written) is regenerated.
+``.complete`` marker, written last, records the version, seed and size; a folder without a
+matching marker (e.g. half written) is regenerated.
 """
 
 from __future__ import annotations
@@ -25,35 +34,77 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from modules.config.schema import ConceptConfig
+from modules.data import world
 
-DEMO_VERSION = 1
+if TYPE_CHECKING:
+    import torch
+
+DEMO_VERSION = 2
 """Part of the marker: bump it when the drawing changes so old folders are regenerated."""
 SUBJECT_IMAGES = 16
-PRIOR_IMAGES = 8
+PRIOR_IMAGES = 16
+HELDOUT_SUBJECT_IMAGES = 8
+HELDOUT_WORLD_IMAGES = 8
 TRIGGER = "sks"
-CORE_LEVEL, RIM_LEVEL, ANTENNA_LEVEL = 255, 128, 80
+CORE_LEVEL, RIM_LEVEL = 255, 128
 MARKER = ".complete"
+PRIOR_OFFSET = 1_000_000
+"""First world ``train`` index of ``prior/``: far past any index pretraining draws."""
+HELDOUT_WORLD_OFFSET = 2_000_000
+"""First world ``train`` index of ``heldout-world/``."""
+SUBJECT_PRESENT = 0.5
+"""A :func:`subject_presence` score above this means the image shows the subject."""
 
-_BACKGROUNDS = ("striped", "checkered", "gradient", "noisy")
-_STAR_COLOUR = (214, 38, 180)  # magenta: the named palette below never uses it
-_SPOT_COLOUR = (255, 214, 0)
-_ANTENNA_COLOUR = (20, 150, 140)
-_PALETTE = {
-    "red": (200, 40, 40),
-    "blue": (40, 70, 200),
-    "green": (40, 160, 60),
-    "orange": (240, 140, 30),
-    "white": (240, 240, 240),
-    "black": (20, 20, 20),
-}
-_SHAPES = ("circle", "square", "triangle", "star")
+BODY_COLOUR = (214, 38, 180)  # magenta: no world colour is near it
+STRIPE_COLOUR = (255, 214, 0)
+_RADIUS = (0.2, 0.28)
+"""Heart radius range (every point of the heart within it of the centre), fraction of the side."""
+_ROTATION = math.radians(25)
+"""Largest tilt either way: more and the heart stops reading as a heart."""
+_STRIPE_PERIOD = 0.11
+"""Stripe period as a fraction of the side: 7 px at 64 px."""
+_STRIPE_SHARE = 0.4
+"""Part of each period that is yellow: about 3 px at 64 px."""
+_RIM = 0.04
+"""Rim band width as a fraction of the side (3 px at 64 px, never under 2 px)."""
+_DISTRACTORS = (2, 3)
+_DISTRACTOR_RADIUS = (0.08, 0.16)
+_SUBJECT_STREAM, _HELDOUT_STREAM = 0, 1
 
-RGB = tuple[int, int, int]
+
+def _unit_heart(corners: int = 96) -> np.ndarray:
+    """(corners, 2) points of the classic parametric heart, centred on its box and scaled so
+    the farthest point is 1 away; y grows downwards (image coordinates), tip at the bottom."""
+    t = np.linspace(0, 2 * math.pi, corners, endpoint=False)
+    x = 16 * np.sin(t) ** 3
+    y = -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t))
+    points = np.stack([x, y], axis=1)
+    points -= (points.min(axis=0) + points.max(axis=0)) / 2
+    return points / np.linalg.norm(points, axis=1).max()
+
+
+_HEART = _unit_heart()
+_HEART_AREA = 0.5 * abs(
+    float(
+        np.dot(_HEART[:, 0], np.roll(_HEART[:, 1], 1))
+        - np.dot(_HEART[:, 1], np.roll(_HEART[:, 0], 1))
+    )
+)
+"""Area of the unit heart (radius 1), by the shoelace formula."""
+
+
+class SubjectScene(NamedTuple):
+    image: Image.Image
+    """RGB, the heart on top of a cluttered world background."""
+    mask: Image.Image
+    """L, :data:`CORE_LEVEL` on the heart, :data:`RIM_LEVEL` on its rim, 0 elsewhere."""
+    caption: str
 
 
 @dataclass(frozen=True)
@@ -62,19 +113,23 @@ class DemoDataset:
     subject: Path
     """Folder of the subject concept: images, -masklabel masks, captions."""
     prior: Path
-    """Folder of the prior_prediction concept: images and captions, no masks."""
+    """Folder of the prior_prediction concept: base-world images and captions, no masks."""
+    heldout_subject: Path
+    """Subject scenes never trained on: images, masks, captions."""
+    heldout_world: Path
+    """Base-world scenes never trained on: images and captions that never name the subject."""
     subject_images: int
     prior_images: int
 
     def concepts(self) -> list[ConceptConfig]:
-        """The two concepts as config entries: the subject and the prior_prediction scenes."""
+        """The two training concepts: the subject and the prior_prediction scenes."""
         return [
             ConceptConfig(path=str(self.subject)),
             ConceptConfig(path=str(self.prior), type="prior_prediction"),
         ]
 
 
-def write_demo_dataset(root: Path, *, seed: int = 0, size: int = 128) -> DemoDataset:
+def write_demo_dataset(root: Path, *, seed: int = 0, size: int = 64) -> DemoDataset:
     """Write (or reuse) the demo dataset under ``root``; the same seed and size give the same
     bytes."""
     if size < 32:
@@ -84,159 +139,169 @@ def write_demo_dataset(root: Path, *, seed: int = 0, size: int = 128) -> DemoDat
         root=root,
         subject=root / "subject",
         prior=root / "prior",
+        heldout_subject=root / "heldout-subject",
+        heldout_world=root / "heldout-world",
         subject_images=SUBJECT_IMAGES,
         prior_images=PRIOR_IMAGES,
     )
     marker = root / MARKER
-    wanted = json.dumps({"version": DEMO_VERSION, "seed": seed, "size": size}, sort_keys=True)
+    wanted = _marker_text(seed, size)
     if marker.is_file() and marker.read_text(encoding="utf-8") == wanted:
         return dataset
     # Files are overwritten, never deleted: the names are fixed, so nothing stale remains, and
     # a root the user pointed at by mistake loses nothing but these names.
     marker.unlink(missing_ok=True)
-    dataset.subject.mkdir(parents=True, exist_ok=True)
-    dataset.prior.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for index in range(SUBJECT_IMAGES):
-        kind = _BACKGROUNDS[index % len(_BACKGROUNDS)]
-        image, mask = _subject_scene(rng, size, kind)
-        stem = dataset.subject / f"subject_{index:02d}"
-        image.save(stem.with_suffix(".png"))
-        mask.save(stem.parent / f"{stem.name}-masklabel.png")
-        _write_caption(stem, f"a photo of {TRIGGER} star, on a {kind} background")
-    for index in range(PRIOR_IMAGES):
-        kind = _BACKGROUNDS[index % len(_BACKGROUNDS)]
-        image, caption = _prior_scene(rng, size, kind)
-        stem = dataset.prior / f"prior_{index:02d}"
-        image.save(stem.with_suffix(".png"))
-        _write_caption(stem, caption)
+    _write_subject(dataset.subject, "subject", SUBJECT_IMAGES, [seed, _SUBJECT_STREAM], size)
+    _write_subject(
+        dataset.heldout_subject, "subject", HELDOUT_SUBJECT_IMAGES, [seed, _HELDOUT_STREAM], size
+    )
+    _write_world(dataset.prior, "prior", PRIOR_IMAGES, PRIOR_OFFSET, size)
+    _write_world(dataset.heldout_world, "world", HELDOUT_WORLD_IMAGES, HELDOUT_WORLD_OFFSET, size)
     marker.write_text(wanted, encoding="utf-8")
     return dataset
 
 
-def _subject_scene(
-    rng: np.random.Generator, size: int, kind: str
-) -> tuple[Image.Image, Image.Image]:
-    """The sks star on a cluttered background, and its three-level mask."""
-    image = _background(rng, size, kind)
-    draw = ImageDraw.Draw(image)
-    for _ in range(int(rng.integers(2, 5))):
-        _draw_shape(draw, rng, size, str(rng.choice(_SHAPES[:3])), _random_palette(rng))
-    # Kept central so the star, its rim and its antenna (about 0.4 * size from the centre at
-    # most) stay inside the frame.
-    cx, cy = (rng.uniform(0.42, 0.58, size=2) * size).tolist()
-    radius = float(rng.uniform(0.16, 0.2)) * size
-    rotation = float(rng.uniform(0, 2 * math.pi))
-    tip_angle = rotation + 2 * math.pi * int(rng.integers(5)) / 5
-    tip = (cx + radius * math.cos(tip_angle), cy + radius * math.sin(tip_angle))
-    length = float(rng.uniform(0.12, 0.15)) * size
-    end = (tip[0] + length * math.cos(tip_angle), tip[1] + length * math.sin(tip_angle))
-    width, ball = max(2, round(size / 40)), max(3, round(size * 0.035))
+def is_current(root: Path, *, seed: int = 0, size: int = 64) -> bool:
+    """Whether ``root`` holds a complete demo dataset of this version, seed and size."""
+    marker = Path(root) / MARKER
+    return marker.is_file() and marker.read_text(encoding="utf-8") == _marker_text(seed, size)
 
+
+def _marker_text(seed: int, size: int) -> str:
+    return json.dumps({"version": DEMO_VERSION, "seed": seed, "size": size}, sort_keys=True)
+
+
+def subject_scene(
+    rng: np.random.Generator, size: int = 64, background: str | None = None
+) -> SubjectScene:
+    """One subject scene drawn from ``rng``: a world background of ``background`` (random when
+    None), two or three world objects, the heart on top, its weighted mask and its caption."""
+    if background is None:
+        background = str(rng.choice(world.BACKGROUNDS))
+    elif background not in world.BACKGROUNDS:
+        raise ValueError(f"background {background!r}: use one of {world.BACKGROUNDS}")
+    image = world.draw_background(rng, size, background)
+
+    pairs = world.WorldSpec().allowed_pairs("train")  # never a held-out pair
+    for _ in range(int(rng.integers(_DISTRACTORS[0], _DISTRACTORS[1] + 1))):
+        shape, colour = pairs[int(rng.integers(len(pairs)))]
+        radius = float(rng.uniform(*_DISTRACTOR_RADIUS)) * size
+        centre = tuple(rng.uniform(0, size, size=2).tolist())
+        rotation = float(rng.uniform(0, 2 * math.pi))
+        image.paste(
+            world.COLOURS[colour], mask=world.silhouette(size, shape, centre, radius, rotation)
+        )
+
+    radius = float(rng.uniform(*_RADIUS)) * size
+    rim = max(2, round(_RIM * size))
+    margin = radius + rim + 1  # the heart and its rim stay inside the frame
+    centre = tuple(rng.uniform(margin, size - margin, size=2).tolist())
+    rotation = float(rng.uniform(-_ROTATION, _ROTATION))
+    heart = heart_silhouette(size, centre, radius, rotation)
+    image.paste(Image.fromarray(_striped_body(size, centre, rotation), "RGB"), mask=heart)
+
+    core = np.asarray(heart) > 0
+    levels = np.where(_dilate(core, rim), RIM_LEVEL, 0)
+    levels[core] = CORE_LEVEL
+    mask = Image.fromarray(levels.astype(np.uint8), "L")
+    return SubjectScene(image, mask, f"a {TRIGGER} heart on a {background} background")
+
+
+def heart_silhouette(
+    size: int, centre: tuple[float, float], radius: float, rotation: float
+) -> Image.Image:
+    """The heart as an 8-bit mask (255 inside, no anti-aliasing), every point within
+    ``radius`` of ``centre``, tilted by ``rotation`` radians (0: tip down)."""
+    cos, sin = math.cos(rotation), math.sin(rotation)
+    turned = _HEART @ np.array([[cos, sin], [-sin, cos]])  # (corners, 2), rotated by `rotation`
+    points = [tuple(p) for p in (turned * radius + np.asarray(centre)).tolist()]
     mask = Image.new("L", (size, size), 0)
-    mask_draw = ImageDraw.Draw(mask)
-    # Drawn from the lowest level up, so the star and its rim cover the antenna's base.
-    for target, antenna, rim, core in (
-        (draw, _ANTENNA_COLOUR, None, _STAR_COLOUR),
-        (mask_draw, ANTENNA_LEVEL, RIM_LEVEL, CORE_LEVEL),
-    ):
-        target.line([tip, end], fill=antenna, width=width)
-        target.ellipse(_circle_box(end, ball), fill=antenna)
-        if rim is not None:
-            target.polygon(_star_points((cx, cy), radius * 1.3, rotation), fill=rim)
-        target.polygon(_star_points((cx, cy), radius, rotation), fill=core)
-    draw.ellipse(_circle_box((cx, cy), radius * 0.22), fill=_SPOT_COLOUR)
-    return image, mask
+    ImageDraw.Draw(mask).polygon(points, fill=255)
+    return mask
 
 
-def _prior_scene(rng: np.random.Generator, size: int, kind: str) -> tuple[Image.Image, str]:
-    """Two or three plain shapes on a background, and the caption that names them."""
-    image = _background(rng, size, kind)
-    draw = ImageDraw.Draw(image)
-    picks: list[tuple[str, str]] = []
-    count = int(rng.integers(2, 4))
-    # Distinct (colour, shape) pairs, so a caption never names the same thing twice.
-    while len(picks) < count:
-        pick = (str(rng.choice(sorted(_PALETTE))), str(rng.choice(_SHAPES)))
-        if pick not in picks:
-            picks.append(pick)
-    for colour, shape in picks:
-        _draw_shape(draw, rng, size, shape, _PALETTE[colour], scale=1.6)
-    names = " and ".join(f"{_article(colour)} {colour} {shape}" for colour, shape in picks)
-    return image, f"a photo of {names}, on a {kind} background"
+def subject_presence(images: torch.Tensor) -> torch.Tensor:
+    """How much of the sks heart each image shows: a (B,) score in [0, 1].
+
+    ``images`` is (B, 3, H, W) in [-1, 1]. The world classifier has no class for the subject
+    (the base world never had a heart), so presence is judged by the subject's colours: the
+    count of body-coloured pixels (nearest to magenta among the world's colours and the
+    subject's, and close to it) with a yellow pixel within a tenth of the side, over the body
+    area of the smallest heart the dataset draws, clipped to 1. Rendered subject scenes score
+    near 1, world scenes near 0; above :data:`SUBJECT_PRESENT` counts as present.
+    """
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"subject_presence takes (B, 3, H, W) images, got {tuple(images.shape)}")
+    # Imported here: writing the dataset (the UI does, on first use) needs no torch.
+    import torch
+    import torch.nn.functional as F
+
+    height, width = images.shape[-2:]
+    pixels = (images.detach().float().clamp(-1, 1) + 1) * 127.5  # (B, 3, H, W) in 0-255
+    references = torch.tensor(
+        [BODY_COLOUR, STRIPE_COLOUR, *world.COLOURS.values()], dtype=torch.float32
+    ).to(pixels.device)  # (K, 3): body, stripe, then the world's colours
+    distance = torch.cdist(pixels.permute(0, 2, 3, 1).reshape(-1, 3), references)  # (B*H*W, K)
+    nearest = distance.argmin(dim=1)
+    close = distance.min(dim=1).values < _COLOUR_DISTANCE
+    world_yellow = 2 + list(world.COLOURS).index("yellow")
+    body = ((nearest == 0) & close).reshape(-1, 1, height, width)
+    stripe = (((nearest == 1) | (nearest == world_yellow)) & close).reshape(-1, 1, height, width)
+    reach = max(1, round(0.1 * min(height, width)))
+    near_stripe = F.max_pool2d(stripe.float(), 2 * reach + 1, stride=1, padding=reach) > 0
+    found = (body & near_stripe).flatten(1).sum(dim=1).float()  # (B,)
+    expected = _HEART_AREA * (_RADIUS[0] ** 2) * height * width * (1 - _STRIPE_SHARE)
+    return (found / expected).clamp(0, 1)
 
 
-def _background(rng: np.random.Generator, size: int, kind: str) -> Image.Image:
-    """A (size, size) RGB background of the given kind in two random muted colours."""
-    first, second = rng.integers(40, 200, size=(2, 3)).astype(np.float32)
+_COLOUR_DISTANCE = 55.0
+"""Farthest (RGB, 0-255) a pixel may be from the subject colour it is nearest to and still
+count: loose enough for a generated sample's drift, far from the greyish backgrounds."""
+
+
+def _striped_body(size: int, centre: tuple[float, float], rotation: float) -> np.ndarray:
+    """(size, size, 3) uint8: the body colour with yellow stripes at 45° to the heart's axis,
+    fixed to the heart (they turn and move with it, as a real subject's markings would)."""
     y, x = np.mgrid[0:size, 0:size].astype(np.float32)
-    angle = float(rng.uniform(0, math.pi))
-    along = x * math.cos(angle) + y * math.sin(angle)
-    if kind == "striped":
-        period = float(rng.uniform(0.06, 0.15)) * size
-        blend = (np.floor(along / period) % 2)[..., None]
-    elif kind == "checkered":
-        cell = max(2, int(rng.integers(size // 16, size // 6)))
-        blend = ((x // cell + y // cell) % 2)[..., None]
-    elif kind == "gradient":
-        blend = ((along - along.min()) / (along.max() - along.min()))[..., None]
-    elif kind == "noisy":
-        coarse = rng.random((size // 8, size // 8), dtype=np.float32)
-        noise = Image.fromarray(coarse).resize((size, size), Image.Resampling.BILINEAR)
-        blend = np.asarray(noise, dtype=np.float32)[..., None]
-    else:
-        raise ValueError(f"unknown background kind '{kind}'; use one of {_BACKGROUNDS}")
-    pixels = first * (1 - blend) + second * blend  # (size, size, 3)
-    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
+    angle = rotation + math.pi / 4
+    along = (x - centre[0]) * math.cos(angle) + (y - centre[1]) * math.sin(angle)
+    yellow = ((along / (_STRIPE_PERIOD * size)) % 1.0) < _STRIPE_SHARE
+    return np.where(yellow[..., None], STRIPE_COLOUR, BODY_COLOUR).astype(np.uint8)
 
 
-def _draw_shape(
-    draw: ImageDraw.ImageDraw,
-    rng: np.random.Generator,
-    size: int,
-    shape: str,
-    colour: RGB,
-    scale: float = 1.0,
-) -> None:
-    centre = (rng.uniform(0.08, 0.92, size=2) * size).tolist()
-    radius = float(rng.uniform(0.05, 0.1)) * size * scale
-    rotation = float(rng.uniform(0, 2 * math.pi))
-    if shape == "circle":
-        draw.ellipse(_circle_box(centre, radius), fill=colour)
-    elif shape == "square":
-        draw.regular_polygon((*centre, radius), 4, rotation=math.degrees(rotation), fill=colour)
-    elif shape == "triangle":
-        draw.regular_polygon((*centre, radius), 3, rotation=math.degrees(rotation), fill=colour)
-    else:
-        draw.polygon(_star_points(centre, radius, rotation), fill=colour)
+def _dilate(mask: np.ndarray, reach: int) -> np.ndarray:
+    """``mask`` (bool, (size, size)) grown by a disc of radius ``reach`` pixels."""
+    size = mask.shape[0]
+    padded = np.pad(mask, reach)
+    grown = np.zeros_like(mask)
+    for dy in range(-reach, reach + 1):
+        for dx in range(-reach, reach + 1):
+            if dx * dx + dy * dy <= reach * reach:
+                grown |= padded[reach + dy : reach + dy + size, reach + dx : reach + dx + size]
+    return grown
 
 
-def _star_points(
-    centre: tuple[float, float] | list[float], radius: float, rotation: float
-) -> list[tuple[float, float]]:
-    """The ten corners of a five-pointed star, tips at ``rotation + k * 72°``."""
-    cx, cy = centre
-    points = []
-    for corner in range(10):
-        reach = radius if corner % 2 == 0 else radius * 0.45
-        angle = rotation + corner * math.pi / 5
-        points.append((cx + reach * math.cos(angle), cy + reach * math.sin(angle)))
-    return points
+def _write_subject(folder: Path, prefix: str, count: int, stream: list[int], size: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(stream)
+    for index in range(count):
+        background = world.BACKGROUNDS[index % len(world.BACKGROUNDS)]
+        image, mask, caption = subject_scene(rng, size, background)
+        stem = folder / f"{prefix}_{index:02d}"
+        image.save(stem.with_suffix(".png"))
+        mask.save(folder / f"{stem.name}-masklabel.png")
+        _write_caption(stem, caption)
 
 
-def _circle_box(
-    centre: tuple[float, float] | list[float], radius: float
-) -> tuple[float, float, float, float]:
-    cx, cy = centre
-    return (cx - radius, cy - radius, cx + radius, cy + radius)
-
-
-def _random_palette(rng: np.random.Generator) -> RGB:
-    return _PALETTE[str(rng.choice(sorted(_PALETTE)))]
-
-
-def _article(word: str) -> str:
-    return "an" if word[0] in "aeiou" else "a"
+def _write_world(folder: Path, prefix: str, count: int, offset: int, size: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        image, caption, _ = world.scene(offset + index, "train")
+        if image.size != (size, size):
+            image = image.resize((size, size), Image.Resampling.BICUBIC)
+        stem = folder / f"{prefix}_{index:02d}"
+        image.save(stem.with_suffix(".png"))
+        _write_caption(stem, caption)
 
 
 def _write_caption(stem: Path, caption: str) -> None:
@@ -246,15 +311,18 @@ def _write_caption(stem: Path, caption: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m modules.data.demo_dataset",
-        description="Write the demo dataset (a subject concept with masks and a prior concept).",
+        description="Write the demo dataset: the sks heart subject with masks, base-world prior "
+        "scenes, and held-out subject and world scenes.",
     )
-    parser.add_argument("root", type=Path, help="folder to write subject/ and prior/ into")
+    parser.add_argument("root", type=Path, help="folder to write the four folders into")
     parser.add_argument("--seed", type=int, default=0, help="drawing seed (default 0)")
-    parser.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
+    parser.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
     args = parser.parse_args(argv)
     dataset = write_demo_dataset(args.root, seed=args.seed, size=args.size)
     print(f"{dataset.subject}: {dataset.subject_images} images with masks and captions")
     print(f"{dataset.prior}: {dataset.prior_images} images with captions (prior_prediction)")
+    print(f"{dataset.heldout_subject}: {HELDOUT_SUBJECT_IMAGES} images with masks and captions")
+    print(f"{dataset.heldout_world}: {HELDOUT_WORLD_IMAGES} images with captions")
 
 
 if __name__ == "__main__":

@@ -17,9 +17,9 @@ prompt-match classifier, which must recognise the held-out pairs to score them.
 Main object: the largest (by drawn radius; the generator keeps the two radii at least 15 %
 apart, so "largest" is never a close call). It is first in the labels and in the caption.
 
-Drawing reuses the demo dataset's backgrounds and star corners (``modules.data.demo_dataset``);
-``demo_dataset`` should later take its shapes and palette from here, so the LoRA task data and
-the base world share one look.
+The drawing helpers are public (:func:`draw_background`, :func:`silhouette` and the shapes'
+corners): the demo LoRA dataset (``modules.data.demo_dataset``) draws its backgrounds and
+distractors with them, so the task data and the base world share one look.
 """
 
 from __future__ import annotations
@@ -31,8 +31,6 @@ from typing import Literal, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw
-
-from modules.data.demo_dataset import _background, _circle_box, _star_points
 
 Split = Literal["train", "heldout", "judge"]
 SPLITS: tuple[Split, ...] = ("train", "heldout", "judge")
@@ -51,6 +49,8 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "white": (250, 250, 250),
 }
 BACKGROUNDS = ("plain", "striped", "checkered", "gradient", "noisy")
+PATTERNS = BACKGROUNDS[1:]
+"""The background kinds drawn by :func:`pattern_background` ("plain" is one flat colour)."""
 HELD_OUT_PAIRS: frozenset[tuple[str, str]] = frozenset(
     {
         ("circle", "purple"),
@@ -169,16 +169,16 @@ def render_scene(
     pairs = _pick_pairs(spec, rng, split, count)
     radii = _pick_radii(spec, rng, count)
     centres = _place(spec.size, radii, rng)
-    image = _tone_down(_draw_background(rng, spec.size, background), background)
+    image = draw_background(rng, spec.size, background)
 
     # Painter's order: the smaller object is drawn last so it never hides the main one, and
     # each mask loses the pixels a later object covers.
     silhouettes = [
-        _silhouette(spec.size, shape, centre, radius, float(rng.uniform(0, 2 * math.pi)))
+        silhouette(spec.size, shape, centre, radius, float(rng.uniform(0, 2 * math.pi)))
         for (shape, _), centre, radius in zip(pairs, centres, radii, strict=True)
     ]
-    for (_, colour), silhouette in zip(pairs, silhouettes, strict=True):
-        image.paste(COLOURS[colour], mask=silhouette)
+    for (_, colour), shape_mask in zip(pairs, silhouettes, strict=True):
+        image.paste(COLOURS[colour], mask=shape_mask)
     masks = np.stack([np.asarray(s, dtype=bool) for s in silhouettes])  # (n, size, size)
     # Boxes from the whole silhouettes (hidden parts included), before occlusion is taken off.
     boxes = [_box(mask) for mask in masks]
@@ -241,10 +241,38 @@ def _place(size: int, radii: list[float], rng: np.random.Generator) -> list[tupl
     return centres
 
 
-def _draw_background(rng: np.random.Generator, size: int, kind: str) -> Image.Image:
+def draw_background(rng: np.random.Generator, size: int, kind: str) -> Image.Image:
+    """A (size, size) RGB world background of ``kind``, toned towards grey like every scene's."""
     if kind == "plain":
-        return Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(40, 200, 3)))
-    return _background(rng, size, kind)
+        image = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(40, 200, 3)))
+    else:
+        image = pattern_background(rng, size, kind)
+    return _tone_down(image, kind)
+
+
+def pattern_background(rng: np.random.Generator, size: int, kind: str) -> Image.Image:
+    """A (size, size) RGB pattern of ``kind`` (one of :data:`PATTERNS`) in two random muted
+    colours, before any toning down."""
+    first, second = rng.integers(40, 200, size=(2, 3)).astype(np.float32)
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
+    angle = float(rng.uniform(0, math.pi))
+    along = x * math.cos(angle) + y * math.sin(angle)
+    if kind == "striped":
+        period = float(rng.uniform(0.06, 0.15)) * size
+        blend = (np.floor(along / period) % 2)[..., None]
+    elif kind == "checkered":
+        cell = max(2, int(rng.integers(size // 16, size // 6)))
+        blend = ((x // cell + y // cell) % 2)[..., None]
+    elif kind == "gradient":
+        blend = ((along - along.min()) / (along.max() - along.min()))[..., None]
+    elif kind == "noisy":
+        coarse = rng.random((size // 8, size // 8), dtype=np.float32)
+        noise = Image.fromarray(coarse).resize((size, size), Image.Resampling.BILINEAR)
+        blend = np.asarray(noise, dtype=np.float32)[..., None]
+    else:
+        raise ValueError(f"unknown background pattern {kind!r}; use one of {PATTERNS}")
+    pixels = first * (1 - blend) + second * blend  # (size, size, 3)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
 
 
 def _tone_down(image: Image.Image, kind: str) -> Image.Image:
@@ -262,7 +290,7 @@ def _tone_down(image: Image.Image, kind: str) -> Image.Image:
     return Image.fromarray(toned.clip(0, 255).astype(np.uint8), "RGB")
 
 
-def _silhouette(
+def silhouette(
     size: int, shape: str, centre: tuple[float, float], radius: float, rotation: float
 ) -> Image.Image:
     """The shape as an 8-bit mask (255 inside, no anti-aliasing so pixels are exact)."""
@@ -270,24 +298,24 @@ def _silhouette(
     draw = ImageDraw.Draw(mask)
     degrees = math.degrees(rotation)
     if shape == "circle":
-        draw.ellipse(_circle_box(centre, radius), fill=255)
+        draw.ellipse(circle_box(centre, radius), fill=255)
     elif shape == "ring":
-        draw.ellipse(_circle_box(centre, radius), fill=255)
-        draw.ellipse(_circle_box(centre, radius * 0.55), fill=0)
+        draw.ellipse(circle_box(centre, radius), fill=255)
+        draw.ellipse(circle_box(centre, radius * 0.55), fill=0)
     elif shape == "square":
         draw.regular_polygon((*centre, radius), 4, rotation=degrees, fill=255)
     elif shape == "triangle":
         draw.regular_polygon((*centre, radius), 3, rotation=degrees, fill=255)
     elif shape == "star":
-        draw.polygon(_star_points(centre, radius, rotation), fill=255)
+        draw.polygon(star_points(centre, radius, rotation), fill=255)
     elif shape == "cross":
-        draw.polygon(_cross_points(centre, radius, rotation), fill=255)
+        draw.polygon(cross_points(centre, radius, rotation), fill=255)
     else:
         raise ValueError(f"unknown shape {shape!r}; use one of {SHAPES}")
     return mask
 
 
-def _cross_points(
+def cross_points(
     centre: tuple[float, float], radius: float, rotation: float
 ) -> list[tuple[float, float]]:
     """The twelve corners of a plus sign with arms ``radius`` long and ``0.64 radius`` wide."""
@@ -300,6 +328,25 @@ def _cross_points(
         cos, sin = math.cos(angle), math.sin(angle)
         points += [(centre[0] + x * cos - y * sin, centre[1] + x * sin + y * cos) for x, y in arm]
     return points
+
+
+def star_points(
+    centre: tuple[float, float], radius: float, rotation: float
+) -> list[tuple[float, float]]:
+    """The ten corners of a five-pointed star, tips at ``rotation + k * 72°``."""
+    cx, cy = centre
+    points = []
+    for corner in range(10):
+        reach = radius if corner % 2 == 0 else radius * 0.45
+        angle = rotation + corner * math.pi / 5
+        points.append((cx + reach * math.cos(angle), cy + reach * math.sin(angle)))
+    return points
+
+
+def circle_box(centre: tuple[float, float], radius: float) -> tuple[float, float, float, float]:
+    """The (x0, y0, x1, y1) box PIL's ``ellipse`` takes for a circle."""
+    cx, cy = centre
+    return (cx - radius, cy - radius, cx + radius, cy + radius)
 
 
 def _box(mask: np.ndarray) -> tuple[int, int, int, int]:

@@ -202,11 +202,11 @@ def test_a_missing_concept_folder_is_reported_on_its_card(window):
 def test_typing_a_prompt_is_seen_by_validation(window):
     textbox = window.form.row("sampling.prompts").control.textbox
     before = window.form.validate().config.sampling.prompts
-    textbox.insert("end", "\n  a photo of sks star on grass  \n\n")
+    textbox.insert("end", "\n  a photo of sks heart on grass  \n\n")
     settle(window)
     assert window.form.validation.config.sampling.prompts == [
         *before,
-        "a photo of sks star on grass",
+        "a photo of sks heart on grass",
     ]
 
 

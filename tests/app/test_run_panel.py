@@ -48,7 +48,7 @@ def test_start_see_points_arrive_stop_and_find_the_lora(window, tmp_path, home):
     pump(window, lambda: panel.last_saved is not None, RUN_TIMEOUT, "Save now")
     assert panel.last_saved.is_file()
     panel.sample_button.invoke()
-    pump(window, lambda: len(panel.samples) == 4, RUN_TIMEOUT, "Sample now (2 prompts × 2)")
+    pump(window, lambda: len(panel.samples) == 6, RUN_TIMEOUT, "Sample now (3 prompts × 2)")
     assert all(path.is_file() for path in panel.samples.values())
     assert panel.samples_title.cget("text").startswith("Latest samples (step ")
     panel.stop_button.invoke()

@@ -79,7 +79,7 @@ def test_demo_prior_preset_trains_30_steps(tmp_path):
     assert resolved["training"]["steps"] == 30 and resolved["prior"]["weight"] == 1.0
     # The saved LoRA reloads through diffusers and changes the base model's output.
     family, model = DemoFamily(), build_demo_model(seed=0)
-    text = family.encode_prompts(model, ["a photo of sks star"])
+    text = family.encode_prompts(model, ["a sks heart on a plain background"])
     noisy, t = (
         torch.randn(1, 48, 16, 16, generator=torch.Generator().manual_seed(0)),
         torch.tensor([0.5]),

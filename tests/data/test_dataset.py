@@ -33,7 +33,7 @@ def concepts(
             path=str(subject),
             repeats=3,
             loss_weight=2.0,
-            caption=CaptionConfig(default="sks star", dropout=0.5),
+            caption=CaptionConfig(default="sks heart", dropout=0.5),
         ),
         ConceptConfig(path=str(prior), type="prior_prediction", caption=CaptionConfig(default="x")),
     ]
@@ -175,7 +175,7 @@ def test_works_with_a_data_loader(concepts) -> None:
 
 
 def test_demo_dataset_end_to_end(tmp_path: Path, encoders: StandInEncoders) -> None:
-    demo = write_demo_dataset(tmp_path / "demo", size=64)
+    demo = write_demo_dataset(tmp_path / "demo")
     entries = []
     for config in demo.concepts():
         items = list(scan_concept(config).items)
@@ -192,8 +192,8 @@ def test_demo_dataset_end_to_end(tmp_path: Path, encoders: StandInEncoders) -> N
 
     batch = collate([dataset[i] for i in range(len(dataset))], torch.Generator().manual_seed(0))
 
-    assert batch.latents.shape == (24, 48, 8, 8)
-    assert batch.prior_prediction.sum() == 8
+    assert batch.latents.shape == (32, 48, 8, 8)
+    assert batch.prior_prediction.sum() == 16
     assert dataset.mask_coverage().warning() is None
     subject_masks = batch.masks[~batch.prior_prediction]
     # Area averaging to the 8×8 latent grid keeps full-weight cells and creates soft edges.

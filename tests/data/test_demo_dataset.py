@@ -4,19 +4,30 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from modules.config.schema import ConceptConfig
+from modules.data import world
 from modules.data.concept import scan_concept
 from modules.data.demo_dataset import (
-    ANTENNA_LEVEL,
+    BODY_COLOUR,
     CORE_LEVEL,
+    HELDOUT_SUBJECT_IMAGES,
+    HELDOUT_WORLD_IMAGES,
     MARKER,
     PRIOR_IMAGES,
     RIM_LEVEL,
+    STRIPE_COLOUR,
     SUBJECT_IMAGES,
+    SUBJECT_PRESENT,
     main,
+    subject_presence,
+    subject_scene,
     write_demo_dataset,
 )
+
+FILES = (SUBJECT_IMAGES + HELDOUT_SUBJECT_IMAGES) * 3 + (PRIOR_IMAGES + HELDOUT_WORLD_IMAGES) * 2
 
 
 def _contents(root: Path) -> dict[str, bytes]:
@@ -27,31 +38,69 @@ def _contents(root: Path) -> dict[str, bytes]:
     }
 
 
+def _tensor(images: list[Image.Image]) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1], as the family's sampler returns them."""
+    arrays = [torch.from_numpy(np.asarray(image, dtype=np.float32)) for image in images]
+    return torch.stack(arrays).permute(0, 3, 1, 2) / 127.5 - 1
+
+
 def test_same_seed_writes_the_same_bytes(tmp_path: Path) -> None:
-    write_demo_dataset(tmp_path / "one", size=64)
-    write_demo_dataset(tmp_path / "two", size=64)
+    write_demo_dataset(tmp_path / "one")
+    write_demo_dataset(tmp_path / "two")
 
     one, two = _contents(tmp_path / "one"), _contents(tmp_path / "two")
-    assert len(one) == SUBJECT_IMAGES * 3 + PRIOR_IMAGES * 2 + 1
+    assert len(one) == FILES + 1
     assert one == two
+    assert Image.open(tmp_path / "one" / "subject" / "subject_00.png").size == (64, 64)
 
 
-def test_another_seed_draws_other_images(tmp_path: Path) -> None:
-    write_demo_dataset(tmp_path / "one", size=64)
-    write_demo_dataset(tmp_path / "two", seed=1, size=64)
+def test_another_seed_draws_other_subject_images(tmp_path: Path) -> None:
+    write_demo_dataset(tmp_path / "one")
+    write_demo_dataset(tmp_path / "two", seed=1)
 
     one, two = _contents(tmp_path / "one"), _contents(tmp_path / "two")
     assert one["subject/subject_00.png"] != two["subject/subject_00.png"]
 
 
-def test_masks_carry_the_three_weight_levels(tmp_path: Path) -> None:
-    demo = write_demo_dataset(tmp_path)
+def test_subject_scene_is_deterministic_and_takes_a_background() -> None:
+    one = subject_scene(np.random.default_rng(3), background="checkered")
+    two = subject_scene(np.random.default_rng(3), background="checkered")
 
-    for index in range(SUBJECT_IMAGES):
-        mask = np.asarray(Image.open(demo.subject / f"subject_{index:02d}-masklabel.png"))
+    assert one.image.tobytes() == two.image.tobytes()
+    assert one.mask.tobytes() == two.mask.tobytes()
+    assert one.caption == "a sks heart on a checkered background"
+    assert (one.image.mode, one.mask.mode, one.image.size) == ("RGB", "L", (64, 64))
+    with pytest.raises(ValueError, match="use one of"):
+        subject_scene(np.random.default_rng(3), background="grass")
+
+
+@pytest.mark.parametrize("size", [64, 128])
+def test_masks_carry_core_and_rim_and_the_core_is_the_striped_heart(size: int) -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(12):
+        item = subject_scene(rng, size)
+        mask, pixels = np.asarray(item.mask), np.asarray(item.image)
         levels, counts = np.unique(mask, return_counts=True)
-        assert levels.tolist() == [0, ANTENNA_LEVEL, RIM_LEVEL, CORE_LEVEL]
-        assert counts.min() >= 20  # each level covers a visible area, not a stray pixel
+        assert levels.tolist() == [0, RIM_LEVEL, CORE_LEVEL]
+        assert counts.min() >= 20 * (size // 64) ** 2  # each level covers a visible area
+        # Fully inside the frame: the border rows and columns are background.
+        assert not mask[[0, -1]].any() and not mask[:, [0, -1]].any()
+
+        core = pixels[mask == CORE_LEVEL]  # (n, 3)
+        body = (core == BODY_COLOUR).all(axis=1)
+        stripe = (core == STRIPE_COLOUR).all(axis=1)
+        assert (body | stripe).all()
+        assert 0.2 < stripe.mean() < 0.6  # both colours show: the stripes are visible
+        # The heart covers 0.2-0.28 of the side as a radius: its area sits in that band.
+        assert 0.05 < body.size / size**2 < 0.2
+
+
+def test_the_rim_is_a_band_a_few_pixels_wide() -> None:
+    mask = np.asarray(subject_scene(np.random.default_rng(1)).mask)
+    rows = [row for row in mask if (row == CORE_LEVEL).any()]
+    # Along a row through the heart, the rim runs from the first marked pixel to the core.
+    widths = [int(np.argmax(row == CORE_LEVEL) - np.argmax(row > 0)) for row in rows]
+    assert 2 <= np.median(widths) <= 3
 
 
 def test_folders_scan_as_a_masked_subject_and_an_unmasked_prior(tmp_path: Path) -> None:
@@ -61,11 +110,52 @@ def test_folders_scan_as_a_masked_subject_and_an_unmasked_prior(tmp_path: Path) 
     subject, prior = scan_concept(subject_config), scan_concept(prior_config)
 
     assert (subject.images, subject.masks_found, subject.masks_without_image) == (16, 16, 0)
-    assert subject.items[0].caption.startswith("a photo of sks star, on a ")
+    kinds = {f"a sks heart on a {kind} background" for kind in world.BACKGROUNDS}
+    assert {item.caption for item in subject.items} == kinds
     assert (prior.images, prior.masks_found) == (PRIOR_IMAGES, 0)
     assert prior_config.type == "prior_prediction"
-    assert all(item.caption.startswith("a photo of ") for item in prior.items)
-    assert all("sks" not in item.caption for item in prior.items)
+    assert all("sks" not in item.caption and "heart" not in item.caption for item in prior.items)
+    assert {item.caption for item in prior.items} == {
+        world.scene(1_000_000 + i, "train").caption for i in range(PRIOR_IMAGES)
+    }
+
+
+def test_heldout_folders_hold_new_subject_scenes_and_world_scenes(tmp_path: Path) -> None:
+    demo = write_demo_dataset(tmp_path)
+
+    subject = scan_concept(ConceptConfig(path=str(demo.heldout_subject)))
+    scenes = scan_concept(ConceptConfig(path=str(demo.heldout_world)))
+
+    assert (subject.images, subject.masks_found) == (HELDOUT_SUBJECT_IMAGES, 8)
+    assert all(item.caption.startswith("a sks heart on a ") for item in subject.items)
+    trained = {path.read_bytes() for path in demo.subject.glob("subject_??.png")}
+    assert not {path.read_bytes() for path in demo.heldout_subject.glob("*.png")} & trained
+    assert (scenes.images, scenes.masks_found) == (HELDOUT_WORLD_IMAGES, 0)
+    assert all("sks" not in item.caption and "heart" not in item.caption for item in scenes.items)
+    first = world.scene(2_000_000, "train")
+    assert Image.open(demo.heldout_world / "world_00.png").tobytes() == first.image.tobytes()
+
+
+def test_presence_tells_subject_scenes_from_world_scenes(tmp_path: Path) -> None:
+    rng = np.random.default_rng(7)
+    subjects = _tensor([subject_scene(rng).image for _ in range(32)])
+    scenes = _tensor([world.scene(i, "train").image for i in range(32)])
+    demo = write_demo_dataset(tmp_path)
+    heldout = _tensor([Image.open(p) for p in sorted(demo.heldout_world.glob("*.png"))])
+    noise = 0.1 * torch.randn(subjects.shape, generator=torch.Generator().manual_seed(0))
+
+    present, absent = subject_presence(subjects), subject_presence(torch.cat([scenes, heldout]))
+    noisy = subject_presence(subjects + noise)
+
+    assert present.shape == (32,) and absent.shape == (40,)
+    assert present.min() > SUBJECT_PRESENT and noisy.min() > SUBJECT_PRESENT
+    assert absent.max() < SUBJECT_PRESENT
+    assert noisy.min() >= 0 and noisy.max() <= 1 and absent.min() >= 0 and absent.max() <= 1
+
+
+def test_presence_refuses_other_shapes() -> None:
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        subject_presence(torch.zeros(3, 8, 8))
 
 
 def test_complete_dataset_is_not_written_again(tmp_path: Path) -> None:
@@ -82,7 +172,7 @@ def test_half_written_dataset_is_regenerated(tmp_path: Path) -> None:
     write_demo_dataset(tmp_path)
     expected = _contents(tmp_path)
     (tmp_path / MARKER).unlink()  # as if the last run stopped before the marker
-    (tmp_path / "prior" / "prior_07.png").unlink()
+    (tmp_path / "heldout-world" / "world_07.png").unlink()
 
     write_demo_dataset(tmp_path)
 
@@ -90,11 +180,14 @@ def test_half_written_dataset_is_regenerated(tmp_path: Path) -> None:
 
 
 def test_other_settings_regenerate(tmp_path: Path) -> None:
-    write_demo_dataset(tmp_path, size=64)
+    write_demo_dataset(tmp_path)
 
     write_demo_dataset(tmp_path, size=96)
 
-    assert Image.open(tmp_path / "subject" / "subject_00.png").size == (96, 96)
+    for folder in ("subject", "heldout-subject"):
+        assert Image.open(tmp_path / folder / "subject_00.png").size == (96, 96)
+    for folder, name in (("prior", "prior_00.png"), ("heldout-world", "world_00.png")):
+        assert Image.open(tmp_path / folder / name).size == (96, 96)
 
 
 def test_too_small_size_is_refused(tmp_path: Path) -> None:
@@ -103,7 +196,20 @@ def test_too_small_size_is_refused(tmp_path: Path) -> None:
 
 
 def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    main([str(tmp_path / "demo"), "--size", "64"])
+    main([str(tmp_path / "demo")])
 
     assert (tmp_path / "demo" / MARKER).is_file()
-    assert "16 images with masks" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    for folder in ("subject", "prior", "heldout-subject", "heldout-world"):
+        assert str(tmp_path / "demo" / folder) + ":" in out
+    assert "16 images with masks" in out
+
+
+def test_is_current_follows_the_marker(tmp_path: Path) -> None:
+    from modules.data.demo_dataset import is_current
+
+    assert not is_current(tmp_path)
+    write_demo_dataset(tmp_path)
+    assert is_current(tmp_path)
+    (tmp_path / MARKER).write_text('{"version": 1}', encoding="utf-8")  # an older dataset
+    assert not is_current(tmp_path)

@@ -100,7 +100,7 @@ def test_a_resolution_the_model_cannot_patch_is_a_config_error(tiny_wan):
 
 def test_prompts_match_the_wan_pipeline(tiny_wan):
     family, model = load(tiny_wan)
-    prompts = ["a photo of sks star", "a  red &amp; blue video of a dog walking slowly", ""]
+    prompts = ["a photo of sks heart", "a  red &amp; blue video of a dog walking slowly", ""]
     text = family.encode_prompts(model, prompts)
     embeds = text["embeds"]
     pipeline = WanPipeline.from_pretrained(tiny_wan, local_files_only=True)
@@ -116,7 +116,7 @@ def test_prompts_match_the_wan_pipeline(tiny_wan):
 
 def test_predict_pads_the_prompt_to_the_transformers_length(tiny_wan):
     family, model = load(tiny_wan)
-    text = family.encode_prompts(model, ["a photo of sks star", "a dog"])
+    text = family.encode_prompts(model, ["a photo of sks heart", "a dog"])
     noisy = torch.randn(2, 16, 3, 4, 4, generator=torch.Generator().manual_seed(1))
     t = torch.tensor([0.3, 0.9])
     padded = torch.cat(
@@ -178,7 +178,7 @@ def test_expert_mismatches_are_named(tiny_wan, tiny_wan_a14b):
 def test_release_keeps_only_the_decoder_and_samples_with_guidance(tiny_wan):
     family, model = load(tiny_wan)
     family.encode_images(model, video(frames=5))
-    text = family.encode_prompts(model, ["a photo of sks star", "a dog"])
+    text = family.encode_prompts(model, ["a photo of sks heart", "a dog"])
     family.release_encoders(model, keep_decoder=True)
     parts = model.parts
     assert parts["text_encoder"] is None and parts["tokenizer"] is None
@@ -194,7 +194,7 @@ def test_release_keeps_only_the_decoder_and_samples_with_guidance(tiny_wan):
 
 def test_a14b_samples_switch_to_the_other_expert_below_the_boundary(tiny_wan_a14b):
     family, model = load(tiny_wan_a14b, expert="high_noise")
-    text = family.encode_prompts(model, ["a photo of sks star"])
+    text = family.encode_prompts(model, ["a photo of sks heart"])
     family.release_encoders(model, keep_decoder=True)
     assert family._expert_for(model, 0.9) is model.denoiser
     assert model.parts["other_expert"] == "transformer_2"  # not loaded while training
@@ -251,7 +251,7 @@ def test_ti2v_5b_trains_as_text_to_video(tiny_wan_ti2v):
     assert family.latent_scale == 16
     latents = family.encode_images(model, video(frames=5, side=32))
     assert latents.shape == (1, 48, 2, 2, 2)
-    text = family.encode_prompts(model, ["a photo of sks star"])
+    text = family.encode_prompts(model, ["a photo of sks heart"])
     t = torch.tensor([0.4])
     with torch.no_grad():
         out = family.predict(model, latents, t, text)

@@ -81,7 +81,7 @@ def test_prior_run_logs_both_terms_and_saves_a_lora_that_reloads(demo_root, tmp_
     generator = torch.Generator().manual_seed(0)
     noisy = torch.randn(2, 48, 8, 8, generator=generator)
     timesteps = torch.tensor([0.2, 0.9])
-    text = family.encode_prompts(trained, ["a photo of sks star", "a red square"])
+    text = family.encode_prompts(trained, ["a sks heart on a plain background", "a red square"])
     trained.denoiser.eval()
     fresh = build_demo_model(seed=0)
     load_lora(fresh.denoiser, finished.lora_path)
@@ -191,7 +191,7 @@ def test_stop_save_and_sample_commands(demo_root, tmp_path):
     config = make_config(
         demo_root,
         tmp_path,
-        sampling={"prompts": ["a photo of sks star"], "steps": 2},
+        sampling={"prompts": ["a sks heart on a plain background"], "steps": 2},
         training={"steps": 50},
     )
     finished, events = run(config, [Command.SAVE, Command.SAMPLE, Command.STOP])

@@ -93,7 +93,7 @@ def test_an_a14b_expert_trains_on_its_range_with_itself_as_teacher(
         video_concept,
         tmp_path,
         model={"expert": "low_noise"},
-        sampling={"prompts": ["a photo of sks star"], "every": 3, "steps": 2},
+        sampling={"prompts": ["a photo of sks heart"], "every": 3, "steps": 2},
     )
     run(config)
     # Samples switch experts like the pipeline: the untrained high-noise expert loads for them.

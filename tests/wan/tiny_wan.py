@@ -159,10 +159,10 @@ def write_video_concept(folder: Path, frames: int = 12, size: int = 48) -> Path:
     Image.fromarray(video[0]).save(folder / "still.png")
     Image.fromarray(masks[0]).save(folder / "still-masklabel.png")
     for name, caption in (
-        ("walk", "a video of sks star walking"),
-        ("spin", "a video of sks star on stripes"),
-        ("pan", "sks star moving slowly"),
-        ("still", "a photo of sks star"),
+        ("walk", "a video of sks heart walking"),
+        ("spin", "a video of sks heart on stripes"),
+        ("pan", "sks heart moving slowly"),
+        ("still", "a photo of sks heart"),
     ):
         (folder / f"{name}.txt").write_text(caption, encoding="utf-8")
     return folder
