@@ -3,7 +3,8 @@
 - Codec: parameter-free pixel unshuffle, (B, 3, H, W) → (B, 48, H/4, W/4). No VAE to download,
   and decoding is exact.
 - Denoiser: a ~4M-parameter ``WanTransformer3DModel`` (the WAN 2.1 architecture, shrunk) on
-  one-frame latents, trained with flow matching.
+  one-frame latents, trained with flow matching. It predicts the clean latents; ``predict``
+  returns the velocity they imply, so everything outside the family sees a velocity.
 - Text encoder: a tiny ``T5EncoderModel`` (WAN's UMT5 is a T5 variant) with the byte-level
   ``ByT5Tokenizer``, which needs no vocabulary file.
 
@@ -33,7 +34,10 @@ from modules.models.flow_matching import (
 
 CODEC_FACTOR = 4
 LATENT_CHANNELS = 3 * CODEC_FACTOR**2
-MAX_PROMPT_BYTES = 64
+MAX_PROMPT_BYTES = 96
+"""Captions of the demo world reach 77 bytes; ByT5 spends one token per byte."""
+MIN_PREDICTION_T = 0.05
+"""The clean-image prediction is turned into a velocity by dividing by ``t``, clamped here."""
 BUILTIN_WEIGHTS = Path(__file__).with_name("demo_weights")
 
 TRANSFORMER_CONFIG = {
@@ -147,13 +151,18 @@ class DemoFamily:
         denoiser = model.denoiser
         dtype = next(denoiser.parameters()).dtype
         # (B, C, h, w) → one-frame video (B, C, 1, h, w) for the WAN transformer, and back.
-        out = denoiser(
+        clean = denoiser(
             hidden_states=noisy.unsqueeze(2).to(dtype),
             timestep=timesteps * 1000,
             encoder_hidden_states=text["embeds"].to(dtype),
             return_dict=False,
-        )[0]
-        return out.squeeze(2)
+        )[0].squeeze(2)
+        # The network predicts the clean image and the family returns the velocity it implies,
+        # so the loss, the teacher and the sampler see a velocity like every flow family. A
+        # token carries 192 values through a width of 192: asked for the velocity, the network
+        # must pass the noise through unchanged; asked for the image, it only has to remove it.
+        t = timesteps.view(-1, 1, 1, 1).clamp(min=MIN_PREDICTION_T).to(noisy.dtype)
+        return (noisy - clean.to(noisy.dtype)) / t
 
     @torch.no_grad()
     def sample(

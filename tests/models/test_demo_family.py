@@ -5,7 +5,7 @@ import torch
 
 from modules.config.schema import ModelConfig
 from modules.models import FAMILIES, ModelFamily, ModelLoadError, get_family
-from modules.models.demo import build_demo_model, save_demo_model
+from modules.models.demo import MAX_PROMPT_BYTES, build_demo_model, save_demo_model
 from modules.models.flow_matching import euler_sample, flow_noisy_input_and_target
 
 CPU = torch.device("cpu")
@@ -56,7 +56,7 @@ def test_missing_model_folder_is_a_clear_error(tmp_path, demo_family):
 
 def test_prompt_padding_is_zeroed(demo_family, demo_model):
     embeds = demo_family.encode_prompts(demo_model, ["ab"])["embeds"]
-    assert embeds.shape == (1, 64, 64)
+    assert embeds.shape == (1, MAX_PROMPT_BYTES, 64)
     assert embeds[0, 3:].abs().sum() == 0 and embeds[0, :3].abs().sum() > 0
 
 
