@@ -35,7 +35,7 @@ TABS: dict[str, tuple[str, ...]] = {
     "LoRA": ("lora",),
     "Masked training": ("mask",),
     "Prior preservation": ("prior",),
-    "Sampling": ("sampling",),
+    "Sampling": ("sampling", "drift"),
     "Run": (),
 }
 """Which config sections each tab shows. A section added to the config and not listed here

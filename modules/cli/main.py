@@ -20,7 +20,7 @@ from modules.config import ConfigError, TrainConfig, apply_overrides, config_war
 if TYPE_CHECKING:
     from tqdm import tqdm
 
-    from modules.trainer import Event
+    from modules.trainer import DriftMeasured, Event
 
 # The training stack (torch, diffusers) is imported inside the commands that need it, so that
 # `check` and a bad config answer in a fraction of a second.
@@ -61,22 +61,37 @@ def resolve_config(preset: str, overrides: list[str], run_dir: str | None) -> Tr
 
 
 def ensure_demo_data(config: TrainConfig) -> None:
-    """Write the demo dataset on first use when a concept points into it and it is missing."""
-    from modules.data.demo_dataset import write_demo_dataset
+    """Write (or bring up to date) the demo dataset when a concept points into it.
+
+    The dataset's ``.complete`` marker records its version: a current folder is left as it is
+    at the cost of one file read; a missing, half-written or older one is written again."""
+    from modules.data.demo_dataset import is_current, write_demo_dataset
 
     for concept in config.data.concepts:
         path = Path(concept.path).resolve()
-        if path.is_relative_to(DEMO_DATA_ROOT) and not path.exists():
-            print(f"Writing the demo dataset to {DEMO_DATA_ROOT} (first use)")
+        if path.is_relative_to(DEMO_DATA_ROOT) and not is_current(DEMO_DATA_ROOT):
+            print(f"Writing the demo dataset to {DEMO_DATA_ROOT}")
             write_demo_dataset(DEMO_DATA_ROOT)
             return
+
+
+def drift_line(event: DriftMeasured) -> str:
+    """``drift @ step 100: background 1.23e-03, world 4.56e-04, held-out subject loss 0.1234``"""
+    parts = []
+    if event.drift_background is not None:
+        parts.append(f"background {event.drift_background:.2e}")
+    if event.drift_world is not None:
+        parts.append(f"world {event.drift_world:.2e}")
+    if event.subject_loss is not None:
+        parts.append(f"held-out subject loss {event.subject_loss:.4f}")
+    return f"drift @ step {event.step}: {', '.join(parts)}"
 
 
 def _print_event(event: Event, bar: tqdm | None) -> tqdm | None:
     """Print one event; the progress bar appears with the first step, under the banner."""
     from tqdm import tqdm
 
-    from modules.trainer import SampleSaved, StatusMessage, StepMetrics
+    from modules.trainer import DriftMeasured, SampleSaved, StatusMessage, StepMetrics
 
     if isinstance(event, StepMetrics):
         if bar is None:
@@ -93,6 +108,8 @@ def _print_event(event: Event, bar: tqdm | None) -> tqdm | None:
         tqdm.write(event.text, file=sys.stderr if event.level == "warning" else sys.stdout)
     elif isinstance(event, SampleSaved):
         tqdm.write(f"sample: {event.path}")
+    elif isinstance(event, DriftMeasured):
+        tqdm.write(drift_line(event))
     return bar  # FileSaved needs nothing: the trainer also sends a status line for it
 
 

@@ -409,6 +409,40 @@ class SamplingConfig(Section):
     )
 
 
+class DriftConfig(Section):
+    every: int = Field(
+        0,
+        ge=0,
+        le=10_000_000,
+        title="Measure drift every",
+        description=(
+            "Every N steps (and before the first and after the last), measure on a fixed "
+            "held-out set how far the LoRA moved the model off the subject (0: off)."
+        ),
+    )
+    subject_path: str = Field(
+        "",
+        title="Held-out subject folder",
+        description=(
+            "Subject images not trained on, with -masklabel masks and captions: the subject "
+            "loss inside the mask, the background drift outside it."
+        ),
+    )
+    world_path: str = Field(
+        "",
+        title="Held-out world folder",
+        description=(
+            "Images with captions that never name the subject: drift over the whole image."
+        ),
+    )
+    max_images: int = Field(
+        8, ge=1, le=256, title="Images per folder", description="Held-out images used per folder."
+    )
+    seed: int = Field(
+        0, ge=0, le=2**32 - 1, title="Drift seed", description="Noise seed of the measurement."
+    )
+
+
 class TrainConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig, title="Model")
     data: DataConfig = Field(default_factory=DataConfig, title="Data")
@@ -418,6 +452,7 @@ class TrainConfig(Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig, title="Training")
     output: OutputConfig = Field(default_factory=OutputConfig, title="Output")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig, title="Sampling")
+    drift: DriftConfig = Field(default_factory=DriftConfig, title="Drift meter")
 
     @model_validator(mode="after")
     def _check_cross_field(self) -> TrainConfig:
@@ -426,6 +461,11 @@ class TrainConfig(Section):
                 "prior.weight: masked prior preservation needs masks; set mask.enabled=true "
                 "or prior.weight=0 (for whole-image regularisation use a prior_prediction "
                 "concept)"
+            )
+        if self.drift.every > 0 and not (self.drift.subject_path or self.drift.world_path):
+            raise ValueError(
+                "drift.every: the drift meter needs a held-out folder; set drift.subject_path "
+                "and/or drift.world_path, or drift.every=0"
             )
         if self.data.frames > 1 and self.model.family not in VIDEO_FAMILIES:
             raise ValueError(

@@ -2,6 +2,7 @@
 
 from modules.trainer.events import (
     Command,
+    DriftMeasured,
     Event,
     FileSaved,
     Finished,
@@ -13,6 +14,7 @@ from modules.trainer.generic_trainer import GenericTrainer, TrainingError
 
 __all__ = [
     "Command",
+    "DriftMeasured",
     "Event",
     "FileSaved",
     "Finished",

@@ -52,6 +52,17 @@ class SampleSaved:
 
 
 @dataclass(frozen=True)
+class DriftMeasured:
+    """The drift meter's reading (``modules.trainer.drift``); None for a part not configured."""
+
+    step: int
+    subject_loss: float | None
+    drift_background: float | None
+    drift_world: float | None
+    seconds: float
+
+
+@dataclass(frozen=True)
 class Finished:
     """The run ended. ``error`` is None on success or stop; ``lora_path`` is the last saved LoRA."""
 
@@ -61,7 +72,7 @@ class Finished:
     stopped: bool = False
 
 
-Event = StepMetrics | StatusMessage | FileSaved | SampleSaved | Finished
+Event = StepMetrics | StatusMessage | FileSaved | SampleSaved | DriftMeasured | Finished
 
 
 class Command(Enum):

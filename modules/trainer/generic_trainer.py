@@ -45,8 +45,10 @@ from modules.lora import add_lora, lora_disabled, save_lora
 from modules.loss import LossBreakdown, masked_prior_loss, process_masks
 from modules.models import LoadedModel, ModelFamily, ModelLoadError, get_family, select_text
 from modules.trainer.banner import banner_lines
+from modules.trainer.drift import DRIFT_TIMESTEPS, HeldOutSet, measure_drift
 from modules.trainer.events import (
     Command,
+    DriftMeasured,
     Event,
     FileSaved,
     Finished,
@@ -139,6 +141,7 @@ class GenericTrainer:
         # Sampling prompts are encoded once, now, so the text encoder can be freed for training.
         prompts = list(config.sampling.prompts)
         self.sample_text = self.family.encode_prompts(self.model, prompts) if prompts else None
+        self.heldout = self._build_heldout()  # needs the text encoder; before the LoRA exists
         self.family.release_encoders(self.model, keep_decoder=bool(prompts))
         for line in prepared.report_lines():
             self._status(line)
@@ -188,6 +191,8 @@ class GenericTrainer:
         config = self.config.training
         started = time.perf_counter()
         sec_per_step = 0.0
+        if self.heldout is not None and self.step == 0:
+            self._measure_drift()  # the baseline: no drift yet, the untrained subject loss
         while self.step < config.steps:
             tick = time.perf_counter()
             result = self.optimizer_step()
@@ -198,6 +203,8 @@ class GenericTrainer:
             self._record(result, elapsed, sec_per_step * (config.steps - self.step))
             if self._between_steps():
                 return self.step < config.steps
+        if self.heldout is not None and self.step % self.config.drift.every != 0:
+            self._measure_drift()  # the end state, unless the schedule just measured it
         self._status(f"Finished {self.step} steps in {time.perf_counter() - started:.1f} s")
         return False
 
@@ -334,6 +341,8 @@ class GenericTrainer:
     def _between_steps(self) -> bool:
         """Scheduled saves and samples, then commands. Returns True when asked to stop."""
         output, sampling = self.config.output, self.config.sampling
+        if self.heldout is not None and self.step % self.config.drift.every == 0:
+            self._measure_drift()
         if output.save_every and self.step % output.save_every == 0:
             self._save(self.run_dir / f"{output.name}-step{self.step:06d}.safetensors")
         if sampling.every and sampling.prompts and self.step % sampling.every == 0:
@@ -363,6 +372,48 @@ class GenericTrainer:
         self.last_saved = path
         self.events.put(FileSaved(path=path, step=self.step))
         self._status(f"Saved {path} (step {self.step})")
+
+    def _build_heldout(self) -> HeldOutSet | None:
+        drift = self.config.drift
+        if not drift.every:
+            return None
+        self._status("Drift meter: loading the held-out set and the base model's predictions")
+        return HeldOutSet.build(
+            self.family,
+            self.model,
+            subject_path=drift.subject_path,
+            world_path=drift.world_path,
+            resolution=self.config.data.resolution,
+            timesteps=DRIFT_TIMESTEPS,
+            seed=drift.seed,
+            max_images=drift.max_images,
+            device=self.device,
+            autocast=self.accelerator.autocast,
+            batch_size=self.config.training.batch_size,
+        )
+
+    def _measure_drift(self) -> None:
+        """Measure, emit and log the drift meter's reading (in its own metrics.jsonl row)."""
+        assert self.heldout is not None
+        tick = time.perf_counter()
+        reading = measure_drift(
+            self.family,
+            self.model,
+            self.heldout,
+            batch_size=self.config.training.batch_size,
+            autocast=self.accelerator.autocast,
+        )
+        event = DriftMeasured(
+            step=self.step,
+            subject_loss=reading.subject_loss,
+            drift_background=reading.drift_background,
+            drift_world=reading.drift_world,
+            seconds=time.perf_counter() - tick,
+        )
+        row = {"kind": "drift", **event.__dict__}
+        with self.metrics_path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row) + "\n")
+        self.events.put(event)
 
     @torch.no_grad()
     def _sample(self) -> None:

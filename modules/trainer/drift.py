@@ -1,0 +1,205 @@
+"""The drift meter: what the LoRA changed where it should not, and what it learnt where it should.
+
+A fixed held-out set, measured at fixed noise and timesteps so two measurements differ only by
+the weights:
+
+- ``subject`` images (a concept folder: images, ``-masklabel`` weighted masks, captions):
+  ``subject_loss`` is the mask-weighted denoising loss (prediction against the training target,
+  weights = the mask's levels); ``drift_background`` is the mean squared difference between the
+  LoRA model's and the base model's predictions on the latent cells the mask leaves at 0;
+- ``world`` images (scenes without the subject, with their captions): ``drift_world`` is the same
+  difference over the whole image, i.e. how far the LoRA moved prompts that never name the
+  subject.
+
+The base predictions are computed once, when the set is built (with the LoRA switched off, or
+before a LoRA exists), and cached. Still images only: the set is a yardstick, not training data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from modules.config.schema import ConceptConfig
+from modules.data.concept import DataError, scan_concept
+from modules.data.images import image_size, load_image, load_mask, mask_to_latent
+from modules.lora import lora_disabled
+from modules.models.base import LoadedModel, ModelFamily, select_text
+
+Autocast = Callable[[], contextlib.AbstractContextManager[Any]]
+DRIFT_TIMESTEPS = (0.25, 0.5, 0.75)
+"""Noise levels every held-out image is measured at: mostly noise, half, mostly image."""
+
+
+@dataclass(frozen=True)
+class DriftMetrics:
+    subject_loss: float | None
+    drift_background: float | None
+    drift_world: float | None
+
+
+@dataclass
+class _Part:
+    """One folder's fixed inputs: every (image, timestep) pair is one row."""
+
+    noisy: Tensor
+    timesteps: Tensor
+    target: Tensor
+    text: dict[str, Tensor]
+    weights: Tensor | None
+    """(rows, 1, h, w) mask levels at latent resolution (subject part only)."""
+    base: Tensor
+    """The base model's predictions, computed once."""
+
+
+@dataclass
+class HeldOutSet:
+    subject: _Part | None
+    world: _Part | None
+
+    @classmethod
+    @torch.no_grad()
+    def build(
+        cls,
+        family: ModelFamily,
+        model: LoadedModel,
+        *,
+        subject_path: str,
+        world_path: str,
+        resolution: int,
+        timesteps: tuple[float, ...] | list[float] = DRIFT_TIMESTEPS,
+        seed: int,
+        max_images: int,
+        device: torch.device,
+        autocast: Autocast = contextlib.nullcontext,
+        batch_size: int = 8,
+    ) -> HeldOutSet:
+        """Load both folders (either may be empty: that part is skipped) and cache the base
+        predictions. Needs the text encoder, so build it before ``release_encoders``."""
+        generator = torch.Generator().manual_seed(seed)
+        parts = []
+        for field, path, masked in (
+            ("drift.subject_path", subject_path, True),
+            ("drift.world_path", world_path, False),
+        ):
+            if not path:
+                parts.append(None)
+                continue
+            images, masks, captions = _load_folder(field, path, resolution, max_images, masked)
+            latents = family.encode_images(model, images.to(device)).float()
+            text = family.encode_prompts(model, captions)
+            rows = [(i, t) for i in range(len(captions)) for t in timesteps]
+            index = torch.tensor([i for i, _ in rows])
+            latents = latents[index.to(latents.device)]
+            steps = torch.tensor([t for _, t in rows], dtype=torch.float32, device=device)
+            noise = torch.randn(latents.shape, generator=generator).to(device)
+            noisy, target = family.noisy_input_and_target(latents, noise, steps)
+            text = select_text({k: v.to(device) for k, v in text.items()}, index.to(device))
+            weights = None
+            if masks is not None:
+                small = torch.stack([mask_to_latent(m, tuple(latents.shape[-2:])) for m in masks])
+                weights = small[index].to(device)  # (rows, 1, h, w)
+            part = _Part(noisy, steps, target, text, weights, base=torch.empty(0))
+            part.base = _predict(family, model, part, batch_size, autocast, base=True)
+            parts.append(part)
+        return cls(subject=parts[0], world=parts[1])
+
+
+@torch.no_grad()
+def measure_drift(
+    family: ModelFamily,
+    model: LoadedModel,
+    heldout: HeldOutSet,
+    *,
+    batch_size: int = 8,
+    autocast: Autocast = contextlib.nullcontext,
+) -> DriftMetrics:
+    """Measure the model as it is now (LoRA on) against the cached base predictions."""
+    denoiser = model.denoiser
+    was_training = denoiser.training
+    denoiser.eval()
+    try:
+        subject_loss = drift_background = drift_world = None
+        if heldout.subject is not None:
+            part = heldout.subject
+            prediction = _predict(family, model, part, batch_size, autocast, base=False)
+            weights = _broadcast(part.weights, prediction)
+            error = (prediction - part.target.float()).pow(2)
+            subject_loss = float((error * weights).sum() / weights.sum().clamp(min=1e-12))
+            background = (weights == 0).float()
+            change = (prediction - part.base).pow(2)
+            drift_background = float((change * background).sum() / background.sum().clamp(min=1))
+        if heldout.world is not None:
+            part = heldout.world
+            prediction = _predict(family, model, part, batch_size, autocast, base=False)
+            drift_world = float((prediction - part.base).pow(2).mean())
+    finally:
+        denoiser.train(was_training)
+    return DriftMetrics(subject_loss, drift_background, drift_world)
+
+
+def _predict(
+    family: ModelFamily,
+    model: LoadedModel,
+    part: _Part,
+    batch_size: int,
+    autocast: Autocast,
+    *,
+    base: bool,
+) -> Tensor:
+    has_lora = bool(getattr(model.denoiser, "peft_config", None))
+    switch = lora_disabled(model.denoiser) if base and has_lora else contextlib.nullcontext()
+    out = []
+    with switch, autocast():
+        for start in range(0, part.noisy.shape[0], batch_size):
+            rows = torch.arange(start, min(start + batch_size, part.noisy.shape[0]))
+            rows = rows.to(part.noisy.device)
+            prediction = family.predict(
+                model, part.noisy[rows], part.timesteps[rows], select_text(part.text, rows)
+            )
+            out.append(prediction.float())
+    return torch.cat(out)
+
+
+def _broadcast(weights: Tensor | None, like: Tensor) -> Tensor:
+    """(rows, 1, h, w) weights against (rows, C, h, w) or (rows, C, F, h, w) predictions."""
+    assert weights is not None
+    if like.ndim == 5:
+        weights = weights.unsqueeze(2)
+    return weights.expand_as(like)
+
+
+def _load_folder(
+    field: str, path: str, resolution: int, max_images: int, masked: bool
+) -> tuple[Tensor, list[Tensor] | None, list[str]]:
+    if not Path(path).is_dir():
+        raise DataError(
+            f"{field}: folder '{path}' not found; point it at a folder of held-out images "
+            "(with captions) or leave it empty"
+        )
+    scan = scan_concept(ConceptConfig(path=path))
+    items = [item for item in scan.items if not item.clip][:max_images]
+    if not items:
+        raise DataError(f"{field}: '{path}' holds no still images; the drift meter needs some")
+    if masked:
+        unmasked = [item.image.name for item in items if item.mask is None]
+        if unmasked:
+            raise DataError(
+                f"{field}: {', '.join(unmasked[:3])} in '{path}' has no -masklabel mask; the "
+                "subject part needs a mask for every image"
+            )
+    images = torch.stack([load_image(item.image, resolution) for item in items])
+    masks = None
+    if masked:
+        masks = [
+            load_mask(item.mask, image_size(item.image), resolution)
+            for item in items
+            if item.mask is not None
+        ]
+    return images, masks, [item.caption for item in items]
