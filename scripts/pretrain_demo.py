@@ -1,6 +1,6 @@
 """Pretrain the demo family's transformer and text encoder on the synthetic world.
 
-    nice -n 15 python -m scripts.pretrain_demo --out runs/demo-pretrain --steps 9000 --minutes 90
+    python -m scripts.pretrain_demo --out runs/demo-pretrain --steps 6000 --minutes 80
 
 Flow matching on ``train`` scenes of ``modules.data.world``, drawn on the fly: step ``k`` sees
 scenes ``k * batch_size`` onwards, and its noise, timesteps and caption dropout come from a
@@ -56,6 +56,7 @@ from modules.models.demo_classifier import (
     load_classifier,
     score_prompt_match,
 )
+from modules.models.flow_matching import logit_normal_timesteps
 
 TINY_TRANSFORMER = {
     **TRANSFORMER_CONFIG,
@@ -74,7 +75,7 @@ _RESUME_FIELDS = ("batch_size", "resolution", "seed", "tiny")
 @dataclass(frozen=True)
 class PretrainRun:
     out: Path
-    steps: int = 9000
+    steps: int = 6000
     """Total optimizer steps (also the length of the cosine schedule)."""
     minutes: float = 0.0
     """Total wall-clock budget over all resumes; 0 means steps alone decide."""
@@ -228,7 +229,7 @@ def _train_step(
     captions = ["" if drop else s.caption for s, drop in zip(scenes, dropped.tolist(), strict=True)]
 
     noise = torch.randn(latents.shape, generator=generator)
-    timesteps = logit_normal_timesteps(len(scenes), generator)
+    timesteps = logit_normal_timesteps(len(scenes), generator=generator, device=torch.device("cpu"))
     noisy, target = family.noisy_input_and_target(latents, noise, timesteps)
     text = encode_captions(state.model, captions)
     prediction = family.predict(state.model, noisy, timesteps, text)
@@ -240,13 +241,6 @@ def _train_step(
     state.optimizer.step()
     _update_ema(run, state, params)
     return float(loss.detach())
-
-
-def logit_normal_timesteps(batch_size: int, generator: torch.Generator) -> Tensor:
-    """``t = sigmoid(n)``, ``n ~ N(0, 1)``: the mid noise levels, where layout and shape are
-    decided, get the most steps (SD3's choice); the ends still get some."""
-    t = torch.sigmoid(torch.randn(batch_size, generator=generator))
-    return t.clamp(1e-3, 1 - 1e-3)
 
 
 def encode_captions(model: LoadedModel, captions: list[str]) -> TextEncoding:

@@ -29,6 +29,16 @@ def sample_flow_timesteps(
     return shift_timesteps(t, shift).to(device)
 
 
+def logit_normal_timesteps(
+    batch_size: int, *, generator: torch.Generator, device: torch.device
+) -> Tensor:
+    """``t = sigmoid(n)``, ``n ~ N(0, 1)`` (SD3's choice): the mid noise levels, where layout
+    and shape are decided, get the most steps; the ends still get some. Drawn on the CPU
+    generator so runs reproduce."""
+    t = torch.sigmoid(torch.randn(batch_size, generator=generator))
+    return t.clamp(1e-3, 1 - 1e-3).to(device)
+
+
 def flow_noisy_input_and_target(
     latents: Tensor, noise: Tensor, timesteps: Tensor
 ) -> tuple[Tensor, Tensor]:
