@@ -9,7 +9,7 @@ import torch
 from modules.config import TrainConfig, config_from_dict
 from modules.data.demo_dataset import write_demo_dataset
 from modules.lora import load_lora
-from modules.models.demo import DemoFamily, build_demo_model
+from modules.models.demo import DemoFamily
 from modules.trainer import (
     Command,
     FileSaved,
@@ -57,6 +57,11 @@ def run(config, commands=()):
     return finished, drained
 
 
+def builtin_base():
+    """A separate copy of the base the trainer loads: the shipped demo weights, in float32."""
+    return DemoFamily().load("", dtype=torch.float32, device=torch.device("cpu"))
+
+
 def metrics(events):
     return [e for e in events if isinstance(e, StepMetrics)]
 
@@ -83,12 +88,12 @@ def test_prior_run_logs_both_terms_and_saves_a_lora_that_reloads(demo_root, tmp_
     timesteps = torch.tensor([0.2, 0.9])
     text = family.encode_prompts(trained, ["a sks heart on a plain background", "a red square"])
     trained.denoiser.eval()
-    fresh = build_demo_model(seed=0)
+    fresh = builtin_base()
     load_lora(fresh.denoiser, finished.lora_path)
     with torch.no_grad():
         expected = family.predict(trained, noisy, timesteps, text)
         assert torch.allclose(family.predict(fresh, noisy, timesteps, text), expected, atol=1e-5)
-        base = family.predict(build_demo_model(seed=0), noisy, timesteps, text)
+        base = family.predict(builtin_base(), noisy, timesteps, text)
     assert not torch.allclose(expected, base, atol=1e-4)
 
 
@@ -138,7 +143,7 @@ def test_teacher_is_the_base_model_on_the_same_inputs(demo_root, tmp_path, monke
     ]
     assert not t_grad and s_grad
     assert torch.equal(t_noisy, s_noisy) and torch.equal(t_steps, s_steps)
-    base = build_demo_model(seed=0)
+    base = builtin_base()
     with torch.no_grad():
         expected = original(DemoFamily(), base, t_noisy, t_steps, t_text)
     assert torch.allclose(teacher, expected, atol=1e-6)
