@@ -1,8 +1,9 @@
-"""Live charts of a run: the loss breakdown (raw and smoothed) and the weight means.
+"""Live charts of a run: the loss breakdown (raw and smoothed), the weight means, and the
+drift meter's readings.
 
-``ChartData`` keeps the points (plain lists, tested without a display); ``RunCharts`` draws
-them with matplotlib's Tk canvas. Redrawing costs tens of milliseconds, so the run panel asks
-for it at most a few times a second, not per event.
+``ChartData`` and ``DriftData`` keep the points (plain lists, tested without a display);
+``RunCharts`` and ``DriftCharts`` draw them with matplotlib's Tk canvas. Redrawing costs tens of
+milliseconds, so the run panel asks for it at most a few times a second, not per event.
 """
 
 from __future__ import annotations
@@ -32,6 +33,16 @@ COLOURS = {
     "teacher_fraction": "#f0b35a",
 }
 SMOOTHING = 0.9
+DRIFT = {"drift_background": "background", "drift_world": "world"}
+DRIFT_SERIES = (*DRIFT, "subject_loss")
+DRIFT_COLOURS = {
+    # Background drift is what the prior term holds down, the subject loss what the target
+    # term lowers: the colours of those two losses.
+    "drift_background": "#dc3cdc",
+    "drift_world": "#f0b35a",
+    "subject_loss": "#3cdc5a",
+}
+DRIFT_OFF_HINT = "Drift meter off: set drift.every and a held-out folder (Sampling tab)"
 
 
 def smooth(values: list[float], weight: float = SMOOTHING) -> list[float]:
@@ -73,10 +84,48 @@ class ChartData:
         return len(self.steps)
 
 
+@dataclass
+class DriftData:
+    """The drift meter's readings, a (steps, values) pair per series: a part the meter does not
+    measure (a None reading) has no point, so each series keeps its own steps."""
+
+    steps: dict[str, list[int]] = field(default_factory=lambda: {k: [] for k in DRIFT_SERIES})
+    values: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in DRIFT_SERIES})
+    readings: int = 0
+
+    def add(self, reading: Any) -> None:
+        """Append one ``DriftMeasured`` (read by attribute name, so no trainer import)."""
+        self.readings += 1
+        for key in DRIFT_SERIES:
+            value = getattr(reading, key)
+            if value is not None:
+                self.steps[key].append(reading.step)
+                self.values[key].append(float(value))
+
+    def clear(self) -> None:
+        for series in (*self.steps.values(), *self.values.values()):
+            series.clear()
+        self.readings = 0
+
+    def __len__(self) -> int:
+        return self.readings
+
+
 def nice_ceiling(value: float) -> float:
     """The smallest of 1, 2, 5 times a power of ten that is at least ``value`` (> 0)."""
     power = 10.0 ** math.floor(math.log10(value))
     return next(power * factor for factor in (1, 2, 5, 10) if power * factor >= value)
+
+
+def _style_axes(axes: Any, ylabel: str, background: str, ink: str) -> None:
+    axes.set_facecolor(background)
+    axes.set_ylabel(ylabel, color=ink, fontsize=9)
+    axes.set_xlabel("step", color=ink, fontsize=9)
+    axes.tick_params(colors=ink, labelsize=8)
+    axes.grid(True, alpha=0.2)
+    for spine in axes.spines.values():
+        spine.set_color(ink)
+        spine.set_alpha(0.4)
 
 
 class RunCharts(ctk.CTkFrame):
@@ -97,14 +146,7 @@ class RunCharts(ctk.CTkFrame):
             (self.loss_axes, "loss (thin: raw, thick: smoothed)", LOSSES),
             (self.weight_axes, "weight mean / share of batch", WEIGHTS),
         ):
-            axes.set_facecolor(background)
-            axes.set_ylabel(title, color=ink, fontsize=9)
-            axes.set_xlabel("step", color=ink, fontsize=9)
-            axes.tick_params(colors=ink, labelsize=8)
-            axes.grid(True, alpha=0.2)
-            for spine in axes.spines.values():
-                spine.set_color(ink)
-                spine.set_alpha(0.4)
+            _style_axes(axes, title, background, ink)
             for key, label in names.items():
                 colour = COLOURS[key]
                 if axes is self.loss_axes:
@@ -180,3 +222,87 @@ class RunCharts(ctk.CTkFrame):
     def _draw_lines(self) -> None:
         for line in (*self.raw_lines.values(), *self.smooth_lines.values()):
             line.axes.draw_artist(line)
+
+
+class DriftCharts(ctk.CTkFrame):
+    """The drift meter: background and world drift (log axis), and the held-out subject loss.
+
+    Readings are rare (every ``drift.every`` steps), so each redraw is a full draw. The first
+    reading comes before any training, where both drifts are exactly 0: a log axis cannot show
+    0, so the drift lines start at the first reading above it. The step axis spans the whole
+    run (:meth:`set_span`), so the readings to come have their place from the start."""
+
+    def __init__(self, parent: tk.Misc, data: DriftData) -> None:
+        super().__init__(parent)
+        self.data = data
+        self._span = 10
+        dark = ctk.get_appearance_mode() == "Dark"
+        background, ink = ("#242424", "#dddddd") if dark else ("#f2f2f2", "#222222")
+        self.figure = Figure(figsize=(9.6, 2.2), dpi=100, facecolor=background)
+        grid = self.figure.add_gridspec(1, 2, width_ratios=(3, 2))
+        self.drift_axes = self.figure.add_subplot(grid[0])
+        self.subject_axes = self.figure.add_subplot(grid[1])
+        _style_axes(self.drift_axes, "drift from the base model", background, ink)
+        _style_axes(self.subject_axes, "held-out subject loss", background, ink)
+        self.drift_axes.set_yscale("log")
+        self.lines: dict[str, Any] = {}
+        for key in DRIFT_SERIES:
+            axes = self.drift_axes if key in DRIFT else self.subject_axes
+            (self.lines[key],) = axes.plot(
+                [], [], color=DRIFT_COLOURS[key], lw=1.5, marker="o", ms=3, label=DRIFT.get(key)
+            )
+        legend = self.drift_axes.legend(loc="upper left", fontsize=8, frameon=False)
+        for text in legend.get_texts():
+            text.set_color(ink)
+        self._set_limits()
+        self.figure.tight_layout(pad=1.0)
+        self.canvas = FigureCanvasTkAgg(self.figure, master=self)
+        self.canvas.get_tk_widget().pack(fill="both", expand=True)
+        self.hint = ctk.CTkLabel(self, text=DRIFT_OFF_HINT, fg_color=background, corner_radius=6)
+
+    @property
+    def hint_shown(self) -> bool:
+        return bool(self.hint.winfo_manager())
+
+    def show_hint(self, shown: bool) -> None:
+        """Say that the drift meter is off (over the empty charts)."""
+        if shown:
+            self.hint.place(relx=0.3, rely=0.45, anchor="center")  # over the drift axes
+        else:
+            self.hint.place_forget()
+
+    def set_span(self, steps: int) -> None:
+        """The run's length: the step axis goes from 0 to ``steps`` (further if a reading does)."""
+        self._span = max(1, steps)
+
+    def redraw(self) -> None:
+        for key, line in self.lines.items():
+            steps, values = self.data.steps[key], self.data.values[key]
+            if key in DRIFT:
+                points = [(s, v) for s, v in zip(steps, values, strict=True) if v > 0]
+                steps, values = [s for s, _ in points], [v for _, v in points]
+            line.set_data(steps, values)
+        self._set_limits()
+        self.canvas.draw_idle()
+
+    def _set_limits(self) -> None:
+        last = max((steps[-1] for steps in self.data.steps.values() if steps), default=0)
+        right = max(self._span, last)
+        for axes in (self.drift_axes, self.subject_axes):
+            # A margin, so the end reading's marker is not cut by the frame.
+            axes.set_xlim(-0.02 * right, 1.02 * right)
+        drift = [v for key in DRIFT for v in self.lines[key].get_ydata()]
+        if drift:
+            # Whole decades, so the axis reads as orders of magnitude.
+            low = 10.0 ** math.floor(math.log10(min(drift)))
+            high = 10.0 ** math.ceil(math.log10(max(drift)))
+            self.drift_axes.set_ylim(low, high if high > low else 10 * low)
+        else:
+            self.drift_axes.set_ylim(1e-4, 1e-1)
+        loss = self.data.values["subject_loss"]
+        if loss:
+            low, high = min(loss), max(loss)
+            margin = 0.1 * ((high - low) or abs(high) or 1.0)
+            self.subject_axes.set_ylim(low - margin, high + margin)
+        else:
+            self.subject_axes.set_ylim(0.0, 1.0)

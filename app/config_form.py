@@ -48,12 +48,24 @@ def validate_values(values: dict[str, Any], known_paths: set[str]) -> Validation
         errors: dict[str, str] = {}
         general: list[str] = []
         for path, message in error_messages(error):
-            if path in known_paths:
-                errors.setdefault(path, message)
+            row = _row_path(path, known_paths)
+            if row is not None:
+                if row != path:  # an item of a list field: "drift.timesteps.1" → "item 2: ..."
+                    message = f"item {int(path.rsplit('.', 1)[1]) + 1}: {message}"
+                errors.setdefault(row, message)
             else:
                 general.append(f"{path}: {message}" if path else message)
         return Validation(config=None, errors=errors, general=general)
     return Validation(config=config, warnings=config_warnings(config))
+
+
+def _row_path(path: str, known_paths: set[str]) -> str | None:
+    """The row that shows ``path``: itself, or for an item of a list field (``a.b.2``) the
+    list's row."""
+    if path in known_paths:
+        return path
+    parent, _, index = path.rpartition(".")
+    return parent if index.isdigit() and parent in known_paths else None
 
 
 def error_messages(error: ValidationError) -> list[tuple[str, str]]:
@@ -65,6 +77,8 @@ def error_messages(error: ValidationError) -> list[tuple[str, str]]:
         message = item["msg"].removeprefix("Value error, ")
         if not path and (match := _PATH_PREFIX.match(message)):
             path, message = match.group(1), match.group(2)
+        # A field's own validator names the field too; its row already does.
+        message = message.removeprefix(f"{path}: ") if path else message
         found.append((path, message))
     return found
 

@@ -2,8 +2,9 @@
 
 Every widget, label, tooltip, bound and choice in the UI comes from here: the pydantic field's
 ``title``, ``description``, annotation (``bool``, ``int``, ``float``, ``str``, ``Literal``,
-``list[str]``, ``X | None``, nested sections) and constraint metadata (``ge``/``gt``/``le``/``lt``,
-``multiple_of``). Nothing in ``app/`` declares a field a second time.
+``list[str]``, ``list[float]``, ``X | None``, nested sections) and constraint metadata
+(``ge``/``gt``/``le``/``lt``, ``multiple_of``). Nothing in ``app/`` declares a field a second
+time.
 
 Pure: no Tk, no torch, so it is tested without a display.
 """
@@ -19,7 +20,9 @@ import annotated_types
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-Kind = Literal["bool", "choice", "int", "float", "text", "text_list", "section", "section_list"]
+Kind = Literal[
+    "bool", "choice", "int", "float", "text", "text_list", "float_list", "section", "section_list"
+]
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,8 @@ def field_spec(name: str, info: FieldInfo, path: str) -> FieldSpec:
         (item,) = get_args(annotation)
         if item is str:
             return FieldSpec(kind="text_list", **common)
+        if item is float:
+            return FieldSpec(kind="float_list", **common)
         if isinstance(item, type) and issubclass(item, BaseModel):
             return FieldSpec(kind="section_list", section=item, **common)
     if annotation is bool:
@@ -209,6 +214,24 @@ def format_number(value: float | int | str) -> str:
     if isinstance(value, str):
         return value
     return str(value) if isinstance(value, int) else repr(float(value))
+
+
+def format_numbers(values: list[float] | str) -> str:
+    """A list of numbers as one line, ``0.25, 0.5, 0.75`` (text is kept as it is)."""
+    return values if isinstance(values, str) else ", ".join(format_number(v) for v in values)
+
+
+def parse_numbers(text: str) -> list[float | str]:
+    """Numbers separated by commas or spaces; an item that is not a number stays text, so
+    validation names it."""
+    items = text.replace(",", " ").split()
+    parsed: list[float | str] = []
+    for item in items:
+        try:
+            parsed.append(float(item))
+        except ValueError:
+            parsed.append(item)
+    return parsed
 
 
 def parse_number(spec: FieldSpec, text: str) -> float | int | str:

@@ -2,7 +2,8 @@
 
 The kind of a field (``app.field_specs``) picks its control: bool → switch, Literal → option
 menu, number → entry (plus a slider where both bounds are finite and the range is usable),
-``X | None`` → the same with an on/off switch, str → entry, list[str] → one item per line.
+``X | None`` → the same with an on/off switch, str → entry, list[str] → one item per line,
+list[float] → one entry of comma-separated numbers.
 Every control reports changes through one callback; the form above it validates the whole
 config and hands each field's message back with :meth:`FieldRow.set_error`.
 """
@@ -20,7 +21,9 @@ from pydantic import BaseModel
 from app.field_specs import (
     FieldSpec,
     format_number,
+    format_numbers,
     parse_number,
+    parse_numbers,
     section_specs,
     slider_range,
 )
@@ -124,6 +127,23 @@ class TextListControl(Control):
     def set(self, value: list[str]) -> None:
         self.textbox.delete("1.0", "end")
         self.textbox.insert("1.0", "\n".join(value))
+
+
+class NumberListControl(Control):
+    """Numbers in one entry, separated by commas or spaces."""
+
+    def __init__(self, parent: tk.Misc, spec: FieldSpec, on_change: OnChange) -> None:
+        super().__init__(parent, spec, on_change)
+        self.variable = tk.StringVar(master=self.frame, value=format_numbers(spec.default or []))
+        self.entry = ctk.CTkEntry(self.frame, textvariable=self.variable, width=WIDE_WIDTH)
+        self.entry.pack(side="left")
+        self.variable.trace_add("write", self._changed)
+
+    def get(self) -> list[float | str]:
+        return parse_numbers(self.variable.get())
+
+    def set(self, value: list[float]) -> None:
+        self.variable.set(format_numbers(value))
 
 
 class NumberControl(Control):
@@ -235,6 +255,7 @@ CONTROLS: dict[str, type[Control]] = {
     "float": NumberControl,
     "text": TextControl,
     "text_list": TextListControl,
+    "float_list": NumberListControl,
 }
 
 

@@ -1,4 +1,5 @@
-"""The Run tab: Start, Stop, Save now, Sample now; progress; live charts; samples; the log.
+"""The Run tab: Start, Stop, Save now, Sample now; progress; live charts; the drift meter;
+samples; the log.
 
 Events come from :class:`app.trainer_thread.TrainerThread` and are drained here every
 ``DRAIN_MS`` in batches of at most ``MAX_EVENTS`` (Tk's own thread only). A trainer error
@@ -17,7 +18,7 @@ import customtkinter as ctk
 from PIL import Image
 
 from app import dialogs
-from app.charts import ChartData, RunCharts
+from app.charts import ChartData, DriftCharts, DriftData, RunCharts
 from app.config_form import Validation
 from app.style import ERROR_COLOUR, MUTED_COLOUR, OK_COLOUR, WARNING_COLOUR, mono_font
 from app.trainer_thread import TrainerThread, WorkerFailed
@@ -55,10 +56,12 @@ class RunPanel(ctk.CTkFrame):
         self.state = "idle"  # "idle" | "running" | "stopping"
         self.blockers: list[str] = []
         self.chart_data = ChartData()
+        self.drift_data = DriftData()
         self.last_saved: Path | None = None
         self.last_end: Any = None
         self._end_text = ""
         self._dirty = False
+        self._drift_dirty = False
         self._drawn_at = 0.0
         self._sec_per_step: float | None = None
         self.samples: dict[tuple[str, bool], Path] = {}
@@ -66,14 +69,16 @@ class RunPanel(ctk.CTkFrame):
         self._sample_step = -1
         self._sample_images: list[ctk.CTkImage] = []
         self.columnconfigure(0, weight=1)
-        self.rowconfigure(4, weight=1)
+        self.rowconfigure(5, weight=1)
         self._build_controls()
         self._build_progress()
         self.charts = RunCharts(self, self.chart_data)
-        self.charts.grid(row=3, column=0, sticky="nsew", padx=(0, 8), pady=(6, 6))
+        self.charts.grid(row=3, column=0, sticky="nsew", padx=(0, 8), pady=(6, 0))
+        self.drift_charts = DriftCharts(self, self.drift_data)
+        self.drift_charts.grid(row=4, column=0, sticky="nsew", padx=(0, 8), pady=(6, 6))
         self._build_samples()
-        self.log_view = ctk.CTkTextbox(self, font=mono_font(12), wrap="none", height=220)
-        self.log_view.grid(row=4, column=0, columnspan=2, sticky="nsew")
+        self.log_view = ctk.CTkTextbox(self, font=mono_font(12), wrap="none", height=180)
+        self.log_view.grid(row=5, column=0, columnspan=2, sticky="nsew")
         self.log_view.tag_config("warning", foreground=WARNING_COLOUR[1])
         self.log_view.tag_config("error", foreground=ERROR_COLOUR[1])
         self.log_view.configure(state="disabled")
@@ -115,7 +120,7 @@ class RunPanel(ctk.CTkFrame):
 
     def _build_samples(self) -> None:
         self.samples_frame = ctk.CTkFrame(self)
-        self.samples_frame.grid(row=3, column=1, sticky="nsew", pady=(6, 6))
+        self.samples_frame.grid(row=3, column=1, rowspan=2, sticky="nsew", pady=(6, 6))
         self.samples_title = ctk.CTkLabel(self.samples_frame, text="Latest samples")
         self.samples_title.grid(row=0, column=0, columnspan=2, padx=8, pady=(6, 2))
         self.samples_hint = ctk.CTkLabel(
@@ -136,6 +141,9 @@ class RunPanel(ctk.CTkFrame):
         lines += [f"⚠ {line}" for line in validation.warnings]
         colour = ERROR_COLOUR if self.blockers else WARNING_COLOUR
         self.problems.configure(text="\n".join(lines), text_color=colour)
+        if self.state == "idle" and not self.drift_data and validation.config is not None:
+            # A finished run's readings stay in view; an empty chart says whether it will fill.
+            self.drift_charts.show_hint(not validation.config.drift.every)
         self._show_state()
 
     def start(self) -> None:
@@ -145,6 +153,10 @@ class RunPanel(ctk.CTkFrame):
         self._before_start(config)
         self.chart_data.clear()
         self.charts.redraw()
+        self.drift_data.clear()
+        self.drift_charts.set_span(config.training.steps)
+        self.drift_charts.redraw()
+        self.drift_charts.show_hint(not config.drift.every)
         self.progress.set(0)
         self.progress_text.configure(text="")
         self.latest_text.configure(text="")
@@ -201,17 +213,23 @@ class RunPanel(ctk.CTkFrame):
         for event in self.trainer.poll(MAX_EVENTS):
             self.handle(event)
         now = time.monotonic()
-        if self._dirty and (now - self._drawn_at >= REDRAW_SECONDS or self.state == "idle"):
-            self.charts.redraw()
-            self._dirty = False
+        due = now - self._drawn_at >= REDRAW_SECONDS or self.state == "idle"
+        if due and (self._dirty or self._drift_dirty):
+            if self._dirty:
+                self.charts.redraw()
+            if self._drift_dirty:
+                self.drift_charts.redraw()
+            self._dirty = self._drift_dirty = False
             self._drawn_at = now
         if self.state != "idle":
             self.after(DRAIN_MS, self.drain)
 
     def handle(self, event: Any) -> None:
         from modules.trainer.events import (
+            DriftMeasured,
             FileSaved,
             Finished,
+            SamplePair,
             SampleSaved,
             StatusMessage,
             StepMetrics,
@@ -225,7 +243,13 @@ class RunPanel(ctk.CTkFrame):
             self.last_saved = Path(event.path)
             self.saved_text.configure(text=f"Last saved: {event.path} (step {event.step})")
         elif isinstance(event, SampleSaved):
-            self._sample(event)
+            self._keep_sample(event.step, event.prompt, event.with_lora, Path(event.path))
+        elif isinstance(event, SamplePair):
+            # The base sample is written once per run; each pair shows it again.
+            self._keep_sample(event.step, event.prompt, False, Path(event.base_path))
+            self._keep_sample(event.step, event.prompt, True, Path(event.lora_path))
+        elif isinstance(event, DriftMeasured):
+            self._drift(event)
         elif isinstance(event, Finished | WorkerFailed):
             self._end(event)
 
@@ -256,11 +280,25 @@ class RunPanel(ctk.CTkFrame):
             )
         )
 
-    def _sample(self, event: Any) -> None:
-        if event.step != self._sample_step:
+    def _drift(self, reading: Any) -> None:
+        from modules.cli.main import drift_line  # loaded by the running worker already
+
+        self.drift_data.add(reading)
+        self.drift_charts.show_hint(False)
+        self._drift_dirty = True
+        self.log(drift_line(reading))
+
+    def _keep_sample(self, step: int, prompt: str, with_lora: bool, path: Path) -> None:
+        if step != self._sample_step:
             self.samples.clear()
-            self._sample_step = event.step
-        self.samples[(event.prompt, event.with_lora)] = Path(event.path)
+            self._sample_step = step
+        if self.samples.get((prompt, with_lora)) != path:
+            self.samples[(prompt, with_lora)] = path
+            self._show_samples()
+
+    def _show_samples(self) -> None:
+        """The latest sampling: a row per prompt, base left and LoRA right (as in the
+        side-by-side files), a column only for the kinds the run samples."""
         for widget in self.samples_frame.winfo_children():
             if widget not in (self.samples_title, self.samples_hint):
                 widget.destroy()
@@ -268,11 +306,13 @@ class RunPanel(ctk.CTkFrame):
         self.samples_title.configure(text=f"Latest samples (step {self._sample_step})")
         self._sample_images = []
         prompts = list(dict.fromkeys(prompt for prompt, _ in self.samples))
-        for column, caption in enumerate(("with LoRA", "base")):
+        kinds = [kind for kind in (False, True) if any(k == kind for _, k in self.samples)]
+        for column, with_lora in enumerate(kinds):
+            caption = "with LoRA" if with_lora else "base"
             label = ctk.CTkLabel(self.samples_frame, text=caption, text_color=MUTED_COLOUR)
             label.grid(row=1, column=column)
         for index, prompt in enumerate(prompts):
-            for column, with_lora in enumerate((True, False)):
+            for column, with_lora in enumerate(kinds):
                 path = self.samples.get((prompt, with_lora))
                 if path is None:
                     continue

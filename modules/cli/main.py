@@ -91,7 +91,7 @@ def _print_event(event: Event, bar: tqdm | None) -> tqdm | None:
     """Print one event; the progress bar appears with the first step, under the banner."""
     from tqdm import tqdm
 
-    from modules.trainer import DriftMeasured, SampleSaved, StatusMessage, StepMetrics
+    from modules.trainer import DriftMeasured, SamplePair, SampleSaved, StatusMessage, StepMetrics
 
     if isinstance(event, StepMetrics):
         if bar is None:
@@ -107,7 +107,9 @@ def _print_event(event: Event, bar: tqdm | None) -> tqdm | None:
     elif isinstance(event, StatusMessage):
         tqdm.write(event.text, file=sys.stderr if event.level == "warning" else sys.stdout)
     elif isinstance(event, SampleSaved):
-        tqdm.write(f"sample: {event.path}")
+        tqdm.write(f"sample: {event.path}" + ("" if event.with_lora else " (base model)"))
+    elif isinstance(event, SamplePair):
+        tqdm.write(f"sample, base | LoRA: {event.path}")
     elif isinstance(event, DriftMeasured):
         tqdm.write(drift_line(event))
     return bar  # FileSaved needs nothing: the trainer also sends a status line for it

@@ -407,6 +407,14 @@ class SamplingConfig(Section):
     seed: int = Field(
         0, ge=0, le=2**32 - 1, title="Sampling seed", description="Noise seed of the samples."
     )
+    with_base: bool = Field(
+        True,
+        title="Compare with the base model",
+        description=(
+            "Also sample the prompts with the LoRA off (once per run: the base does not change) "
+            "and save each LoRA sample next to its base sample, base left, LoRA right."
+        ),
+    )
 
 
 class DriftConfig(Section):
@@ -435,12 +443,33 @@ class DriftConfig(Section):
             "Images with captions that never name the subject: drift over the whole image."
         ),
     )
-    max_images: int = Field(
-        8, ge=1, le=256, title="Images per folder", description="Held-out images used per folder."
+    timesteps: list[float] = Field(
+        default_factory=lambda: [0.25, 0.5, 0.75],
+        min_length=1,
+        max_length=32,
+        title="Drift timesteps",
+        description=(
+            "Noise levels each held-out image is measured at, each between 0 and 1 (exclusive): "
+            "near 1 mostly noise, near 0 mostly image."
+        ),
     )
     seed: int = Field(
         0, ge=0, le=2**32 - 1, title="Drift seed", description="Noise seed of the measurement."
     )
+    max_images: int = Field(
+        8, ge=1, le=256, title="Images per folder", description="Held-out images used per folder."
+    )
+
+    @field_validator("timesteps")
+    @classmethod
+    def _timesteps_inside_0_1(cls, timesteps: list[float]) -> list[float]:
+        outside = [t for t in timesteps if not 0 < t < 1]
+        if outside:
+            raise ValueError(
+                f"drift.timesteps: {', '.join(map(str, outside))} not between 0 and 1 "
+                "(exclusive); use values such as 0.25, 0.5, 0.75"
+            )
+        return timesteps
 
 
 class TrainConfig(Section):

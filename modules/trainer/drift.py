@@ -18,7 +18,7 @@ before a LoRA exists), and cached. Still images only: the set is a yardstick, no
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,14 +34,19 @@ from modules.models.base import LoadedModel, ModelFamily, select_text
 
 Autocast = Callable[[], contextlib.AbstractContextManager[Any]]
 DRIFT_TIMESTEPS = (0.25, 0.5, 0.75)
-"""Noise levels every held-out image is measured at: mostly noise, half, mostly image."""
+"""Noise levels every held-out image is measured at by default (``drift.timesteps``)."""
 
 
 @dataclass(frozen=True)
 class DriftMetrics:
+    """One reading; None for a part whose folder was not given."""
+
     subject_loss: float | None
+    """``sum(m (v - target)^2) / sum(m)`` over the subject images, m the mask levels 0..1."""
     drift_background: float | None
+    """``mean((v - v_base)^2)`` over the subject images' latent cells where the mask is 0."""
     drift_world: float | None
+    """``mean((v - v_base)^2)`` over every latent cell of the world images."""
 
 
 @dataclass
@@ -60,6 +65,8 @@ class _Part:
 
 @dataclass
 class HeldOutSet:
+    """The fixed inputs and cached base predictions; build it with :meth:`build`."""
+
     subject: _Part | None
     world: _Part | None
 
@@ -80,9 +87,12 @@ class HeldOutSet:
         autocast: Autocast = contextlib.nullcontext,
         batch_size: int = 8,
     ) -> HeldOutSet:
-        """Load both folders (either may be empty: that part is skipped) and cache the base
-        predictions. Needs the text encoder, so build it before ``release_encoders``."""
-        generator = torch.Generator().manual_seed(seed)
+        """Load both folders (an empty path skips that part) and cache the base predictions.
+
+        Needs the image and text encoders, so the trainer builds it before ``release_encoders``.
+        The base is the model with its LoRA switched off, or the model itself before a LoRA is
+        added. Each part draws its noise from its own generator seeded with ``seed``, so a
+        part's reading does not depend on whether the other folder is given."""
         parts = []
         for field, path, masked in (
             ("drift.subject_path", subject_path, True),
@@ -92,12 +102,18 @@ class HeldOutSet:
                 parts.append(None)
                 continue
             images, masks, captions = _load_folder(field, path, resolution, max_images, masked)
-            latents = family.encode_images(model, images.to(device)).float()
+            latents = torch.cat(
+                [
+                    family.encode_images(model, images[i : i + batch_size].to(device)).float()
+                    for i in range(0, len(images), batch_size)
+                ]
+            )  # (images, C, h, w) or (images, C, F, h, w)
             text = family.encode_prompts(model, captions)
             rows = [(i, t) for i in range(len(captions)) for t in timesteps]
             index = torch.tensor([i for i, _ in rows])
-            latents = latents[index.to(latents.device)]
+            latents = latents[index.to(latents.device)]  # one row per (image, timestep)
             steps = torch.tensor([t for _, t in rows], dtype=torch.float32, device=device)
+            generator = torch.Generator().manual_seed(seed)
             noise = torch.randn(latents.shape, generator=generator).to(device)
             noisy, target = family.noisy_input_and_target(latents, noise, steps)
             text = select_text({k: v.to(device) for k, v in text.items()}, index.to(device))
@@ -120,27 +136,23 @@ def measure_drift(
     batch_size: int = 8,
     autocast: Autocast = contextlib.nullcontext,
 ) -> DriftMetrics:
-    """Measure the model as it is now (LoRA on) against the cached base predictions."""
-    denoiser = model.denoiser
-    was_training = denoiser.training
-    denoiser.eval()
-    try:
-        subject_loss = drift_background = drift_world = None
-        if heldout.subject is not None:
-            part = heldout.subject
-            prediction = _predict(family, model, part, batch_size, autocast, base=False)
-            weights = _broadcast(part.weights, prediction)
-            error = (prediction - part.target.float()).pow(2)
-            subject_loss = float((error * weights).sum() / weights.sum().clamp(min=1e-12))
-            background = (weights == 0).float()
-            change = (prediction - part.base).pow(2)
-            drift_background = float((change * background).sum() / background.sum().clamp(min=1))
-        if heldout.world is not None:
-            part = heldout.world
-            prediction = _predict(family, model, part, batch_size, autocast, base=False)
-            drift_world = float((prediction - part.base).pow(2).mean())
-    finally:
-        denoiser.train(was_training)
+    """Measure the model as it is now (LoRA on) against the cached base predictions.
+
+    In eval mode (the model's mode is restored after) and without gradients."""
+    subject_loss = drift_background = drift_world = None
+    if heldout.subject is not None:
+        part = heldout.subject
+        prediction = _predict(family, model, part, batch_size, autocast, base=False)
+        weights = _broadcast(part.weights, prediction)
+        error = (prediction - part.target.float()).pow(2)
+        subject_loss = float((error * weights).sum() / weights.sum().clamp(min=1e-12))
+        background = (weights == 0).float()
+        change = (prediction - part.base).pow(2)
+        drift_background = float((change * background).sum() / background.sum().clamp(min=1))
+    if heldout.world is not None:
+        part = heldout.world
+        prediction = _predict(family, model, part, batch_size, autocast, base=False)
+        drift_world = float((prediction - part.base).pow(2).mean())
     return DriftMetrics(subject_loss, drift_background, drift_world)
 
 
@@ -153,10 +165,12 @@ def _predict(
     *,
     base: bool,
 ) -> Tensor:
+    """Predictions for every row of ``part`` (float32), as the trainer's forward: autocast, and
+    the model in eval mode so that both the base and the LoRA passes are deterministic."""
     has_lora = bool(getattr(model.denoiser, "peft_config", None))
     switch = lora_disabled(model.denoiser) if base and has_lora else contextlib.nullcontext()
     out = []
-    with switch, autocast():
+    with switch, _eval_mode(model.denoiser), autocast():
         for start in range(0, part.noisy.shape[0], batch_size):
             rows = torch.arange(start, min(start + batch_size, part.noisy.shape[0]))
             rows = rows.to(part.noisy.device)
@@ -165,6 +179,16 @@ def _predict(
             )
             out.append(prediction.float())
     return torch.cat(out)
+
+
+@contextlib.contextmanager
+def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
 
 
 def _broadcast(weights: Tensor | None, like: Tensor) -> Tensor:

@@ -45,6 +45,8 @@ class FileSaved:
 
 @dataclass(frozen=True)
 class SampleSaved:
+    """One sample image written: with the LoRA at each sampling, the base once per run."""
+
     path: Path
     step: int
     prompt: str
@@ -52,8 +54,21 @@ class SampleSaved:
 
 
 @dataclass(frozen=True)
+class SamplePair:
+    """A LoRA sample and the base sample of the same prompt and seed (``sampling.with_base``),
+    and ``path``, the two side by side in one image: base left, LoRA right."""
+
+    path: Path
+    step: int
+    prompt: str
+    base_path: Path
+    lora_path: Path
+
+
+@dataclass(frozen=True)
 class DriftMeasured:
-    """The drift meter's reading (``modules.trainer.drift``); None for a part not configured."""
+    """The drift meter's reading (``modules.trainer.drift``); None for a part not configured.
+    ``seconds`` is the measurement's time, which the steps' timings leave out."""
 
     step: int
     subject_loss: float | None
@@ -72,7 +87,9 @@ class Finished:
     stopped: bool = False
 
 
-Event = StepMetrics | StatusMessage | FileSaved | SampleSaved | DriftMeasured | Finished
+Event = (
+    StepMetrics | StatusMessage | FileSaved | SampleSaved | SamplePair | DriftMeasured | Finished
+)
 
 
 class Command(Enum):

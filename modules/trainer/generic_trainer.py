@@ -45,13 +45,14 @@ from modules.lora import add_lora, lora_disabled, save_lora
 from modules.loss import LossBreakdown, masked_prior_loss, process_masks
 from modules.models import LoadedModel, ModelFamily, ModelLoadError, get_family, select_text
 from modules.trainer.banner import banner_lines
-from modules.trainer.drift import DRIFT_TIMESTEPS, HeldOutSet, measure_drift
+from modules.trainer.drift import HeldOutSet, measure_drift
 from modules.trainer.events import (
     Command,
     DriftMeasured,
     Event,
     FileSaved,
     Finished,
+    SamplePair,
     SampleSaved,
     StatusMessage,
     StepMetrics,
@@ -88,6 +89,8 @@ class GenericTrainer:
         self.lora_path = self.run_dir / f"{config.output.name}.safetensors"
         self.last_saved: Path | None = None
         self.step = 0
+        self.base_samples: list[tuple[Path, Image.Image]] | None = None
+        """The prompts sampled with the LoRA off, once per run (the base does not change)."""
 
     # ----------------------------------------------------------------------------- entry point
 
@@ -191,8 +194,9 @@ class GenericTrainer:
         config = self.config.training
         started = time.perf_counter()
         sec_per_step = 0.0
-        if self.heldout is not None and self.step == 0:
-            self._measure_drift()  # the baseline: no drift yet, the untrained subject loss
+        if self.heldout is not None:
+            # The baseline, in a row of its own: no drift yet, the untrained subject loss.
+            self._append_row({"step": self.step, **_drift_row(self._measure_drift())})
         while self.step < config.steps:
             tick = time.perf_counter()
             result = self.optimizer_step()
@@ -200,11 +204,15 @@ class GenericTrainer:
             elapsed = time.perf_counter() - tick
             # Smoothed step time for a steady ETA; the first step (warm-up) is not representative.
             sec_per_step = elapsed if self.step <= 2 else 0.9 * sec_per_step + 0.1 * elapsed
-            self._record(result, elapsed, sec_per_step * (config.steps - self.step))
+            # After the step's timing, so measuring never counts as training time; the reading
+            # joins the step's metrics.jsonl row.
+            drift = self._measure_drift() if self._drift_due() else None
+            self._record(result, elapsed, sec_per_step * (config.steps - self.step), drift)
             if self._between_steps():
+                if self.heldout is not None and drift is None:
+                    # Stopped between readings: measure the LoRA that is about to be saved.
+                    self._append_row({"step": self.step, **_drift_row(self._measure_drift())})
                 return self.step < config.steps
-        if self.heldout is not None and self.step % self.config.drift.every != 0:
-            self._measure_drift()  # the end state, unless the schedule just measured it
         self._status(f"Finished {self.step} steps in {time.perf_counter() - started:.1f} s")
         return False
 
@@ -318,7 +326,9 @@ class GenericTrainer:
 
     # ------------------------------------------------------------------------- between steps
 
-    def _record(self, result: StepResult, elapsed: float, eta: float) -> None:
+    def _record(
+        self, result: StepResult, elapsed: float, eta: float, drift: DriftMeasured | None
+    ) -> None:
         loss = LossBreakdown(**{name: getattr(result.loss, name).detach() for name in _LOSS_FIELDS})
         metrics = StepMetrics(
             step=self.step,
@@ -334,15 +344,17 @@ class GenericTrainer:
             sec_per_step=elapsed,
             eta_seconds=eta,
         )
-        with self.metrics_path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(metrics.__dict__) + "\n")
+        row = {**metrics.__dict__, **(_drift_row(drift) if drift is not None else {})}
+        self._append_row(row)
         self.events.put(metrics)
+
+    def _append_row(self, row: dict[str, float | int | None]) -> None:
+        with self.metrics_path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row) + "\n")
 
     def _between_steps(self) -> bool:
         """Scheduled saves and samples, then commands. Returns True when asked to stop."""
         output, sampling = self.config.output, self.config.sampling
-        if self.heldout is not None and self.step % self.config.drift.every == 0:
-            self._measure_drift()
         if output.save_every and self.step % output.save_every == 0:
             self._save(self.run_dir / f"{output.name}-step{self.step:06d}.safetensors")
         if sampling.every and sampling.prompts and self.step % sampling.every == 0:
@@ -384,7 +396,7 @@ class GenericTrainer:
             subject_path=drift.subject_path,
             world_path=drift.world_path,
             resolution=self.config.data.resolution,
-            timesteps=DRIFT_TIMESTEPS,
+            timesteps=drift.timesteps,
             seed=drift.seed,
             max_images=drift.max_images,
             device=self.device,
@@ -392,8 +404,13 @@ class GenericTrainer:
             batch_size=self.config.training.batch_size,
         )
 
-    def _measure_drift(self) -> None:
-        """Measure, emit and log the drift meter's reading (in its own metrics.jsonl row)."""
+    def _drift_due(self) -> bool:
+        """A reading every ``drift.every`` steps and after the last step."""
+        every, last = self.config.drift.every, self.config.training.steps
+        return self.heldout is not None and (self.step % every == 0 or self.step == last)
+
+    def _measure_drift(self) -> DriftMeasured:
+        """Measure the drift meter's reading now and emit it; the caller logs it."""
         assert self.heldout is not None
         tick = time.perf_counter()
         reading = measure_drift(
@@ -410,13 +427,12 @@ class GenericTrainer:
             drift_world=reading.drift_world,
             seconds=time.perf_counter() - tick,
         )
-        row = {"kind": "drift", **event.__dict__}
-        with self.metrics_path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(row) + "\n")
         self.events.put(event)
+        return event
 
     @torch.no_grad()
     def _sample(self) -> None:
+        """The prompts with the LoRA; with ``sampling.with_base`` also beside the base's."""
         sampling, text = self.config.sampling, self.sample_text
         if text is None:
             self._status("Nothing to sample: add prompts under sampling.prompts", "warning")
@@ -427,31 +443,49 @@ class GenericTrainer:
         was_training = denoiser.training
         denoiser.eval()
         try:
-            for with_lora in (True, False):
-                generator = torch.Generator().manual_seed(sampling.seed)
-                with self.accelerator.autocast():
-                    if with_lora:
-                        images = self._generate(text, generator)
-                    else:
-                        with lora_disabled(denoiser):
-                            images = self._generate(text, generator)
-                for i, (prompt, image) in enumerate(zip(sampling.prompts, images, strict=True)):
-                    tag = "lora" if with_lora else "base"
-                    path = folder / f"step{self.step:06d}-{i}-{tag}.png"
-                    _to_pil(image).save(path)
-                    self.events.put(SampleSaved(path, self.step, prompt, with_lora))
+            images = self._generate(text)
+            base = self._base_samples(text) if sampling.with_base else None
         finally:
             denoiser.train(was_training)
+        for i, (prompt, image) in enumerate(zip(sampling.prompts, images, strict=True)):
+            picture = _to_pil(image)
+            path = folder / f"step{self.step:06d}-{i}-lora.png"
+            picture.save(path)
+            self.events.put(SampleSaved(path, self.step, prompt, with_lora=True))
+            if base is not None:
+                base_path, base_picture = base[i]
+                pair = folder / f"step{self.step:06d}-{i}-pair.png"
+                _side_by_side(base_picture, picture).save(pair)
+                self.events.put(SamplePair(pair, self.step, prompt, base_path, path))
         self._status(f"Sampled {len(sampling.prompts)} prompt(s) at step {self.step}")
 
-    def _generate(self, text: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
-        return self.family.sample(
-            self.model,
-            text,
-            resolution=self.config.data.resolution,
-            steps=self.config.sampling.steps,
-            generator=generator,
-        )
+    def _base_samples(self, text: dict[str, torch.Tensor]) -> list[tuple[Path, Image.Image]]:
+        """The prompts with the LoRA off: sampled and saved (``samples/base/NN.png``) at the
+        first sampling of the run, reused after, since the same seed gives the same images."""
+        if self.base_samples is None:
+            folder = self.run_dir / "samples" / "base"
+            folder.mkdir(parents=True, exist_ok=True)
+            with lora_disabled(self.model.denoiser):
+                images = self._generate(text)
+            prompts, self.base_samples = self.config.sampling.prompts, []
+            for i, (prompt, image) in enumerate(zip(prompts, images, strict=True)):
+                picture, path = _to_pil(image), folder / f"{i:02d}.png"
+                picture.save(path)
+                self.events.put(SampleSaved(path, self.step, prompt, with_lora=False))
+                self.base_samples.append((path, picture))
+        return self.base_samples
+
+    def _generate(self, text: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Every sampling starts from the same noise (``sampling.seed``)."""
+        generator = torch.Generator().manual_seed(self.config.sampling.seed)
+        with self.accelerator.autocast():
+            return self.family.sample(
+                self.model,
+                text,
+                resolution=self.config.data.resolution,
+                steps=self.config.sampling.steps,
+                generator=generator,
+            )
 
     def _nan_message(self, loss: LossBreakdown) -> str:
         kept = (
@@ -523,6 +557,24 @@ def _mean_result(results: list[StepResult]) -> StepResult:
     }
     fraction = sum(r.teacher_fraction for r in results) / len(results)
     return StepResult(loss=LossBreakdown(**mean), teacher_fraction=fraction)
+
+
+def _drift_row(reading: DriftMeasured) -> dict[str, float | None]:
+    """A drift reading's metrics.jsonl keys (the subject loss is the held-out set's)."""
+    return {
+        "heldout_subject_loss": reading.subject_loss,
+        "drift_background": reading.drift_background,
+        "drift_world": reading.drift_world,
+        "drift_seconds": reading.seconds,
+    }
+
+
+def _side_by_side(left: Image.Image, right: Image.Image) -> Image.Image:
+    """The two images in one, ``left`` on the left (same height: samples of one run)."""
+    pair = Image.new("RGB", (left.width + right.width, max(left.height, right.height)))
+    pair.paste(left, (0, 0))
+    pair.paste(right, (left.width, 0))
+    return pair
 
 
 def _to_pil(image: torch.Tensor) -> Image.Image:

@@ -35,6 +35,14 @@ def test_field_errors_go_to_their_paths():
     assert "prior.threshold: Input should be less than 1" in result.blockers
 
 
+def test_an_error_in_a_list_item_goes_to_the_list_row():
+    known = {"drift.timesteps"}
+    result = validate_values(values(drift__timesteps=[0.5, "half"]), known)
+    assert result.errors["drift.timesteps"].startswith("item 2: Input should be a valid number")
+    result = validate_values(values(drift__timesteps=[0.5, 1.5]), known)
+    assert result.errors["drift.timesteps"].startswith("1.5 not between 0 and 1")
+
+
 def test_cross_field_rule_goes_to_the_field_it_names():
     result = validate_values(values(prior__weight=1.0), {"prior.weight"})
     assert result.errors["prior.weight"].startswith("masked prior preservation needs masks")

@@ -8,13 +8,16 @@ from pydantic import BaseModel, Field
 from app.field_specs import (
     SliderRange,
     format_number,
+    format_numbers,
     leaf_paths,
     parse_number,
+    parse_numbers,
     section_specs,
     slider_range,
 )
 from modules.config.schema import (
     DataConfig,
+    DriftConfig,
     MaskConfig,
     ModelConfig,
     PriorConfig,
@@ -55,6 +58,7 @@ def test_kinds():
     assert family.kind == "choice"
     assert family.choices == get_args(ModelConfig.model_fields["family"].annotation)
     assert spec(SamplingConfig, "prompts").kind == "text_list"
+    assert spec(DriftConfig, "timesteps").kind == "float_list"
     assert spec(MaskConfig, "enabled").kind == "bool"
     assert spec(TrainingConfig, "steps").kind == "int"
     concepts = spec(DataConfig, "concepts")
@@ -96,6 +100,14 @@ def test_numbers_read_back_exactly(value):
 def test_text_that_is_not_a_number_is_kept_for_validation_to_name():
     assert parse_number(spec(TrainingConfig, "steps"), " 1.5 ") == "1.5"
     assert format_number("abc") == "abc"
+
+
+def test_number_lists_read_back_exactly_and_keep_what_is_not_a_number():
+    assert format_numbers([0.25, 0.5, 0.1 + 0.2]) == "0.25, 0.5, 0.30000000000000004"
+    assert parse_numbers(format_numbers([0.25, 0.5, 0.1 + 0.2])) == [0.25, 0.5, 0.1 + 0.2]
+    assert parse_numbers(" 0.1 0.2,, 0.3 ") == [0.1, 0.2, 0.3]
+    assert parse_numbers("0.1, half") == [0.1, "half"]
+    assert parse_numbers("") == []
 
 
 def test_literal_choices_are_strings():

@@ -70,7 +70,8 @@ def test_demo_prior_preset_trains_30_steps(tmp_path):
     assert result.returncode == 0, result.stderr
     assert elapsed < 120
     assert "MASKED PRIOR PRESERVATION TRAINING ENABLED" in result.stdout
-    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    lines = [row for row in rows if "loss_total" in row]  # drift readings may add rows
     assert len(lines) == 30
     assert all(x["loss_target"] > 0 and x["teacher_fraction"] == 1.0 for x in lines)
     assert sum(x["loss_prior"] > 0 for x in lines) >= 25

@@ -98,7 +98,7 @@ def test_an_a14b_expert_trains_on_its_range_with_itself_as_teacher(
     run(config)
     # Samples switch experts like the pipeline: the untrained high-noise expert loads for them.
     samples = sorted(p.name for p in (tmp_path / "run/samples").iterdir())
-    assert samples == ["step000003-0-base.png", "step000003-0-lora.png"]
+    assert samples == ["base", "step000003-0-lora.png", "step000003-0-pair.png"]
     assert all(bool((timesteps < 0.875).all()) for _, _, timesteps, _, _ in records)
     _, noisy, timesteps, text, teacher = records[-2]
     family = WanFamily(config.model)
