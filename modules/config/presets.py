@@ -11,13 +11,13 @@ from __future__ import annotations
 import difflib
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from modules.atomic import write_text_atomic
 from modules.config.schema import SCHEMA_VERSION, TrainConfig
 
 
@@ -189,22 +189,6 @@ def read_description(path: str | os.PathLike[str]) -> str | None:
     except (OSError, ValueError, AttributeError):
         return None
     return value if isinstance(value, str) else None
-
-
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
-    """Write a temp file in the same folder, then ``os.replace``: the old file survives a crash."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_preset(

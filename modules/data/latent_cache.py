@@ -32,7 +32,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +42,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
+from modules.atomic import write_bytes_atomic
 from modules.data.concept import ConceptItem, DataError, list_frames
 from modules.data.images import image_size, load_image, load_mask, mask_to_latent
 from modules.data.video import (
@@ -381,18 +381,7 @@ def _write_atomic(path: Path, tensors: dict[str, Tensor], metadata: dict[str, st
         },
         metadata=metadata,
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # The temporary file sits in the same folder so os.replace is an atomic rename.
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    write_bytes_atomic(path, data)
 
 
 def _strip_prefix(tensors: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +26,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from modules.atomic import replacing
 from modules.lora.comfyui import is_comfyui_layout, to_comfyui
 
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # the key diffusers reads rank/alpha from
@@ -117,14 +117,8 @@ def save_lora(
         state = to_comfyui(state, alpha=peft_config.lora_alpha)
     else:
         metadata[ADAPTER_METADATA_KEY] = json.dumps(_adapter_metadata(denoiser), sort_keys=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with replacing(path) as temporary:
+        save_file(state, str(temporary), metadata=metadata)
     return path
 
 

@@ -36,8 +36,8 @@ from diffusers.optimization import get_scheduler
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from modules.atomic import write_text_atomic
 from modules.config import ConfigError, TrainConfig, config_warnings, resolved_config_json
-from modules.config.presets import write_text_atomic
 from modules.data.concept import DataError
 from modules.data.dataset import Batch, collate
 from modules.data.preparation import prepare_dataset
