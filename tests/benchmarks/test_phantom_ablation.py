@@ -1,0 +1,81 @@
+"""The ablation benchmark end to end at smoke size: real trainer, real measurements, files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks.phantom_ablation import (
+    BASELINE,
+    VARIANTS,
+    Settings,
+    _frontier_drift,
+    goal_check,
+    run,
+)
+
+pytestmark = pytest.mark.slow
+
+
+def test_smoke_run_writes_table_plot_grids_and_results(tmp_path: Path) -> None:
+    chosen = tuple(v for v in VARIANTS if v.name in (BASELINE, "prior 1"))
+    settings = Settings(
+        out=tmp_path / "out",
+        seeds=(0, 1),
+        steps=2,
+        sample_steps=2,
+        world_prompts=4,
+        subject_samples=4,
+        variants=chosen,
+    )
+
+    payload = run(settings)
+
+    for name in ("table.md", "results.json", "frontier.png", "grids.png"):
+        assert (settings.out / name).stat().st_size > 0, name
+    table = (settings.out / "table.md").read_text(encoding="utf-8")
+    assert f"| {BASELINE} |" in table and "| prior 1 |" in table
+    assert "Goal 1" in table and "Goal 2" in table
+    saved = json.loads((settings.out / "results.json").read_text(encoding="utf-8"))
+    assert len(saved["runs"]) == 4  # two variants x two seeds
+    by_variant = {r["variant"]: r for r in payload["runs"] if r["seed"] == 0}
+    # The teacher runs for prior preservation and never for the plain masked loss.
+    assert by_variant[BASELINE]["teacher_fraction"] == 0.0
+    assert by_variant["prior 1"]["teacher_fraction"] == 1.0
+    for run_metrics in payload["runs"]:
+        assert run_metrics["drift_background"] >= 0 and run_metrics["subject_loss"] > 0
+    assert payload["summary"][BASELINE]["drift_reduction"] == pytest.approx(1.0)
+
+
+def test_frontier_is_the_least_drift_at_no_more_subject_loss() -> None:
+    points = [(0.10, 5.0), (0.20, 2.0), (0.30, 1.0)]
+
+    assert _frontier_drift(points, 0.05) is None
+    assert _frontier_drift(points, 0.10) == 5.0
+    assert _frontier_drift(points, 0.25) == 2.0
+    assert _frontier_drift(points, 0.90) == 1.0
+
+
+def test_goal_check_reads_the_summary_it_is_given() -> None:
+    def stats(loss: float, drift: float, reduction: float, change: float) -> dict:
+        return {
+            "subject_loss": (loss, 0.0),
+            "drift_background": (drift, 0.0),
+            "drift_reduction": reduction,
+            "subject_loss_change": change,
+        }
+
+    summary = {
+        BASELINE: stats(0.10, 3.0, 1.0, 0.0),
+        "unmasked": stats(0.09, 9.0, 0.33, -0.1),
+        "prior 1": stats(0.11, 0.9, 3.33, 0.1),
+        "prior 10": stats(0.20, 0.5, 6.0, 1.0),
+    }
+    chosen = tuple(v for v in VARIANTS if v.name in summary)
+
+    goal_one, goal_two = goal_check(summary, chosen)
+
+    assert "met by prior 1." in goal_one
+    assert "prior 1: on or below" in goal_two and "prior 10: on or below" in goal_two
