@@ -195,8 +195,13 @@ class RunCharts(ctk.CTkFrame):
         inside = current_low <= low and high <= current_high
         if inside and (current_high - current_low) <= 4 * span:
             return right, self._loss_limits
-        # A wide margin, so a slowly falling loss does not cross the limit every few steps.
-        return right, (low - 0.25 * span, high + 0.25 * span)
+        # A wide margin, so a slowly falling loss does not cross the limit every few steps; none
+        # below zero, which a loss never reaches, beyond a sliver that keeps a zero prior term
+        # off the frame.
+        top, bottom = high + 0.25 * span, low - 0.25 * span
+        if low >= 0:
+            bottom = max(bottom, -0.03 * top)
+        return right, (bottom, top)
 
     def redraw(self) -> None:
         steps = self.data.steps
