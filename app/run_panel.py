@@ -281,12 +281,10 @@ class RunPanel(ctk.CTkFrame):
         )
 
     def _drift(self, reading: Any) -> None:
-        from modules.cli.main import drift_line  # loaded by the running worker already
-
         self.drift_data.add(reading)
         self.drift_charts.show_hint(False)
         self._drift_dirty = True
-        self.log(drift_line(reading))
+        self.log(reading.line())
 
     def _keep_sample(self, step: int, prompt: str, with_lora: bool, path: Path) -> None:
         if step != self._sample_step:

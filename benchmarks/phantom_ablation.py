@@ -48,7 +48,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from modules.atomic import write_text_atomic
+from modules.atomic import replacing, write_text_atomic
 from modules.config import config_from_dict
 from modules.data.demo_dataset import (
     SUBJECT_PRESENT,
@@ -200,25 +200,28 @@ class Evaluation:
         world = [scene(WORLD_PROMPT_OFFSET + i, "train") for i in range(settings.world_prompts)]
         self.world_prompts = [s.caption for s in world]
         self.world_labels: list[SceneLabels] = [s.labels for s in world]
-        self.world_truth = [s.image for s in world]
         count = settings.subject_samples
         self.subject_prompts = [SUBJECT_PROMPTS[i % len(SUBJECT_PROMPTS)] for i in range(count)]
         self.base: dict[str, float] | None = None
         self.base_samples: torch.Tensor | None = None
+        self.heldout: HeldOutSet | None = None
+        """Built at the first measurement and kept: every run starts from the same base."""
 
     def measure(self, trainer: GenericTrainer) -> tuple[dict[str, float], torch.Tensor]:
         family, model = trainer.family, trainer.model
-        heldout = HeldOutSet.build(
-            family,
-            model,
-            subject_path=str(self.demo.heldout_subject),
-            world_path=str(self.demo.heldout_world),
-            resolution=64,
-            timesteps=[0.25, 0.5, 0.75],
-            seed=0,
-            max_images=8,
-            device=trainer.device,
-        )
+        if self.heldout is None:
+            self.heldout = HeldOutSet.build(
+                family,
+                model,
+                subject_path=str(self.demo.heldout_subject),
+                world_path=str(self.demo.heldout_world),
+                resolution=64,
+                timesteps=[0.25, 0.5, 0.75],
+                seed=0,
+                max_images=8,
+                device=trainer.device,
+            )
+        heldout = self.heldout
         drift = measure_drift(family, model, heldout)
         subject, world = self._samples(trainer)
         metrics = {
@@ -471,9 +474,8 @@ def save_grids(
 
 
 def _save_figure(figure: Any, path: Path) -> None:
-    temporary = path.with_name(path.name + ".tmp.png")
-    figure.savefig(temporary, dpi=110, bbox_inches="tight")
-    temporary.replace(path)
+    with replacing(path) as temporary:
+        figure.savefig(temporary, format="png", dpi=110, bbox_inches="tight")
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
@@ -565,7 +567,7 @@ def _load_results(work: Path) -> list[RunResult]:
         row = json.loads(line)
         variant, seed = row.pop("variant"), row.pop("seed")
         samples_path = work / "samples" / f"{_slug(variant)}-{seed}.pt"
-        samples = torch.load(samples_path) if samples_path.exists() else None
+        samples = torch.load(samples_path, weights_only=True) if samples_path.exists() else None
         results.append(RunResult(variant, seed, row, samples))
     return results
 
@@ -573,7 +575,7 @@ def _load_results(work: Path) -> list[RunResult]:
 def _load_base(evaluation: Evaluation, work: Path) -> None:
     if (work / "base.json").exists() and (work / "samples" / "base.pt").exists():
         evaluation.base = json.loads((work / "base.json").read_text(encoding="utf-8"))
-        evaluation.base_samples = torch.load(work / "samples" / "base.pt")
+        evaluation.base_samples = torch.load(work / "samples" / "base.pt", weights_only=True)
 
 
 def main(argv: list[str] | None = None) -> None:

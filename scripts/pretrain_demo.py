@@ -40,6 +40,7 @@ from PIL import Image
 from torch import Tensor
 from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
+from modules.atomic import replacing, write_text_atomic
 from modules.data.world import Scene, SceneLabels, scene
 from modules.models.base import LoadedModel, TextEncoding
 from modules.models.demo import (
@@ -288,7 +289,7 @@ def _update_ema(run: PretrainRun, state: _State, params: dict[str, torch.nn.Para
 
 
 def _save_checkpoint(run: PretrainRun, state: _State) -> None:
-    """Write to a temporary name, then rename: a run killed mid-write keeps the old file."""
+    """Atomic: a run killed mid-write keeps the old checkpoint."""
     payload = {
         "run": _resume_settings(run),
         "step": state.step,
@@ -298,10 +299,8 @@ def _save_checkpoint(run: PretrainRun, state: _State) -> None:
         "optimizer": state.optimizer.state_dict(),
         "ema": state.ema,
     }
-    path = run.out / CHECKPOINT
-    partial = path.with_name(path.name + ".partial")
-    torch.save(payload, partial)
-    os.replace(partial, path)
+    with replacing(run.out / CHECKPOINT) as temporary:
+        torch.save(payload, temporary)
 
 
 def _load_checkpoint(run: PretrainRun, state: _State, path: Path) -> None:
@@ -331,9 +330,7 @@ def _trim_loss_log(path: Path, step: int) -> None:
         return
     rows = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     kept = [line for line in rows if json.loads(line)["step"] <= step]
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    os.replace(partial, path)
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
 # ------------------------------------------------------------------------------------ finish

@@ -20,7 +20,7 @@ from modules.config import ConfigError, TrainConfig, apply_overrides, config_war
 if TYPE_CHECKING:
     from tqdm import tqdm
 
-    from modules.trainer import DriftMeasured, Event
+    from modules.trainer import Event
 
 # The training stack (torch, diffusers) is imported inside the commands that need it, so that
 # `check` and a bad config answer in a fraction of a second.
@@ -75,18 +75,6 @@ def ensure_demo_data(config: TrainConfig) -> None:
             return
 
 
-def drift_line(event: DriftMeasured) -> str:
-    """``drift @ step 100: background 1.23e-03, world 4.56e-04, held-out subject loss 0.1234``"""
-    parts = []
-    if event.drift_background is not None:
-        parts.append(f"background {event.drift_background:.2e}")
-    if event.drift_world is not None:
-        parts.append(f"world {event.drift_world:.2e}")
-    if event.subject_loss is not None:
-        parts.append(f"held-out subject loss {event.subject_loss:.4f}")
-    return f"drift @ step {event.step}: {', '.join(parts)}"
-
-
 def _print_event(event: Event, bar: tqdm | None) -> tqdm | None:
     """Print one event; the progress bar appears with the first step, under the banner."""
     from tqdm import tqdm
@@ -111,7 +99,7 @@ def _print_event(event: Event, bar: tqdm | None) -> tqdm | None:
     elif isinstance(event, SamplePair):
         tqdm.write(f"sample, base | LoRA: {event.path}")
     elif isinstance(event, DriftMeasured):
-        tqdm.write(drift_line(event))
+        tqdm.write(event.line())
     return bar  # FileSaved needs nothing: the trainer also sends a status line for it
 
 

@@ -8,7 +8,6 @@ from modules.config.presets import (
     preset_dict,
     resolved_config_json,
     save_preset,
-    write_text_atomic,
 )
 from modules.config.schema import SCHEMA_VERSION, TrainConfig, config_warnings
 
@@ -23,5 +22,4 @@ __all__ = [
     "preset_dict",
     "resolved_config_json",
     "save_preset",
-    "write_text_atomic",
 ]

@@ -20,7 +20,8 @@ The Protocol was checked against the diffusers classes the later families use:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -113,3 +114,15 @@ class ModelFamily(Protocol):
 def select_text(text: TextEncoding, index: Tensor) -> TextEncoding:
     """The encodings of the samples at ``index`` (the teacher runs on a subset of the batch)."""
     return {key: value[index] for key, value in text.items()}
+
+
+@contextlib.contextmanager
+def eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    """``module`` in eval mode inside the block; its own mode (train or eval) comes back after,
+    even on an exception."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)

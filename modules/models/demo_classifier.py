@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from modules.data.world import SceneLabels, WorldSpec
+from modules.models.base import eval_mode
 
 HEADS = ("background", "shape", "colour")
 SHIPPED_WEIGHTS = Path(__file__).with_name("demo_classifier.safetensors")
@@ -101,12 +102,8 @@ def score_prompt_match(
     """
     if images.shape[0] != len(labels):
         raise ValueError(f"{images.shape[0]} images but {len(labels)} labels; pass one each")
-    was_training = classifier.training
-    classifier.eval()
-    try:
+    with eval_mode(classifier):
         logits = classifier(images.float())
-    finally:
-        classifier.train(was_training)
     targets = label_targets(labels, classifier)
     right = {name: logits[name].argmax(dim=1) == targets[name] for name in HEADS}
     scores = {name: float(hits.float().mean()) for name, hits in right.items()}

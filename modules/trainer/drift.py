@@ -18,7 +18,7 @@ before a LoRA exists), and cached. Still images only: the set is a yardstick, no
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ from modules.config.schema import ConceptConfig
 from modules.data.concept import DataError, scan_concept
 from modules.data.images import image_size, load_image, load_mask, mask_to_latent
 from modules.lora import lora_disabled
-from modules.models.base import LoadedModel, ModelFamily, select_text
+from modules.models.base import LoadedModel, ModelFamily, eval_mode, select_text
 
 Autocast = Callable[[], contextlib.AbstractContextManager[Any]]
 DRIFT_TIMESTEPS = (0.25, 0.5, 0.75)
@@ -170,7 +170,7 @@ def _predict(
     has_lora = bool(getattr(model.denoiser, "peft_config", None))
     switch = lora_disabled(model.denoiser) if base and has_lora else contextlib.nullcontext()
     out = []
-    with switch, _eval_mode(model.denoiser), autocast():
+    with switch, eval_mode(model.denoiser), autocast():
         for start in range(0, part.noisy.shape[0], batch_size):
             rows = torch.arange(start, min(start + batch_size, part.noisy.shape[0]))
             rows = rows.to(part.noisy.device)
@@ -179,16 +179,6 @@ def _predict(
             )
             out.append(prediction.float())
     return torch.cat(out)
-
-
-@contextlib.contextmanager
-def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
-    was_training = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was_training)
 
 
 def _broadcast(weights: Tensor | None, like: Tensor) -> Tensor:

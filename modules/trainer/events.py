@@ -76,6 +76,18 @@ class DriftMeasured:
     drift_world: float | None
     seconds: float
 
+    def line(self) -> str:
+        """``drift @ step 100: background 1.23e-03, world 4.56e-04, held-out subject loss
+        0.1234``, the parts measured only: the CLI's line and the Run tab's log."""
+        parts = []
+        if self.drift_background is not None:
+            parts.append(f"background {self.drift_background:.2e}")
+        if self.drift_world is not None:
+            parts.append(f"world {self.drift_world:.2e}")
+        if self.subject_loss is not None:
+            parts.append(f"held-out subject loss {self.subject_loss:.4f}")
+        return f"drift @ step {self.step}: {', '.join(parts)}"
+
 
 @dataclass(frozen=True)
 class Finished:

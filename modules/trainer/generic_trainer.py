@@ -44,6 +44,7 @@ from modules.data.preparation import prepare_dataset
 from modules.lora import add_lora, lora_disabled, save_lora
 from modules.loss import LossBreakdown, masked_prior_loss, process_masks
 from modules.models import LoadedModel, ModelFamily, ModelLoadError, get_family, select_text
+from modules.models.base import eval_mode
 from modules.trainer.banner import banner_lines
 from modules.trainer.drift import HeldOutSet, measure_drift
 from modules.trainer.events import (
@@ -439,14 +440,9 @@ class GenericTrainer:
             return
         folder = self.run_dir / "samples"
         folder.mkdir(parents=True, exist_ok=True)
-        denoiser = self.model.denoiser
-        was_training = denoiser.training
-        denoiser.eval()
-        try:
+        with eval_mode(self.model.denoiser):
             images = self._generate(text)
             base = self._base_samples(text) if sampling.with_base else None
-        finally:
-            denoiser.train(was_training)
         for i, (prompt, image) in enumerate(zip(sampling.prompts, images, strict=True)):
             picture = _to_pil(image)
             path = folder / f"step{self.step:06d}-{i}-lora.png"

@@ -9,7 +9,6 @@ import pytest
 import torch
 from PIL import Image
 
-from modules.cli.main import drift_line
 from modules.config import ConfigError, config_from_dict
 from modules.config.schema import DriftConfig
 from modules.data.concept import DataError
@@ -244,14 +243,11 @@ def test_cli_line_names_each_part():
     event = DriftMeasured(
         step=100, subject_loss=0.1234, drift_background=1.23e-3, drift_world=4.56e-4, seconds=0.5
     )
-    assert drift_line(event) == (
+    assert event.line() == (
         "drift @ step 100: background 1.23e-03, world 4.56e-04, held-out subject loss 0.1234"
     )
     no_world = DriftMeasured(100, 0.1234, 1.23e-3, None, 0.5)
-    assert (
-        drift_line(no_world)
-        == "drift @ step 100: background 1.23e-03, held-out subject loss 0.1234"
-    )
+    assert no_world.line() == "drift @ step 100: background 1.23e-03, held-out subject loss 0.1234"
 
 
 def test_drift_needs_a_folder_and_timesteps_inside_0_1():
