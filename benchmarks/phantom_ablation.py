@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import statistics
 import sys
@@ -58,6 +59,7 @@ from modules.data.demo_dataset import (
 )
 from modules.data.world import BACKGROUNDS, SceneLabels, scene
 from modules.lora import lora_disabled
+from modules.models.demo import BUILTIN_WEIGHTS, GUIDANCE, TIME_SHIFT
 from modules.models.demo_classifier import load_classifier, score_prompt_match
 from modules.trainer import GenericTrainer
 from modules.trainer.drift import HeldOutSet, measure_drift
@@ -498,6 +500,7 @@ def run(settings: Settings) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
         work = settings.work or Path(stack.enter_context(tempfile.TemporaryDirectory()))
         (work / "samples").mkdir(parents=True, exist_ok=True)
+        _claim_work(work, settings)
         demo = write_demo_dataset(work / "demo-data")
         evaluation = Evaluation(settings, demo)
         _load_base(evaluation, work)
@@ -545,6 +548,51 @@ def run(settings: Settings) -> dict[str, Any]:
     print(table)
     print("\n".join(goals))
     return payload
+
+
+WORK_STAMP = "made-with.json"
+
+
+def work_stamp(settings: Settings) -> dict[str, Any]:
+    """What a finished run's numbers depend on besides its variant and seed: the settings and
+    the base model (a digest of the built-in weights, and the family's sampling constants)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in BUILTIN_WEIGHTS.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(BUILTIN_WEIGHTS)).encode())
+        digest.update(path.read_bytes())
+    return {
+        "steps": settings.steps,
+        "batch_size": settings.batch_size,
+        "learning_rate": settings.learning_rate,
+        "rank": settings.rank,
+        "sample_steps": settings.sample_steps,
+        "world_prompts": settings.world_prompts,
+        "subject_samples": settings.subject_samples,
+        "base_weights_sha256": digest.hexdigest(),
+        "time_shift": TIME_SHIFT,
+        "guidance": GUIDANCE,
+    }
+
+
+def _claim_work(work: Path, settings: Settings) -> None:
+    """Stamp a new work folder; refuse one whose runs were made with other settings or another
+    base model, which a resumed benchmark would otherwise report as its own."""
+    stamp, path = work_stamp(settings), work / WORK_STAMP
+    if not path.exists():
+        if (work / "runs.jsonl").exists():
+            raise SystemExit(
+                f"{work} holds runs from an earlier version of this benchmark, which did not "
+                "record what they were made with; delete the folder or pass another --work"
+            )
+        write_text_atomic(path, json.dumps(stamp, indent=2) + "\n")
+        return
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    changed = sorted(k for k in stamp.keys() | saved.keys() if saved.get(k) != stamp.get(k))
+    if changed:
+        raise SystemExit(
+            f"{work} holds runs made with other {', '.join(changed)} than this benchmark's; "
+            "delete the folder to start again, or pass another --work"
+        )
 
 
 def _save_result(work: Path, result: RunResult, evaluation: Evaluation) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 from benchmarks.phantom_ablation import (
     BASELINE,
     VARIANTS,
+    WORK_STAMP,
     Settings,
     _frontier_drift,
     goal_check,
@@ -79,3 +81,31 @@ def test_goal_check_reads_the_summary_it_is_given() -> None:
 
     assert "met by prior 1." in goal_one
     assert "prior 1: on or below" in goal_two and "prior 10: on or below" in goal_two
+
+
+def test_a_work_folder_refuses_runs_of_other_settings(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    settings = Settings(
+        out=tmp_path / "out",
+        work=work,
+        seeds=(0,),
+        steps=1,
+        sample_steps=1,
+        world_prompts=2,
+        subject_samples=2,
+        variants=tuple(v for v in VARIANTS if v.name == BASELINE),
+    )
+    run(settings)
+    stamp = json.loads((work / WORK_STAMP).read_text(encoding="utf-8"))
+    assert stamp["steps"] == 1 and len(stamp["base_weights_sha256"]) == 64
+    run(settings)  # the same settings resume (nothing left to train)
+    with pytest.raises(SystemExit, match=r"other learning_rate, steps than"):
+        run(dataclasses.replace(settings, steps=2, learning_rate=5e-4))
+    # Another base model is caught the same way.
+    stamp["base_weights_sha256"] = "0" * 64
+    (work / WORK_STAMP).write_text(json.dumps(stamp), encoding="utf-8")
+    with pytest.raises(SystemExit, match="other base_weights_sha256"):
+        run(settings)
+    (work / WORK_STAMP).unlink()
+    with pytest.raises(SystemExit, match="did not record what they were made with"):
+        run(settings)
