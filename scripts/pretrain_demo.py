@@ -19,6 +19,11 @@ Writes to ``--out``:
 
 ``--minutes`` caps the total time over all resumes; the learning-rate schedule then follows
 whichever budget, steps or time, is further along, so a timed run still ends annealed.
+
+``--device cuda`` trains on a GPU and ``--workers N`` draws the scenes in N processes (a scene
+takes about a millisecond of one CPU core, so a GPU step of 32 waits on the drawing without
+them). Data, noise, timesteps and caption dropout are drawn on the CPU exactly as without
+them, so only the arithmetic differs between devices.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -57,7 +63,6 @@ from modules.models.demo_classifier import (
     load_classifier,
     score_prompt_match,
 )
-from modules.models.flow_matching import logit_normal_timesteps
 
 TINY_TRANSFORMER = {
     **TRANSFORMER_CONFIG,
@@ -70,6 +75,7 @@ TINY_TRANSFORMER = {
 CHECKPOINT = "checkpoint.pt"
 LOSS_LOG = "loss.jsonl"
 _RESUME_FIELDS = ("batch_size", "resolution", "seed", "tiny")
+CPU = torch.device("cpu")
 """Settings a resumed run must share with its checkpoint, or its data order would change."""
 
 
@@ -106,6 +112,10 @@ class PretrainRun:
     """Stop this session after this many steps, checkpointed but not exported, to be resumed
     later (0: no limit). Lets a long run be split into chunks."""
     tiny: bool = False
+    device: str = "cpu"
+    """Where the networks train ("cpu", "cuda", "cuda:1"); a checkpoint resumes on any device."""
+    workers: int = 0
+    """Processes drawing the scenes ahead of the training step (0: drawn in the training loop)."""
 
 
 @dataclass
@@ -148,6 +158,14 @@ def _setup(run: PretrainRun) -> _State:
 
 
 def _build_model(run: PretrainRun) -> LoadedModel:
+    model = _build_cpu_model(run)
+    model.denoiser.to(run.device)
+    model.parts["text_encoder"].to(run.device)
+    return model
+
+
+def _build_cpu_model(run: PretrainRun) -> LoadedModel:
+    """Initialised on the CPU whatever the device, so the initial weights never depend on it."""
     if not run.tiny:
         model = build_demo_model(run.seed)
     else:
@@ -186,6 +204,7 @@ def _train(run: PretrainRun, state: _State, log: bool) -> None:
     last_checkpoint = time.monotonic()
     window: list[float] = []
     session_start, session_step = time.monotonic(), state.step
+    batches = iter(_scene_batches(run, state.step))
     while _progress(run, state) < 1.0:
         if run.session_steps and state.step - session_step >= run.session_steps:
             break
@@ -193,7 +212,9 @@ def _train(run: PretrainRun, state: _State, log: bool) -> None:
         lr = _learning_rate(run, _progress(run, state))
         for group in state.optimizer.param_groups:
             group["lr"] = lr
-        loss = _train_step(run, family, state, params)
+        step, images, captions = next(batches)
+        assert step == state.step, (step, state.step)
+        loss = _train_step(run, family, state, params, images, captions)
         state.step += 1
         state.elapsed += time.monotonic() - tick
         window.append(loss)
@@ -217,21 +238,57 @@ def _train(run: PretrainRun, state: _State, log: bool) -> None:
     _save_checkpoint(run, state)
 
 
+class _SceneBatches(torch.utils.data.Dataset):
+    """Item ``k``: step ``k``'s ``train`` scenes as (k, images (B, 3, res, res), captions)."""
+
+    def __init__(self, run: PretrainRun) -> None:
+        self.batch_size, self.resolution, self.steps = run.batch_size, run.resolution, run.steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, step: int) -> tuple[int, Tensor, list[str]]:
+        first = step * self.batch_size
+        scenes = [scene(i, "train") for i in range(first, first + self.batch_size)]
+        images = images_to_tensor([_resized(s.image, self.resolution) for s in scenes])
+        return step, images, [s.caption for s in scenes]
+
+
+def _scene_batches(run: PretrainRun, start: int) -> Iterable[tuple[int, Tensor, list[str]]]:
+    """Steps ``start`` … ``steps - 1`` in order, drawn ahead by ``workers`` processes."""
+    batches = _SceneBatches(run)
+    order = range(start, run.steps)
+    if run.workers <= 0:
+        return (batches[k] for k in order)
+    return torch.utils.data.DataLoader(
+        batches,
+        batch_size=None,
+        sampler=order,
+        num_workers=run.workers,
+        pin_memory=run.device.startswith("cuda"),
+        persistent_workers=False,
+    )
+
+
 def _train_step(
-    run: PretrainRun, family: DemoFamily, state: _State, params: dict[str, torch.nn.Parameter]
+    run: PretrainRun,
+    family: DemoFamily,
+    state: _State,
+    params: dict[str, torch.nn.Parameter],
+    images: Tensor,
+    captions: list[str],
 ) -> float:
-    """One flow-matching step on scenes ``step * batch_size`` onwards; returns the loss."""
+    """One flow-matching step on the step's scenes; returns the loss."""
     generator = torch.Generator().manual_seed(run.seed * 1_000_003 + state.step)
-    first = state.step * run.batch_size
-    scenes = [scene(i, "train") for i in range(first, first + run.batch_size)]
-    images = images_to_tensor([_resized(s.image, run.resolution) for s in scenes])
+    device = torch.device(run.device)
     latents = family.encode_images(state.model, images)  # (B, 48, res/4, res/4)
-    dropped = torch.rand(len(scenes), generator=generator) < run.caption_dropout
-    captions = ["" if drop else s.caption for s, drop in zip(scenes, dropped.tolist(), strict=True)]
+    dropped = torch.rand(len(captions), generator=generator) < run.caption_dropout
+    captions = ["" if drop else c for c, drop in zip(captions, dropped.tolist(), strict=True)]
 
     noise = torch.randn(latents.shape, generator=generator)
-    timesteps = logit_normal_timesteps(len(scenes), generator=generator, device=torch.device("cpu"))
+    timesteps = family.sample_timesteps(len(captions), generator=generator, device=CPU)
     noisy, target = family.noisy_input_and_target(latents, noise, timesteps)
+    noisy, target, timesteps = noisy.to(device), target.to(device), timesteps.to(device)
     text = encode_captions(state.model, captions)
     prediction = family.predict(state.model, noisy, timesteps, text)
     loss = F.mse_loss(prediction.float(), target)
@@ -254,10 +311,11 @@ def encode_captions(model: LoadedModel, captions: list[str]) -> TextEncoding:
         truncation=True,
         return_tensors="pt",
     )
-    hidden = model.parts["text_encoder"](
-        input_ids=tokens.input_ids, attention_mask=tokens.attention_mask
-    ).last_hidden_state  # (B, MAX_PROMPT_BYTES, d_model)
-    return {"embeds": hidden * tokens.attention_mask.unsqueeze(-1)}
+    encoder = model.parts["text_encoder"]
+    device = next(encoder.parameters()).device
+    mask = tokens.attention_mask.to(device)
+    hidden = encoder(input_ids=tokens.input_ids.to(device), attention_mask=mask).last_hidden_state
+    return {"embeds": hidden * mask.unsqueeze(-1)}  # (B, MAX_PROMPT_BYTES, d_model)
 
 
 def _learning_rate(run: PretrainRun, progress: float) -> float:
@@ -304,7 +362,7 @@ def _save_checkpoint(run: PretrainRun, state: _State) -> None:
 
 
 def _load_checkpoint(run: PretrainRun, state: _State, path: Path) -> None:
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload = torch.load(path, map_location=run.device, weights_only=True)
     saved, wanted = payload["run"], _resume_settings(run)
     for name in _RESUME_FIELDS:
         if saved[name] != wanted[name]:
@@ -355,7 +413,7 @@ def _finish(run: PretrainRun, state: _State) -> dict[str, Any]:
 
 def _export(run: PretrainRun, state: _State) -> LoadedModel:
     """Write ``model/`` (atomically, via a sibling folder) and return the exported model."""
-    model = _build_model(run)
+    model = _build_cpu_model(run)
     weights = state.ema if run.ema_decay > 0 else _named_weights(state.model)
     for prefix, module in (
         ("transformer.", model.denoiser),

@@ -58,7 +58,7 @@ class ModelConfig(Section):
         description=(
             "Shift of the flow-matching timesteps, s t / (1 + (s - 1) t): above 1 trains more at "
             "high noise. Empty: the family's default (WAN 3.0, suited to 480p; use 5.0 for 720p). "
-            "Also used for the samples. WAN only."
+            "Also used for the samples. WAN only: the demo family always shifts by 3."
         ),
     )
     expert: Literal["auto", "high_noise", "low_noise"] = Field(

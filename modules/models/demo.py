@@ -42,6 +42,14 @@ GUIDANCE = 4.0
 """Classifier-free guidance scale of the demo sampler. The built-in model was pretrained with
 10 % empty captions; on 48 base-world prompts, guidance 4 against none raised the world judge's
 background accuracy from 0.38 to 0.62 and colour accuracy from 0.35 to 0.50."""
+TIME_SHIFT = 3.0
+"""Flow shift of the demo family's timesteps, in pretraining, LoRA training and sampling alike.
+The world's objects are large flat areas: averaged over a 30-pixel object the noise shrinks
+some 25-fold, so where an object goes and what shape it takes is settled above t = 0.8. Plain
+logit-normal steps put 8 % of the training there, and the velocity error of a clean-image
+prediction (weighed by 1/t^2) gives each of them about a sixtieth of the weight of a t = 0.1
+step. Shifted by 3, 39 % of the steps lie above t = 0.8 and the 1/t^2 weighting spreads the
+gradient about evenly over t = 0.1 … 0.9."""
 BUILTIN_WEIGHTS = Path(__file__).with_name("demo_weights")
 
 TRANSFORMER_CONFIG = {
@@ -142,9 +150,12 @@ class DemoFamily:
     def sample_timesteps(
         self, batch_size: int, *, generator: torch.Generator, device: torch.device
     ) -> Tensor:
-        # The pretraining's distribution. Uniform t would put 5 % of the samples below
-        # MIN_PREDICTION_T, where the clean-image error reaches the velocity 1/t^2 amplified.
-        return logit_normal_timesteps(batch_size, generator=generator, device=device)
+        # The pretraining's distribution (TIME_SHIFT). Uniform t would put 5 % of the samples
+        # below MIN_PREDICTION_T, where the clean-image error reaches the velocity 1/t^2
+        # amplified.
+        return logit_normal_timesteps(
+            batch_size, generator=generator, device=device, shift=TIME_SHIFT
+        )
 
     def noisy_input_and_target(
         self, latents: Tensor, noise: Tensor, timesteps: Tensor
@@ -179,20 +190,39 @@ class DemoFamily:
         resolution: int,
         steps: int,
         generator: torch.Generator,
+        guidance: float = GUIDANCE,
     ) -> Tensor:
         batch = next(iter(text.values())).shape[0]
         side = resolution // CODEC_FACTOR
         device = next(model.denoiser.parameters()).device
         noise = torch.randn(batch, LATENT_CHANNELS, side, side, generator=generator).to(device)
-        empty = self.encode_prompts(model, [""] * batch)
+        return self.denoise(model, text, noise, start=1.0, steps=steps, guidance=guidance)
+
+    @torch.no_grad()
+    def denoise(
+        self,
+        model: LoadedModel,
+        text: TextEncoding,
+        noisy: Tensor,
+        *,
+        start: float,
+        steps: int,
+        guidance: float = GUIDANCE,
+    ) -> Tensor:
+        """Images from latents noised to ``t = start`` (1: pure noise), Euler on the shifted
+        grid of ``steps``, with classifier-free ``guidance`` (1: none)."""
+        device = noisy.device
+        empty = self.encode_prompts(model, [""] * noisy.shape[0])
         empty = {key: value.to(device) for key, value in empty.items()}
 
         def velocity(x: Tensor, t: Tensor) -> Tensor:
             conditional = self.predict(model, x, t, text).float()
+            if guidance == 1.0:
+                return conditional
             unconditional = self.predict(model, x, t, empty).float()
-            return unconditional + GUIDANCE * (conditional - unconditional)
+            return unconditional + guidance * (conditional - unconditional)
 
-        latents = euler_sample(velocity, noise, steps=steps)
+        latents = euler_sample(velocity, noisy, steps=steps, shift=TIME_SHIFT, start=start)
         return self.decode_latents(model, latents)
 
 

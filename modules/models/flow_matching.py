@@ -30,13 +30,13 @@ def sample_flow_timesteps(
 
 
 def logit_normal_timesteps(
-    batch_size: int, *, generator: torch.Generator, device: torch.device
+    batch_size: int, *, generator: torch.Generator, device: torch.device, shift: float = 1.0
 ) -> Tensor:
-    """``t = sigmoid(n)``, ``n ~ N(0, 1)`` (SD3's choice): the mid noise levels, where layout
-    and shape are decided, get the most steps; the ends still get some. Drawn on the CPU
-    generator so runs reproduce."""
+    """``t = sigmoid(n)``, ``n ~ N(0, 1)`` (SD3's choice), then shifted: the mid noise levels
+    get the most steps and the ends still get some. ``shift`` moves the bulk towards high noise
+    (it adds ``ln shift`` to ``n``). Drawn on the CPU generator so runs reproduce."""
     t = torch.sigmoid(torch.randn(batch_size, generator=generator))
-    return t.clamp(1e-3, 1 - 1e-3).to(device)
+    return shift_timesteps(t, shift).clamp(1e-3, 1 - 1e-3).to(device)
 
 
 def flow_noisy_input_and_target(
@@ -49,10 +49,20 @@ def flow_noisy_input_and_target(
 
 
 def euler_sample(
-    velocity: Callable[[Tensor, Tensor], Tensor], noise: Tensor, *, steps: int, shift: float = 1.0
+    velocity: Callable[[Tensor, Tensor], Tensor],
+    noise: Tensor,
+    *,
+    steps: int,
+    shift: float = 1.0,
+    start: float = 1.0,
 ) -> Tensor:
-    """Integrate ``dx/dt = velocity(x, t)`` from t=1 (pure noise) to t=0 with Euler steps."""
+    """Integrate ``dx/dt = velocity(x, t)`` from t=1 (pure noise) to t=0 with Euler steps.
+
+    With ``start`` < 1, ``noise`` is an input already noised to ``t = start`` and only the grid's
+    steps below ``start`` are taken (SDEdit-style: the layout comes from that input)."""
     grid = shift_timesteps(torch.linspace(1.0, 0.0, steps + 1), shift)
+    if start < 1.0:
+        grid = torch.cat([torch.tensor([start]), grid[grid < start]])
     x = noise
     for t_now, t_next in itertools.pairwise(grid):
         t_batch = torch.full((x.shape[0],), float(t_now), device=x.device)

@@ -5,7 +5,13 @@ import torch
 
 from modules.config.schema import ModelConfig
 from modules.models import FAMILIES, ModelFamily, ModelLoadError, get_family
-from modules.models.demo import MAX_PROMPT_BYTES, build_demo_model, save_demo_model
+from modules.models.demo import (
+    MAX_PROMPT_BYTES,
+    TIME_SHIFT,
+    DemoFamily,
+    build_demo_model,
+    save_demo_model,
+)
 from modules.models.flow_matching import euler_sample, flow_noisy_input_and_target
 
 CPU = torch.device("cpu")
@@ -70,6 +76,49 @@ def test_flow_matching_target_and_exact_euler_on_a_known_velocity():
     # With the true velocity of a straight path, Euler lands exactly on the data.
     result = euler_sample(lambda x, t: noise - latents, noise, steps=7)
     assert torch.allclose(result, latents, atol=1e-5)
+    # Started part-way, from the input noised to t = 0.6, it lands there too, in fewer steps.
+    calls: list[float] = []
+
+    def velocity(x, t):
+        calls.append(float(t[0]))
+        return noise - latents
+
+    partway = 0.4 * latents + 0.6 * noise
+    result = euler_sample(velocity, partway, steps=10, shift=3.0, start=0.6)
+    assert torch.allclose(result, latents, atol=1e-5)
+    assert calls[0] == pytest.approx(0.6) and calls[1:] == pytest.approx(
+        [0.5625, 0.4286, 0.25], abs=1e-4
+    )
+
+
+def test_timesteps_favour_high_noise_where_the_layout_is_decided():
+    t = DemoFamily().sample_timesteps(
+        40_000, generator=torch.Generator().manual_seed(0), device=CPU
+    )
+    # Logit-normal shifted by TIME_SHIFT = 3: median 0.75 (plain logit-normal: 0.5), and 39 %
+    # of the steps above t = 0.8 (plain: 8 %).
+    assert TIME_SHIFT == 3.0
+    assert float(t.median()) == pytest.approx(0.75, abs=0.01)
+    assert float((t > 0.8).float().mean()) == pytest.approx(0.386, abs=0.01)
+    assert float(t.min()) > 0 and float(t.max()) < 1
+
+
+def test_the_sampler_steps_on_the_same_shifted_schedule(demo_family, demo_model, monkeypatch):
+    seen: list[float] = []
+    predict = demo_family.predict
+
+    def recording(model, noisy, timesteps, text):
+        seen.append(float(timesteps[0]))
+        return predict(model, noisy, timesteps, text)
+
+    monkeypatch.setattr(demo_family, "predict", recording)
+    text = demo_family.encode_prompts(demo_model, ["a star"])
+    demo_family.sample(
+        demo_model, text, resolution=32, steps=4, generator=torch.Generator().manual_seed(0)
+    )
+    # Guided: two predictions per step, at t = shift(1), shift(0.75), shift(0.5), shift(0.25).
+    expected = [1.0, 0.9, 0.75, 0.5]
+    assert seen[::2] == pytest.approx(expected) and seen[1::2] == pytest.approx(expected)
 
 
 def test_sample_shapes(demo_family, demo_model):

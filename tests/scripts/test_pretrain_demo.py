@@ -52,6 +52,15 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path: Path) -> N
     assert all(v.dtype == torch.float16 for v in one.values() if v.is_floating_point())
 
 
+def test_scenes_drawn_by_worker_processes_train_the_same_steps(tmp_path: Path) -> None:
+    inline = pretrain(_run(tmp_path / "inline"))
+    workers = pretrain(_run(tmp_path / "workers", workers=2))
+    assert inline is not None and workers is not None
+    assert [r["loss"] for r in _losses(tmp_path / "workers")] == [
+        r["loss"] for r in _losses(tmp_path / "inline")
+    ]
+
+
 def test_the_exported_folder_loads_through_the_demo_family(tmp_path: Path) -> None:
     summary = pretrain(_run(tmp_path, steps=1))
     assert summary is not None
