@@ -1,6 +1,6 @@
 """Pretrain the demo family's transformer and text encoder on the synthetic world.
 
-    python -m scripts.pretrain_demo --out runs/demo-pretrain --steps 6000 --minutes 80
+    python -m scripts.pretrain_demo --out runs/demo-pretrain --steps 7000 --minutes 88
 
 Flow matching on ``train`` scenes of ``modules.data.world``, drawn on the fly: step ``k`` sees
 scenes ``k * batch_size`` onwards, and its noise, timesteps and caption dropout come from a
@@ -75,8 +75,8 @@ TINY_TRANSFORMER = {
 CHECKPOINT = "checkpoint.pt"
 LOSS_LOG = "loss.jsonl"
 _RESUME_FIELDS = ("batch_size", "resolution", "seed", "tiny")
-CPU = torch.device("cpu")
 """Settings a resumed run must share with its checkpoint, or its data order would change."""
+CPU = torch.device("cpu")
 
 
 @dataclass(frozen=True)
