@@ -16,13 +16,13 @@ from modules.models.demo import DemoFamily, build_demo_model
 REPO = Path(__file__).resolve().parents[2]
 
 
-def cli(*args, **kwargs):
+def cli(*args, timeout=300, **kwargs):
     return subprocess.run(
         [sys.executable, "-m", "modules.cli", *args],
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
         **kwargs,
     )
 
