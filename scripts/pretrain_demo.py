@@ -82,7 +82,7 @@ CPU = torch.device("cpu")
 @dataclass(frozen=True)
 class PretrainRun:
     out: Path
-    steps: int = 6000
+    steps: int = 7000
     """Total optimizer steps (also the length of the cosine schedule)."""
     minutes: float = 0.0
     """Total wall-clock budget over all resumes; 0 means steps alone decide."""

@@ -10,7 +10,7 @@ above the model's samples without and with guidance) and ``--json`` (every numbe
   samples of ``--count`` held-out prompts (a shape × colour pair the model never saw) and as
   many ``train``-pair prompts of scenes it never saw, without guidance and with the default;
 - *where the shapes are lost*: the same prompts sampled from their own scene noised to
-  t = 0.8, 0.6 and 0.4 (the layout given) against pure noise, and the judge on the clean scenes.
+  t = 0.4, 0.6 and 0.8 (the layout given) against pure noise, and the judge on the clean scenes.
 
 Every sample is a function of ``--seed``: the same weights give the same numbers.
 """
@@ -40,7 +40,7 @@ from modules.models.demo_classifier import (
 NEW_SCENES = 100_000_000
 """First ``train``-split index of the "new scenes": pretraining draws scenes in order from 0
 and would need three million steps of 32 to reach it."""
-NOISED_STARTS = (0.8, 0.6, 0.4)
+NOISED_STARTS = (0.4, 0.6, 0.8)
 GRID_PROMPTS = 8
 GRID_SCALE = 2
 GRID_GAP = 8
@@ -128,7 +128,7 @@ def _denoise(
         text = family.encode_prompts(model, [s.caption for s in chunk])
         latents = family.encode_images(model, _clean(chunk))
         noise = torch.randn(latents.shape, generator=generator)
-        noisy = (1 - start) * latents + start * noise
+        noisy, _ = family.noisy_input_and_target(latents, noise, torch.full((len(chunk),), start))
         chunks.append(
             family.denoise(model, text, noisy, start=start, steps=steps, guidance=guidance)
         )

@@ -211,9 +211,9 @@ class DemoFamily:
     ) -> Tensor:
         """Images from latents noised to ``t = start`` (1: pure noise), Euler on the shifted
         grid of ``steps``, with classifier-free ``guidance`` (1: none)."""
-        device = noisy.device
-        empty = self.encode_prompts(model, [""] * noisy.shape[0])
-        empty = {key: value.to(device) for key, value in empty.items()}
+        if guidance != 1.0:
+            empty = self.encode_prompts(model, [""] * noisy.shape[0])
+            empty = {key: value.to(noisy.device) for key, value in empty.items()}
 
         def velocity(x: Tensor, t: Tensor) -> Tensor:
             conditional = self.predict(model, x, t, text).float()
