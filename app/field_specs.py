@@ -44,6 +44,12 @@ class FieldSpec:
     multiple_of: int | float | None = None
     section: type[BaseModel] | None = None
     """The nested model of a ``section`` or ``section_list`` field."""
+    families: tuple[str, ...] = ()
+    """The model families the field applies to (the schema's ``families`` metadata); empty:
+    all of them."""
+
+    def applies_to(self, family: str) -> bool:
+        return not self.families or family in self.families
 
     @property
     def bounded(self) -> bool:
@@ -78,6 +84,7 @@ def section_specs(model: type[BaseModel], prefix: str) -> list[FieldSpec]:
 def field_spec(name: str, info: FieldInfo, path: str) -> FieldSpec:
     annotation, optional = _strip_none(info.annotation)
     default = None if info.is_required() else info.get_default(call_default_factory=True)
+    extra = info.json_schema_extra
     common = {
         "name": name,
         "path": path,
@@ -85,6 +92,7 @@ def field_spec(name: str, info: FieldInfo, path: str) -> FieldSpec:
         "description": info.description or "",
         "default": default,
         "optional": optional,
+        "families": tuple(extra.get("families", ())) if isinstance(extra, dict) else (),
     }
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return FieldSpec(kind="section", section=annotation, **common)

@@ -280,12 +280,32 @@ class FieldRow:
         self.error.grid(row=row + 1, column=column + 1, sticky="w")
         self.error.grid_remove()
         self.message: str | None = None
+        self._visible = True
 
     def get(self) -> Any:
         return self.control.get()
 
     def set(self, value: Any) -> None:
         self.control.set(value)
+
+    @property
+    def visible(self) -> bool:
+        return self._visible
+
+    def set_visible(self, visible: bool) -> None:
+        """Hide or show the row in place; a hidden row keeps its value, and its grid slot."""
+        if visible == self._visible:
+            return
+        self._visible = visible
+        for widget in (self.label, self.control.frame):
+            if visible:
+                widget.grid()
+            else:
+                widget.grid_remove()
+        if visible and self.message:
+            self.error.grid()
+        elif not visible:
+            self.error.grid_remove()
 
     def set_error(self, message: str | None) -> None:
         if message == self.message:

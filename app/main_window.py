@@ -274,7 +274,15 @@ class MainWindow(ctk.CTk):
 
     def _validated(self, validation: Validation) -> None:
         self.run_panel.set_validation(validation)
+        self._show_family_fields()
         self._update_preview_images()
+
+    def _show_family_fields(self) -> None:
+        """Show only the fields of the chosen model family; a field with an error stays in
+        view whatever the family, so nothing that blocks a run is hidden."""
+        family = str(self.form.row("model.family").get())
+        for row in self.form.rows().values():
+            row.set_visible(row.spec.applies_to(family) or row.message is not None)
 
     def _preview_settings(self) -> PreviewSettings | str:
         return settings_from_values(self.form.values())

@@ -19,6 +19,11 @@ VIDEO_FAMILIES = frozenset({"wan"})
 """Families whose latents have a time axis: the only ones that can train clips (data.frames > 1)."""
 
 
+WAN_ONLY = {"families": ["wan"]}
+"""Field metadata: the field applies to these model families only; the UI hides it for others
+(its value is kept and saved)."""
+
+
 class Section(BaseModel):
     """Base for every config section: unknown keys are errors, assignments are validated."""
 
@@ -55,6 +60,7 @@ class ModelConfig(Section):
         ge=1.0,
         le=20.0,
         title="Flow shift",
+        json_schema_extra=WAN_ONLY,
         description=(
             "Shift of the flow-matching timesteps, s t / (1 + (s - 1) t): above 1 trains more at "
             "high noise. Empty: the family's default (WAN 3.0, suited to 480p; use 5.0 for 720p). "
@@ -64,6 +70,7 @@ class ModelConfig(Section):
     expert: Literal["auto", "high_noise", "low_noise"] = Field(
         "auto",
         title="Expert (WAN 2.2 A14B)",
+        json_schema_extra=WAN_ONLY,
         description=(
             "WAN 2.2 A14B has two transformers: high_noise (transformer/) for timesteps at or "
             "above the boundary (boundary_ratio in model_index.json, 0.875 if absent) and "
@@ -75,6 +82,7 @@ class ModelConfig(Section):
     transformer_file: str = Field(
         "",
         title="Transformer file",
+        json_schema_extra=WAN_ONLY,
         description=(
             "Optional single .safetensors transformer (original WAN or ComfyUI key layout) used "
             "instead of the folder's transformer (or the chosen expert's); the folder still "
@@ -84,6 +92,7 @@ class ModelConfig(Section):
     fp8_base: bool = Field(
         False,
         title="fp8 base weights",
+        json_schema_extra=WAN_ONLY,
         description=(
             "Store the frozen transformer weights in float8 (e4m3) and compute in the base "
             "dtype, layer by layer: about half the memory of bfloat16, slightly lower "

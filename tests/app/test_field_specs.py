@@ -115,3 +115,11 @@ def test_literal_choices_are_strings():
         mode: Literal["a", "b"] = "a"
 
     assert spec(Pick, "mode").choices == ("a", "b")
+
+
+def test_family_only_fields_say_which_families_they_apply_to():
+    flow_shift = spec(ModelConfig, "flow_shift", "model")
+    assert flow_shift.families == ("wan",)
+    assert flow_shift.applies_to("wan") and not flow_shift.applies_to("demo")
+    path = spec(ModelConfig, "path", "model")
+    assert path.families == () and path.applies_to("demo") and path.applies_to("wan")

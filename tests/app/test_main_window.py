@@ -223,3 +223,39 @@ def test_hovering_a_label_shows_its_description(window):
     row.label.event_generate("<Leave>")
     settle(window)
     assert row.tooltip._window is None
+
+
+WAN_FIELDS = ("model.flow_shift", "model.expert", "model.transformer_file", "model.fp8_base")
+
+
+def test_fields_of_another_family_are_hidden_and_keep_their_values(window):
+    family = window.form.row("model.family")
+    family.set("demo")
+    settle(window)
+    for path in WAN_FIELDS:
+        row = window.form.row(path)
+        assert not row.visible and row.label.winfo_manager() == "", path
+    assert window.form.row("model.path").label.winfo_manager() == "grid"
+
+    family.set("wan")
+    window.form.row("model.flow_shift").set(5.0)
+    settle(window)
+    for path in WAN_FIELDS:
+        assert window.form.row(path).label.winfo_manager() == "grid", path
+    family.set("demo")
+    settle(window)
+    assert not window.form.row("model.flow_shift").visible
+    assert window.form.validate().config.model.flow_shift == 5.0  # hidden, still saved
+
+
+def test_a_hidden_field_with_an_error_stays_in_view(window):
+    window.form.row("model.family").set("demo")
+    row = window.form.row("model.flow_shift")
+    row.set(0.5)
+    settle(window)
+    assert row.message is not None and "greater than or equal to 1" in row.message
+    assert row.visible and row.label.winfo_manager() == "grid"
+    assert window.run_panel.start_button.cget("state") == "disabled"
+    row.set(3.0)
+    settle(window)
+    assert not row.visible
