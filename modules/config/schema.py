@@ -22,6 +22,7 @@ VIDEO_FAMILIES = frozenset({"wan"})
 WAN_ONLY = {"families": ["wan"]}
 """Field metadata: the field applies to these model families only; the UI hides it for others
 (its value is kept and saved)."""
+VIDEO_ONLY = {"families": sorted(VIDEO_FAMILIES)}
 
 
 class Section(BaseModel):
@@ -188,6 +189,7 @@ class DataConfig(Section):
         ge=1,
         le=257,
         title="Frames per clip",
+        json_schema_extra=VIDEO_ONLY,
         description=(
             "Frames taken from each clip, 4n+1 (1, 5, 9, ..., 81) to match WAN's 4x temporal "
             "compression; 1 trains images and first frames only. Still images always train as "
@@ -199,6 +201,7 @@ class DataConfig(Section):
         ge=0.0,
         le=240.0,
         title="Frame rate",
+        json_schema_extra=VIDEO_ONLY,
         description=(
             "Clips are resampled to this rate before taking the frames (WAN 2.1 and 2.2 A14B: "
             "16, TI2V 5B: 24). 0: every source frame. Frame folders count as recorded at this "

@@ -225,7 +225,14 @@ def test_hovering_a_label_shows_its_description(window):
     assert row.tooltip._window is None
 
 
-WAN_FIELDS = ("model.flow_shift", "model.expert", "model.transformer_file", "model.fp8_base")
+WAN_FIELDS = (
+    "model.flow_shift",
+    "model.expert",
+    "model.transformer_file",
+    "model.fp8_base",
+    "data.frames",
+    "data.fps",
+)
 
 
 def test_fields_of_another_family_are_hidden_and_keep_their_values(window):
