@@ -1,6 +1,10 @@
-"""Pretrain the demo family's transformer and text encoder on the synthetic world.
+"""Pretrain the demo family's denoiser and text encoder on the synthetic world.
 
     python -m scripts.pretrain_demo --out runs/demo-pretrain --steps 7000 --minutes 88
+    python -m scripts.pretrain_demo --out runs/demo-unet --architecture unet --steps 40000
+
+``--architecture`` picks the denoiser: ``wan`` (the built-in model's transformer) or ``unet``
+(``modules.models.demo.UNET_CONFIG``).
 
 Flow matching on ``train`` scenes of ``modules.data.world``, drawn on the fly: step ``k`` sees
 scenes ``k * batch_size`` onwards, and its noise, timesteps and caption dropout come from a
@@ -12,10 +16,13 @@ Writes to ``--out``:
 - ``checkpoint.pt``: replaced atomically every ``--checkpoint-minutes``; a new start with the
   same ``--out`` resumes from it;
 - ``loss.jsonl``: one row per ``--log-every`` steps (step, mean loss, lr, elapsed seconds);
-- at the end, ``model/`` in the layout ``modules.models.demo`` loads (transformer in float16,
+- at the end, ``model/`` in the layout ``modules.models.demo`` loads (denoiser in float16,
   text encoder in float32: it is tiny and float32 keeps its loading dtype-proof),
   ``samples.png`` (held-out prompts: the world's rendering above, the model's sample below)
   and ``summary.json`` with the classifier's prompt-match score on held-out prompts.
+
+``--preview`` trains nothing: it exports the checkpoint's weights as they stand, with their samples
+and score, into ``--out``/``preview/`` (the same three files), to look at a long run half-way.
 
 ``--minutes`` caps the total time over all resumes; the learning-rate schedule then follows
 whichever budget, steps or time, is further along, so a timed run still ends annealed.
@@ -41,7 +48,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers import WanTransformer3DModel
+from diffusers import UNet2DConditionModel, WanTransformer3DModel
 from PIL import Image
 from torch import Tensor
 from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
@@ -50,9 +57,11 @@ from modules.atomic import replacing, write_text_atomic
 from modules.data.world import Scene, SceneLabels, scene
 from modules.models.base import LoadedModel, TextEncoding
 from modules.models.demo import (
+    ARCHITECTURES,
     MAX_PROMPT_BYTES,
     TEXT_ENCODER_CONFIG,
     TRANSFORMER_CONFIG,
+    UNET_CONFIG,
     DemoFamily,
     build_demo_model,
     save_demo_model,
@@ -72,9 +81,17 @@ TINY_TRANSFORMER = {
     "num_layers": 1,
 }
 """For smoke tests only: loads through the demo family, but is not the shipped size."""
+TINY_UNET = {
+    **UNET_CONFIG,
+    "block_out_channels": (16, 16, 16),
+    "norm_num_groups": 8,
+    "attention_head_dim": (1, 1, 1),
+    "time_embedding_dim": 32,
+}
+"""The UNet's smoke-test size."""
 CHECKPOINT = "checkpoint.pt"
 LOSS_LOG = "loss.jsonl"
-_RESUME_FIELDS = ("batch_size", "resolution", "seed", "tiny")
+_RESUME_FIELDS = ("architecture", "batch_size", "resolution", "seed", "tiny")
 """Settings a resumed run must share with its checkpoint, or its data order would change."""
 CPU = torch.device("cpu")
 
@@ -111,6 +128,10 @@ class PretrainRun:
     session_steps: int = 0
     """Stop this session after this many steps, checkpointed but not exported, to be resumed
     later (0: no limit). Lets a long run be split into chunks."""
+    preview: bool = False
+    """Train nothing: export the checkpoint as it stands into ``out/preview/`` and score it."""
+    architecture: str = "wan"
+    """The denoiser: "wan" (a WAN transformer, as the built-in model) or "unet"."""
     tiny: bool = False
     device: str = "cpu"
     """Where the networks train ("cpu", "cuda", "cuda:1"); a checkpoint resumes on any device."""
@@ -132,18 +153,23 @@ def pretrain(run: PretrainRun, log: bool = False) -> dict[str, Any] | None:
     """Train (or resume) until a budget is spent, then export and return the summary.
 
     Returns None when the session stopped at ``session_steps`` before the budget was spent."""
+    if run.preview:
+        if not (run.out / CHECKPOINT).is_file():
+            raise FileNotFoundError(f"{run.out / CHECKPOINT}: no checkpoint to preview")
+        # The run may still be training: its loss log is left alone.
+        return _finish(run, _setup(run, trim_log=False), run.out / "preview")
     run.out.mkdir(parents=True, exist_ok=True)
     state = _setup(run)
     _train(run, state, log)
     if _progress(run, state) < 1.0:
         return None
-    return _finish(run, state)
+    return _finish(run, state, run.out)
 
 
 # ------------------------------------------------------------------------------------- setup
 
 
-def _setup(run: PretrainRun) -> _State:
+def _setup(run: PretrainRun, trim_log: bool = True) -> _State:
     model = _build_model(run)
     params = _trainable(model)
     optimizer = torch.optim.AdamW(
@@ -153,7 +179,8 @@ def _setup(run: PretrainRun) -> _State:
     checkpoint = run.out / CHECKPOINT
     if checkpoint.is_file():
         _load_checkpoint(run, state, checkpoint)
-    _trim_loss_log(run.out / LOSS_LOG, state.step)
+    if trim_log:
+        _trim_loss_log(run.out / LOSS_LOG, state.step)
     return state
 
 
@@ -167,11 +194,16 @@ def _build_model(run: PretrainRun) -> LoadedModel:
 def _build_cpu_model(run: PretrainRun) -> LoadedModel:
     """Initialised on the CPU whatever the device, so the initial weights never depend on it."""
     if not run.tiny:
-        model = build_demo_model(run.seed)
+        model = build_demo_model(run.seed, run.architecture)
     else:
         torch.manual_seed(run.seed)
+        tiny: torch.nn.Module
+        if run.architecture == "unet":
+            tiny = UNet2DConditionModel(**TINY_UNET)
+        else:
+            tiny = WanTransformer3DModel(**TINY_TRANSFORMER)
         model = LoadedModel(
-            denoiser=WanTransformer3DModel(**TINY_TRANSFORMER),
+            denoiser=tiny,
             identity="demo-tiny",
             parts={
                 "text_encoder": T5EncoderModel(T5Config(**TEXT_ENCODER_CONFIG)),
@@ -186,7 +218,8 @@ def _build_cpu_model(run: PretrainRun) -> LoadedModel:
 
 
 def _trainable(model: LoadedModel) -> dict[str, torch.nn.Parameter]:
-    """Every weight of both networks, named with a prefix so the EMA can be keyed by name."""
+    """Every weight of both networks, named with a prefix so the EMA can be keyed by name
+    (``transformer.`` for the denoiser, whichever its architecture)."""
     params = {f"transformer.{k}": p for k, p in model.denoiser.named_parameters()}
     encoder = model.parts["text_encoder"]
     params |= {f"text_encoder.{k}": p for k, p in encoder.named_parameters()}
@@ -363,7 +396,8 @@ def _save_checkpoint(run: PretrainRun, state: _State) -> None:
 
 def _load_checkpoint(run: PretrainRun, state: _State, path: Path) -> None:
     payload = torch.load(path, map_location=run.device, weights_only=True)
-    saved, wanted = payload["run"], _resume_settings(run)
+    # Checkpoints from before the UNet option were all WAN transformers.
+    saved, wanted = {"architecture": "wan", **payload["run"]}, _resume_settings(run)
     for name in _RESUME_FIELDS:
         if saved[name] != wanted[name]:
             raise ValueError(
@@ -394,12 +428,13 @@ def _trim_loss_log(path: Path, step: int) -> None:
 # ------------------------------------------------------------------------------------ finish
 
 
-def _finish(run: PretrainRun, state: _State) -> dict[str, Any]:
+def _finish(run: PretrainRun, state: _State, into: Path) -> dict[str, Any]:
     """Export the (EMA) weights, sample held-out prompts, score them, write the summary."""
-    model = _export(run, state)
+    into.mkdir(parents=True, exist_ok=True)
+    model = _export(run, state, into)
     scenes = [scene(i, "heldout") for i in range(run.sample_count)]
     samples = _sample(run, model, [s.caption for s in scenes])
-    _grid(scenes[:16], samples[:16], run.resolution).save(run.out / "samples.png")
+    _grid(scenes[:16], samples[:16], run.resolution).save(into / "samples.png")
     summary: dict[str, Any] = {
         "run": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(run).items()},
         "step": state.step,
@@ -407,12 +442,12 @@ def _finish(run: PretrainRun, state: _State) -> dict[str, Any]:
         "prompts": [s.caption for s in scenes[:16]],
         "score": _score(run, samples, [s.labels for s in scenes]),
     }
-    (run.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    (into / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
 
 
-def _export(run: PretrainRun, state: _State) -> LoadedModel:
-    """Write ``model/`` (atomically, via a sibling folder) and return the exported model."""
+def _export(run: PretrainRun, state: _State, into: Path) -> LoadedModel:
+    """Write ``into/model/`` (atomically, via a sibling folder) and return the exported model."""
     model = _build_cpu_model(run)
     weights = state.ema if run.ema_decay > 0 else _named_weights(state.model)
     for prefix, module in (
@@ -428,7 +463,7 @@ def _export(run: PretrainRun, state: _State) -> LoadedModel:
         if tensor.is_floating_point():
             tensor.data = tensor.data.to(torch.float16)
     shipped = LoadedModel(model.denoiser, model.identity, model.parts)
-    target, partial = run.out / "model", run.out / "model.partial"
+    target, partial = into / "model", into / "model.partial"
     shutil.rmtree(partial, ignore_errors=True)
     save_demo_model(shipped, partial)
     shutil.rmtree(target, ignore_errors=True)
@@ -497,6 +532,8 @@ def _parse(argv: list[str] | None) -> PretrainRun:
             parser.add_argument(flag, action="store_true")
         elif name == "classifier":
             parser.add_argument(flag, type=Path, default=None)
+        elif name == "architecture":
+            parser.add_argument(flag, choices=sorted(ARCHITECTURES), default=default)
         else:
             parser.add_argument(flag, type=type(default), default=default)
     args = vars(parser.parse_args(argv))
@@ -509,8 +546,9 @@ def main(argv: list[str] | None = None) -> None:
     if summary is None:
         print(f"stopped after {run.session_steps} steps; run again with --out {run.out} to resume")
         return
+    into = run.out / "preview" if run.preview else run.out
     print(json.dumps(summary["score"]))
-    print(f"wrote {run.out / 'model'}, {run.out / 'samples.png'}, {run.out / 'summary.json'}")
+    print(f"wrote {into / 'model'}, {into / 'samples.png'}, {into / 'summary.json'}")
 
 
 if __name__ == "__main__":

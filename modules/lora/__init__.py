@@ -1,5 +1,21 @@
 """LoRA adapters (peft) on the family's denoiser, and the teacher switch."""
 
-from modules.lora.lora import add_lora, load_lora, lora_disabled, lora_state_dict, save_lora
+from modules.lora.lora import (
+    add_lora,
+    check_comfyui_supported,
+    load_lora,
+    lora_disabled,
+    lora_prefix,
+    lora_state_dict,
+    save_lora,
+)
 
-__all__ = ["add_lora", "load_lora", "lora_disabled", "lora_state_dict", "save_lora"]
+__all__ = [
+    "add_lora",
+    "check_comfyui_supported",
+    "load_lora",
+    "lora_disabled",
+    "lora_prefix",
+    "lora_state_dict",
+    "save_lora",
+]

@@ -31,6 +31,13 @@ from modules.lora.comfyui import is_comfyui_layout, to_comfyui
 
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # the key diffusers reads rank/alpha from
 PREFIX = "transformer"
+UNET_PREFIX = "unet"
+
+
+def lora_prefix(denoiser: ModelMixin) -> str:
+    """The key prefix diffusers' pipelines give this denoiser's LoRA: ``unet.`` for a UNet
+    (Stable Diffusion's loaders), ``transformer.`` for a transformer (WAN, FLUX, Qwen-Image)."""
+    return UNET_PREFIX if type(denoiser).__name__.startswith("UNet") else PREFIX
 
 
 def add_lora(
@@ -72,17 +79,19 @@ def lora_disabled(denoiser: ModelMixin) -> Iterator[None]:
 
 
 def lora_state_dict(denoiser: ModelMixin) -> dict[str, torch.Tensor]:
-    """The adapter weights in the diffusers layout: ``transformer.<module>.lora_A.weight``."""
+    """The adapter weights in the diffusers layout: ``transformer.<module>.lora_A.weight``
+    (``unet.`` for a UNet)."""
     state = get_peft_model_state_dict(denoiser)
+    prefix = lora_prefix(denoiser)
     return {
-        f"{PREFIX}.{key}": value.detach().float().contiguous().cpu() for key, value in state.items()
+        f"{prefix}.{key}": value.detach().float().contiguous().cpu() for key, value in state.items()
     }
 
 
 def _adapter_metadata(denoiser: ModelMixin) -> dict[str, object]:
     config = denoiser.peft_config["default"].to_dict()
     plain = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
-    return {f"{PREFIX}.{key}": value for key, value in plain.items()}
+    return {f"{lora_prefix(denoiser)}.{key}": value for key, value in plain.items()}
 
 
 def save_lora(
@@ -114,12 +123,22 @@ def save_lora(
         "maskprior.config": config_json,
     }
     if layout == "comfyui":
+        check_comfyui_supported(denoiser)
         state = to_comfyui(state, alpha=peft_config.lora_alpha)
     else:
         metadata[ADAPTER_METADATA_KEY] = json.dumps(_adapter_metadata(denoiser), sort_keys=True)
     with replacing(path) as temporary:
         save_file(state, str(temporary), metadata=metadata)
     return path
+
+
+def check_comfyui_supported(denoiser: ModelMixin) -> None:
+    """The ComfyUI layout is WAN's; a ValueError naming the field for any other denoiser."""
+    if lora_prefix(denoiser) != PREFIX:
+        raise ValueError(
+            f"output.format=comfyui: the ComfyUI layout here is WAN's, and this model's denoiser "
+            f"is a {type(denoiser).__name__}; set output.format=diffusers"
+        )
 
 
 def load_lora(denoiser: ModelMixin, path: str | os.PathLike[str], adapter_name: str = "default"):
@@ -140,7 +159,7 @@ def load_lora(denoiser: ModelMixin, path: str | os.PathLike[str], adapter_name: 
     denoiser.load_lora_adapter(
         str(path.parent),
         weight_name=path.name,
-        prefix=PREFIX,
+        prefix=lora_prefix(denoiser),
         adapter_name=adapter_name,
         local_files_only=True,
     )

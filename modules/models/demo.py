@@ -3,12 +3,15 @@
 - Codec: parameter-free pixel unshuffle, (B, 3, H, W) → (B, 48, H/4, W/4). No VAE to download,
   and decoding is exact.
 - Denoiser: a ~4M-parameter ``WanTransformer3DModel`` (the WAN 2.1 architecture, shrunk) on
-  one-frame latents, trained with flow matching. It predicts the clean latents; ``predict``
-  returns the velocity they imply, so everything outside the family sees a velocity.
+  one-frame latents, or a ~5M-parameter ``UNet2DConditionModel`` (the Stable Diffusion UNet,
+  shrunk to latents of 16, 8 and 4 pixels), trained with flow matching. The built-in weights are
+  the transformer; the UNet is the candidate for the next built-in model
+  (``docs/demo-model.md``). Either predicts the clean latents; ``predict`` returns the velocity
+  they imply, so everything outside the family sees a velocity.
 - Text encoder: a tiny ``T5EncoderModel`` (WAN's UMT5 is a T5 variant) with the byte-level
   ``ByT5Tokenizer``, which needs no vocabulary file.
 
-On disk the model is a folder with ``transformer/`` (diffusers ``save_pretrained``),
+On disk the model is a folder with ``transformer/`` or ``unet/`` (diffusers ``save_pretrained``),
 ``text_encoder/`` and ``tokenizer/`` (transformers ``save_pretrained``), loaded with
 ``local_files_only``: the same code path a user's model takes.
 """
@@ -20,7 +23,7 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from diffusers import WanTransformer3DModel
+from diffusers import UNet2DConditionModel, WanTransformer3DModel
 from torch import Tensor
 from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
@@ -64,6 +67,23 @@ TRANSFORMER_CONFIG = {
     "num_layers": 6,
     "rope_max_seq_len": 256,
 }
+UNET_CONFIG = {
+    "sample_size": 16,
+    "in_channels": LATENT_CHANNELS,
+    "out_channels": LATENT_CHANNELS,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "block_out_channels": (64, 96, 128),
+    "layers_per_block": 1,
+    "norm_num_groups": 16,
+    "cross_attention_dim": 64,
+    "attention_head_dim": (2, 3, 4),  # diffusers' legacy name: the heads per level (of 32 values)
+    "time_embedding_dim": 128,
+}
+"""Latents of 16 × 16, 8 × 8 and 4 × 4, where a 3 × 3 convolution spans a whole object;
+cross-attention to the caption at the two lower levels. 5.3M parameters, 10.7 MB in float16."""
+ARCHITECTURES = {"wan": "transformer", "unet": "unet"}
+"""Denoiser architecture → the subfolder of a demo model folder that holds it."""
 TEXT_ENCODER_CONFIG = {
     "vocab_size": 384,  # ByT5: 256 bytes + 3 specials + 125 sentinels
     "d_model": 64,
@@ -75,10 +95,16 @@ TEXT_ENCODER_CONFIG = {
 }
 
 
-def build_demo_model(seed: int = 0) -> LoadedModel:
-    """Random demo weights, deterministic in ``seed`` (used until pretrained weights ship)."""
+def build_demo_model(seed: int = 0, architecture: str = "wan") -> LoadedModel:
+    """Random demo weights of ``architecture`` ("wan" or "unet"), deterministic in ``seed``."""
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"architecture: {architecture!r} is not one of {sorted(ARCHITECTURES)}")
     torch.manual_seed(seed)
-    denoiser = WanTransformer3DModel(**TRANSFORMER_CONFIG)
+    denoiser: torch.nn.Module
+    if architecture == "wan":
+        denoiser = WanTransformer3DModel(**TRANSFORMER_CONFIG)
+    else:
+        denoiser = UNet2DConditionModel(**UNET_CONFIG)
     text_encoder = T5EncoderModel(T5Config(**TEXT_ENCODER_CONFIG))
     return LoadedModel(
         denoiser=denoiser,
@@ -90,9 +116,14 @@ def build_demo_model(seed: int = 0) -> LoadedModel:
 def save_demo_model(model: LoadedModel, directory: str | Path) -> None:
     """Write the model in the on-disk layout :meth:`DemoFamily.load` reads."""
     directory = Path(directory)
-    model.denoiser.save_pretrained(directory / "transformer")
+    model.denoiser.save_pretrained(directory / ARCHITECTURES[demo_architecture(model.denoiser)])
     model.parts["text_encoder"].save_pretrained(directory / "text_encoder")
     model.parts["tokenizer"].save_pretrained(directory / "tokenizer")
+
+
+def demo_architecture(denoiser: torch.nn.Module) -> str:
+    """ "unet" for a ``UNet2DConditionModel``, else "wan"."""
+    return "unet" if isinstance(denoiser, UNet2DConditionModel) else "wan"
 
 
 class DemoFamily:
@@ -103,7 +134,11 @@ class DemoFamily:
     latent_scale = CODEC_FACTOR
     lora_targets: ClassVar[dict[str, list[str]]] = {
         "attention": ["to_q", "to_k", "to_v", "to_out.0"],
-        "attention_ffn": ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"],
+        # The feed-forward layers: "ffn." in the transformer's blocks, "ff." in the UNet's.
+        "attention_ffn": [
+            *("to_q", "to_k", "to_v", "to_out.0"),
+            *("ffn.net.0.proj", "ffn.net.2", "ff.net.0.proj", "ff.net.2"),
+        ],
     }
 
     def __init__(self, config: ModelConfig | None = None) -> None:
@@ -167,13 +202,17 @@ class DemoFamily:
     ) -> Tensor:
         denoiser = model.denoiser
         dtype = next(denoiser.parameters()).dtype
-        # (B, C, h, w) → one-frame video (B, C, 1, h, w) for the WAN transformer, and back.
-        clean = denoiser(
-            hidden_states=noisy.unsqueeze(2).to(dtype),
-            timestep=timesteps * 1000,
-            encoder_hidden_states=text["embeds"].to(dtype),
-            return_dict=False,
-        )[0].squeeze(2)
+        embeds = text["embeds"].to(dtype)
+        if demo_architecture(denoiser) == "unet":
+            clean = denoiser(noisy.to(dtype), timesteps * 1000, embeds, return_dict=False)[0]
+        else:
+            # (B, C, h, w) → one-frame video (B, C, 1, h, w) for the WAN transformer, and back.
+            clean = denoiser(
+                hidden_states=noisy.unsqueeze(2).to(dtype),
+                timestep=timesteps * 1000,
+                encoder_hidden_states=embeds,
+                return_dict=False,
+            )[0].squeeze(2)
         # The network predicts the clean image and the family returns the velocity it implies,
         # so the loss, the teacher and the sampler see a velocity like every flow family. A
         # token carries 192 values through a width of 192: asked for the velocity, the network
@@ -230,16 +269,25 @@ def _load_folder(folder: Path, dtype: torch.dtype) -> LoadedModel:
     if not folder.is_dir():
         raise ModelLoadError(
             f"model.path: folder {folder} not found; point model.path at a demo model folder "
-            "(transformer/, text_encoder/, tokenizer/) or leave it empty for the built-in model"
+            "(transformer/ or unet/, text_encoder/, tokenizer/) or leave it empty for the "
+            "built-in model"
         )
-    missing = [p for p in ("transformer", "text_encoder", "tokenizer") if not (folder / p).is_dir()]
-    if missing:
+    found = [name for name in ARCHITECTURES.values() if (folder / name).is_dir()]
+    if len(found) > 1:
+        raise ModelLoadError(
+            f"model.path: {folder} holds both transformer/ and unet/; a demo model folder holds "
+            "one denoiser: move the other one out"
+        )
+    missing = [p for p in ("text_encoder", "tokenizer") if not (folder / p).is_dir()]
+    if missing or not found:
+        missing = missing if found else ["transformer (or unet)", *missing]
         raise ModelLoadError(
             f"model.path: {folder} has no {', '.join(missing)} subfolder; a demo model folder "
-            "holds transformer/, text_encoder/ and tokenizer/"
+            "holds transformer/ or unet/, text_encoder/ and tokenizer/"
         )
-    denoiser = WanTransformer3DModel.from_pretrained(
-        folder / "transformer", torch_dtype=dtype, local_files_only=True
+    model_class = UNet2DConditionModel if found[0] == "unet" else WanTransformer3DModel
+    denoiser = model_class.from_pretrained(
+        folder / found[0], torch_dtype=dtype, local_files_only=True
     )
     text_encoder = T5EncoderModel.from_pretrained(folder / "text_encoder", local_files_only=True)
     tokenizer = ByT5Tokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)

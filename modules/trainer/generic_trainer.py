@@ -41,7 +41,7 @@ from modules.config import ConfigError, TrainConfig, config_warnings, resolved_c
 from modules.data.concept import DataError
 from modules.data.dataset import Batch, collate
 from modules.data.preparation import prepare_dataset
-from modules.lora import add_lora, lora_disabled, save_lora
+from modules.lora import add_lora, check_comfyui_supported, lora_disabled, save_lora
 from modules.loss import LossBreakdown, masked_prior_loss, process_masks
 from modules.models import LoadedModel, ModelFamily, ModelLoadError, get_family, select_text
 from modules.models.base import eval_mode
@@ -134,6 +134,11 @@ class GenericTrainer:
         self.model: LoadedModel = self.family.load(
             config.model.path, dtype=DTYPES[config.model.dtype], device=self.device
         )
+        if config.output.format == "comfyui":
+            try:  # now, not at the first save
+                check_comfyui_supported(self.model.denoiser)
+            except ValueError as error:
+                raise ConfigError(str(error)) from None
         prepared = prepare_dataset(
             config.data,
             family=self.family,

@@ -87,6 +87,38 @@ def test_save_load_round_trip_through_diffusers(tmp_path, demo_family, demo_mode
     assert torch.allclose(_predict(demo_family, fresh, demo_inputs), student, atol=1e-6)
 
 
+def test_a_unet_lora_is_saved_under_diffusers_unet_prefix_and_loads_back(
+    tmp_path, demo_family, demo_inputs
+):
+    model = _lora_model(build_demo_model(seed=0, architecture="unet"))
+    student = _predict(demo_family, model, demo_inputs)
+    with lora_disabled(model.denoiser):
+        assert not torch.allclose(_predict(demo_family, model, demo_inputs), student)
+    path = save_lora(model.denoiser, tmp_path / "u.safetensors", family="demo", config_json="{}")
+    with safe_open(path, "pt") as handle:
+        keys = list(handle.keys())
+        adapter = json.loads(handle.metadata()["lora_adapter_metadata"])
+    assert keys and all(
+        k.startswith("unet.down_blocks.")
+        or k.startswith("unet.up_blocks.")
+        or k.startswith("unet.mid_block.")
+        for k in keys
+    )
+    assert adapter["unet.r"] == 4
+    fresh = build_demo_model(seed=0, architecture="unet")
+    load_lora(fresh.denoiser, path)
+    assert torch.allclose(_predict(demo_family, fresh, demo_inputs), student, atol=1e-6)
+    with pytest.raises(ValueError, match="output.format=comfyui: .* UNet2DConditionModel"):
+        save_lora(
+            model.denoiser,
+            tmp_path / "c.safetensors",
+            family="demo",
+            config_json="{}",
+            layout="comfyui",
+        )
+    assert not (tmp_path / "c.safetensors").exists()
+
+
 def test_save_is_atomic(tmp_path, demo_model, monkeypatch):
     _lora_model(demo_model)
     path = tmp_path / "x.safetensors"

@@ -6,10 +6,12 @@ import torch
 from modules.config.schema import ModelConfig
 from modules.models import FAMILIES, ModelFamily, ModelLoadError, get_family
 from modules.models.demo import (
+    ARCHITECTURES,
     MAX_PROMPT_BYTES,
     TIME_SHIFT,
     DemoFamily,
     build_demo_model,
+    demo_architecture,
     save_demo_model,
 )
 from modules.models.flow_matching import euler_sample, flow_noisy_input_and_target
@@ -34,10 +36,16 @@ def test_codec_is_exact(demo_family, demo_model):
     assert torch.equal(demo_family.decode_latents(demo_model, latents), images)
 
 
-def test_saved_model_loads_from_its_folder_with_the_same_output(tmp_path, demo_family, demo_inputs):
-    model = build_demo_model(seed=0)
+@pytest.mark.parametrize(("architecture", "folder"), [("wan", "transformer"), ("unet", "unet")])
+def test_saved_model_loads_from_its_folder_with_the_same_output(
+    tmp_path, demo_family, demo_inputs, architecture, folder
+):
+    model = build_demo_model(seed=0, architecture=architecture)
     save_demo_model(model, tmp_path / "demo")
-    assert (tmp_path / "demo/transformer/config.json").is_file()
+    assert (tmp_path / f"demo/{folder}/config.json").is_file()
+    assert [p.name for p in (tmp_path / "demo").iterdir() if p.name in ARCHITECTURES.values()] == [
+        folder
+    ]
     assert (tmp_path / "demo/text_encoder/config.json").is_file()
     loaded = demo_family.load(str(tmp_path / "demo"), dtype=torch.float32, device=CPU)
     noisy, timesteps, _ = demo_inputs
@@ -50,6 +58,20 @@ def test_saved_model_loads_from_its_folder_with_the_same_output(tmp_path, demo_f
         expected = demo_family.predict(model, noisy, timesteps, text)
         assert torch.equal(demo_family.predict(loaded, noisy, timesteps, text), expected)
     assert loaded.identity != model.identity
+    assert demo_architecture(loaded.denoiser) == architecture
+
+
+def test_the_unet_predicts_a_velocity_from_its_clean_image(demo_family, demo_inputs):
+    model = build_demo_model(seed=0, architecture="unet")
+    noisy, timesteps, text = demo_inputs
+    with torch.no_grad():
+        velocity = demo_family.predict(model, noisy, timesteps, text)
+        clean = model.denoiser(noisy, timesteps * 1000, text["embeds"], return_dict=False)[0]
+    assert velocity.shape == noisy.shape
+    t = timesteps.view(-1, 1, 1, 1)
+    assert torch.allclose(velocity, (noisy - clean) / t, atol=1e-5)
+    with pytest.raises(ValueError, match="architecture: 'dit' is not one of"):
+        build_demo_model(architecture="dit")
 
 
 def test_missing_model_folder_is_a_clear_error(tmp_path, demo_family):
@@ -57,6 +79,13 @@ def test_missing_model_folder_is_a_clear_error(tmp_path, demo_family):
         demo_family.load(str(tmp_path / "nowhere"), dtype=torch.float32, device=CPU)
     (tmp_path / "half/transformer").mkdir(parents=True)
     with pytest.raises(ModelLoadError, match="has no text_encoder, tokenizer subfolder"):
+        demo_family.load(str(tmp_path / "half"), dtype=torch.float32, device=CPU)
+    (tmp_path / "encoders/text_encoder").mkdir(parents=True)
+    (tmp_path / "encoders/tokenizer").mkdir()
+    with pytest.raises(ModelLoadError, match=r"has no transformer \(or unet\) subfolder"):
+        demo_family.load(str(tmp_path / "encoders"), dtype=torch.float32, device=CPU)
+    (tmp_path / "half/unet").mkdir()
+    with pytest.raises(ModelLoadError, match="holds both transformer/ and unet/"):
         demo_family.load(str(tmp_path / "half"), dtype=torch.float32, device=CPU)
 
 

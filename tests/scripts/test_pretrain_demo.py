@@ -87,3 +87,42 @@ def test_trainable_encoding_equals_the_familys() -> None:
     with torch.no_grad():
         ours = encode_captions(model, prompts)["embeds"]
     assert torch.equal(ours, DemoFamily().encode_prompts(model, prompts)["embeds"])
+
+
+def test_the_unet_architecture_pretrains_and_loads_through_the_demo_family(tmp_path: Path) -> None:
+    summary = pretrain(_run(tmp_path, steps=2, architecture="unet"))
+    assert summary is not None and summary["run"]["architecture"] == "unet"
+    assert (tmp_path / "model/unet/config.json").is_file()
+    assert not (tmp_path / "model/transformer").exists()
+    family = DemoFamily()
+    model = family.load(str(tmp_path / "model"), dtype=torch.float32, device=CPU)
+    assert type(model.denoiser).__name__ == "UNet2DConditionModel"
+    text = family.encode_prompts(model, ["a red star on a plain background"])
+    images = family.sample(
+        model, text, resolution=32, steps=2, generator=torch.Generator().manual_seed(0)
+    )
+    assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
+
+
+def test_a_checkpoint_refuses_another_architecture(tmp_path: Path) -> None:
+    assert pretrain(_run(tmp_path, session_steps=1)) is None
+    with pytest.raises(ValueError, match="architecture='wan', this run asks for 'unet'"):
+        pretrain(_run(tmp_path, architecture="unet"))
+
+
+def test_a_preview_exports_the_checkpoint_and_trains_nothing(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no checkpoint to preview"):
+        pretrain(_run(tmp_path / "none", preview=True))
+    assert pretrain(_run(tmp_path, session_steps=2)) is None
+    log = (tmp_path / LOSS_LOG).read_text()
+    checkpoint = (tmp_path / CHECKPOINT).read_bytes()
+    summary = pretrain(_run(tmp_path, preview=True))
+    assert summary is not None and summary["step"] == 2
+    assert (tmp_path / "preview/samples.png").is_file()
+    assert json.loads((tmp_path / "preview/summary.json").read_text())["step"] == 2
+    assert (tmp_path / LOSS_LOG).read_text() == log
+    assert (tmp_path / CHECKPOINT).read_bytes() == checkpoint
+    assert not (tmp_path / "model").exists()
+    DemoFamily().load(str(tmp_path / "preview/model"), dtype=torch.float32, device=CPU)
+    finished = pretrain(_run(tmp_path))  # the run itself goes on from its checkpoint
+    assert finished is not None and finished["step"] == 3

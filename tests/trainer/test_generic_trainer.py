@@ -9,7 +9,7 @@ import torch
 from modules.config import TrainConfig, config_from_dict
 from modules.data.demo_dataset import write_demo_dataset
 from modules.lora import load_lora
-from modules.models.demo import DemoFamily
+from modules.models.demo import DemoFamily, build_demo_model, save_demo_model
 from modules.trainer import (
     Command,
     FileSaved,
@@ -267,3 +267,30 @@ def test_a_second_run_in_the_same_folder_keeps_the_first_lora(demo_root, tmp_pat
     assert len(kept) == 1 and kept[0].read_bytes() == saved
     assert (kept[0].parent / "metrics.jsonl").is_file()
     assert any("moved it to" in e.text for e in events if isinstance(e, StatusMessage))
+
+
+def test_a_unet_demo_model_trains_with_its_teacher_and_refuses_the_comfyui_layout(
+    demo_root, tmp_path
+):
+    save_demo_model(build_demo_model(seed=4, architecture="unet"), tmp_path / "unet-model")
+    model = {"path": str(tmp_path / "unet-model")}
+    config = make_config(demo_root, tmp_path, model=model, lora={"targets": "attention_ffn"})
+    finished, events = run(config)
+    assert finished.error is None and finished.lora_path is not None
+    lines = metrics(events)
+    assert all(m.teacher_fraction == 1.0 for m in lines) and lines[-1].loss_prior > 0
+    base = DemoFamily().load(str(tmp_path / "unet-model"), dtype=torch.float32, device="cpu")
+    load_lora(base.denoiser, finished.lora_path)
+    names = {n for n, _ in base.denoiser.named_parameters() if "lora_A" in n}
+    assert any(".ff.net.2." in n for n in names) and any(".attn2.to_k." in n for n in names)
+
+    comfy = make_config(
+        demo_root,
+        tmp_path / "c",
+        model=model,
+        output={"run_dir": str(tmp_path / "c/run"), "format": "comfyui"},
+    )
+    finished, events = run(comfy)
+    assert finished.error is not None and "output.format=diffusers" in finished.error
+    assert finished.step == 0 and finished.lora_path is None
+    assert not metrics(events)
