@@ -303,12 +303,13 @@ class LoraConfig(Section):
     dropout: float = Field(
         0.0, ge=0.0, lt=1.0, title="Dropout", description="Dropout on the LoRA input."
     )
-    targets: Literal["attention", "attention_ffn"] = Field(
+    targets: Literal["attention", "attention_ffn", "attention_conv"] = Field(
         "attention",
         title="Target layers",
         description=(
-            "Which layers get LoRA adapters: the family's attention projections, or attention "
-            "and feed-forward layers."
+            "Which layers get LoRA adapters: the family's attention projections, attention and "
+            "feed-forward layers, or (UNet denoisers only) attention and the ResNet "
+            "convolutions."
         ),
     )
 

@@ -47,6 +47,22 @@ class LoadedModel:
     parts: dict[str, Any] = field(default_factory=dict)
 
 
+TRANSFORMER_LORA_TARGETS: dict[str, list[str]] = {
+    # attn1 (self-attention) and attn2 (cross-attention) share these projection names.
+    "attention": ["to_q", "to_k", "to_v", "to_out.0"],
+    "attention_ffn": ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"],
+}
+"""The LoRA target presets of a WAN transformer (WAN, and the demo family's transformer)."""
+UNET_LORA_TARGETS: dict[str, list[str]] = {
+    "attention": ["to_q", "to_k", "to_v", "to_out.0"],
+    "attention_ffn": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"],
+    # The ResNet blocks' convolutions as well (LoCon): a UNet's attention sits only at its lower
+    # resolutions, so without them a LoRA cannot reach the fine detail of a subject.
+    "attention_conv": ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "proj_in", "proj_out"],
+}
+"""The LoRA target presets of a diffusers ``UNet2DConditionModel`` (the demo family's UNet)."""
+
+
 @runtime_checkable
 class ModelFamily(Protocol):
     """One instance per run, built from the model config (``modules.models.get_family``)."""
@@ -55,8 +71,11 @@ class ModelFamily(Protocol):
     loss_layout: LossLayout
     latent_scale: int
     """Pixels per latent cell along H and W (the UI previews masks at this resolution)."""
-    lora_targets: Mapping[str, list[str]]
-    """LoRA target presets (``attention``, ``attention_ffn``) → peft ``target_modules``."""
+
+    def lora_targets(self, model: LoadedModel) -> Mapping[str, list[str]]:
+        """The ``lora.targets`` presets this model has (``attention``, ``attention_ffn``, and
+        ``attention_conv`` for a UNet) → peft ``target_modules``."""
+        ...
 
     def load(self, path: str, *, dtype: torch.dtype, device: torch.device) -> LoadedModel: ...
 

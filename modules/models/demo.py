@@ -19,7 +19,6 @@ On disk the model is a folder with ``transformer/`` or ``unet/`` (diffusers ``sa
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +27,13 @@ from torch import Tensor
 from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
 from modules.config.schema import ModelConfig
-from modules.models.base import LoadedModel, ModelLoadError, TextEncoding
+from modules.models.base import (
+    TRANSFORMER_LORA_TARGETS,
+    UNET_LORA_TARGETS,
+    LoadedModel,
+    ModelLoadError,
+    TextEncoding,
+)
 from modules.models.flow_matching import (
     euler_sample,
     flow_noisy_input_and_target,
@@ -132,14 +137,6 @@ class DemoFamily:
     name = "demo"
     loss_layout = "video"
     latent_scale = CODEC_FACTOR
-    lora_targets: ClassVar[dict[str, list[str]]] = {
-        "attention": ["to_q", "to_k", "to_v", "to_out.0"],
-        # The feed-forward layers: "ffn." in the transformer's blocks, "ff." in the UNet's.
-        "attention_ffn": [
-            *("to_q", "to_k", "to_v", "to_out.0"),
-            *("ffn.net.0.proj", "ffn.net.2", "ff.net.0.proj", "ff.net.2"),
-        ],
-    }
 
     def __init__(self, config: ModelConfig | None = None) -> None:
         self.config = config if config is not None else ModelConfig()
@@ -155,6 +152,11 @@ class DemoFamily:
         model.denoiser.to(device=device)
         model.parts["text_encoder"].to(device=device)
         return model
+
+    def lora_targets(self, model: LoadedModel) -> dict[str, list[str]]:
+        if demo_architecture(model.denoiser) == "unet":
+            return dict(UNET_LORA_TARGETS)
+        return dict(TRANSFORMER_LORA_TARGETS)
 
     def encode_images(self, model: LoadedModel, images: Tensor) -> Tensor:
         return F.pixel_unshuffle(images, CODEC_FACTOR)

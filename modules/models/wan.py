@@ -41,7 +41,7 @@ import html
 import json
 import re
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKLWan, WanTransformer3DModel
@@ -50,7 +50,12 @@ from transformers import AutoTokenizer, UMT5EncoderModel
 
 from modules.config import ConfigError
 from modules.config.schema import ModelConfig
-from modules.models.base import LoadedModel, ModelLoadError, TextEncoding
+from modules.models.base import (
+    TRANSFORMER_LORA_TARGETS,
+    LoadedModel,
+    ModelLoadError,
+    TextEncoding,
+)
 from modules.models.flow_matching import euler_sample, flow_noisy_input_and_target, shift_timesteps
 
 DEFAULT_FLOW_SHIFT = 3.0
@@ -71,11 +76,9 @@ class WanFamily:
 
     name = "wan"
     loss_layout = "video"
-    lora_targets: ClassVar[dict[str, list[str]]] = {
-        # attn1 (self-attention) and attn2 (cross-attention) share these projection names.
-        "attention": ["to_q", "to_k", "to_v", "to_out.0"],
-        "attention_ffn": ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"],
-    }
+
+    def lora_targets(self, model: LoadedModel) -> dict[str, list[str]]:
+        return dict(TRANSFORMER_LORA_TARGETS)
 
     def __init__(self, config: ModelConfig | None = None) -> None:
         self.config = config if config is not None else ModelConfig(family="wan")

@@ -134,6 +134,13 @@ class GenericTrainer:
         self.model: LoadedModel = self.family.load(
             config.model.path, dtype=DTYPES[config.model.dtype], device=self.device
         )
+        available = self.family.lora_targets(self.model)
+        if config.lora.targets not in available:
+            raise ConfigError(
+                f"lora.targets={config.lora.targets}: this model's denoiser "
+                f"({type(self.model.denoiser).__name__}) has no such preset; choose one of "
+                f"{', '.join(available)}"
+            )
         if config.output.format == "comfyui":
             try:  # now, not at the first save
                 check_comfyui_supported(self.model.denoiser)
@@ -166,7 +173,7 @@ class GenericTrainer:
             rank=config.lora.rank,
             alpha=config.lora.alpha,
             dropout=config.lora.dropout,
-            target_modules=self.family.lora_targets[config.lora.targets],
+            target_modules=available[config.lora.targets],
         )
         if config.training.gradient_checkpointing:
             denoiser.enable_gradient_checkpointing()

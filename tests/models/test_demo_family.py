@@ -24,9 +24,22 @@ def test_registry_matches_the_config_choices():
     for name in FAMILIES:
         family = get_family(ModelConfig(family=name))
         assert isinstance(family, ModelFamily) and family.name == name
-        assert set(family.lora_targets) == {"attention", "attention_ffn"}
     with pytest.raises(ModelLoadError, match="model.family: unknown family 'nope'"):
         get_family(ModelConfig.model_construct(family="nope"))
+
+
+def test_lora_target_presets_follow_the_denoiser(demo_family):
+    transformer, unet = build_demo_model(seed=0), build_demo_model(seed=0, architecture="unet")
+    assert set(demo_family.lora_targets(transformer)) == {"attention", "attention_ffn"}
+    presets = demo_family.lora_targets(unet)
+    assert set(presets) == {"attention", "attention_ffn", "attention_conv"}
+    for model, targets in ((transformer, demo_family.lora_targets(transformer)), (unet, presets)):
+        names = [name for name, _ in model.denoiser.named_modules()]
+        for preset, modules in targets.items():  # every listed layer exists in the model
+            for module in modules:
+                assert any(n.endswith("." + module) for n in names), (preset, module)
+    convs = [n for n, m in unet.denoiser.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    assert any(n.endswith(".conv1") for n in convs) and any(n.endswith(".conv2") for n in convs)
 
 
 def test_codec_is_exact(demo_family, demo_model):

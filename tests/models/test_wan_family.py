@@ -231,7 +231,7 @@ def test_fp8_base_stores_float8_and_the_teacher_is_that_base(tiny_wan):
         rank=4,
         alpha=4,
         dropout=0.0,
-        target_modules=family.lora_targets["attention"],
+        target_modules=family.lora_targets(model)["attention"],
     )
     assert all(p.dtype == F32 for p in params)
     with torch.no_grad():

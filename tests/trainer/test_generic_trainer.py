@@ -274,7 +274,7 @@ def test_a_unet_demo_model_trains_with_its_teacher_and_refuses_the_comfyui_layou
 ):
     save_demo_model(build_demo_model(seed=4, architecture="unet"), tmp_path / "unet-model")
     model = {"path": str(tmp_path / "unet-model")}
-    config = make_config(demo_root, tmp_path, model=model, lora={"targets": "attention_ffn"})
+    config = make_config(demo_root, tmp_path, model=model, lora={"targets": "attention_conv"})
     finished, events = run(config)
     assert finished.error is None and finished.lora_path is not None
     lines = metrics(events)
@@ -282,7 +282,7 @@ def test_a_unet_demo_model_trains_with_its_teacher_and_refuses_the_comfyui_layou
     base = DemoFamily().load(str(tmp_path / "unet-model"), dtype=torch.float32, device="cpu")
     load_lora(base.denoiser, finished.lora_path)
     names = {n for n, _ in base.denoiser.named_parameters() if "lora_A" in n}
-    assert any(".ff.net.2." in n for n in names) and any(".attn2.to_k." in n for n in names)
+    assert any(".resnets.0.conv1." in n for n in names) and any(".attn2.to_k." in n for n in names)
 
     comfy = make_config(
         demo_root,
@@ -294,3 +294,11 @@ def test_a_unet_demo_model_trains_with_its_teacher_and_refuses_the_comfyui_layou
     assert finished.error is not None and "output.format=diffusers" in finished.error
     assert finished.step == 0 and finished.lora_path is None
     assert not metrics(events)
+
+
+def test_the_conv_preset_is_refused_for_a_transformer_before_training(demo_root, tmp_path):
+    config = make_config(demo_root, tmp_path, lora={"targets": "attention_conv"})
+    finished, events = run(config)
+    assert finished.error is not None and finished.step == 0 and not metrics(events)
+    assert "lora.targets=attention_conv" in finished.error
+    assert "WanTransformer3DModel" in finished.error and "attention_ffn" in finished.error
