@@ -132,6 +132,8 @@ class Settings:
     batch_size: int = 4
     learning_rate: float = 1e-3
     rank: int = 8
+    lora_targets: str = "attention"
+    """``lora.targets`` of every run (a UNet base model needs ``attention_conv``)."""
     sample_steps: int = 20
     world_prompts: int = 32
     subject_samples: int = 10
@@ -167,7 +169,11 @@ def run_variant(
             "data": {"concepts": concepts, "resolution": 64, "cache_dir": str(work / "cache")},
             "mask": {"enabled": True, "normalize_per_sample": True, **overrides.get("mask", {})},
             "prior": overrides.get("prior", {"weight": 0.0}),
-            "lora": {"rank": settings.rank, "alpha": float(settings.rank)},
+            "lora": {
+                "rank": settings.rank,
+                "alpha": float(settings.rank),
+                "targets": settings.lora_targets,
+            },
             "training": {
                 "steps": settings.steps * variant.steps_factor,
                 "batch_size": settings.batch_size,
@@ -364,7 +370,8 @@ def write_table(summary: dict[str, Any], base: dict[str, float], settings: Setti
     lines = [
         f"Demo family, {settings.steps} steps (2x for the row that says so), batch "
         f"{settings.batch_size}, learning rate {settings.learning_rate:g}, LoRA rank "
-        f"{settings.rank}, seeds {', '.join(map(str, settings.seeds))}; mean ± sd over seeds. "
+        f"{settings.rank}{_targets_note(settings)}, seeds "
+        f"{', '.join(map(str, settings.seeds))}; mean ± sd over seeds. "
         f"Ratios are against *{BASELINE}*. *Subject learned*: the drop in held-out subject "
         "loss from the base model's, as a share of the baseline's drop.",
         "",
@@ -535,6 +542,7 @@ def run(settings: Settings) -> dict[str, Any]:
             "batch_size": settings.batch_size,
             "learning_rate": settings.learning_rate,
             "rank": settings.rank,
+            "lora_targets": settings.lora_targets,
             "sample_steps": settings.sample_steps,
         },
         "base_model": evaluation.base,
@@ -548,6 +556,13 @@ def run(settings: Settings) -> dict[str, Any]:
     print(table)
     print("\n".join(goals))
     return payload
+
+
+def _targets_note(settings: Settings) -> str:
+    """Nothing for the attention layers (the default), else which layers the LoRA trains."""
+    if settings.lora_targets == "attention":
+        return ""
+    return f" on lora.targets={settings.lora_targets}"
 
 
 WORK_STAMP = "made-with.json"
@@ -565,6 +580,7 @@ def work_stamp(settings: Settings) -> dict[str, Any]:
         "batch_size": settings.batch_size,
         "learning_rate": settings.learning_rate,
         "rank": settings.rank,
+        "lora_targets": settings.lora_targets,
         "sample_steps": settings.sample_steps,
         "world_prompts": settings.world_prompts,
         "subject_samples": settings.subject_samples,
@@ -586,7 +602,8 @@ def _claim_work(work: Path, settings: Settings) -> None:
             )
         write_text_atomic(path, json.dumps(stamp, indent=2) + "\n")
         return
-    saved = json.loads(path.read_text(encoding="utf-8"))
+    # Stamps from before the targets were a setting: those runs trained the attention layers.
+    saved = {"lora_targets": "attention", **json.loads(path.read_text(encoding="utf-8"))}
     changed = sorted(k for k in stamp.keys() | saved.keys() if saved.get(k) != stamp.get(k))
     if changed:
         raise SystemExit(
@@ -640,6 +657,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=Settings.batch_size)
     parser.add_argument("--learning-rate", type=float, default=Settings.learning_rate)
     parser.add_argument(
+        "--lora-targets",
+        choices=["attention", "attention_ffn", "attention_conv"],
+        default=Settings.lora_targets,
+        help="lora.targets of every run (default %(default)s; a UNet base needs attention_conv)",
+    )
+    parser.add_argument(
         "--variants",
         nargs="+",
         metavar="NAME",
@@ -665,6 +688,7 @@ def main(argv: list[str] | None = None) -> None:
         steps=args.steps,
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
+        lora_targets=args.lora_targets,
         variants=variants,
         report_only=args.report_only,
     )

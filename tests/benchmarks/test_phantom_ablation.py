@@ -101,6 +101,14 @@ def test_a_work_folder_refuses_runs_of_other_settings(tmp_path: Path) -> None:
     run(settings)  # the same settings resume (nothing left to train)
     with pytest.raises(SystemExit, match=r"other learning_rate, steps than"):
         run(dataclasses.replace(settings, steps=2, learning_rate=5e-4))
+    with pytest.raises(SystemExit, match=r"other lora_targets than"):
+        run(dataclasses.replace(settings, lora_targets="attention_ffn"))
+    # A stamp from before the targets were recorded: its runs trained the attention layers.
+    legacy = {k: v for k, v in stamp.items() if k != "lora_targets"}
+    (work / WORK_STAMP).write_text(json.dumps(legacy), encoding="utf-8")
+    run(settings)
+    with pytest.raises(SystemExit, match=r"other lora_targets than"):
+        run(dataclasses.replace(settings, lora_targets="attention_conv"))
     # Another base model is caught the same way.
     stamp["base_weights_sha256"] = "0" * 64
     (work / WORK_STAMP).write_text(json.dumps(stamp), encoding="utf-8")
