@@ -13,7 +13,8 @@ ComfyUI reads WAN LoRAs named after the original WAN implementation, with alpha 
     diffusion_model.blocks.0.self_attn.q.alpha              (0-d tensor)
 
 Both apply ``W + (alpha / rank) * up @ down``, so the tensors are the same; only names change.
-The demo family's denoiser is a WAN transformer too, so its LoRAs convert the same way.
+The demo family's transformer is a WAN transformer too, so its LoRAs convert the same way; a
+UNet demo model has no ComfyUI layout here (``modules.lora.check_comfyui_supported``).
 """
 
 from __future__ import annotations

@@ -127,7 +127,7 @@ def save_demo_model(model: LoadedModel, directory: str | Path) -> None:
 
 
 def demo_architecture(denoiser: torch.nn.Module) -> str:
-    """ "unet" for a ``UNet2DConditionModel``, else "wan"."""
+    """The architecture of ``denoiser``: "unet" for a ``UNet2DConditionModel``, else "wan"."""
     return "unet" if isinstance(denoiser, UNet2DConditionModel) else "wan"
 
 
@@ -217,8 +217,9 @@ class DemoFamily:
             )[0].squeeze(2)
         # The network predicts the clean image and the family returns the velocity it implies,
         # so the loss, the teacher and the sampler see a velocity like every flow family. A
-        # token carries 192 values through a width of 192: asked for the velocity, the network
-        # must pass the noise through unchanged; asked for the image, it only has to remove it.
+        # transformer token carries 192 values through a width of 192: asked for the velocity,
+        # the network must pass the noise through unchanged; asked for the image, it only has to
+        # remove it. The UNet is trained the same way, so the two share the sampler and schedule.
         t = timesteps.view(-1, 1, 1, 1).clamp(min=MIN_PREDICTION_T).to(noisy.dtype)
         return (noisy - clean.to(noisy.dtype)) / t
 

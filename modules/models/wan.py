@@ -77,9 +77,6 @@ class WanFamily:
     name = "wan"
     loss_layout = "video"
 
-    def lora_targets(self, model: LoadedModel) -> dict[str, list[str]]:
-        return dict(TRANSFORMER_LORA_TARGETS)
-
     def __init__(self, config: ModelConfig | None = None) -> None:
         self.config = config if config is not None else ModelConfig(family="wan")
         self.flow_shift = self.config.flow_shift or DEFAULT_FLOW_SHIFT
@@ -87,6 +84,9 @@ class WanFamily:
         """The trained expert's range of shifted ``t`` (the whole range unless 2.2 A14B)."""
         self.boundary: float | None = None
         """2.2 A14B: the shifted ``t`` at which sampling switches experts; set by ``load``."""
+
+    def lora_targets(self, model: LoadedModel) -> dict[str, list[str]]:
+        return dict(TRANSFORMER_LORA_TARGETS)
 
     @property
     def latent_scale(self) -> int:
