@@ -1,6 +1,6 @@
 """The ComfyUI (native WAN) layout: names, alpha, and the round trip through diffusers' own
-conversion of non-diffusers WAN LoRAs. The demo denoiser is a WAN transformer, so it stands in
-for WAN here (tests/wan repeats the round trip on a trained WAN LoRA)."""
+conversion of non-diffusers WAN LoRAs. The demo family's transformer is a WAN transformer, so it
+stands in for WAN here (tests/wan repeats the round trip on a trained WAN LoRA)."""
 
 import pytest
 import torch
@@ -11,6 +11,13 @@ from safetensors.torch import load_file
 from modules.lora import add_lora, load_lora, lora_state_dict, save_lora
 from modules.lora.comfyui import original_module_name, to_comfyui
 from modules.models.demo import build_demo_model
+
+
+@pytest.fixture
+def demo_model():
+    """The demo family's WAN transformer, whatever the built-in weights are."""
+    return build_demo_model(seed=0, architecture="wan")
+
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
 
@@ -79,7 +86,7 @@ def test_load_lora_reads_the_comfyui_layout(tmp_path, demo_family, demo_model, d
     path = save_lora(
         denoiser, tmp_path / "c.safetensors", family="demo", config_json="{}", layout="comfyui"
     )
-    fresh = build_demo_model(seed=0)
+    fresh = build_demo_model(seed=0, architecture="wan")
     load_lora(fresh.denoiser, path)
     with torch.no_grad():
         loaded = demo_family.predict(fresh, noisy, timesteps, text)
