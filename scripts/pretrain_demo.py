@@ -1,7 +1,7 @@
 """Pretrain the demo family's denoiser and text encoder on the synthetic world.
 
     python -m scripts.pretrain_demo --out runs/demo-pretrain --steps 7000 --minutes 88
-    python -m scripts.pretrain_demo --out runs/demo-unet --architecture unet --steps 40000
+    python -m scripts.pretrain_demo --out runs/demo-unet --architecture unet --steps 24000
 
 ``--architecture`` picks the denoiser: ``wan`` (the built-in model's transformer) or ``unet``
 (``modules.models.demo.UNET_CONFIG``).
