@@ -281,9 +281,9 @@ def _load_folder(folder: Path, dtype: torch.dtype) -> LoadedModel:
             f"model.path: {folder} holds both transformer/ and unet/; a demo model folder holds "
             "one denoiser: move the other one out"
         )
-    missing = [p for p in ("text_encoder", "tokenizer") if not (folder / p).is_dir()]
-    if missing or not found:
-        missing = missing if found else ["transformer (or unet)", *missing]
+    missing = [] if found else ["transformer (or unet)"]
+    missing += [p for p in ("text_encoder", "tokenizer") if not (folder / p).is_dir()]
+    if missing:
         raise ModelLoadError(
             f"model.path: {folder} has no {', '.join(missing)} subfolder; a demo model folder "
             "holds transformer/ or unet/, text_encoder/ and tokenizer/"

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from modules.models.demo import DemoFamily, build_demo_model
+from modules.models.demo import DemoFamily, build_demo_model, demo_architecture
 from scripts.pretrain_demo import CHECKPOINT, LOSS_LOG, PretrainRun, encode_captions, pretrain
 
 CPU = torch.device("cpu")
@@ -61,13 +61,19 @@ def test_scenes_drawn_by_worker_processes_train_the_same_steps(tmp_path: Path) -
     ]
 
 
-def test_the_exported_folder_loads_through_the_demo_family(tmp_path: Path) -> None:
-    summary = pretrain(_run(tmp_path, steps=1))
-    assert summary is not None
+@pytest.mark.parametrize(("architecture", "folder"), [("wan", "transformer"), ("unet", "unet")])
+def test_the_exported_folder_loads_through_the_demo_family(
+    tmp_path: Path, architecture: str, folder: str
+) -> None:
+    summary = pretrain(_run(tmp_path, steps=1, architecture=architecture))
+    assert summary is not None and summary["run"]["architecture"] == architecture
+    exported = [p.name for p in (tmp_path / "model").iterdir()]
+    assert sorted(exported) == sorted([folder, "text_encoder", "tokenizer"])
     assert (tmp_path / "samples.png").is_file()
     assert json.loads((tmp_path / "summary.json").read_text())["step"] == 1
     family = DemoFamily()
     model = family.load(str(tmp_path / "model"), dtype=torch.float32, device=CPU)
+    assert demo_architecture(model.denoiser) == architecture
     text = family.encode_prompts(model, ["a red star on a plain background"])
     images = family.sample(
         model, text, resolution=32, steps=2, generator=torch.Generator().manual_seed(0)
@@ -87,21 +93,6 @@ def test_trainable_encoding_equals_the_familys() -> None:
     with torch.no_grad():
         ours = encode_captions(model, prompts)["embeds"]
     assert torch.equal(ours, DemoFamily().encode_prompts(model, prompts)["embeds"])
-
-
-def test_the_unet_architecture_pretrains_and_loads_through_the_demo_family(tmp_path: Path) -> None:
-    summary = pretrain(_run(tmp_path, steps=2, architecture="unet"))
-    assert summary is not None and summary["run"]["architecture"] == "unet"
-    assert (tmp_path / "model/unet/config.json").is_file()
-    assert not (tmp_path / "model/transformer").exists()
-    family = DemoFamily()
-    model = family.load(str(tmp_path / "model"), dtype=torch.float32, device=CPU)
-    assert type(model.denoiser).__name__ == "UNet2DConditionModel"
-    text = family.encode_prompts(model, ["a red star on a plain background"])
-    images = family.sample(
-        model, text, resolution=32, steps=2, generator=torch.Generator().manual_seed(0)
-    )
-    assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
 
 
 def test_a_checkpoint_refuses_another_architecture(tmp_path: Path) -> None:
