@@ -1,10 +1,12 @@
 """Pretrain the demo family's denoiser and text encoder on the synthetic world.
 
+    python -m scripts.pretrain_demo --out runs/demo-unet --architecture unet \
+        --steps 24000 --stop-step 21000          # the built-in weights
     python -m scripts.pretrain_demo --out runs/demo-pretrain --steps 7000 --minutes 88
-    python -m scripts.pretrain_demo --out runs/demo-unet --architecture unet --steps 24000
 
-``--architecture`` picks the denoiser: ``wan`` (the built-in model's transformer) or ``unet``
-(``modules.models.demo.UNET_CONFIG``).
+``--architecture`` picks the denoiser: ``unet`` (``modules.models.demo.UNET_CONFIG``, the
+built-in model's) or ``wan`` (the earlier built-in model's transformer). ``--stop-step`` ends
+a run early on its whole ``--steps`` learning-rate schedule and exports it as finished.
 
 Flow matching on ``train`` scenes of ``modules.data.world``, drawn on the fly: step ``k`` sees
 scenes ``k * batch_size`` onwards, and its noise, timesteps and caption dropout come from a
@@ -128,10 +130,13 @@ class PretrainRun:
     session_steps: int = 0
     """Stop this session after this many steps, checkpointed but not exported, to be resumed
     later (0: no limit). Lets a long run be split into chunks."""
+    stop_step: int = 0
+    """End the run at this step and export it as finished (0: at ``steps``). The learning rate
+    still follows the whole ``steps`` schedule, so the steps before it are those of a full run."""
     preview: bool = False
     """Train nothing: export the checkpoint as it stands into ``out/preview/`` and score it."""
     architecture: str = "wan"
-    """The denoiser: "wan" (a WAN transformer, as the built-in model) or "unet"."""
+    """The denoiser: "wan" (a WAN transformer) or "unet" (as the built-in model)."""
     tiny: bool = False
     device: str = "cpu"
     """Where the networks train ("cpu", "cuda", "cuda:1"); a checkpoint resumes on any device."""
@@ -161,7 +166,7 @@ def pretrain(run: PretrainRun, log: bool = False) -> dict[str, Any] | None:
     run.out.mkdir(parents=True, exist_ok=True)
     state = _setup(run)
     _train(run, state, log)
-    if _progress(run, state) < 1.0:
+    if not _done(run, state):
         return None
     return _finish(run, state, run.out)
 
@@ -238,7 +243,7 @@ def _train(run: PretrainRun, state: _State, log: bool) -> None:
     window: list[float] = []
     session_start, session_step = time.monotonic(), state.step
     batches = iter(_scene_batches(run, state.step))
-    while _progress(run, state) < 1.0:
+    while not _done(run, state):
         if run.session_steps and state.step - session_step >= run.session_steps:
             break
         tick = time.monotonic()
@@ -358,6 +363,10 @@ def _learning_rate(run: PretrainRun, progress: float) -> float:
         return run.learning_rate * (progress / warmup)
     cosine = 0.5 * (1 + math.cos(math.pi * (progress - warmup) / (1 - warmup)))
     return run.learning_rate * (run.min_lr_ratio + (1 - run.min_lr_ratio) * cosine)
+
+
+def _done(run: PretrainRun, state: _State) -> bool:
+    return _progress(run, state) >= 1.0 or 0 < run.stop_step <= state.step
 
 
 def _progress(run: PretrainRun, state: _State) -> float:

@@ -117,3 +117,18 @@ def test_a_preview_exports_the_checkpoint_and_trains_nothing(tmp_path: Path) -> 
     DemoFamily().load(str(tmp_path / "preview/model"), dtype=torch.float32, device=CPU)
     finished = pretrain(_run(tmp_path))  # the run itself goes on from its checkpoint
     assert finished is not None and finished["step"] == 3
+
+
+def test_a_stop_step_exports_early_on_the_full_runs_schedule(tmp_path: Path) -> None:
+    full = pretrain(_run(tmp_path / "full", steps=4))
+    stopped = pretrain(_run(tmp_path / "stopped", steps=4, stop_step=2))
+    assert full is not None and stopped is not None and stopped["step"] == 2
+    assert (tmp_path / "stopped/model").is_dir() and (tmp_path / "stopped/samples.png").is_file()
+
+    # Its two steps are the full run's first two, learning rate included.
+    def curve(out: Path) -> list[tuple]:
+        return [(row["step"], row["loss"], row["lr"]) for row in _losses(out)]
+
+    assert curve(tmp_path / "stopped") == curve(tmp_path / "full")[:2]
+    carried_on = pretrain(_run(tmp_path / "stopped", steps=4))
+    assert carried_on is not None and carried_on["step"] == 4
