@@ -12,7 +12,7 @@ def demo_family():
 
 @pytest.fixture
 def demo_model():
-    """A fresh random demo model (seed 0): real diffusers WAN transformer + T5 text encoder."""
+    """A fresh random demo model (seed 0): real diffusers UNet + T5 text encoder, as built in."""
     return build_demo_model(seed=0)
 
 

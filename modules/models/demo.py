@@ -2,12 +2,12 @@
 
 - Codec: parameter-free pixel unshuffle, (B, 3, H, W) → (B, 48, H/4, W/4). No VAE to download,
   and decoding is exact.
-- Denoiser: a ~4M-parameter ``WanTransformer3DModel`` (the WAN 2.1 architecture, shrunk) on
-  one-frame latents, or a ~5M-parameter ``UNet2DConditionModel`` (the Stable Diffusion UNet,
-  shrunk to latents of 16, 8 and 4 pixels), trained with flow matching. The built-in weights are
-  the transformer; the UNet is the candidate for the next built-in model
-  (``docs/demo-model.md``). Either predicts the clean latents; ``predict`` returns the velocity
-  they imply, so everything outside the family sees a velocity.
+- Denoiser: a ~5M-parameter ``UNet2DConditionModel`` (the Stable Diffusion UNet, shrunk to
+  latents of 16, 8 and 4 pixels; the built-in weights), or a ~4M-parameter
+  ``WanTransformer3DModel`` (the WAN 2.1 architecture, shrunk) on one-frame latents, the earlier
+  built-in model, which drew blobs rather than shapes (``docs/demo-model.md``). Both are trained
+  with flow matching and predict the clean latents; ``predict`` returns the velocity they imply,
+  so everything outside the family sees a velocity.
 - Text encoder: a tiny ``T5EncoderModel`` (WAN's UMT5 is a T5 variant) with the byte-level
   ``ByT5Tokenizer``, which needs no vocabulary file.
 
@@ -100,7 +100,7 @@ TEXT_ENCODER_CONFIG = {
 }
 
 
-def build_demo_model(seed: int = 0, architecture: str = "wan") -> LoadedModel:
+def build_demo_model(seed: int = 0, architecture: str = "unet") -> LoadedModel:
     """Random demo weights of ``architecture`` ("wan" or "unet"), deterministic in ``seed``."""
     if architecture not in ARCHITECTURES:
         raise ValueError(f"architecture: {architecture!r} is not one of {sorted(ARCHITECTURES)}")

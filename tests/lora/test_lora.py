@@ -67,11 +67,11 @@ def test_lora_is_back_on_after_an_exception(demo_family, demo_model, demo_inputs
     assert torch.equal(_predict(demo_family, demo_model, demo_inputs), student)
 
 
-def test_save_load_round_trip_through_diffusers(tmp_path, demo_family, demo_model, demo_inputs):
-    _lora_model(demo_model)
-    student = _predict(demo_family, demo_model, demo_inputs)
+def test_save_load_round_trip_through_diffusers(tmp_path, demo_family, demo_inputs):
+    model = _lora_model(build_demo_model(seed=0, architecture="wan"))
+    student = _predict(demo_family, model, demo_inputs)
     path = save_lora(
-        demo_model.denoiser, tmp_path / "x.safetensors", family="demo", config_json='{"a": 1}'
+        model.denoiser, tmp_path / "x.safetensors", family="demo", config_json='{"a": 1}'
     )
     with safe_open(path, "pt") as handle:
         keys = list(handle.keys())
@@ -82,7 +82,7 @@ def test_save_load_round_trip_through_diffusers(tmp_path, demo_family, demo_mode
     adapter = json.loads(metadata["lora_adapter_metadata"])
     assert adapter["transformer.r"] == 4 and adapter["transformer.lora_alpha"] == 8
 
-    fresh = build_demo_model(seed=0)  # same base weights, no LoRA
+    fresh = build_demo_model(seed=0, architecture="wan")  # same base weights, no LoRA
     load_lora(fresh.denoiser, path)
     assert torch.allclose(_predict(demo_family, fresh, demo_inputs), student, atol=1e-6)
 

@@ -29,7 +29,8 @@ def test_registry_matches_the_config_choices():
 
 
 def test_lora_target_presets_follow_the_denoiser(demo_family):
-    transformer, unet = build_demo_model(seed=0), build_demo_model(seed=0, architecture="unet")
+    transformer = build_demo_model(seed=0, architecture="wan")
+    unet = build_demo_model(seed=0, architecture="unet")
     assert set(demo_family.lora_targets(transformer)) == {"attention", "attention_ffn"}
     presets = demo_family.lora_targets(unet)
     assert set(presets) == {"attention", "attention_ffn", "attention_conv"}
