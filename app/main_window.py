@@ -259,7 +259,9 @@ class MainWindow(ctk.CTk):
         try:
             config = self.store.load_last_used()
         except ConfigError as error:
-            self.run_panel.log(f"The last-used config was not restored: {error}", "warning")
+            notice = f"The last-used config was not restored; the default preset is open.\n{error}"
+            self.run_panel.log(notice, "warning")
+            dialogs.show_error(self, "Last-used config not restored", notice)
             config = None
         if config is not None:
             self.apply_config(config)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from modules.config import ConfigError, TrainConfig, load_preset, save_preset
@@ -73,12 +74,41 @@ class UserStore:
         save_preset(config, self.root / LAST_USED)
 
     def load_last_used(self) -> TrainConfig | None:
-        """The last-used config, or None when there is none yet. A file that no longer loads
-        (for example written by a newer version) raises ConfigError naming it."""
+        """The last-used config, or None when there is none yet.
+
+        A file that no longer loads (not UTF-8, not JSON, a wrong field, written by a newer
+        version) is set aside, so that saving the next last-used config cannot overwrite it,
+        and the ConfigError raised says why it did not load and where it went."""
         path = self.root / LAST_USED
         if not path.is_file():
             return None
-        return load_preset(path)
+        try:
+            return load_preset(path)
+        except ConfigError as error:
+            raise ConfigError(f"{error}\n{_set_aside(path)}") from None
+
+
+def _set_aside(path: Path) -> str:
+    """Rename ``path`` to ``<stem>.broken-<date-time>.json`` next to it, never over an earlier
+    one, and say where it went. The file is the user's work: it is never deleted."""
+    stamp = _timestamp()
+    target = path.with_name(f"{path.stem}.broken-{stamp}.json")
+    number = 1
+    while target.exists():
+        number += 1
+        target = path.with_name(f"{path.stem}.broken-{stamp}-{number}.json")
+    try:
+        path.rename(target)
+    except OSError as error:
+        return (
+            f"It could not be set aside ({error.strerror}): copy it elsewhere before closing "
+            "the window, which saves the last-used config over it."
+        )
+    return f"It was set aside as {target}."
+
+
+def _timestamp() -> str:
+    return datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
 def _by_name(folder: Path) -> list[Path]:

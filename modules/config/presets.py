@@ -27,8 +27,10 @@ class ConfigError(ValueError):
 
 def _v0_to_v1(data: dict[str, Any]) -> dict[str, Any]:
     """Version 0 presets (unversioned) named the prior weight ``prior.preservation_weight``."""
-    prior = dict(data.get("prior", {}))
-    if "preservation_weight" in prior:
+    prior = data.get("prior")
+    # A ``prior`` that is not an object is left for validation to name.
+    if isinstance(prior, dict) and "preservation_weight" in prior:
+        prior = dict(prior)
         prior["weight"] = prior.pop("preservation_weight")
         data = {**data, "prior": prior}
     return data
@@ -128,19 +130,60 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> TrainConfi
         raise ConfigError(format_validation_error(error, source)) from None
 
 
-def load_preset(path: str | os.PathLike[str]) -> TrainConfig:
-    path = Path(path)
+def _preset_text(path: Path) -> str:
+    """The preset's text: UTF-8, with or without a byte-order mark (Windows Notepad writes one).
+    Anything else, or a path that is not a readable file, is a ConfigError naming the file."""
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder, not a preset file: give the path of a .json file")
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+        data = path.read_bytes()
+    except (FileNotFoundError, NotADirectoryError):
         raise ConfigError(f"{path}: preset file not found; check the path") from None
+    except OSError as error:
+        raise ConfigError(
+            f"{path}: cannot be read ({error.strerror}); check the file and its permissions"
+        ) from None
+    position = _not_utf8_at(data)
+    if position >= 0:
+        line = data.count(b"\n", 0, position) + 1
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte 0x{data[position]:02x} at position {position}, "
+            f"line {line}): save the preset as UTF-8"
+        )
+    return data.decode("utf-8").removeprefix("\ufeff")
+
+
+def _not_utf8_at(data: bytes) -> int:
+    """Where ``data`` stops being UTF-8 JSON text, or -1. JSON never holds a raw NUL, and UTF-16
+    text without a byte-order mark is ASCII with a NUL after each character, which is valid
+    UTF-8: the first NUL counts too, so that such a file is not reported as puzzling JSON."""
+    nul = data.find(b"\0")
     try:
-        data = json.loads(text)
+        data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return error.start if nul < 0 else min(nul, error.start)
+    return nul
+
+
+def _parse_json(text: str, path: Path) -> Any:
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as error:
         raise ConfigError(
             f"{path}: not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})"
         ) from None
-    return config_from_dict(data, str(path))
+    except (RecursionError, ValueError):
+        # Python's own limits, not JSON syntax: nesting deeper than the stack, integers of
+        # more than 4300 digits. No preset field needs either.
+        raise ConfigError(
+            f"{path}: not a usable preset (nested too deeply or a number too long); "
+            "keep to the config's fields"
+        ) from None
+
+
+def load_preset(path: str | os.PathLike[str]) -> TrainConfig:
+    path = Path(path)
+    return config_from_dict(_parse_json(_preset_text(path), path), str(path))
 
 
 def _defaults(model: type[BaseModel]) -> dict[str, Any]:
@@ -185,8 +228,8 @@ def preset_dict(config: TrainConfig, description: str | None = None) -> dict[str
 def read_description(path: str | os.PathLike[str]) -> str | None:
     """The preset's ``description``, or None (for menus and tooltips; no validation)."""
     try:
-        value = json.loads(Path(path).read_text(encoding="utf-8")).get("description")
-    except (OSError, ValueError, AttributeError):
+        value = _parse_json(_preset_text(Path(path)), Path(path)).get("description")
+    except (ConfigError, AttributeError):
         return None
     return value if isinstance(value, str) else None
 

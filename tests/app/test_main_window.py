@@ -266,3 +266,39 @@ def test_a_hidden_field_with_an_error_stays_in_view(window):
     row.set(3.0)
     settle(window)
     assert not row.visible
+
+
+@pytest.mark.parametrize("kind", ["latin-1", "folder"])
+def test_an_unreadable_preset_shows_why_and_keeps_the_config(window, answers, tmp_path, kind):
+    before = (window.form.validate().config, window.preset_path)
+    if kind == "folder":
+        bad, why = tmp_path, "is a folder, not a preset file"
+    else:
+        bad, why = tmp_path / "latin1.json", "not UTF-8 text (byte 0xe9"
+        bad.write_bytes('{"schema_version": 1, "description": "café"}'.encode("latin-1"))
+    answers.preset = bad
+    window.load_button.invoke()
+    settle(window)
+    ((_title, message),) = answers.errors
+    assert message.startswith(str(bad)) and why in message
+    assert (window.form.validate().config, window.preset_path) == before
+
+
+def test_a_broken_last_used_config_is_set_aside_and_the_default_opens(open_window, answers, home):
+    home.mkdir()
+    broken = '{"schema_version": 1, "description": "café"}'.encode("latin-1")
+    (home / "last-used.json").write_bytes(broken)
+    window = open_window()
+    settle(window)
+    default = BUILTIN_PRESETS / "demo-prior.json"
+    assert window.form.validate().config == load_preset(default)
+    assert window.preset_menu.get() == "demo-prior (built-in)"
+    (moved,) = home.glob("last-used.broken-*.json")
+    assert moved.read_bytes() == broken and not (home / "last-used.json").exists()
+    notice = (
+        f"{home / 'last-used.json'}: not UTF-8 text (byte 0xe9 at position "
+        f"{broken.index(0xE9)}, line 1): save the preset as UTF-8\nIt was set aside as {moved}."
+    )
+    assert notice in window.run_panel.log_text()
+    ((title, message),) = answers.errors
+    assert title == "Last-used config not restored" and notice in message

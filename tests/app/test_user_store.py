@@ -1,9 +1,10 @@
 """The user's folder: presets and the last-used config."""
 
-from pathlib import Path
+import codecs
 
 import pytest
 
+from app import user_store
 from app.user_store import BUILTIN_PRESETS, UserStore, user_home
 from modules.config import ConfigError, TrainConfig, load_preset
 
@@ -50,8 +51,51 @@ def test_last_used_round_trip(tmp_path):
     assert store.load_last_used() == config
 
 
-def test_a_broken_last_used_file_names_itself(tmp_path):
+BROKEN = {
+    "latin-1": ('{"description": "caf\xe9"}'.encode("latin-1"), "not UTF-8 text (byte 0xe9"),
+    "utf-16": ('{"schema_version": 1}'.encode("utf-16"), "not UTF-8 text (byte 0xff"),
+    "not json": (b"{not json", "not valid JSON"),
+    "wrong field": (b'{"schema_version": 1, "mask": {"gama": 0.5}}', "did you mean 'gamma'"),
+    "newer": (b'{"schema_version": 999}', "newer than this program understands"),
+}
+
+
+@pytest.mark.parametrize("content, why", BROKEN.values(), ids=BROKEN)
+def test_a_broken_last_used_file_is_set_aside_and_named(tmp_path, monkeypatch, content, why):
+    monkeypatch.setattr(user_store, "_timestamp", lambda: "20250102-030405")
     store = UserStore(tmp_path)
-    Path(tmp_path, "last-used.json").write_text("{not json")
-    with pytest.raises(ConfigError, match="last-used.json"):
+    (tmp_path / "last-used.json").write_bytes(content)
+    with pytest.raises(ConfigError) as raised:
         store.load_last_used()
+    moved = tmp_path / "last-used.broken-20250102-030405.json"
+    reason, where = str(raised.value).splitlines()
+    assert reason.startswith(f"{tmp_path / 'last-used.json'}") and why in reason
+    assert where == f"It was set aside as {moved}."
+    assert moved.read_bytes() == content
+    assert not (tmp_path / "last-used.json").exists()
+    assert store.load_last_used() is None  # the next start opens the defaults
+
+
+def test_a_set_aside_file_never_overwrites_an_earlier_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(user_store, "_timestamp", lambda: "20250102-030405")
+    store = UserStore(tmp_path)
+    for content in (b"first", b"second", b"third"):
+        (tmp_path / "last-used.json").write_bytes(content)
+        with pytest.raises(ConfigError):
+            store.load_last_used()
+    kept = {p.name: p.read_bytes() for p in tmp_path.glob("last-used.broken-*.json")}
+    assert kept == {
+        "last-used.broken-20250102-030405.json": b"first",
+        "last-used.broken-20250102-030405-2.json": b"second",
+        "last-used.broken-20250102-030405-3.json": b"third",
+    }
+
+
+def test_a_last_used_file_with_a_byte_order_mark_is_restored(tmp_path):
+    store = UserStore(tmp_path)
+    config = TrainConfig(training={"steps": 9})
+    store.save_last_used(config)
+    path = tmp_path / "last-used.json"
+    path.write_bytes(codecs.BOM_UTF8 + path.read_bytes())
+    assert store.load_last_used() == config
+    assert list(tmp_path.glob("*.broken-*")) == []
