@@ -97,7 +97,7 @@ class TrainerThread:
     @staticmethod
     def _work(config: TrainConfig, events: queue.Queue[Any], commands: queue.Queue[Any]) -> None:
         try:
-            engine_import.load("modules.cli.main", "modules.trainer")
+            engine_import.load("modules.cli.main", "modules.trainer.generic_trainer")
             from modules.cli.main import ensure_demo_data
             from modules.trainer import GenericTrainer
 

@@ -3,17 +3,25 @@
 python -m modules.cli train PRESET [--set a.b=value ...] [--run-dir DIR]
 python -m modules.cli check PRESET [--set ...]       # validate only
 python -m modules.cli demo-data [ROOT]               # write the demo dataset
+
+Exit status: 0 done, 1 training failed, 2 the run could not start (config, data or run folder;
+nothing trained), 128 + the signal's number when a signal stopped it (Ctrl-C: 130, SIGTERM: 143,
+SIGHUP: 129; the LoRA is saved first).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import logging
+import os
 import queue
+import signal
 import sys
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 from modules.config import ConfigError, TrainConfig, apply_overrides, config_warnings, load_preset
 
@@ -28,7 +36,12 @@ if TYPE_CHECKING:
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEMO_DATA_ROOT = REPO_ROOT / "demo-data"
 
-EXIT_OK, EXIT_TRAINING_ERROR, EXIT_CONFIG_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_TRAINING_ERROR, EXIT_CONFIG_ERROR = 0, 1, 2
+POLITE_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
+)
+"""Signals that ask a process to end: Ctrl-C, a job scheduler or container stop, a closed
+terminal. The first stops after the current step and saves; a second quits without saving."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -103,6 +116,32 @@ def _print_event(event: Event, bar: tqdm | None) -> tqdm | None:
     return bar  # FileSaved needs nothing: the trainer also sends a status line for it
 
 
+class _Signals:
+    """The polite signals, turned into requests the main loop reads (a handler only records)."""
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self._handled = 0
+        self._previous = {sig: signal.signal(sig, self._record) for sig in POLITE_SIGNALS}
+
+    def _record(self, signum: int, _frame: object) -> None:
+        self.received.append(signum)
+
+    def new(self) -> list[int]:
+        """The signals that arrived since the last call."""
+        fresh = self.received[self._handled :]
+        self._handled = len(self.received)
+        return fresh
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _signal_name(signum: int) -> str:
+    return "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+
+
 def train(config: TrainConfig) -> int:
     from modules.trainer import Command, Finished, GenericTrainer
 
@@ -111,43 +150,101 @@ def train(config: TrainConfig) -> int:
     commands: queue.Queue[Command] = queue.Queue()
     trainer = GenericTrainer(config, events, commands)
     worker = threading.Thread(target=trainer.run, name="trainer", daemon=True)
-    worker.start()
-    bar: tqdm | None = None
-    interrupted = False
-    finished: Finished | None = None
-    while finished is None:
-        try:
-            event = events.get(timeout=0.2)
-        except queue.Empty:
-            continue
-        except KeyboardInterrupt:
-            if interrupted:
-                print("Second Ctrl-C: quitting without saving.", file=sys.stderr)
-                return EXIT_INTERRUPTED
-            interrupted = True
-            print(
-                "\nCtrl-C: stopping after this step and saving the LoRA (Ctrl-C again to quit)",
-                file=sys.stderr,
-            )
-            commands.put(Command.STOP)
-            continue
-        if isinstance(event, Finished):
-            finished = event
-        else:
-            bar = _print_event(event, bar)
-    if bar is not None:
-        bar.close()
-    worker.join()
+    signals = _Signals()
+    try:
+        worker.start()
+        bar: tqdm | None = None
+        finished: Finished | None = None
+        while finished is None:
+            for signum in signals.new():
+                if len(signals.received) > 1:
+                    _say(f"{_signal_name(signum)} again: quitting without saving.")
+                    return 128 + signals.received[0]
+                _say(
+                    f"\n{_signal_name(signum)}: stopping after this step and saving the LoRA "
+                    f"({_signal_name(signum)} again to quit without saving)"
+                )
+                commands.put(Command.STOP)
+            try:
+                event = events.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if isinstance(event, Finished):
+                finished = event
+            else:
+                bar = _print_event(event, bar)
+        if bar is not None:
+            bar.close()
+        worker.join()
+    finally:
+        signals.restore()
     if finished.error:
         print(f"error: {finished.error}", file=sys.stderr)
-        return EXIT_TRAINING_ERROR
+        return EXIT_CONFIG_ERROR if finished.error_kind == "config" else EXIT_TRAINING_ERROR
     state = "stopped" if finished.stopped else "done"
     print(f"{state} at step {finished.step}: LoRA saved to {finished.lora_path}")
-    return EXIT_OK
+    return 128 + signals.received[0] if signals.received else EXIT_OK
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+class _SurvivingStream(io.TextIOBase):
+    """A standard stream that outlives its reader: once a write fails (a closed pipe, as with
+    ``| head``; a terminal that went away), the file descriptor is pointed at the null device
+    and everything after is dropped, so training never stops for its output."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self.dead = False
+
+    def write(self, text: str) -> int:
+        if not self.dead:
+            try:
+                self._stream.write(text)
+                if "\n" in text or "\r" in text:
+                    self._stream.flush()
+            except OSError:
+                self._die()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.dead:
+            try:
+                self._stream.flush()
+            except OSError:
+                self._die()
+
+    def _die(self) -> None:
+        self.dead = True
+        # Python flushes the real stream again at exit: let that land in the null device.
+        with contextlib.suppress(OSError, ValueError):
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, self._stream.fileno())
+            os.close(null)
+
+    def isatty(self) -> bool:
+        return not self.dead and self._stream.isatty()
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return self._stream.encoding
+
+
+def _guard_output() -> None:
+    if not isinstance(sys.stdout, _SurvivingStream):
+        sys.stdout = _SurvivingStream(sys.stdout)
+    if not isinstance(sys.stderr, _SurvivingStream):
+        sys.stderr = _SurvivingStream(sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    _guard_output()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     if args.command == "demo-data":
         from modules.data.demo_dataset import write_demo_dataset
@@ -161,8 +258,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     if args.command == "check":
-        for warning in config_warnings(config):
-            print(f"warning: {warning}")
-        print(f"{args.preset}: OK")
-        return EXIT_OK
+        return check(config, args.preset)
     return train(config)
+
+
+def check(config: TrainConfig, preset: str) -> int:
+    """Every check ``train`` makes before it loads the model. Nothing is written, except the
+    demo dataset on first use (a demo preset's folders are checked too)."""
+    from modules.data.concept import DataError
+    from modules.trainer.preflight import preflight
+
+    ensure_demo_data(config)
+    try:
+        found = preflight(config, create_run_dir=False)
+    except (ConfigError, DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    for warning in [*config_warnings(config), *found.notes]:
+        print(f"warning: {warning}")
+    items = sum(len(scan.items) for scan in found.scans)
+    print(f"{preset}: OK ({items} items in {len(found.scans)} concepts)")
+    return EXIT_OK

@@ -209,6 +209,16 @@ class DataConfig(Section):
         ),
     )
 
+    @field_validator("cache_dir")
+    @classmethod
+    def _cache_dir_given(cls, cache_dir: str) -> str:
+        if not cache_dir.strip():
+            raise ValueError(
+                "data.cache_dir is empty, which would put the cache files in the current "
+                "folder: give a folder, e.g. 'cache'"
+            )
+        return cache_dir
+
     @field_validator("frames")
     @classmethod
     def _frames_4n_plus_1(cls, frames: int) -> int:

@@ -22,12 +22,21 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from modules.config.schema import CaptionConfig, ConceptConfig
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp"})
 VIDEO_EXTENSIONS = frozenset({".mp4", ".webm", ".mov", ".mkv"})
 MASK_SUFFIX = "-masklabel"
+UNSUPPORTED_EXTENSIONS = frozenset(
+    {".gif", ".tif", ".tiff", ".bmp", ".avif", ".heic", ".heif", ".jxl", ".jp2", ".ico", ".psd",
+     ".exr", ".dng", ".raw", ".cr2", ".nef", ".svg", ".avi", ".wmv", ".flv", ".m4v", ".mpg",
+     ".mpeg", ".3gp"}
+)  # fmt: skip
+"""Image and video formats a user may drop into a concept folder that are not read: the scan
+lists them (and broken links) so the run can say once, at the start, what it skipped."""
+CaptionSource = Literal["file", "missing", "empty"]
 
 
 class DataError(ValueError):
@@ -44,6 +53,9 @@ class ConceptItem:
     """Final caption: prefix and caption text, already joined."""
     clip: bool = False
     """A video file or a folder of frames rather than a still image."""
+    caption_source: CaptionSource = "file"
+    """Where the caption text came from: its caption file, or the concept's default caption
+    because the file is ``missing`` or ``empty``."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +65,9 @@ class ConceptScan:
     """One per image or clip, sorted by file name (case-insensitively)."""
     orphan_masks: tuple[Path, ...]
     """Mask files whose image is missing (usually a renamed or deleted image)."""
+    skipped: tuple[Path, ...] = ()
+    """Files that are not trained on: unsupported formats (``UNSUPPORTED_EXTENSIONS``) and
+    links whose target is gone."""
 
     @property
     def images(self) -> int:
@@ -91,6 +106,10 @@ class ConceptScan:
             names = ", ".join(path.name for path in self.orphan_masks[:3])
             more = ", ..." if len(self.orphan_masks) > 3 else ""
             text += f" {self.masks_without_image} masks have no image ({names}{more})."
+        if self.skipped:
+            names = ", ".join(path.name for path in self.skipped[:3])
+            more = ", ..." if len(self.skipped) > 3 else ""
+            text += f" {_count(len(self.skipped), 'file')} not read ({names}{more})."
         return text
 
 
@@ -106,7 +125,7 @@ def scan_concept(concept: ConceptConfig) -> ConceptScan:
         raise DataError(
             f"concept folder '{folder}' {what}: fix the concept's path or create the folder"
         )
-    images, masks = _list_images_and_masks(folder)
+    images, masks, skipped = _list_images_and_masks(folder)
     if not images:
         raise DataError(
             f"concept folder '{folder}' has no images (png, jpg, jpeg, webp; or clips: mp4, "
@@ -121,14 +140,15 @@ def scan_concept(concept: ConceptConfig) -> ConceptScan:
                 f"mask '{mask}' is a video or a folder but '{image.name}' is a still image: "
                 f"use one mask image, {_stem(image)}{MASK_SUFFIX}.png"
             )
+        caption, source = _read_caption(image, concept.caption)
         items.append(
-            ConceptItem(
-                image=image, mask=mask, caption=read_caption(image, concept.caption), clip=clip
-            )
+            ConceptItem(image=image, mask=mask, caption=caption, clip=clip, caption_source=source)
         )
     image_stems = {_stem(image) for image in images}
     orphans = tuple(mask for stem, mask in masks.items() if stem not in image_stems)
-    return ConceptScan(folder=folder, items=tuple(items), orphan_masks=orphans)
+    return ConceptScan(
+        folder=folder, items=tuple(items), orphan_masks=orphans, skipped=tuple(skipped)
+    )
 
 
 def read_caption(image: Path, caption: CaptionConfig) -> str:
@@ -136,19 +156,28 @@ def read_caption(image: Path, caption: CaptionConfig) -> str:
 
     The caption of ``name.png``, ``name.mp4`` or the frame folder ``name/`` is ``name.txt``.
     """
+    return _read_caption(image, caption)[0]
+
+
+def _read_caption(image: Path, caption: CaptionConfig) -> tuple[str, CaptionSource]:
     caption_file = image.parent / f"{_stem(image)}{caption.extension}"
-    text = caption.default
+    text, source = caption.default, "missing"
     if caption_file.is_file():
         try:
             # utf-8-sig: Windows editors often start UTF-8 files with a byte-order mark.
-            text = caption_file.read_text(encoding="utf-8-sig").strip() or caption.default
+            written = caption_file.read_text(encoding="utf-8-sig").strip()
         except UnicodeDecodeError as error:
             raise DataError(
                 f"caption file '{caption_file}' is not valid UTF-8 ({error.reason}): "
                 "save it as UTF-8"
             ) from error
+        except OSError as error:
+            raise DataError(
+                f"cannot read caption file '{caption_file}' ({error.strerror}): fix or remove it"
+            ) from error
+        text, source = (written, "file") if written else (caption.default, "empty")
     parts = (caption.prefix.strip(), text.strip())
-    return ", ".join(part for part in parts if part)
+    return ", ".join(part for part in parts if part), source  # type: ignore[return-value]
 
 
 def _count(n: int, noun: str) -> str:
@@ -189,20 +218,27 @@ def _stem(path: Path) -> str:
     return path.name if path.is_dir() else path.stem
 
 
-def _list_images_and_masks(folder: Path) -> tuple[list[Path], dict[str, Path]]:
-    """Images and clips sorted by name, and masks keyed by the stem of the item they belong to."""
+def _list_images_and_masks(folder: Path) -> tuple[list[Path], dict[str, Path], list[Path]]:
+    """Images and clips sorted by name, masks keyed by the stem of the item they belong to, and
+    the files skipped (unsupported formats, broken links)."""
     images: list[Path] = []
     stems: dict[str, Path] = {}
     masks: dict[str, Path] = {}
+    skipped: list[Path] = []
     # Case-insensitive order, as file browsers show it; the exact name breaks ties.
     for path in sorted(folder.iterdir(), key=lambda p: (p.name.casefold(), p.name)):
         # Dot files are skipped: macOS leaves "._name.png" metadata files that are not images.
         if path.name.startswith("."):
             continue
+        if path.is_symlink() and not path.exists():
+            skipped.append(path)  # a broken link
+            continue
         if path.is_dir():
             if not path.name.lower().endswith(MASK_SUFFIX) and not has_frames(path):
                 continue  # not a clip: a folder of something else
         elif path.suffix.lower() not in IMAGE_EXTENSIONS | VIDEO_EXTENSIONS or not path.is_file():
+            if path.suffix.lower() in UNSUPPORTED_EXTENSIONS:
+                skipped.append(path)
             continue
         stem = _stem(path)
         if not stem.lower().endswith(MASK_SUFFIX):
@@ -223,4 +259,4 @@ def _list_images_and_masks(folder: Path) -> tuple[list[Path], dict[str, Path]]:
                 f"and {path.name}: keep one"
             )
         masks[image_stem] = path
-    return images, masks
+    return images, masks, skipped

@@ -22,9 +22,12 @@ Stored tensors (all contiguous, on the CPU):
   encoder's dtype (attention masks stay integer).
 - ``empty.<name>``: the empty prompt's encoding, used for caption dropout.
 
-The metadata records the source image and mask, the caption, ``has_mask`` and the settings.
-Files are written to a temporary name in the same folder and renamed with ``os.replace``, so a
-crash never leaves a half-written file under a key's name.
+The metadata records the source image and mask, the caption, ``has_mask``, ``mask_max`` (the
+largest weight of the mask on the latent grid), ``mask_coloured`` (the mask file was not grey)
+and the settings. Files are written to a temporary name in the same folder and renamed with
+``os.replace``, so a crash never leaves a half-written file under a key's name; a file that is
+damaged all the same (a disk error, a copy cut short) is found by its header when the cache is
+opened, and encoded again.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from torch import Tensor
 
 from modules.atomic import write_bytes_atomic
 from modules.data.concept import ConceptItem, DataError, list_frames
-from modules.data.images import image_size, load_image, load_mask, mask_to_latent
+from modules.data.images import image_size, load_image, load_mask_with_notes, mask_to_latent
 from modules.data.video import (
     clip_frame_indices,
     clip_info,
@@ -63,6 +66,8 @@ PromptEncoder = Callable[[list[str]], dict[str, Tensor]]
 """B prompts → named batch-first tensors (B, ...)."""
 Progress = Callable[[int, int], None]
 """Called with (items encoded so far, items to encode)."""
+Warn = Callable[[str], None]
+"""Called with a line for the user (a damaged cache file encoded again)."""
 
 CACHE_FORMAT = "maskprior-latent-cache-v1"
 """Part of every key and every file's metadata: bump it when the stored layout changes."""
@@ -83,6 +88,19 @@ class CachedSample:
     has_mask: bool
     source: str
     """The image file the latent was encoded from."""
+
+
+@dataclass(frozen=True)
+class CachedInfo:
+    """What a cache file's header says about its item, read without its tensors."""
+
+    has_mask: bool
+    mask_max: float
+    """The mask's largest weight on the latent grid: 0 for a mask with no weight anywhere."""
+    mask_coloured: bool
+    """The mask file had colours (not grey levels): its luminance was used."""
+    source_mask: str
+    latent_frames: int
 
 
 def cache_key(
@@ -152,8 +170,11 @@ def build_cache(
     progress: Progress | None = None,
     frames: int = 1,
     fps: float = 0.0,
+    warn: Warn | None = None,
 ) -> list[Path]:
     """Encode the items that are not cached yet; return every item's cache file, in order.
+
+    A cache file that is there but damaged is removed and encoded again, and ``warn`` told.
 
     Clips train as ``frames`` frames at ``fps`` (see :mod:`modules.data.video`). ``progress`` is
     called with (0, n) before the first batch and after each batch (each clip), where n is the
@@ -169,7 +190,11 @@ def build_cache(
         for item in items
     ]
     # Keyed by path so an image listed twice (e.g. in two concepts) is encoded once.
-    missing = {path: item for path, item in zip(paths, items, strict=True) if not path.exists()}
+    missing = {
+        path: item
+        for path, item in zip(paths, items, strict=True)
+        if not path.exists() or not _usable(path, item, warn)
+    }
     if not missing:
         return paths
     todo = list(missing.items())
@@ -222,17 +247,51 @@ def load_cached(path: Path) -> CachedSample:
 
 def cached_has_mask(path: Path) -> bool:
     """Whether a cache file's image had a mask, reading only the file's header."""
+    return cached_info(path).has_mask
+
+
+def cached_info(path: Path) -> CachedInfo:
+    """A cache file's :class:`CachedInfo`, from its header (files from before ``mask_max`` was
+    recorded: from the mask tensor)."""
     try:
         with safe_open(str(path), framework="pt") as file:
-            return (file.metadata() or {}).get("has_mask") == "1"
-    except (OSError, SafetensorError) as error:
+            metadata = file.metadata() or {}
+            shape = file.get_slice("latent").get_shape()
+            if "mask_max" in metadata:
+                mask_max = float(metadata["mask_max"])
+            else:
+                mask_max = float(file.get_tensor("mask").amax())
+    except (OSError, SafetensorError, ValueError) as error:
         raise _unreadable(path, error) from error
+    return CachedInfo(
+        has_mask=metadata.get("has_mask") == "1",
+        mask_max=mask_max,
+        mask_coloured=metadata.get("mask_coloured") == "1",
+        source_mask=metadata.get("source_mask", ""),
+        latent_frames=shape[1] if len(shape) == 4 else 1,
+    )
+
+
+def _usable(path: Path, item: ConceptItem, warn: Warn | None) -> bool:
+    """Whether an existing cache file can be read; a damaged one is removed (and said)."""
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            metadata = file.metadata() or {}
+            names = set(file.keys())
+        if metadata.get("format") != CACHE_FORMAT or not {"latent", "mask"} <= names:
+            raise ValueError(f"not a {CACHE_FORMAT} file")
+    except (OSError, SafetensorError, ValueError) as error:
+        if warn is not None:
+            warn(f"cache file {path} of '{item.image}' is damaged ({error}): encoding it again")
+        path.unlink(missing_ok=True)
+        return False
+    return True
 
 
 def _unreadable(path: Path, error: Exception) -> DataError:
     return DataError(
-        f"cannot read cache file '{path}' ({error}): delete it if it exists; the next run "
-        "re-encodes it"
+        f"cannot read cache file '{path}' ({error}): it changed or was damaged during the run; "
+        "start the run again, which encodes it again"
     )
 
 
@@ -253,8 +312,9 @@ def _encode_batch(
         )
     texts = _rows(encode_prompts([item.caption for _, item in batch]), len(batch), "captions")
     for (path, item), latent, text in zip(batch, latents, texts, strict=True):
-        mask = _latent_mask(item, resolution, latent.shape)
-        _write_item(path, item, latent, mask, text, empty, metadata)
+        mask, coloured = _latent_mask(item, resolution, latent.shape)
+        item_metadata = {**metadata, "mask_coloured": "1" if coloured else "0"}
+        _write_item(path, item, latent, mask, text, empty, item_metadata)
 
 
 @dataclass(frozen=True)
@@ -317,6 +377,7 @@ def _write_item(
         "source_mask": str(item.mask) if item.mask is not None else "",
         "caption": item.caption,
         "has_mask": "1" if item.mask is not None else "0",
+        "mask_max": repr(float(mask.amax())),
     }
     _write_atomic(path, tensors, item_metadata)
 
@@ -328,36 +389,38 @@ def _still_pixels(item: ConceptItem, resolution: int) -> Tensor:
     return load_clip(item.image, [0], resolution)[:, 0]  # (3, 1, R, R) → (3, R, R)
 
 
-def _still_mask(item: ConceptItem, resolution: int) -> Tensor:
-    """(1, R, R): the image's mask, or the mask of a clip's first frame (item.mask is set)."""
+def _still_mask(item: ConceptItem, resolution: int) -> tuple[Tensor, bool]:
+    """(1, R, R): the image's mask, or the mask of a clip's first frame (item.mask is set); and
+    whether the mask image is coloured rather than grey (known for mask images only)."""
     assert item.mask is not None
     if not item.clip:
-        return load_mask(item.mask, image_size(item.image), resolution)
+        mask, notes = load_mask_with_notes(item.mask, image_size(item.image), resolution)
+        return mask, notes.coloured
     info = clip_info(item.image)
-    return load_clip_mask(item.mask, item.image, info, [0], resolution)[:, 0]
+    return load_clip_mask(item.mask, item.image, info, [0], resolution)[:, 0], False
 
 
-def _latent_mask(item: ConceptItem, resolution: int, latent_shape: torch.Size) -> Tensor:
-    """The item's mask on the latent grid: (1, h, w), or (1, F, h, w) for a (C, F, h, w) latent."""
+def _latent_mask(
+    item: ConceptItem, resolution: int, latent_shape: torch.Size
+) -> tuple[Tensor, bool]:
+    """The item's mask on the latent grid, (1, h, w) or (1, F, h, w) for a (C, F, h, w) latent,
+    and whether the mask file was coloured."""
     size = (latent_shape[-2], latent_shape[-1])
+    coloured = False
     if item.mask is None:
         mask = torch.ones(1, *size)
     else:
-        mask = mask_to_latent(_still_mask(item, resolution), size)  # (1, R, R) → (1, h, w)
+        still, coloured = _still_mask(item, resolution)
+        mask = mask_to_latent(still, size)  # (1, R, R) → (1, h, w)
     if len(latent_shape) == 4:
         # Video latents: the still mask applies to every latent frame.
         mask = mask.unsqueeze(1).expand(1, latent_shape[1], *size)  # (1, F, h, w)
-    return mask
+    return mask, coloured
 
 
 def cached_latent_frames(path: Path) -> int:
     """Latent frames of a cache file (1 for image latents), reading only the file's header."""
-    try:
-        with safe_open(str(path), framework="pt") as file:
-            shape = file.get_slice("latent").get_shape()
-    except (OSError, SafetensorError) as error:
-        raise _unreadable(path, error) from error
-    return shape[1] if len(shape) == 4 else 1
+    return cached_info(path).latent_frames
 
 
 def _rows(encoding: Mapping[str, Tensor], count: int, what: str) -> list[dict[str, Tensor]]:

@@ -1,6 +1,7 @@
 """LoRA adapters (peft) on the family's denoiser, and the teacher switch."""
 
 from modules.lora.lora import (
+    NonFiniteLoraError,
     add_lora,
     check_comfyui_supported,
     load_lora,
@@ -11,6 +12,7 @@ from modules.lora.lora import (
 )
 
 __all__ = [
+    "NonFiniteLoraError",
     "add_lora",
     "check_comfyui_supported",
     "load_lora",

@@ -94,6 +94,10 @@ def _adapter_metadata(denoiser: ModelMixin) -> dict[str, object]:
     return {f"{lora_prefix(denoiser)}.{key}": value for key, value in plain.items()}
 
 
+class NonFiniteLoraError(ValueError):
+    """A LoRA with NaN or infinite weights: never written, since it would only break a model."""
+
+
 def save_lora(
     denoiser: ModelMixin,
     path: str | os.PathLike[str],
@@ -103,6 +107,7 @@ def save_lora(
     layout: Literal["diffusers", "comfyui"] = "diffusers",
 ) -> Path:
     """Write the LoRA as safetensors, atomically: a crash mid-write keeps the previous file.
+    Non-finite weights are refused (``NonFiniteLoraError``), so no such file is ever written.
 
     ``layout="diffusers"``: the metadata carries what diffusers needs to rebuild the adapter
     (``lora_adapter_metadata``: rank, alpha, target modules). ``layout="comfyui"``: WAN module
@@ -111,9 +116,15 @@ def save_lora(
     the whole resolved training config.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     peft_config = denoiser.peft_config["default"]
     state = lora_state_dict(denoiser)
+    broken = [name for name, tensor in state.items() if not torch.isfinite(tensor).all()]
+    if broken:
+        raise NonFiniteLoraError(
+            f"the LoRA has non-finite weights ({len(broken)} of {len(state)} tensors, e.g. "
+            f"{broken[0]}); it was not written to {path}"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {
         "format": "pt",
         "maskprior.family": family,

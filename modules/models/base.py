@@ -94,6 +94,11 @@ class ModelFamily(Protocol):
 
     def encode_prompts(self, model: LoadedModel, prompts: list[str]) -> TextEncoding: ...
 
+    def prompt_token_counts(self, model: LoadedModel, prompts: list[str]) -> tuple[list[int], int]:
+        """Each prompt's token count as the text encoder would see it uncut, and the number of
+        tokens it reads (longer prompts are cut there), so the trainer can say so."""
+        ...
+
     def sample_timesteps(
         self, batch_size: int, *, generator: torch.Generator, device: torch.device
     ) -> Tensor:

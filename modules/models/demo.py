@@ -184,6 +184,10 @@ class DemoFamily:
         embeds = hidden.last_hidden_state * mask.unsqueeze(-1)
         return {"embeds": embeds.float()}
 
+    def prompt_token_counts(self, model: LoadedModel, prompts: list[str]) -> tuple[list[int], int]:
+        ids = model.parts["tokenizer"](prompts, add_special_tokens=True).input_ids
+        return [len(row) for row in ids], MAX_PROMPT_BYTES
+
     def sample_timesteps(
         self, batch_size: int, *, generator: torch.Generator, device: torch.device
     ) -> Tensor:

@@ -237,6 +237,18 @@ class WanFamily:
         length = max(int(mask.sum(dim=1).max()), 1)
         return {"embeds": hidden[:, :length].contiguous()}  # (B, L, D)
 
+    def prompt_token_counts(self, model: LoadedModel, prompts: list[str]) -> tuple[list[int], int]:
+        """Counted with the tokenizer alone: a run whose captions are all cached never loads
+        the text encoder."""
+        parts = model.parts
+        tokenizer = parts["tokenizer"]
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(
+                parts["folder"] / "tokenizer", local_files_only=True
+            )
+        ids = tokenizer([_clean_prompt(p) for p in prompts], add_special_tokens=True).input_ids
+        return [len(row) for row in ids], TEXT_TOKENS
+
     def release_encoders(self, model: LoadedModel, *, keep_decoder: bool) -> None:
         """Free the text encoder and the VAE (its decoder stays for samples), then move the
         transformer to the training device. For samples, the empty prompt (the negative of

@@ -1,4 +1,10 @@
-"""The trainer shared by the UI and the CLI, and the events it emits."""
+"""The trainer shared by the UI and the CLI, and the events it emits.
+
+The trainer itself (torch, diffusers: seconds to import) loads on first use, so that
+``modules.trainer.preflight`` and ``modules.trainer.run_folder`` answer ``check`` quickly.
+"""
+
+from typing import TYPE_CHECKING, Any
 
 from modules.trainer.events import (
     Command,
@@ -11,7 +17,9 @@ from modules.trainer.events import (
     StatusMessage,
     StepMetrics,
 )
-from modules.trainer.generic_trainer import GenericTrainer, TrainingError
+
+if TYPE_CHECKING:
+    from modules.trainer.generic_trainer import GenericTrainer, TrainingError
 
 __all__ = [
     "Command",
@@ -26,3 +34,11 @@ __all__ = [
     "StepMetrics",
     "TrainingError",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("GenericTrainer", "TrainingError"):
+        from modules.trainer import generic_trainer
+
+        return getattr(generic_trainer, name)
+    raise AttributeError(f"module 'modules.trainer' has no attribute '{name}'")

@@ -91,12 +91,16 @@ class DriftMeasured:
 
 @dataclass(frozen=True)
 class Finished:
-    """The run ended. ``error`` is None on success or stop; ``lora_path`` is the last saved LoRA."""
+    """The run ended. ``error`` is None on success or stop; ``lora_path`` is the last saved LoRA
+    (never one with non-finite weights)."""
 
     step: int
     lora_path: Path | None
     error: str | None = None
     stopped: bool = False
+    error_kind: str | None = None
+    """``config``: the run could not start (a bad config, data or run folder; nothing was trained
+    and the run folder is as it was); ``training``: it failed while training or saving."""
 
 
 Event = (

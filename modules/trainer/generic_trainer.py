@@ -16,9 +16,9 @@ commands (stop, save, sample) from another.
 
 from __future__ import annotations
 
+import errno
 import functools
 import itertools
-import json
 import logging
 import queue
 import random
@@ -41,7 +41,13 @@ from modules.config import ConfigError, TrainConfig, config_warnings, resolved_c
 from modules.data.concept import DataError
 from modules.data.dataset import Batch, collate
 from modules.data.preparation import prepare_dataset
-from modules.lora import add_lora, check_comfyui_supported, lora_disabled, save_lora
+from modules.lora import (
+    NonFiniteLoraError,
+    add_lora,
+    check_comfyui_supported,
+    lora_disabled,
+    save_lora,
+)
 from modules.loss import LossBreakdown, masked_prior_loss, process_masks
 from modules.models import LoadedModel, ModelFamily, ModelLoadError, get_family, select_text
 from modules.models.base import eval_mode
@@ -58,6 +64,8 @@ from modules.trainer.events import (
     StatusMessage,
     StepMetrics,
 )
+from modules.trainer.preflight import preflight
+from modules.trainer.run_folder import MetricsLog, RunLock, keep_previous_run
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +75,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 class TrainingError(RuntimeError):
     """The run cannot go on (for example a NaN loss). The message says why and what to change."""
+
+
+SAVE_RETRY_SECONDS = 10.0
+"""How often the final save is tried again after it failed (a full disk, a lost mount)."""
 
 
 @dataclass(frozen=True)
@@ -89,43 +101,62 @@ class GenericTrainer:
         self.run_dir = Path(config.output.run_dir)
         self.lora_path = self.run_dir / f"{config.output.name}.safetensors"
         self.last_saved: Path | None = None
+        """The last LoRA written; never one with non-finite weights (they are refused)."""
+        self.unsaved: Path | None = None
+        """A save that failed (e.g. a full disk), tried again at the next save point."""
         self.step = 0
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        self._metrics_failing = False
         self.base_samples: list[tuple[Path, Image.Image]] | None = None
         """The prompts sampled with the LoRA off, once per run (the base does not change)."""
 
     # ----------------------------------------------------------------------------- entry point
 
     def run(self) -> Finished:
-        """Train to the end (or until stopped). Always emits and returns a ``Finished`` event."""
+        """Train to the end (or until stopped). Always emits and returns a ``Finished`` event.
+
+        The error is said once, in ``Finished`` (the front end shows it); an unexpected one
+        also sends its traceback as a status line first."""
+        lock = RunLock(self.run_dir)
+        trained = False
         try:
+            self.preflight = preflight(self.config, create_run_dir=True)
+            lock.acquire()
             self.setup()
+            trained = True
             stopped = self._train()
-            self._save(self.lora_path)
+            self._save_final()
             finished = Finished(step=self.step, lora_path=self.last_saved, stopped=stopped)
-        except (TrainingError, DataError, ModelLoadError, ConfigError) as error:
-            self._status(f"ERROR: {error}", "warning")
-            finished = Finished(step=self.step, lora_path=self.last_saved, error=str(error))
+        except (ConfigError, DataError, ModelLoadError) as error:
+            # Before training: nothing was trained and the run folder is as it was.
+            kind = "training" if trained else "config"
+            finished = self._failed(str(error), kind)
+        except TrainingError as error:
+            finished = self._failed(str(error), "training")
         except Exception as error:
-            self._status(traceback.format_exc(), "warning")
-            finished = Finished(
-                step=self.step,
-                lora_path=self.last_saved,
-                error=f"unexpected error: {type(error).__name__}: {error}",
+            self._status(traceback.format_exc().rstrip(), "warning")
+            finished = self._failed(
+                f"unexpected error: {type(error).__name__}: {error}", "training"
             )
+        finally:
+            lock.release()
         self.events.put(finished)
         return finished
+
+    def _failed(self, error: str, kind: str) -> Finished:
+        return Finished(step=self.step, lora_path=self.last_saved, error=error, error_kind=kind)
 
     # ----------------------------------------------------------------------------------- setup
 
     def setup(self) -> None:
-        """Load the model, fill the cache, add the LoRA, build optimizer and data order."""
+        """Load the model, fill the cache, add the LoRA, build optimizer and data order; then,
+        with every check passed, move an earlier run's files aside and start this run's.
+
+        ``run`` calls it after :func:`preflight` (the checks that need no model) and with the
+        run folder locked; a direct caller (tests, benchmarks) gets the preflight here."""
         config = self.config
-        if not config.data.concepts:
-            raise ConfigError("data.concepts: no concepts; add at least one image folder")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        kept = _keep_previous_run(self.run_dir, config.output.name)
-        if kept is not None:
-            self._status(f"The run folder held an earlier run: moved it to {kept}")
+        if not hasattr(self, "preflight"):
+            self.preflight = preflight(config, create_run_dir=True)
         self.accelerator = _new_accelerator(config.training.mixed_precision)
         self.device = self.accelerator.device
         self.family: ModelFamily = get_family(config.model)
@@ -152,18 +183,23 @@ class GenericTrainer:
             model=self.model,
             progress=lambda done, total: self._status(f"Caching latents {done}/{total}"),
             batch_size=config.training.batch_size,
+            scans=self.preflight.scans,
+            mask=config.mask,
+            prior=config.prior,
         )
         self.dataset = prepared.dataset
         # Sampling prompts are encoded once, now, so the text encoder can be freed for training.
         prompts = list(config.sampling.prompts)
         self.sample_text = self.family.encode_prompts(self.model, prompts) if prompts else None
         self.heldout = self._build_heldout()  # needs the text encoder; before the LoRA exists
+        captions = _caption_length_note(self.family, self.model, prepared.captions())
         self.family.release_encoders(self.model, keep_decoder=bool(prompts))
         for line in prepared.report_lines():
             self._status(line)
         for level, text in banner_lines(config, prepared.cache_hint()):
             self._status(text, level)
-        for warning in config_warnings(config):
+        notes = [*self.preflight.notes, *prepared.warnings(), *captions, *self._device_notes()]
+        for warning in [*config_warnings(config), *notes]:
             self._status(f"warning: {warning}", "warning")
 
         torch.manual_seed(config.training.seed)  # LoRA init
@@ -192,13 +228,24 @@ class GenericTrainer:
         self.generator = torch.Generator().manual_seed(config.training.seed)
         self.mask_rng = random.Random(config.training.seed)
         self.batches = self._batches()
-        self.metrics_path = self.run_dir / "metrics.jsonl"
-        self.metrics_path.write_text("")
+        n_params = sum(p.numel() for p in params)
+        self._status(f"LoRA: {n_params:,} trainable parameters in {len(params) // 2} layers")
+        # Every check has passed: only now is an earlier run's work moved aside.
+        kept = keep_previous_run(self.run_dir)
+        if kept is not None:
+            self._status(f"The run folder held an earlier run: moved its files to {kept}")
+        self.metrics.start()
         write_text_atomic(
             self.run_dir / f"{config.output.name}.json", resolved_config_json(config) + "\n"
         )
-        n_params = sum(p.numel() for p in params)
-        self._status(f"LoRA: {n_params:,} trainable parameters in {len(params) // 2} layers")
+
+    def _device_notes(self) -> list[str]:
+        if self.device.type == "cpu" and self.config.training.mixed_precision == "fp16":
+            return [
+                "training.mixed_precision=fp16 does nothing on a CPU: this run trains in "
+                "float32; use bf16 (CPUs support it) or no"
+            ]
+        return []
 
     # ----------------------------------------------------------------------------------- train
 
@@ -236,15 +283,26 @@ class GenericTrainer:
         for _ in range(accumulation):
             result = self._train_step(next(self.batches))
             if not torch.isfinite(result.loss.total):
-                raise TrainingError(self._nan_message(result.loss))
+                raise TrainingError(self._nan_message(_loss_text(result.loss)))
             self.accelerator.backward(result.loss.total / accumulation)
             results.append(result)
         lr = float(self.scheduler.get_last_lr()[0])  # the rate this step uses
         if self.config.training.max_grad_norm > 0:
-            self.accelerator.clip_grad_norm_(self.params, self.config.training.max_grad_norm)
+            norm = self.accelerator.clip_grad_norm_(self.params, self.config.training.max_grad_norm)
+        else:
+            norm = torch.nn.utils.get_total_norm(
+                [p.grad for p in self.params if p.grad is not None]
+            )
+        # A finite loss can still give an infinite gradient, and one step with it makes every
+        # weight NaN. fp16's loss scaler skips such steps itself, so there it is left to it.
+        if self.accelerator.scaler is None and not torch.isfinite(norm):
+            raise TrainingError(self._nan_message("the gradients are not finite"))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        # One norm over every LoRA weight: a single number to check, so cheap at every step.
+        if not torch.isfinite(torch.nn.utils.get_total_norm([p.detach() for p in self.params])):
+            raise TrainingError(self._nan_message("the LoRA weights became non-finite"))
         return replace(_mean_result(results), lr=lr)
 
     def _train_step(self, batch: Batch) -> StepResult:
@@ -362,14 +420,26 @@ class GenericTrainer:
         self.events.put(metrics)
 
     def _append_row(self, row: dict[str, float | int | None]) -> None:
-        with self.metrics_path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(row) + "\n")
+        """A metrics.jsonl row; when the disk refuses it, training goes on and the rows are
+        written once it takes them again (said once, and again when it recovers)."""
+        error = self.metrics.append(row)
+        if error is not None and not self._metrics_failing:
+            self._status(
+                f"warning: cannot write {self.metrics.path} ({_reason(error)}): training goes "
+                "on; the rows are kept and written when the disk takes them again",
+                "warning",
+            )
+        elif error is None and self._metrics_failing:
+            self._status(f"{self.metrics.path}: written again, no row lost")
+        self._metrics_failing = error is not None
 
     def _between_steps(self) -> bool:
         """Scheduled saves and samples, then commands. Returns True when asked to stop."""
         output, sampling = self.config.output, self.config.sampling
         if output.save_every and self.step % output.save_every == 0:
             self._save(self.run_dir / f"{output.name}-step{self.step:06d}.safetensors")
+        elif self.unsaved is not None and self._save_point_due():
+            self._save(self.unsaved)
         if sampling.every and sampling.prompts and self.step % sampling.every == 0:
             self._sample()
         while True:
@@ -385,18 +455,57 @@ class GenericTrainer:
             elif command is Command.SAMPLE:
                 self._sample()
 
-    def _save(self, path: Path) -> None:
+    def _save(self, path: Path) -> bool:
+        """Write the LoRA to ``path``. A file system error (a full disk, a lost mount) is said
+        with the file and the reason, and training goes on: the weights are in memory, the
+        earlier file at ``path`` is intact (atomic write), and the save is tried again at the
+        next save point and at the end. Returns whether it was written."""
         denoiser = self.accelerator.unwrap_model(self.model.denoiser)
-        save_lora(
-            denoiser,
-            path,
-            family=self.family.name,
-            config_json=resolved_config_json(self.config),
-            layout=self.config.output.format,
-        )
+        try:
+            save_lora(
+                denoiser,
+                path,
+                family=self.family.name,
+                config_json=resolved_config_json(self.config),
+                layout=self.config.output.format,
+            )
+        except NonFiniteLoraError as error:  # the step checks make this unreachable; kept safe
+            raise TrainingError(self._nan_message(str(error))) from None
+        except OSError as error:
+            self.unsaved = path
+            self._status(
+                f"warning: could not save {path} ({_reason(error)}): training goes on with the "
+                "LoRA in memory; the save is tried again at the next save point and at the end"
+                + (f" (last saved: {self.last_saved})" if self.last_saved else ""),
+                "warning",
+            )
+            return False
+        self.unsaved = None
         self.last_saved = path
         self.events.put(FileSaved(path=path, step=self.step))
         self._status(f"Saved {path} (step {self.step})")
+        return True
+
+    def _save_point_due(self) -> bool:
+        """Retry cadence for a failed save without ``output.save_every``: every 100 steps."""
+        return self.step % (self.config.output.save_every or 100) == 0
+
+    def _save_final(self) -> None:
+        """The end-of-run save, tried until it succeeds: the trained weights exist only in
+        memory. Every ``SAVE_RETRY_SECONDS`` until it is written, or until a Stop gives up."""
+        while not self._save(self.lora_path):
+            self._status(
+                f"The LoRA is not saved yet: free space in (or fix) {self.run_dir}; trying again "
+                f"every {SAVE_RETRY_SECONDS:g} s. Stop again to give up on this run's LoRA.",
+                "warning",
+            )
+            try:
+                command = self.commands.get(timeout=SAVE_RETRY_SECONDS)
+            except queue.Empty:
+                continue
+            if command is Command.STOP:
+                kept = f"; the last saved LoRA is {self.last_saved}" if self.last_saved else ""
+                raise TrainingError(f"the LoRA could not be saved to {self.lora_path}{kept}")
 
     def _build_heldout(self) -> HeldOutSet | None:
         drift = self.config.drift
@@ -443,8 +552,20 @@ class GenericTrainer:
         self.events.put(event)
         return event
 
-    @torch.no_grad()
     def _sample(self) -> None:
+        """Samples never stop training: a file that cannot be written is said and skipped."""
+        try:
+            self._write_samples()
+        except OSError as error:
+            where = error.filename or self.run_dir / "samples"
+            self._status(
+                f"warning: could not write the samples at step {self.step} to {where} "
+                f"({_reason(error)}): training goes on",
+                "warning",
+            )
+
+    @torch.no_grad()
+    def _write_samples(self) -> None:
         """The prompts with the LoRA; with ``sampling.with_base`` also beside the base's."""
         sampling, text = self.config.sampling, self.sample_text
         if text is None:
@@ -495,42 +616,50 @@ class GenericTrainer:
                 generator=generator,
             )
 
-    def _nan_message(self, loss: LossBreakdown) -> str:
+    def _nan_message(self, what: str) -> str:
+        """``what`` went wrong at the step being taken; names the last (finite) saved LoRA."""
         kept = (
-            f"the last saved LoRA ({self.last_saved}) is kept"
+            f"the last saved LoRA, {self.last_saved}, is kept (its weights are finite)"
             if self.last_saved
-            else ("no LoRA had been saved yet")
+            else "no LoRA had been saved yet, and none with non-finite weights is written"
         )
-        total, target, prior = (float(x.detach()) for x in (loss.total, loss.target, loss.prior))
         return (
-            f"step {self.step + 1}: the loss is not finite (total {total}, target {target}, "
-            f"prior {prior}); training stopped and {kept}. "
+            f"step {self.step + 1}: {what}; training stopped and {kept}. "
             "Lower training.learning_rate, use mixed_precision bf16 instead of fp16, or check "
             "the images for broken files."
         )
 
     def _status(self, text: str, level: str = "info") -> None:
-        log.log(logging.WARNING if level == "warning" else logging.INFO, text)
+        # The events are how a front end hears the trainer; the log has them for library use
+        # at DEBUG only, so a front end that also logs to the console shows nothing twice.
+        log.debug(text)
         self.events.put(StatusMessage(text, level))
 
 
-def _keep_previous_run(run_dir: Path, name: str) -> Path | None:
-    """Move an earlier run's outputs into ``run_dir/previous/<time>/`` so a new run in the
-    same folder never overwrites a LoRA the user may still want. Returns the folder, or None."""
-    patterns = (f"{name}.safetensors", f"{name}-step*.safetensors", f"{name}.json")
-    found = [p for pattern in patterns for p in run_dir.glob(pattern)]
-    found += [p for p in (run_dir / "metrics.jsonl", run_dir / "samples") if p.exists()]
-    if not any(p.name.endswith(".safetensors") for p in found):
-        return None  # nothing worth keeping: a run that never saved a LoRA
-    target = run_dir / "previous" / time.strftime("%Y%m%d-%H%M%S")
-    suffix = 1
-    while target.exists():
-        target = target.with_name(f"{target.name.split('_')[0]}_{suffix}")
-        suffix += 1
-    target.mkdir(parents=True)
-    for path in found:
-        path.rename(target / path.name)
-    return target
+def _loss_text(loss: LossBreakdown) -> str:
+    total, target, prior = (float(x.detach()) for x in (loss.total, loss.target, loss.prior))
+    return f"the loss is not finite (total {total}, target {target}, prior {prior})"
+
+
+def _reason(error: OSError) -> str:
+    if error.errno == errno.ENOSPC:
+        return "the disk is full"
+    return error.strerror or str(error)
+
+
+def _caption_length_note(family: ModelFamily, model: LoadedModel, captions: list[str]) -> list[str]:
+    """Captions longer than the text encoder reads: it sees only their start."""
+    if not captions:
+        return []
+    lengths, limit = family.prompt_token_counts(model, captions)
+    long = [caption for caption, n in zip(captions, lengths, strict=True) if n > limit]
+    if not long:
+        return []
+    example = long[0] if len(long[0]) <= 60 else long[0][:57] + "..."
+    return [
+        f"{len(long)} of {len(captions)} distinct captions are longer than the {limit} tokens "
+        f"the text encoder reads and are cut there (e.g. '{example}'): shorten them"
+    ]
 
 
 def _new_accelerator(mixed_precision: str) -> Accelerator:

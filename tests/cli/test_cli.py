@@ -1,7 +1,6 @@
 """The public command line, run as a user runs it: a subprocess on the shipped presets."""
 
 import json
-import signal
 import subprocess
 import sys
 import time
@@ -46,10 +45,15 @@ def test_unknown_key_in_a_preset_exits_non_zero_naming_the_field(tmp_path):
 
 
 def test_check_validates_every_shipped_preset():
-    for preset in sorted((REPO / "presets").glob("*.json")):
+    for preset in sorted((REPO / "presets").glob("demo-*.json")):
         result = cli("check", str(preset.relative_to(REPO)))
         assert result.returncode == 0, result.stderr
-        assert result.stdout.strip().endswith("OK")
+        assert f"{preset.relative_to(REPO)}: OK" in result.stdout
+    # The WAN preset is a template: its config is valid, and check names both paths to fill in.
+    result = cli("check", "presets/wan-prior.json")
+    assert result.returncode == 2
+    assert "model.path: 'models/Wan2.1-T2V-1.3B-Diffusers' does not exist" in result.stderr
+    assert "concept folder 'datasets/my-subject' does not exist" in result.stderr
 
 
 @pytest.mark.slow
@@ -89,36 +93,3 @@ def test_demo_prior_preset_trains_30_steps(tmp_path):
         base = family.predict(model, noisy, t, text)
         load_lora(model.denoiser, run_dir / "lora.safetensors")
         assert not torch.allclose(family.predict(model, noisy, t, text), base, atol=1e-5)
-
-
-@pytest.mark.slow
-def test_ctrl_c_saves_and_exits_cleanly(tmp_path):
-    run_dir = tmp_path / "D"
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "modules.cli",
-            "train",
-            "presets/demo-no-prior.json",
-            "--set",
-            "training.steps=100000",
-            "--set",
-            f"data.cache_dir={tmp_path / 'cache'}",
-            "--run-dir",
-            str(run_dir),
-        ],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and (not metrics.exists() or not metrics.read_text()):
-        time.sleep(0.2)
-    process.send_signal(signal.SIGINT)
-    stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == 0, stderr
-    assert "stopped at step" in stdout
-    assert (run_dir / "lora.safetensors").is_file()

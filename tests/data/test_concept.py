@@ -116,3 +116,23 @@ def test_two_masks_for_one_image_is_an_error(tmp_path: Path, write_image, write_
 
     with pytest.raises(DataError, match="two masks for image 'a'.*keep one"):
         scan_concept(ConceptConfig(path=str(tmp_path)))
+
+
+def test_unsupported_files_and_broken_links_are_listed_not_trained(tmp_path):
+    from PIL import Image
+
+    from modules.config.schema import ConceptConfig
+    from modules.data.concept import scan_concept
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "b.gif")
+    Image.new("RGB", (8, 8)).save(tmp_path / "c.tiff")
+    (tmp_path / "d.png").symlink_to(tmp_path / "gone.png")
+    (tmp_path / "notes.md").write_text("not an image format: not listed")
+    (tmp_path / "a.txt").write_text("")  # an empty caption
+
+    scan = scan_concept(ConceptConfig(path=str(tmp_path)))
+    assert [item.image.name for item in scan.items] == ["a.png"]
+    assert [path.name for path in scan.skipped] == ["b.gif", "c.tiff", "d.png"]
+    assert scan.items[0].caption_source == "empty"
+    assert scan.describe().endswith("3 files not read (b.gif, c.tiff, d.png).")

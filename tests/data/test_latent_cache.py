@@ -216,8 +216,23 @@ def test_corrupt_cache_file_names_the_file_and_the_fix(tmp_path: Path) -> None:
     path.parent.mkdir()
     path.write_bytes(b"\x00" * 20)
 
-    with pytest.raises(DataError, match=r"abcd\.safetensors.*delete it"):
+    with pytest.raises(DataError, match=r"abcd\.safetensors.*start the run again"):
         load_cached(path)
+
+
+def test_a_damaged_cache_file_is_encoded_again_and_said(
+    items: list[ConceptItem], tmp_path: Path, encoders: StandInEncoders
+) -> None:
+    cache = tmp_path / "cache"
+    paths = _build(items, cache, encoders)
+    paths[0].write_bytes(paths[0].read_bytes()[:64])  # a copy cut short
+    paths[1].write_bytes(b"\x00" * 20)
+    said: list[str] = []
+    again = _build(items, cache, encoders, warn=said.append)
+    assert again == paths
+    assert len(said) == 2
+    assert all("is damaged" in line and "encoding it again" in line for line in said)
+    assert load_cached(paths[0]).latent.shape == load_cached(paths[2]).latent.shape
 
 
 def test_image_deleted_after_the_scan_names_the_file(

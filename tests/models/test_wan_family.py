@@ -114,6 +114,18 @@ def test_prompts_match_the_wan_pipeline(tiny_wan):
     assert torch.count_nonzero(embeds[2, 1:]) == 0  # "" is one token (</s>); padding is zero
 
 
+def test_prompt_token_counts_need_only_the_tokenizer(tiny_wan):
+    family, model = load(tiny_wan)
+    assert model.parts["text_encoder"] is None  # deferred: a cached run never loads it
+    prompts = ["a photo of sks heart", "word " * 600]
+    counts, limit = family.prompt_token_counts(model, prompts)
+    assert limit == TEXT_TOKENS
+    assert counts[0] < 20 and counts[1] > TEXT_TOKENS
+    assert model.parts["text_encoder"] is None
+    mask = family.encode_prompts(model, prompts[:1])["embeds"].abs().sum(-1) > 0
+    assert counts[0] == int(mask.sum())  # the same tokens the encoder sees
+
+
 def test_predict_pads_the_prompt_to_the_transformers_length(tiny_wan):
     family, model = load(tiny_wan)
     text = family.encode_prompts(model, ["a photo of sks heart", "a dog"])

@@ -11,7 +11,6 @@ from PIL import Image
 
 from modules.config import ConfigError, config_from_dict
 from modules.config.schema import DriftConfig
-from modules.data.concept import DataError
 from modules.data.demo_dataset import write_demo_dataset
 from modules.lora import add_lora
 from modules.models.demo import DemoFamily, build_demo_model
@@ -231,7 +230,8 @@ class TestTrainer:
     def test_a_missing_folder_names_the_field_and_the_path(self, demo_root, tmp_path):
         missing = tmp_path / "missing"
         config = make_config(demo_root, tmp_path, drift={"every": 1, "world_path": str(missing)})
-        with pytest.raises(DataError, match="drift.world_path: folder .*missing' not found"):
+        # Found before the model loads, with the other paths (modules.trainer.preflight).
+        with pytest.raises(ConfigError, match="drift.world_path: '.*missing' is not a folder"):
             GenericTrainer(config).setup()
 
 

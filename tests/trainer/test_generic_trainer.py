@@ -270,7 +270,7 @@ def test_a_second_run_in_the_same_folder_keeps_the_first_lora(demo_root, tmp_pat
     kept = list((tmp_path / "run/previous").glob("*/lora.safetensors"))
     assert len(kept) == 1 and kept[0].read_bytes() == saved
     assert (kept[0].parent / "metrics.jsonl").is_file()
-    assert any("moved it to" in e.text for e in events if isinstance(e, StatusMessage))
+    assert any("moved its files to" in e.text for e in events if isinstance(e, StatusMessage))
 
 
 def test_a_unet_demo_model_trains_with_its_teacher_and_refuses_the_comfyui_layout(

@@ -1,0 +1,143 @@
+"""Every check a run makes before it loads the model, shared by ``train`` and ``check``.
+
+A config that passes validation can still be unable to train: no concepts, a concept folder
+that is missing or holds no images, a run folder that is a file or cannot be written. Those stop
+here, in ``check`` as in ``train``, with a message naming the field or file and the fix. What
+is allowed but worth knowing (files skipped, captions missing, images upscaled) is collected as
+notes, said once at the start of a run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from modules.config import ConfigError, TrainConfig
+from modules.data.concept import ConceptItem, ConceptScan, DataError, scan_concept
+from modules.trainer.run_folder import check_run_folder
+
+NAMED = 3
+"""How many file names a note lists before "...": enough to find them, short enough to read."""
+
+
+@dataclass(frozen=True)
+class Preflight:
+    scans: list[ConceptScan]
+    notes: list[str]
+    """Warnings for the start of the run, one line each."""
+
+
+def preflight(config: TrainConfig, *, create_run_dir: bool) -> Preflight:
+    """Raise ConfigError or DataError for what stops a run; return the scans and the notes.
+
+    ``create_run_dir``: training makes the run folder; ``check`` writes nothing."""
+    if not config.data.concepts:
+        raise ConfigError("data.concepts: no concepts; add at least one image folder")
+    check_run_folder(Path(config.output.run_dir), create=create_run_dir)
+    problems = _missing_paths(config)
+    scans = []
+    for concept in config.data.concepts:
+        try:
+            scans.append(scan_concept(concept))
+        except DataError as error:
+            problems.append(str(error))
+    if problems:  # all of them at once: fixing one need not reveal the next
+        raise ConfigError("\n".join(problems))
+    notes = []
+    for concept, scan in zip(config.data.concepts, scans, strict=True):
+        notes += _skipped_note(scan)
+        notes += _caption_notes(scan, concept.caption.default)
+    notes += _small_images_note(scans, config.data.resolution)
+    return Preflight(scans=scans, notes=notes)
+
+
+def _missing_paths(config: TrainConfig) -> list[str]:
+    """The model and held-out paths that are set but not there."""
+    model, drift = config.model, config.drift
+    problems = []
+    if model.path and not Path(model.path).expanduser().exists():
+        problems.append(
+            f"model.path: '{model.path}' does not exist: give the folder (or file) of the base "
+            "model" + (", or leave it empty for the built-in one" if model.family == "demo" else "")
+        )
+    if model.transformer_file and not Path(model.transformer_file).expanduser().is_file():
+        problems.append(
+            f"model.transformer_file: '{model.transformer_file}' is not a file: give the "
+            ".safetensors transformer file, or leave it empty to use the model folder's"
+        )
+    if drift.every:
+        for field, value in (
+            ("subject_path", drift.subject_path),
+            ("world_path", drift.world_path),
+        ):
+            if value and not Path(value).expanduser().is_dir():
+                problems.append(
+                    f"drift.{field}: '{value}' is not a folder: give a held-out folder, or "
+                    f"leave drift.{field} empty"
+                )
+    return problems
+
+
+def names(paths: Iterable[Path]) -> str:
+    """``a.png, b.png, c.png, ...``: the first ``NAMED`` file names."""
+    listed = [Path(path).name for path in paths]
+    more = ", ..." if len(listed) > NAMED else ""
+    return ", ".join(listed[:NAMED]) + more
+
+
+def _skipped_note(scan: ConceptScan) -> list[str]:
+    if not scan.skipped:
+        return []
+    broken = [path for path in scan.skipped if path.is_symlink() and not path.exists()]
+    formats = [path for path in scan.skipped if path not in broken]
+    parts = []
+    if formats:
+        parts.append(
+            f"{_count(len(formats), 'file')} in a format that is not read ({names(formats)}): "
+            "convert them to PNG, JPEG or WebP to train on them"
+        )
+    if broken:
+        parts.append(f"{_count(len(broken), 'broken link')} ({names(broken)})")
+    return [f"{scan.folder}: skipped {'; '.join(parts)}"]
+
+
+def _caption_notes(scan: ConceptScan, default: str) -> list[str]:
+    missing = [item.image for item in scan.items if item.caption_source == "missing"]
+    empty = [item.image for item in scan.items if item.caption_source == "empty"]
+    if not missing and not empty:
+        return []
+    counted = []
+    if missing:
+        counted.append(f"{_count(len(missing), 'item')} without a caption file")
+    if empty:
+        counted.append(f"{_count(len(empty), 'item')} with an empty one")
+    used = f"the default caption '{default}'" if default.strip() else "an empty caption"
+    listed = names([*missing, *empty])
+    return [f"{scan.folder}: {' and '.join(counted)} ({listed}): they train with {used}"]
+
+
+def _small_images_note(scans: Sequence[ConceptScan], resolution: int) -> list[str]:
+    small = [item.image for scan in scans for item in scan.items if _short_side(item) < resolution]
+    if not small:
+        return []
+    return [
+        f"{_count(len(small), 'image')} smaller than data.resolution={resolution} on the short "
+        f"side are upscaled, which blurs them ({names(small)})"
+    ]
+
+
+def _short_side(item: ConceptItem) -> int:
+    """The short side of an image (its header only) or of a clip's frames."""
+    from modules.data.images import image_size
+    from modules.data.video import clip_info
+
+    try:
+        width, height = clip_info(item.image).size if item.clip else image_size(item.image)
+    except DataError:
+        return 1 << 30  # unreadable: reported with the fix when the item is encoded
+    return min(width, height)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

@@ -1,0 +1,198 @@
+"""The run folder: checked before the model loads, owned by one run at a time, and never a place
+where a new run overwrites an earlier run's files.
+
+- :func:`check_run_folder` says, before anything heavy happens, whether the folder can be used
+  (it is not a file, it can be created, a file can be written in it).
+- :class:`RunLock` makes the folder one run's at a time: an exclusive ``flock`` on
+  ``.maskprior-run.lock`` inside it, which holds the owner's process id for the message a second
+  run gets. The operating system drops the lock when its process ends, however it ends, so a
+  crashed or killed run never leaves the folder locked.
+- :func:`keep_previous_run` moves an earlier run's files (whatever its ``output.name``) to
+  ``previous/<date-time>/``; the trainer calls it once the new run has passed every check and is
+  about to train, so a run that fails early leaves the folder as it was.
+- :class:`MetricsLog` appends ``metrics.jsonl`` rows; a row that cannot be written (a full disk)
+  is kept in memory and written with the next one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from modules.config import ConfigError
+
+LOCK_NAME = ".maskprior-run.lock"
+PREVIOUS = "previous"
+METRICS = "metrics.jsonl"
+SAMPLES = "samples"
+
+try:  # POSIX; elsewhere the folder is not locked (see RunLock)
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+
+def check_run_folder(run_dir: Path, *, create: bool) -> None:
+    """A ConfigError naming ``output.run_dir`` and the fix when the folder cannot hold a run.
+
+    With ``create`` the folder is made (as training does); without it (``check``) nothing is
+    written, and the nearest existing parent must be a folder a file can be created in.
+    """
+    field = f"output.run_dir: '{run_dir}'"
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"{field} is a file, not a folder: choose another run folder")
+    if not create:
+        existing = next((p for p in (run_dir, *run_dir.parents) if p.exists()), Path("."))
+        if not existing.is_dir():
+            raise ConfigError(f"{field} cannot be created: '{existing}' is a file")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError(f"{field}: '{existing}' is not writable; choose another folder")
+        return
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(
+            f"{field} cannot be created ({error.strerror}): choose another run folder"
+        ) from None
+    try:
+        # A real write, not os.access: a read-only mount or a full disk shows only this way.
+        with tempfile.TemporaryFile(dir=run_dir) as probe:
+            probe.write(b"maskprior")
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as error:
+        raise ConfigError(
+            f"{field} is not writable ({error.strerror}): free some space, fix its permissions "
+            "or choose another run folder"
+        ) from None
+
+
+class RunLock:
+    """The run folder's owner, from :meth:`acquire` to :meth:`release`.
+
+    Without ``fcntl`` (Windows) the folder is not locked: two runs into one folder are then the
+    user's to avoid."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / LOCK_NAME
+        self._file: Any = None
+
+    def acquire(self) -> None:
+        """Own the folder, or a ConfigError naming the folder and the process that owns it."""
+        if fcntl is None:  # pragma: no cover - Windows
+            return
+        handle = self.path.open("a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            owner = handle.read().strip() or "another process"
+            handle.close()
+            raise ConfigError(
+                f"output.run_dir: '{self.path.parent}' is in use by another run ({owner}): wait "
+                "for it to finish or stop it, or choose another run folder"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        started = time.strftime("%Y-%m-%d %H:%M:%S")
+        handle.write(f"process {os.getpid()} on {socket.gethostname()}, started {started}\n")
+        handle.flush()
+        self._file = handle
+
+    def release(self) -> None:
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.seek(0)
+                self._file.truncate()
+            self._file.close()  # closing drops the flock
+            self._file = None
+
+
+def earlier_run_files(run_dir: Path) -> list[Path]:
+    """The files an earlier run left in ``run_dir``, whatever its ``output.name``: its LoRAs
+    (``.safetensors`` files this program wrote, read from their header), resolved configs
+    (``.json`` files with ``schema_version`` and an ``output`` section), ``metrics.jsonl`` and
+    ``samples/``. Anything else in the folder is the user's and stays where it is."""
+    found = [run_dir / name for name in (METRICS, SAMPLES) if (run_dir / name).exists()]
+    for path in sorted(run_dir.iterdir()):
+        if not path.is_file() or path.name.startswith("."):
+            continue
+        if (path.suffix == ".safetensors" and _is_our_lora(path)) or (
+            path.suffix == ".json" and _is_resolved_config(path)
+        ):
+            found.append(path)
+    return found
+
+
+def keep_previous_run(run_dir: Path) -> Path | None:
+    """Move an earlier run's files into ``run_dir/previous/<date-time>/`` (a new folder each
+    time, so nothing there is ever overwritten). Returns that folder, or None when there was
+    nothing to move."""
+    found = earlier_run_files(run_dir)
+    if not found:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target, suffix = run_dir / PREVIOUS / stamp, 1
+    while target.exists():
+        target, suffix = run_dir / PREVIOUS / f"{stamp}_{suffix}", suffix + 1
+    target.mkdir(parents=True)
+    for path in found:
+        path.rename(target / path.name)
+    return target
+
+
+def _is_our_lora(path: Path) -> bool:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            return "maskprior.family" in (file.metadata() or {})
+    except (OSError, SafetensorError):
+        return False
+
+
+def _is_resolved_config(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "schema_version" in data and "output" in data
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON line per row. :meth:`start` begins an empty file (the earlier
+    one was moved aside). A row that cannot be written is kept and written with the next row,
+    so a full disk loses no row once space is back; the first failure is returned for the
+    trainer to report."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._pending: list[str] = []
+
+    def start(self) -> None:
+        self.path.write_text("", encoding="utf-8")
+
+    def append(self, row: dict[str, Any]) -> OSError | None:
+        """Write ``row`` (and any rows held back); the error when it could not, else None."""
+        self._pending.append(json.dumps(row) + "\n")
+        size = self.path.stat().st_size if self.path.exists() else 0
+        try:
+            with self.path.open("a", encoding="utf-8") as handle:
+                handle.write("".join(self._pending))
+        except OSError as error:
+            # Half a line would break every reader of the file: cut back to the last whole row.
+            with contextlib.suppress(OSError):
+                os.truncate(self.path, size)
+            return error
+        self._pending.clear()
+        return None
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
