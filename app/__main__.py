@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import signal
 from pathlib import Path
+from typing import Any
 
 import customtkinter as ctk
 
@@ -17,8 +19,25 @@ def main(argv: list[str] | None = None) -> int:
     from app.main_window import MainWindow
 
     window = MainWindow(preset=args.preset)
+    close_on_signals(window)
     window.mainloop()
-    return 0
+    return 128 + window.signalled if window.signalled else 0
+
+
+def close_on_signals(window: Any) -> None:
+    """Ctrl-C in the terminal, SIGTERM (a session or container ending) and SIGHUP (the terminal
+    closed) stop a run after its step, save the LoRA and close the window, without asking.
+
+    The handler only schedules the close: Python runs it between the window's own callbacks
+    (the run panel polls every few milliseconds), on the Tk thread, where widgets may be used.
+    """
+
+    def handler(signum: int, _frame: object) -> None:
+        window.after(0, window.close_for_signal, signum)
+
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), handler)
 
 
 if __name__ == "__main__":

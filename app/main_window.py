@@ -7,6 +7,7 @@ thread, the user store keeps files.
 
 from __future__ import annotations
 
+import signal
 import tkinter as tk
 from pathlib import Path
 
@@ -58,6 +59,8 @@ class MainWindow(ctk.CTk):
         self.preset_description: str | None = None
         self.closed = False
         self._closing = False
+        self.signalled = 0
+        """The signal that closed the window (0: none), for the exit status."""
         self.preview_selection = tk.StringVar(self)
         self.columnconfigure(0, weight=1)
         self.rowconfigure(1, weight=1)
@@ -329,6 +332,19 @@ class MainWindow(ctk.CTk):
             self.run_panel.stop()
             return
         self._finish_close()
+
+    def close_for_signal(self, signum: int) -> None:
+        """A polite signal: stop the run (the trainer saves the LoRA) and close, not asking."""
+        if self.signalled:
+            return
+        self.signalled = signum
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        self.run_panel.log(f"{name}: stopping, saving the LoRA and closing", "warning")
+        if self.run_panel.state == "idle":
+            self._finish_close()
+            return
+        self._closing = True
+        self.run_panel.stop()
 
     def _finish_close(self) -> None:
         config = self.form.validate().config
