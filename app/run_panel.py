@@ -172,6 +172,12 @@ class RunPanel(ctk.CTkFrame):
         self.after(DRAIN_MS, self.drain)
 
     def stop(self) -> None:
+        if self.state == "stopping":
+            # The trainer tries a failed final save again until it succeeds (a full disk):
+            # a second Stop gives up on it, and the last saved LoRA is named.
+            self._command("STOP")
+            self.log("Stop again: if the LoRA cannot be saved, the run ends without saving it")
+            return
         if self.state != "running":
             return
         self._command("STOP")
@@ -197,8 +203,13 @@ class RunPanel(ctk.CTkFrame):
         can_start = idle and not self.blockers
         self.start_button.configure(state="normal" if can_start else "disabled")
         running = "normal" if self.state == "running" else "disabled"
-        for button in (self.stop_button, self.save_button, self.sample_button):
+        for button in (self.save_button, self.sample_button):
             button.configure(state=running)
+        stoppable = self.state in ("running", "stopping")
+        self.stop_button.configure(
+            state="normal" if stoppable else "disabled",
+            text="Give up saving" if self.state == "stopping" else "Stop",
+        )
         text = {"idle": "Idle", "running": "Training", "stopping": "Stopping…"}[self.state]
         if idle and self._end_text:
             text = self._end_text

@@ -41,7 +41,8 @@ POLITE_SIGNALS = tuple(
     getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
 )
 """Signals that ask a process to end: Ctrl-C, a job scheduler or container stop, a closed
-terminal. The first stops after the current step and saves; a second quits without saving."""
+terminal. The first stops after the current step and saves; a second Ctrl-C quits without
+saving (a second SIGTERM or SIGHUP does not)."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -157,14 +158,19 @@ def train(config: TrainConfig) -> int:
         finished: Finished | None = None
         while finished is None:
             for signum in signals.new():
-                if len(signals.received) > 1:
-                    _say(f"{_signal_name(signum)} again: quitting without saving.")
+                if len(signals.received) == 1:
+                    _say(
+                        f"\n{_signal_name(signum)}: stopping after this step and saving the LoRA "
+                        "(Ctrl-C again to quit without saving)"
+                    )
+                    commands.put(Command.STOP)
+                elif signum == signal.SIGINT:
+                    # Only a person presses Ctrl-C twice; schedulers and service managers
+                    # may send SIGTERM and SIGHUP together, which must not cost the LoRA.
+                    _say("Ctrl-C again: quitting without saving.")
                     return 128 + signals.received[0]
-                _say(
-                    f"\n{_signal_name(signum)}: stopping after this step and saving the LoRA "
-                    f"({_signal_name(signum)} again to quit without saving)"
-                )
-                commands.put(Command.STOP)
+                else:
+                    _say(f"{_signal_name(signum)}: already stopping, the LoRA is being saved")
             try:
                 event = events.get(timeout=0.2)
             except queue.Empty:
