@@ -156,9 +156,11 @@ def train(config: TrainConfig) -> int:
         worker.start()
         bar: tqdm | None = None
         finished: Finished | None = None
+        stopping = False
         while finished is None:
             for signum in signals.new():
-                if len(signals.received) == 1:
+                if not stopping:
+                    stopping = True
                     _say(
                         f"\n{_signal_name(signum)}: stopping after this step and saving the LoRA "
                         "(Ctrl-C again to quit without saving)"

@@ -137,3 +137,16 @@ def test_a_killed_run_does_not_leave_its_folder_locked(tmp_path):
     lock.acquire()
     assert str(holder.pid) not in (tmp_path / LOCK_NAME).read_text()
     lock.release()
+
+
+def test_sigterm_then_sighup_still_saves(tmp_path):
+    """A service manager may send SIGTERM and SIGHUP together: only a second Ctrl-C quits."""
+    run_dir = tmp_path / "run"
+    process = start_training(tmp_path, run_dir)
+    wait_for_steps(run_dir)
+    process.send_signal(signal.SIGTERM)
+    process.send_signal(signal.SIGHUP)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr
+    assert "SIGHUP: already stopping" in stderr
+    assert (run_dir / "lora.safetensors").is_file()
