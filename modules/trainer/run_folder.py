@@ -117,8 +117,8 @@ class RunLock:
 def earlier_run_files(run_dir: Path) -> list[Path]:
     """The files an earlier run left in ``run_dir``, whatever its ``output.name``: its LoRAs
     (``.safetensors`` files this program wrote, read from their header), resolved configs
-    (``.json`` files with ``schema_version`` and an ``output`` section), ``metrics.jsonl`` and
-    ``samples/``. Anything else in the folder is the user's and stays where it is."""
+    (``NAME.json`` files with ``schema_version`` and ``output.name`` NAME), ``metrics.jsonl``
+    and ``samples/``. Anything else in the folder is the user's and stays where it is."""
     found = [run_dir / name for name in (METRICS, SAMPLES) if (run_dir / name).exists()]
     for path in sorted(run_dir.iterdir()):
         if not path.is_file() or path.name.startswith("."):
@@ -162,7 +162,11 @@ def _is_resolved_config(path: Path) -> bool:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return isinstance(data, dict) and "schema_version" in data and "output" in data
+    if not isinstance(data, dict) or "schema_version" not in data:
+        return False
+    # A run writes its config as <output.name>.json; a preset kept here is the user's file.
+    output = data.get("output")
+    return isinstance(output, dict) and output.get("name") == path.stem
 
 
 class MetricsLog:

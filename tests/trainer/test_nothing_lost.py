@@ -137,11 +137,14 @@ def test_the_users_own_files_in_the_run_folder_stay_where_they_are(demo_root, tm
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "notes.json").write_text('{"my": "notes"}')
+    preset = '{"schema_version": 1, "output": {"name": "lora", "save_every": 5}}'
+    (run_dir / "my-preset.json").write_text(preset)  # a preset the user keeps with the run
     (run_dir / "readme.txt").write_text("mine")
     assert run(make_config(subject(demo_root), tmp_path))[0].error is None
     assert run(make_config(subject(demo_root), tmp_path))[0].error is None
     assert (run_dir / "notes.json").read_text() == '{"my": "notes"}'
     assert (run_dir / "readme.txt").read_text() == "mine"
+    assert (run_dir / "my-preset.json").read_text() == preset
 
 
 # ------------------------------------------------------------------- 8. run folder and disk
