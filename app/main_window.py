@@ -7,7 +7,6 @@ thread, the user store keeps files.
 
 from __future__ import annotations
 
-import signal
 import tkinter as tk
 from pathlib import Path
 
@@ -337,9 +336,12 @@ class MainWindow(ctk.CTk):
         """A polite signal: stop the run (the trainer saves the LoRA) and close, not asking."""
         if self.signalled:
             return
+        from modules.cli.main import signal_name
+
         self.signalled = signum
-        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-        self.run_panel.log(f"{name}: stopping, saving the LoRA and closing", "warning")
+        self.run_panel.log(
+            f"{signal_name(signum)}: stopping, saving the LoRA and closing", "warning"
+        )
         if self.run_panel.state == "idle":
             self._finish_close()
             return

@@ -139,7 +139,8 @@ class _Signals:
             signal.signal(sig, handler)
 
 
-def _signal_name(signum: int) -> str:
+def signal_name(signum: int) -> str:
+    """How a message names a signal: Ctrl-C for SIGINT, else its name."""
     return "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
 
 
@@ -162,7 +163,7 @@ def train(config: TrainConfig) -> int:
                 if not stopping:
                     stopping = True
                     _say(
-                        f"\n{_signal_name(signum)}: stopping after this step and saving the LoRA "
+                        f"\n{signal_name(signum)}: stopping after this step and saving the LoRA "
                         "(Ctrl-C again to quit without saving)"
                     )
                     commands.put(Command.STOP)
@@ -172,7 +173,7 @@ def train(config: TrainConfig) -> int:
                     _say("Ctrl-C again: quitting without saving.")
                     return 128 + signals.received[0]
                 else:
-                    _say(f"{_signal_name(signum)}: already stopping, the LoRA is being saved")
+                    _say(f"{signal_name(signum)}: already stopping, the LoRA is being saved")
             try:
                 event = events.get(timeout=0.2)
             except queue.Empty:

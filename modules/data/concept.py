@@ -20,6 +20,7 @@ folder's counts without loading the training stack.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -65,9 +66,10 @@ class ConceptScan:
     """One per image or clip, sorted by file name (case-insensitively)."""
     orphan_masks: tuple[Path, ...]
     """Mask files whose image is missing (usually a renamed or deleted image)."""
-    skipped: tuple[Path, ...] = ()
-    """Files that are not trained on: unsupported formats (``UNSUPPORTED_EXTENSIONS``) and
-    links whose target is gone."""
+    unsupported: tuple[Path, ...] = ()
+    """Files in a format that is not read (``UNSUPPORTED_EXTENSIONS``)."""
+    broken_links: tuple[Path, ...] = ()
+    """Links whose target is gone."""
 
     @property
     def images(self) -> int:
@@ -99,17 +101,16 @@ class ConceptScan:
         if self.videos:
             stills = self.images - self.videos
             counted = (
-                f"{self.images} items ({_count(self.videos, 'clip')}, {_count(stills, 'image')})"
+                f"{self.images} items ({count_of(self.videos, 'clip')}, "
+                f"{count_of(stills, 'image')})"
             )
         text = f"{counted}: {self.masks_found} with a mask, {self.images_without_mask} without."
         if self.orphan_masks:
-            names = ", ".join(path.name for path in self.orphan_masks[:3])
-            more = ", ..." if len(self.orphan_masks) > 3 else ""
-            text += f" {self.masks_without_image} masks have no image ({names}{more})."
-        if self.skipped:
-            names = ", ".join(path.name for path in self.skipped[:3])
-            more = ", ..." if len(self.skipped) > 3 else ""
-            text += f" {_count(len(self.skipped), 'file')} not read ({names}{more})."
+            names = name_list(self.orphan_masks)
+            text += f" {self.masks_without_image} masks have no image ({names})."
+        skipped = self.unsupported + self.broken_links
+        if skipped:
+            text += f" {count_of(len(skipped), 'file')} not read ({name_list(skipped)})."
         return text
 
 
@@ -125,7 +126,7 @@ def scan_concept(concept: ConceptConfig) -> ConceptScan:
         raise DataError(
             f"concept folder '{folder}' {what}: fix the concept's path or create the folder"
         )
-    images, masks, skipped = _list_images_and_masks(folder)
+    images, masks, unsupported, broken = _list_images_and_masks(folder)
     if not images:
         raise DataError(
             f"concept folder '{folder}' has no images (png, jpg, jpeg, webp; or clips: mp4, "
@@ -147,7 +148,11 @@ def scan_concept(concept: ConceptConfig) -> ConceptScan:
     image_stems = {_stem(image) for image in images}
     orphans = tuple(mask for stem, mask in masks.items() if stem not in image_stems)
     return ConceptScan(
-        folder=folder, items=tuple(items), orphan_masks=orphans, skipped=tuple(skipped)
+        folder=folder,
+        items=tuple(items),
+        orphan_masks=orphans,
+        unsupported=tuple(unsupported),
+        broken_links=tuple(broken),
     )
 
 
@@ -160,6 +165,7 @@ def read_caption(image: Path, caption: CaptionConfig) -> str:
 
 
 def _read_caption(image: Path, caption: CaptionConfig) -> tuple[str, CaptionSource]:
+    source: CaptionSource
     caption_file = image.parent / f"{_stem(image)}{caption.extension}"
     text, source = caption.default, "missing"
     if caption_file.is_file():
@@ -177,11 +183,22 @@ def _read_caption(image: Path, caption: CaptionConfig) -> tuple[str, CaptionSour
             ) from error
         text, source = (written, "file") if written else (caption.default, "empty")
     parts = (caption.prefix.strip(), text.strip())
-    return ", ".join(part for part in parts if part), source  # type: ignore[return-value]
+    return ", ".join(part for part in parts if part), source
 
 
-def _count(n: int, noun: str) -> str:
+def count_of(n: int, noun: str) -> str:
+    """``1 image``, ``3 images``."""
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+NAMED = 3
+"""File names a message lists before "...": enough to find them, short enough to read."""
+
+
+def name_list(paths: Iterable[Path]) -> str:
+    """``a.png, b.png, c.png, ...``: the first ``NAMED`` file names."""
+    listed = [Path(path).name for path in paths]
+    return ", ".join(listed[:NAMED]) + (", ..." if len(listed) > NAMED else "")
 
 
 def has_frames(folder: Path) -> bool:
@@ -218,27 +235,30 @@ def _stem(path: Path) -> str:
     return path.name if path.is_dir() else path.stem
 
 
-def _list_images_and_masks(folder: Path) -> tuple[list[Path], dict[str, Path], list[Path]]:
+def _list_images_and_masks(
+    folder: Path,
+) -> tuple[list[Path], dict[str, Path], list[Path], list[Path]]:
     """Images and clips sorted by name, masks keyed by the stem of the item they belong to, and
-    the files skipped (unsupported formats, broken links)."""
+    the files skipped: unsupported formats and broken links."""
     images: list[Path] = []
     stems: dict[str, Path] = {}
     masks: dict[str, Path] = {}
-    skipped: list[Path] = []
+    unsupported: list[Path] = []
+    broken: list[Path] = []
     # Case-insensitive order, as file browsers show it; the exact name breaks ties.
     for path in sorted(folder.iterdir(), key=lambda p: (p.name.casefold(), p.name)):
         # Dot files are skipped: macOS leaves "._name.png" metadata files that are not images.
         if path.name.startswith("."):
             continue
         if path.is_symlink() and not path.exists():
-            skipped.append(path)  # a broken link
+            broken.append(path)
             continue
         if path.is_dir():
             if not path.name.lower().endswith(MASK_SUFFIX) and not has_frames(path):
                 continue  # not a clip: a folder of something else
         elif path.suffix.lower() not in IMAGE_EXTENSIONS | VIDEO_EXTENSIONS or not path.is_file():
             if path.suffix.lower() in UNSUPPORTED_EXTENSIONS:
-                skipped.append(path)
+                unsupported.append(path)
             continue
         stem = _stem(path)
         if not stem.lower().endswith(MASK_SUFFIX):
@@ -259,4 +279,4 @@ def _list_images_and_masks(folder: Path) -> tuple[list[Path], dict[str, Path], l
                 f"and {path.name}: keep one"
             )
         masks[image_stem] = path
-    return images, masks, skipped
+    return images, masks, unsupported, broken

@@ -35,7 +35,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -231,10 +231,8 @@ def load_cached(path: Path) -> CachedSample:
             tensors = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118
     except (OSError, SafetensorError) as error:
         raise _unreadable(path, error) from error
-    if metadata.get("format") != CACHE_FORMAT or "latent" not in tensors or "mask" not in tensors:
-        raise DataError(
-            f"'{path}' is not a {CACHE_FORMAT} file: delete it, it is re-encoded on the next run"
-        )
+    if not _is_cache_file(metadata, tensors.keys()):
+        raise DataError(f"'{path}' is not a {CACHE_FORMAT} file: the next run encodes it again")
     return CachedSample(
         latent=tensors["latent"],
         mask=tensors["mask"],
@@ -278,7 +276,7 @@ def _usable(path: Path, item: ConceptItem, warn: Warn | None) -> bool:
         with safe_open(str(path), framework="pt") as file:
             metadata = file.metadata() or {}
             names = set(file.keys())
-        if metadata.get("format") != CACHE_FORMAT or not {"latent", "mask"} <= names:
+        if not _is_cache_file(metadata, names):
             raise ValueError(f"not a {CACHE_FORMAT} file")
     except (OSError, SafetensorError, ValueError) as error:
         if warn is not None:
@@ -286,6 +284,10 @@ def _usable(path: Path, item: ConceptItem, warn: Warn | None) -> bool:
         path.unlink(missing_ok=True)
         return False
     return True
+
+
+def _is_cache_file(metadata: Mapping[str, str], names: Iterable[str]) -> bool:
+    return metadata.get("format") == CACHE_FORMAT and {"latent", "mask"} <= set(names)
 
 
 def _unreadable(path: Path, error: Exception) -> DataError:
@@ -416,11 +418,6 @@ def _latent_mask(
         # Video latents: the still mask applies to every latent frame.
         mask = mask.unsqueeze(1).expand(1, latent_shape[1], *size)  # (1, F, h, w)
     return mask, coloured
-
-
-def cached_latent_frames(path: Path) -> int:
-    """Latent frames of a cache file (1 for image latents), reading only the file's header."""
-    return cached_info(path).latent_frames
 
 
 def _rows(encoding: Mapping[str, Tensor], count: int, what: str) -> list[dict[str, Tensor]]:

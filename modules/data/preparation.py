@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from modules.config.schema import DataConfig, MaskConfig, PriorConfig
-from modules.data.concept import ConceptScan, DataError, scan_concept
+from modules.data.concept import ConceptScan, DataError, name_list, scan_concept
 from modules.data.dataset import ConceptDataset
 from modules.data.latent_cache import CachedInfo, build_cache, cached_info
 from modules.loss import process_masks
 from modules.models.base import LoadedModel, ModelFamily
-
-NAMED = 3
-"""File names a warning lists before "..."."""
 
 CODEC_VERSION = 1
 """Bump when the meaning of cached latents changes without a change of model identity."""
@@ -39,9 +36,6 @@ class PreparedData:
         if warning:
             lines.append(warning)
         return lines
-
-    def warnings(self) -> list[str]:
-        return list(self.notes)
 
     def captions(self) -> list[str]:
         """Every distinct caption the run trains with, in first-seen order."""
@@ -123,17 +117,12 @@ def prepare_dataset(
     )
 
 
-def _names(paths: Iterable[Path]) -> str:
-    listed = [path.name for path in paths]
-    return ", ".join(listed[:NAMED]) + (", ..." if len(listed) > NAMED else "")
-
-
 def _coloured_note(masks: dict[Path, CachedInfo]) -> list[str]:
     coloured = [path for path, info in masks.items() if info.mask_coloured]
     if not coloured:
         return []
     return [
-        f"{len(coloured)} masks are coloured, not grey ({_names(coloured)}): their brightness "
+        f"{len(coloured)} masks are coloured, not grey ({name_list(coloured)}): their brightness "
         "is used as the weight; save masks as greyscale to be sure of the weights"
     ]
 
@@ -154,12 +143,12 @@ def _weightless_note(
         return []
     if len(empty) == len(masks) and not weight_elsewhere:
         raise DataError(
-            f"no mask has any weight: all {len(masks)} masks ({_names(empty)}) are black (or "
+            f"no mask has any weight: all {len(masks)} masks ({name_list(empty)}) are black (or "
             "below prior.threshold), so nothing would be learnt. Paint the subject in the masks "
             "(white = learn), or set mask.enabled=false"
         )
     return [
-        f"{len(empty)} of {len(masks)} masks have no weight anywhere ({_names(empty)}): their "
+        f"{len(empty)} of {len(masks)} masks have no weight anywhere ({name_list(empty)}): their "
         "images teach nothing of the subject" + (" (only the prior)" if prior.weight > 0 else "")
     ]
 

@@ -64,7 +64,7 @@ from modules.trainer.events import (
     StatusMessage,
     StepMetrics,
 )
-from modules.trainer.preflight import preflight
+from modules.trainer.preflight import Preflight, preflight
 from modules.trainer.run_folder import MetricsLog, RunLock, keep_previous_run
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,8 @@ class TrainingError(RuntimeError):
 
 SAVE_RETRY_SECONDS = 10.0
 """How often the final save is tried again after it failed (a full disk, a lost mount)."""
+SAVE_RETRY_STEPS = 100
+"""How often, in steps, a failed save is tried again between scheduled saves."""
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,8 @@ class GenericTrainer:
         """A save that failed (e.g. a full disk), tried again at the next save point."""
         self.step = 0
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
-        self._metrics_failing = False
+        self.preflight: Preflight | None = None
+        """The checks before the model loads (``run`` makes them before taking the lock)."""
         self.base_samples: list[tuple[Path, Image.Image]] | None = None
         """The prompts sampled with the LoRA off, once per run (the base does not change)."""
 
@@ -155,7 +158,7 @@ class GenericTrainer:
         ``run`` calls it after :func:`preflight` (the checks that need no model) and with the
         run folder locked; a direct caller (tests, benchmarks) gets the preflight here."""
         config = self.config
-        if not hasattr(self, "preflight"):
+        if self.preflight is None:
             self.preflight = preflight(config, create_run_dir=True)
         self.accelerator = _new_accelerator(config.training.mixed_precision)
         self.device = self.accelerator.device
@@ -198,7 +201,7 @@ class GenericTrainer:
             self._status(line)
         for level, text in banner_lines(config, prepared.cache_hint()):
             self._status(text, level)
-        notes = [*self.preflight.notes, *prepared.warnings(), *captions, *self._device_notes()]
+        notes = [*self.preflight.notes, *prepared.notes, *captions, *self._device_notes()]
         for warning in [*config_warnings(config), *notes]:
             self._status(f"warning: {warning}", "warning")
 
@@ -422,23 +425,23 @@ class GenericTrainer:
     def _append_row(self, row: dict[str, float | int | None]) -> None:
         """A metrics.jsonl row; when the disk refuses it, training goes on and the rows are
         written once it takes them again (said once, and again when it recovers)."""
+        was_failing = self.metrics.pending > 0
         error = self.metrics.append(row)
-        if error is not None and not self._metrics_failing:
+        if error is not None and not was_failing:
             self._status(
                 f"warning: cannot write {self.metrics.path} ({_reason(error)}): training goes "
                 "on; the rows are kept and written when the disk takes them again",
                 "warning",
             )
-        elif error is None and self._metrics_failing:
+        elif error is None and was_failing:
             self._status(f"{self.metrics.path}: written again, no row lost")
-        self._metrics_failing = error is not None
 
     def _between_steps(self) -> bool:
         """Scheduled saves and samples, then commands. Returns True when asked to stop."""
         output, sampling = self.config.output, self.config.sampling
         if output.save_every and self.step % output.save_every == 0:
             self._save(self.run_dir / f"{output.name}-step{self.step:06d}.safetensors")
-        elif self.unsaved is not None and self._save_point_due():
+        elif self.unsaved is not None and self.step % SAVE_RETRY_STEPS == 0:
             self._save(self.unsaved)
         if sampling.every and sampling.prompts and self.step % sampling.every == 0:
             self._sample()
@@ -485,10 +488,6 @@ class GenericTrainer:
         self.events.put(FileSaved(path=path, step=self.step))
         self._status(f"Saved {path} (step {self.step})")
         return True
-
-    def _save_point_due(self) -> bool:
-        """Retry cadence for a failed save without ``output.save_every``: every 100 steps."""
-        return self.step % (self.config.output.save_every or 100) == 0
 
     def _save_final(self) -> None:
         """The end-of-run save, tried until it succeeds: the trained weights exist only in

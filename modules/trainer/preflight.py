@@ -9,16 +9,20 @@ notes, said once at the start of a run.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from modules.config import ConfigError, TrainConfig
-from modules.data.concept import ConceptItem, ConceptScan, DataError, scan_concept
+from modules.data.concept import (
+    ConceptItem,
+    ConceptScan,
+    DataError,
+    count_of,
+    name_list,
+    scan_concept,
+)
 from modules.trainer.run_folder import check_run_folder
-
-NAMED = 3
-"""How many file names a note lists before "...": enough to find them, short enough to read."""
 
 
 @dataclass(frozen=True)
@@ -79,27 +83,17 @@ def _missing_paths(config: TrainConfig) -> list[str]:
     return problems
 
 
-def names(paths: Iterable[Path]) -> str:
-    """``a.png, b.png, c.png, ...``: the first ``NAMED`` file names."""
-    listed = [Path(path).name for path in paths]
-    more = ", ..." if len(listed) > NAMED else ""
-    return ", ".join(listed[:NAMED]) + more
-
-
 def _skipped_note(scan: ConceptScan) -> list[str]:
-    if not scan.skipped:
-        return []
-    broken = [path for path in scan.skipped if path.is_symlink() and not path.exists()]
-    formats = [path for path in scan.skipped if path not in broken]
     parts = []
-    if formats:
+    if scan.unsupported:
         parts.append(
-            f"{_count(len(formats), 'file')} in a format that is not read ({names(formats)}): "
-            "convert them to PNG, JPEG or WebP to train on them"
+            f"{count_of(len(scan.unsupported), 'file')} in a format that is not read "
+            f"({name_list(scan.unsupported)}): convert them to PNG, JPEG or WebP to train on them"
         )
-    if broken:
-        parts.append(f"{_count(len(broken), 'broken link')} ({names(broken)})")
-    return [f"{scan.folder}: skipped {'; '.join(parts)}"]
+    if scan.broken_links:
+        links = scan.broken_links
+        parts.append(f"{count_of(len(links), 'broken link')} ({name_list(links)})")
+    return [f"{scan.folder}: skipped {'; '.join(parts)}"] if parts else []
 
 
 def _caption_notes(scan: ConceptScan, default: str) -> list[str]:
@@ -109,35 +103,37 @@ def _caption_notes(scan: ConceptScan, default: str) -> list[str]:
         return []
     counted = []
     if missing:
-        counted.append(f"{_count(len(missing), 'item')} without a caption file")
+        counted.append(f"{count_of(len(missing), 'item')} without a caption file")
     if empty:
-        counted.append(f"{_count(len(empty), 'item')} with an empty one")
+        counted.append(f"{count_of(len(empty), 'item')} with an empty one")
     used = f"the default caption '{default}'" if default.strip() else "an empty caption"
-    listed = names([*missing, *empty])
+    listed = name_list([*missing, *empty])
     return [f"{scan.folder}: {' and '.join(counted)} ({listed}): they train with {used}"]
 
 
 def _small_images_note(scans: Sequence[ConceptScan], resolution: int) -> list[str]:
-    small = [item.image for scan in scans for item in scan.items if _short_side(item) < resolution]
+    small = [
+        item.image
+        for scan in scans
+        for item in scan.items
+        if (side := _short_side(item)) is not None and side < resolution
+    ]
     if not small:
         return []
     return [
-        f"{_count(len(small), 'image')} smaller than data.resolution={resolution} on the short "
-        f"side are upscaled, which blurs them ({names(small)})"
+        f"{count_of(len(small), 'image')} smaller than data.resolution={resolution} on the short "
+        f"side are upscaled, which blurs them ({name_list(small)})"
     ]
 
 
-def _short_side(item: ConceptItem) -> int:
-    """The short side of an image (its header only) or of a clip's frames."""
+def _short_side(item: ConceptItem) -> int | None:
+    """The short side of an image (its header only) or of a clip's frames; None when it cannot
+    be read, which the encoding reports with the fix."""
     from modules.data.images import image_size
     from modules.data.video import clip_info
 
     try:
         width, height = clip_info(item.image).size if item.clip else image_size(item.image)
     except DataError:
-        return 1 << 30  # unreadable: reported with the fix when the item is encoded
+        return None
     return min(width, height)
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

@@ -133,6 +133,7 @@ def test_unsupported_files_and_broken_links_are_listed_not_trained(tmp_path):
 
     scan = scan_concept(ConceptConfig(path=str(tmp_path)))
     assert [item.image.name for item in scan.items] == ["a.png"]
-    assert [path.name for path in scan.skipped] == ["b.gif", "c.tiff", "d.png"]
+    assert [path.name for path in scan.unsupported] == ["b.gif", "c.tiff"]
+    assert [path.name for path in scan.broken_links] == ["d.png"]
     assert scan.items[0].caption_source == "empty"
-    assert scan.describe().endswith("3 files not read (b.gif, c.tiff, d.png).")
+    assert scan.describe().endswith("3 files not read (b.gif, c.tiff, d.png).")  # links last
