@@ -1,7 +1,7 @@
 """Load the training stack (torch, diffusers) in the background while the window comes up.
 
-The weight-map preview needs ``process_masks`` (torch) and the family's latent scale
-(``modules.models``, which imports diffusers): several seconds of imports. Done on the Tk thread
+The weight-map preview needs ``process_masks`` (torch) and the image and mask readers: several
+seconds of imports (the family's latent grid is plain data and needs none). Done on the Tk thread
 they would freeze the window at start; here a daemon thread imports them and the preview shows
 "loading" until :func:`ready`.
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 import threading
 
-MODULES = ("modules.loss.masked_loss", "modules.data.images", "modules.models")
+MODULES = ("modules.loss.masked_loss", "modules.data.images")
 
 _ready = threading.Event()
 _lock = threading.Lock()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, Union, get_args, get_origin
 
 import annotated_types
@@ -76,9 +76,17 @@ class FieldSpec:
         return "\n".join(lines)
 
 
-def section_specs(model: type[BaseModel], prefix: str) -> list[FieldSpec]:
-    """The specs of a section's fields, in declaration order."""
-    return [field_spec(name, info, f"{prefix}.{name}") for name, info in model.model_fields.items()]
+def section_specs(
+    model: type[BaseModel], prefix: str, families: tuple[str, ...] = ()
+) -> list[FieldSpec]:
+    """The specs of a section's fields, in declaration order. ``families``: those of the
+    section itself (a family's own options, ``model.wan``), which its fields inherit."""
+    specs = [
+        field_spec(name, info, f"{prefix}.{name}") for name, info in model.model_fields.items()
+    ]
+    if families:
+        specs = [spec if spec.families else replace(spec, families=families) for spec in specs]
+    return specs
 
 
 def field_spec(name: str, info: FieldInfo, path: str) -> FieldSpec:

@@ -336,9 +336,12 @@ class SectionForm(ctk.CTkFrame):
         *,
         exclude: tuple[str, ...] = (),
         title: str | None = None,
+        families: tuple[str, ...] = (),
     ) -> None:
         super().__init__(parent, fg_color="transparent")
         self.prefix = prefix
+        self.families = families
+        """The model families this section applies to (empty: all)."""
         self.rows: dict[str, FieldRow] = {}
         self.subforms: list[SectionForm] = []
         row = 0
@@ -346,13 +349,20 @@ class SectionForm(ctk.CTkFrame):
             heading = ctk.CTkLabel(self, text=title, font=heading_font())
             heading.grid(row=row, column=0, columnspan=2, sticky="w", pady=(6, 2))
             row += 1
-        for spec in section_specs(model, prefix):
+        for spec in section_specs(model, prefix, families):
             if spec.name in exclude:
                 continue
             if spec.kind == "section_list":
                 raise ValueError(f"{spec.path}: a list of sections needs its own editor")
             if spec.kind == "section":
-                sub = SectionForm(self, spec.section, spec.path, on_change, title=spec.title)
+                sub = SectionForm(
+                    self,
+                    spec.section,
+                    spec.path,
+                    on_change,
+                    title=spec.title,
+                    families=spec.families,
+                )
                 sub.grid(row=row, column=0, columnspan=2, sticky="w", pady=(8, 0))
                 self.subforms.append(sub)
             else:
@@ -365,3 +375,14 @@ class SectionForm(ctk.CTkFrame):
         for sub in self.subforms:
             rows += sub.all_rows()
         return rows
+
+    def show_family(self, family: str) -> None:
+        """Show the sub-sections of ``family`` (a family's own options) and hide the others',
+        except one holding a field with an error, so nothing that blocks a run is hidden."""
+        for sub in self.subforms:
+            wanted = not sub.families or family in sub.families
+            if wanted or any(row.message is not None for row in sub.all_rows()):
+                sub.grid()
+            else:
+                sub.grid_remove()
+            sub.show_family(family)

@@ -287,6 +287,8 @@ class MainWindow(ctk.CTk):
         family = str(self.form.row("model.family").get())
         for row in self.form.rows().values():
             row.set_visible(row.spec.applies_to(family) or row.message is not None)
+        for form in self.section_forms.values():
+            form.show_family(family)
 
     def _preview_settings(self) -> PreviewSettings | str:
         return settings_from_values(self.form.values())

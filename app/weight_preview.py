@@ -182,9 +182,10 @@ class WeightPreview(ctk.CTkFrame):
 
     def _source(self, image: PreviewImage, settings: PreviewSettings) -> PreviewSource | None:
         from modules.data.concept import DataError
-        from modules.models import get_family
+        from modules.models.registry import family_spec
 
-        scale = get_family(settings.model).latent_scale
+        model = settings.model
+        scale = family_spec(model.family).latent_grid(model.path).pixels_per_cell
         mask = None if image.prior_prediction else image.mask
         key = (image.image, mask, settings.resolution, scale)
         if key not in self._sources:

@@ -59,7 +59,7 @@ from modules.data.demo_dataset import (
 )
 from modules.data.world import BACKGROUNDS, SceneLabels, scene
 from modules.lora import lora_disabled
-from modules.models.demo import BUILTIN_WEIGHTS, GUIDANCE, TIME_SHIFT
+from modules.models.demo.family import BUILTIN_WEIGHTS, GUIDANCE, TIME_SHIFT
 from modules.models.demo_classifier import load_classifier, score_prompt_match
 from modules.trainer import GenericTrainer
 from modules.trainer.drift import HeldOutSet, measure_drift

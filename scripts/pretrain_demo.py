@@ -58,7 +58,7 @@ from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 from modules.atomic import replacing, write_text_atomic
 from modules.data.world import Scene, SceneLabels, scene
 from modules.models.base import LoadedModel, TextEncoding
-from modules.models.demo import (
+from modules.models.demo.family import (
     ARCHITECTURES,
     MAX_PROMPT_BYTES,
     TEXT_ENCODER_CONFIG,
@@ -324,7 +324,9 @@ def _train_step(
     captions = ["" if drop else c for c, drop in zip(captions, dropped.tolist(), strict=True)]
 
     noise = torch.randn(latents.shape, generator=generator)
-    timesteps = family.sample_timesteps(len(captions), generator=generator, device=CPU)
+    timesteps = family.sample_timesteps(
+        torch.Size([len(captions)]), generator=generator, device=CPU
+    )
     noisy, target = family.noisy_input_and_target(latents, noise, timesteps)
     noisy, target, timesteps = noisy.to(device), target.to(device), timesteps.to(device)
     text = encode_captions(state.model, captions)

@@ -29,7 +29,7 @@ from torch import Tensor
 from modules.atomic import replacing, write_text_atomic
 from modules.data.world import Scene, scene
 from modules.models.base import LoadedModel
-from modules.models.demo import GUIDANCE, DemoFamily
+from modules.models.demo.family import GUIDANCE, DemoFamily
 from modules.models.demo_classifier import (
     WorldClassifier,
     images_to_tensor,

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from modules.models.demo import DemoFamily, build_demo_model
+from modules.models.demo.family import DemoFamily, build_demo_model
 from tests.wan.tiny_wan import build_tiny_wan
 
 

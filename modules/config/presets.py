@@ -19,6 +19,7 @@ from pydantic import BaseModel, ValidationError
 
 from modules.atomic import write_text_atomic
 from modules.config.schema import SCHEMA_VERSION, TrainConfig
+from modules.models.registry import SPECS
 
 
 class ConfigError(ValueError):
@@ -36,7 +37,27 @@ def _v0_to_v1(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {0: _v0_to_v1}
+WAN_OPTIONS_V1 = ("flow_shift", "expert", "transformer_file", "fp8_base")
+"""The WAN options that version 1 kept directly under ``model``."""
+
+
+def _v1_to_v2(data: dict[str, Any]) -> dict[str, Any]:
+    """Version 2 gives each model family its own options section: WAN's ``model.flow_shift``,
+    ``model.expert``, ``model.transformer_file`` and ``model.fp8_base`` move to ``model.wan``."""
+    model = data.get("model")
+    if not isinstance(model, dict) or not any(key in model for key in WAN_OPTIONS_V1):
+        return data
+    model = dict(model)
+    wan = model.get("wan")
+    wan = dict(wan) if isinstance(wan, dict) else {}
+    for key in WAN_OPTIONS_V1:
+        if key in model:
+            wan[key] = model.pop(key)
+    model["wan"] = wan
+    return {**data, "model": model}
+
+
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {0: _v0_to_v1, 1: _v1_to_v2}
 """``MIGRATIONS[v]`` turns a version ``v`` preset into a version ``v + 1`` preset."""
 
 
@@ -85,6 +106,18 @@ def _field_names(model: type[BaseModel], loc: Iterable[Any]) -> list[str]:
     return list(model.model_fields)
 
 
+def _family_option_hint(loc: Iterable[Any]) -> str | None:
+    """``model.flow_shift`` → "did you mean 'model.wan.flow_shift'?": a family's option given
+    directly under ``model`` (where version 1 presets had WAN's)."""
+    loc = [str(part) for part in loc]
+    if len(loc) != 2 or loc[0] != "model":
+        return None
+    owners = [name for name, spec in SPECS.items() if loc[1] in spec.options.model_fields]
+    if not owners:
+        return None
+    return " or ".join(f"did you mean 'model.{name}.{loc[1]}'?" for name in owners)
+
+
 def _section_type(annotation: Any) -> type[BaseModel] | None:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
@@ -105,6 +138,7 @@ def format_validation_error(error: ValidationError, source: str = "config") -> s
             siblings = _field_names(TrainConfig, loc[:-1])
             close = difflib.get_close_matches(str(loc[-1]), siblings, n=1)
             hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(siblings)}"
+            hint = _family_option_hint(loc) or hint
             lines.append(f"{source}: unknown field '{path}'; {hint}")
             continue
         message = item["msg"].removeprefix("Value error, ")
@@ -281,6 +315,7 @@ def apply_overrides(config: TrainConfig, overrides: Iterable[str]) -> TrainConfi
             else:
                 close = difflib.get_close_matches(part, known, n=1)
                 hint = f"did you mean '{close[0]}'?" if close else f"known: {', '.join(known)}"
+                hint = _family_option_hint(parts[: index + 1]) or hint
                 raise ConfigError(f"--set {key}: unknown field '{part}'; {hint}")
             if last:
                 node[slot] = _parse_value(raw)

@@ -12,17 +12,21 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
-SCHEMA_VERSION = 1
-VIDEO_FAMILIES = frozenset({"wan"})
+from modules.models.registry import SPECS
+from modules.models.spec import NoOptions
+
+SCHEMA_VERSION = 2
+"""2: each model family's options moved into its own section (``model.wan.flow_shift``)."""
+
+VIDEO_FAMILIES = frozenset(name for name, spec in SPECS.items() if spec.video)
 """Families whose latents have a time axis: the only ones that can train clips (data.frames > 1)."""
-
-
-WAN_ONLY = {"families": ["wan"]}
+VIDEO_ONLY = {"families": sorted(VIDEO_FAMILIES)}
 """Field metadata: the field applies to these model families only; the UI hides it for others
 (its value is kept and saved)."""
-VIDEO_ONLY = {"families": sorted(VIDEO_FAMILIES)}
+TARGET_PRESETS = tuple(dict.fromkeys(name for spec in SPECS.values() for name in spec.lora_targets))
+"""Every family's ``lora.targets`` preset names; each family has some of them."""
 
 
 class Section(BaseModel):
@@ -31,14 +35,12 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
 
 
-class ModelConfig(Section):
-    family: Literal["demo", "wan"] = Field(
+class _ModelFields(Section):
+    family: Literal[tuple(SPECS)] = Field(  # type: ignore[valid-type]
         "demo",
         title="Model family",
-        description=(
-            "Which model architecture to train a LoRA for. demo: a tiny built-in model. wan: "
-            "WAN 2.1 / 2.2 text-to-video (1.3B, 14B, 2.2 A14B, 2.2 TI2V 5B)."
-        ),
+        description="Which model architecture to train a LoRA for. "
+        + " ".join(f"{name}: {spec.title}." for name, spec in SPECS.items()),
     )
     path: str = Field(
         "",
@@ -56,50 +58,29 @@ class ModelConfig(Section):
             "weights always train in float32."
         ),
     )
-    flow_shift: float | None = Field(
-        None,
-        ge=1.0,
-        le=20.0,
-        title="Flow shift",
-        json_schema_extra=WAN_ONLY,
-        description=(
-            "Shift of the flow-matching timesteps, s t / (1 + (s - 1) t): above 1 trains more at "
-            "high noise. Empty: the family's default (WAN 3.0, suited to 480p; use 5.0 for 720p). "
-            "Also used for the samples. WAN only: the demo family always shifts by 3."
-        ),
-    )
-    expert: Literal["auto", "high_noise", "low_noise"] = Field(
-        "auto",
-        title="Expert (WAN 2.2 A14B)",
-        json_schema_extra=WAN_ONLY,
-        description=(
-            "WAN 2.2 A14B has two transformers: high_noise (transformer/) for timesteps at or "
-            "above the boundary (boundary_ratio in model_index.json, 0.875 if absent) and "
-            "low_noise (transformer_2/) below it. The LoRA trains the chosen one on its own "
-            "timestep range, and the teacher is the same expert. auto: the only transformer of "
-            "a one-transformer model (WAN 2.1, TI2V 5B). WAN only."
-        ),
-    )
-    transformer_file: str = Field(
-        "",
-        title="Transformer file",
-        json_schema_extra=WAN_ONLY,
-        description=(
-            "Optional single .safetensors transformer (original WAN or ComfyUI key layout) used "
-            "instead of the folder's transformer (or the chosen expert's); the folder still "
-            "gives its config, the VAE and the text encoder. WAN only."
-        ),
-    )
-    fp8_base: bool = Field(
-        False,
-        title="fp8 base weights",
-        json_schema_extra=WAN_ONLY,
-        description=(
-            "Store the frozen transformer weights in float8 (e4m3) and compute in the base "
-            "dtype, layer by layer: about half the memory of bfloat16, slightly lower "
-            "fidelity. The teacher uses the same fp8 weights. WAN only; meant for GPUs."
-        ),
-    )
+
+
+ModelConfig = create_model(
+    "ModelConfig",
+    __base__=_ModelFields,
+    __module__=__name__,
+    __doc__="The model: family, path, dtype, and each family's own options (``model.<family>``).",
+    **{
+        name: (
+            spec.options,
+            Field(
+                default_factory=spec.options,
+                title=f"{name} options",
+                description=f"Options of the {name} family only: {spec.title}.",
+                json_schema_extra={"families": [name]},
+            ),
+        )
+        for name, spec in SPECS.items()
+        if spec.options is not NoOptions
+    },
+)
+"""The model section. Built from the registry: each family with options has its own section,
+validated and shown by the UI like every other (and hidden for the other families)."""
 
 
 class CaptionConfig(Section):
@@ -313,13 +294,13 @@ class LoraConfig(Section):
     dropout: float = Field(
         0.0, ge=0.0, lt=1.0, title="Dropout", description="Dropout on the LoRA input."
     )
-    targets: Literal["attention", "attention_ffn", "attention_conv"] = Field(
+    targets: Literal[TARGET_PRESETS] = Field(  # type: ignore[valid-type]
         "attention",
         title="Target layers",
         description=(
             "Which layers get LoRA adapters: the family's attention projections, attention and "
-            "feed-forward layers, or (UNet denoisers only) attention and the ResNet "
-            "convolutions."
+            "feed-forward (MLP) layers, or (UNet denoisers only) attention and the ResNet "
+            "convolutions. Each family lists the ones it has in the README."
         ),
     )
 
@@ -522,7 +503,13 @@ class TrainConfig(Section):
         if self.data.frames > 1 and self.model.family not in VIDEO_FAMILIES:
             raise ValueError(
                 f"data.frames: model.family={self.model.family} trains images only; set "
-                "data.frames=1 or choose a video family (wan)"
+                f"data.frames=1 or choose a video family ({', '.join(sorted(VIDEO_FAMILIES))})"
+            )
+        presets = SPECS[self.model.family].lora_targets
+        if self.lora.targets not in presets:
+            raise ValueError(
+                f"lora.targets: model.family={self.model.family} has no '{self.lora.targets}' "
+                f"preset; choose one of {', '.join(presets)}"
             )
         return self
 
@@ -557,25 +544,23 @@ def config_warnings(config: TrainConfig) -> list[str]:
         warnings.append(
             "mask.unmasked_probability=1 drops every mask, so prior preservation never acts."
         )
-    warnings.extend(_wan_only_warnings(config))
+    warnings.extend(_other_family_warnings(config))
     return warnings
 
 
-def _wan_only_warnings(config: TrainConfig) -> list[str]:
-    """WAN options set for another family: allowed, but they do nothing."""
+def _other_family_warnings(config: TrainConfig) -> list[str]:
+    """Another family's options set: allowed (kept and saved), but they do nothing."""
     model = config.model
-    if model.family == "wan":
-        return []
-    set_options = [
-        name
-        for name, is_set in (
-            ("model.flow_shift", model.flow_shift is not None),
-            ("model.expert", model.expert != "auto"),
-            ("model.transformer_file", bool(model.transformer_file)),
-            ("model.fp8_base", model.fp8_base),
-        )
-        if is_set
-    ]
-    return [
-        f"{name} is a WAN option; model.family={model.family} ignores it." for name in set_options
-    ]
+    warnings = []
+    for name, spec in SPECS.items():
+        options = getattr(model, name, None)
+        if name == model.family or options is None:
+            continue
+        for field_name in spec.options.model_fields:
+            default = spec.options.model_fields[field_name].get_default(call_default_factory=True)
+            if getattr(options, field_name) != default:
+                warnings.append(
+                    f"model.{name}.{field_name} is a {name} option; model.family={model.family} "
+                    "ignores it."
+                )
+    return warnings

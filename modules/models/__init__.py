@@ -1,33 +1,28 @@
-"""Model families behind one Protocol, registered by name."""
+"""Model families behind one Protocol, registered by name (:mod:`modules.models.registry`).
 
-from collections.abc import Callable
+Importing this package, the registry or a family's declaration loads no torch: the names below
+that need it (the Protocol's types, ``get_family``) are imported on first use.
+"""
 
-from modules.config.schema import ModelConfig
-from modules.models.base import LoadedModel, ModelFamily, ModelLoadError, TextEncoding, select_text
-from modules.models.demo import DemoFamily
-from modules.models.wan import WanFamily
+from __future__ import annotations
 
-FAMILIES: dict[str, Callable[[ModelConfig], ModelFamily]] = {"demo": DemoFamily, "wan": WanFamily}
-"""Family name → constructor taking the model config (for family options such as a flow shift)."""
+import importlib
+from typing import Any
 
-
-def get_family(config: ModelConfig) -> ModelFamily:
-    try:
-        factory = FAMILIES[config.family]
-    except KeyError:
-        known = ", ".join(FAMILIES)
-        raise ModelLoadError(
-            f"model.family: unknown family {config.family!r}; known: {known}"
-        ) from None
-    return factory(config)
+_LAZY = {
+    "LoadedModel": "modules.models.base",
+    "ModelFamily": "modules.models.base",
+    "ModelLoadError": "modules.models.base",
+    "TextEncoding": "modules.models.base",
+    "select_text": "modules.models.base",
+    "get_family": "modules.models.base",
+}
 
 
-__all__ = [
-    "FAMILIES",
-    "LoadedModel",
-    "ModelFamily",
-    "ModelLoadError",
-    "TextEncoding",
-    "get_family",
-    "select_text",
-]
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'modules.models' has no attribute {name!r}")
+
+
+__all__ = sorted(_LAZY)

@@ -21,16 +21,23 @@ The Protocol was checked against the diffusers classes the later families use:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
-LossLayout = Literal["video", "layered"]
+from modules.models.registry import family_spec, load_family
+from modules.models.spec import LossLayout
+
+if TYPE_CHECKING:
+    from modules.config.schema import ModelConfig
+
 TextEncoding = dict[str, Tensor]
-"""Prompt encodings, every tensor batch-first, so a subset of the batch is ``t[index]``."""
+"""A batch's conditioning: the prompt encodings and any other per-sample conditioning (pooled
+embeddings, attention masks, size ids, guidance), every tensor batch-first, so that the
+teacher's subset of the batch is ``t[index]`` for every entry (:func:`select_text`)."""
 
 
 class ModelLoadError(ValueError):
@@ -47,34 +54,16 @@ class LoadedModel:
     parts: dict[str, Any] = field(default_factory=dict)
 
 
-TRANSFORMER_LORA_TARGETS: dict[str, list[str]] = {
-    # attn1 (self-attention) and attn2 (cross-attention) share these projection names.
-    "attention": ["to_q", "to_k", "to_v", "to_out.0"],
-    "attention_ffn": ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"],
-}
-"""The LoRA target presets of a WAN transformer (WAN, and the demo family's transformer)."""
-UNET_LORA_TARGETS: dict[str, list[str]] = {
-    "attention": ["to_q", "to_k", "to_v", "to_out.0"],
-    "attention_ffn": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"],
-    # The ResNet blocks' convolutions as well (LoCon): a UNet's attention sits only at its lower
-    # resolutions, so without them a LoRA cannot reach the fine detail of a subject.
-    "attention_conv": ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "proj_in", "proj_out"],
-}
-"""The LoRA target presets of a diffusers ``UNet2DConditionModel`` (the demo family's UNet)."""
-
-
 @runtime_checkable
 class ModelFamily(Protocol):
     """One instance per run, built from the model config (``modules.models.get_family``)."""
 
     name: str
     loss_layout: LossLayout
-    latent_scale: int
-    """Pixels per latent cell along H and W (the UI previews masks at this resolution)."""
 
-    def lora_targets(self, model: LoadedModel) -> Mapping[str, list[str]]:
-        """The ``lora.targets`` presets this model has (``attention``, ``attention_ffn``, and
-        ``attention_conv`` for a UNet) → peft ``target_modules``."""
+    def lora_targets(self, model: LoadedModel) -> Mapping[str, Sequence[str]]:
+        """The ``lora.targets`` presets this loaded model has → peft ``target_modules``
+        (usually the declaration's ``SPEC.lora_targets``)."""
         ...
 
     def load(self, path: str, *, dtype: torch.dtype, device: torch.device) -> LoadedModel: ...
@@ -100,9 +89,17 @@ class ModelFamily(Protocol):
         ...
 
     def sample_timesteps(
-        self, batch_size: int, *, generator: torch.Generator, device: torch.device
+        self, shape: torch.Size, *, generator: torch.Generator, device: torch.device
     ) -> Tensor:
-        """Training timesteps (B,) in the family's own convention."""
+        """Training timesteps (B,) in the family's own convention for latents of ``shape``
+        (B, C, [F,] h, w): a family whose pipeline shifts the schedule by the image's token
+        count reads that count from here."""
+        ...
+
+    def timesteps_from_fractions(self, fractions: Tensor, shape: torch.Size) -> Tensor:
+        """The family's timesteps (B,) for noise fractions (B,) in (0, 1) of latents of
+        ``shape``: ``drift.timesteps`` mean the same noise level for every family (0.25: a
+        quarter noise), each family says which of its timesteps that is."""
         ...
 
     def noisy_input_and_target(
@@ -133,6 +130,15 @@ class ModelFamily(Protocol):
     ) -> Tensor:
         """Generate images (B, 3, H, W) in [-1, 1] for the encoded prompts."""
         ...
+
+
+def get_family(config: ModelConfig) -> ModelFamily:
+    """The family of ``config.model``, built with its options (imports its code)."""
+    try:
+        family_spec(config.family)
+    except LookupError as error:
+        raise ModelLoadError(str(error)) from None
+    return load_family(config)
 
 
 def select_text(text: TextEncoding, index: Tensor) -> TextEncoding:

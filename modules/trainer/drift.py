@@ -112,7 +112,8 @@ class HeldOutSet:
             rows = [(i, t) for i in range(len(captions)) for t in timesteps]
             index = torch.tensor([i for i, _ in rows])
             latents = latents[index.to(latents.device)]  # one row per (image, timestep)
-            steps = torch.tensor([t for _, t in rows], dtype=torch.float32, device=device)
+            fractions = torch.tensor([t for _, t in rows], dtype=torch.float32, device=device)
+            steps = family.timesteps_from_fractions(fractions, latents.shape)
             generator = torch.Generator().manual_seed(seed)
             noise = torch.randn(latents.shape, generator=generator).to(device)
             noisy, target = family.noisy_input_and_target(latents, noise, steps)

@@ -319,7 +319,9 @@ class GenericTrainer:
         text = {k: v.to(self.device) for k, v in batch.text.items()}
         size = latents.shape[0]
         noise = torch.randn(latents.shape, generator=self.generator).to(self.device)
-        timesteps = family.sample_timesteps(size, generator=self.generator, device=self.device)
+        timesteps = family.sample_timesteps(
+            latents.shape, generator=self.generator, device=self.device
+        )
         noisy, target = family.noisy_input_and_target(latents, noise, timesteps)
 
         masks = self._step_masks(batch)  # (B, 1, h, w) or None when masked training is off

@@ -22,6 +22,7 @@ from modules.data.concept import (
     name_list,
     scan_concept,
 )
+from modules.models.registry import family_spec
 from modules.trainer.run_folder import check_run_folder
 
 
@@ -60,16 +61,21 @@ def _missing_paths(config: TrainConfig) -> list[str]:
     """The model and held-out paths that are set but not there."""
     model, drift = config.model, config.drift
     problems = []
+    built_in = not family_spec(model.family).needs_path
     if model.path and not Path(model.path).expanduser().exists():
         problems.append(
             f"model.path: '{model.path}' does not exist: give the folder (or file) of the base "
-            "model" + (", or leave it empty for the built-in one" if model.family == "demo" else "")
+            "model" + (", or leave it empty for the built-in one" if built_in else "")
         )
-    if model.transformer_file and not Path(model.transformer_file).expanduser().is_file():
-        problems.append(
-            f"model.transformer_file: '{model.transformer_file}' is not a file: give the "
-            ".safetensors transformer file, or leave it empty to use the model folder's"
-        )
+    options = getattr(model, model.family, None)
+    for name, field in type(options).model_fields.items() if options is not None else ():
+        value, extra = getattr(options, name), field.json_schema_extra
+        is_file = isinstance(extra, dict) and extra.get("file")
+        if is_file and value and not Path(value).expanduser().is_file():
+            problems.append(
+                f"model.{model.family}.{name}: '{value}' is not a file: give the file, or leave "
+                "it empty to use the model folder's"
+            )
     if drift.every:
         for field, value in (
             ("subject_path", drift.subject_path),

@@ -118,8 +118,13 @@ def test_literal_choices_are_strings():
 
 
 def test_family_only_fields_say_which_families_they_apply_to():
-    flow_shift = spec(ModelConfig, "flow_shift", "model")
-    assert flow_shift.families == ("wan",)
+    wan = spec(ModelConfig, "wan", "model")
+    assert wan.kind == "section" and wan.families == ("wan",)
+    # A family's own options inherit its section's families.
+    flow_shift = {s.name: s for s in section_specs(wan.section, wan.path, wan.families)}[
+        "flow_shift"
+    ]
+    assert flow_shift.path == "model.wan.flow_shift" and flow_shift.families == ("wan",)
     assert flow_shift.applies_to("wan") and not flow_shift.applies_to("demo")
     path = spec(ModelConfig, "path", "model")
     assert path.families == () and path.applies_to("demo") and path.applies_to("wan")

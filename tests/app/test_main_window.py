@@ -226,10 +226,10 @@ def test_hovering_a_label_shows_its_description(window):
 
 
 WAN_FIELDS = (
-    "model.flow_shift",
-    "model.expert",
-    "model.transformer_file",
-    "model.fp8_base",
+    "model.wan.flow_shift",
+    "model.wan.expert",
+    "model.wan.transformer_file",
+    "model.wan.fp8_base",
     "data.frames",
     "data.fps",
 )
@@ -245,19 +245,19 @@ def test_fields_of_another_family_are_hidden_and_keep_their_values(window):
     assert window.form.row("model.path").label.winfo_manager() == "grid"
 
     family.set("wan")
-    window.form.row("model.flow_shift").set(5.0)
+    window.form.row("model.wan.flow_shift").set(5.0)
     settle(window)
     for path in WAN_FIELDS:
         assert window.form.row(path).label.winfo_manager() == "grid", path
     family.set("demo")
     settle(window)
-    assert not window.form.row("model.flow_shift").visible
-    assert window.form.validate().config.model.flow_shift == 5.0  # hidden, still saved
+    assert not window.form.row("model.wan.flow_shift").visible
+    assert window.form.validate().config.model.wan.flow_shift == 5.0  # hidden, still saved
 
 
 def test_a_hidden_field_with_an_error_stays_in_view(window):
     window.form.row("model.family").set("demo")
-    row = window.form.row("model.flow_shift")
+    row = window.form.row("model.wan.flow_shift")
     row.set(0.5)
     settle(window)
     assert row.message is not None and "greater than or equal to 1" in row.message

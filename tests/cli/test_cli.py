@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from modules.lora import load_lora
-from modules.models.demo import DemoFamily, build_demo_model
+from modules.models.demo.family import DemoFamily, build_demo_model
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -12,7 +12,7 @@ from modules.data.world import (
     render_scene,
     scene,
 )
-from modules.models.demo import MAX_PROMPT_BYTES
+from modules.models.demo.family import MAX_PROMPT_BYTES
 
 SCENES = 120
 

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from modules.lora import add_lora, load_lora, lora_state_dict, save_lora
 from modules.lora.comfyui import original_module_name, to_comfyui
-from modules.models.demo import build_demo_model
+from modules.models.demo.family import build_demo_model
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import torch
 from safetensors import safe_open
 
 from modules.lora import add_lora, load_lora, lora_disabled, save_lora
-from modules.models.demo import build_demo_model
+from modules.models.demo.family import build_demo_model
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 

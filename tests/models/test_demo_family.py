@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from modules.config.schema import ModelConfig
-from modules.models import FAMILIES, ModelFamily, ModelLoadError, get_family
-from modules.models.demo import (
+from modules.models import ModelFamily, ModelLoadError, get_family
+from modules.models.demo.family import (
     ARCHITECTURES,
     MAX_PROMPT_BYTES,
     TIME_SHIFT,
@@ -15,13 +15,14 @@ from modules.models.demo import (
     save_demo_model,
 )
 from modules.models.flow_matching import euler_sample, flow_noisy_input_and_target
+from modules.models.registry import SPECS
 
 CPU = torch.device("cpu")
 
 
 def test_registry_matches_the_config_choices():
-    assert set(typing.get_args(ModelConfig.model_fields["family"].annotation)) == set(FAMILIES)
-    for name in FAMILIES:
+    assert set(typing.get_args(ModelConfig.model_fields["family"].annotation)) == set(SPECS)
+    for name in SPECS:
         family = get_family(ModelConfig(family=name))
         assert isinstance(family, ModelFamily) and family.name == name
     with pytest.raises(ModelLoadError, match="model.family: unknown family 'nope'"):
@@ -136,7 +137,7 @@ def test_flow_matching_target_and_exact_euler_on_a_known_velocity():
 
 def test_timesteps_favour_high_noise_where_the_layout_is_decided():
     t = DemoFamily().sample_timesteps(
-        40_000, generator=torch.Generator().manual_seed(0), device=CPU
+        torch.Size([40_000]), generator=torch.Generator().manual_seed(0), device=CPU
     )
     # Logit-normal shifted by TIME_SHIFT = 3: median 0.75 (plain logit-normal: 0.5), and 39 %
     # of the steps above t = 0.8 (plain: 8 %).

@@ -14,7 +14,9 @@ from modules.config.schema import ModelConfig
 from modules.lora import add_lora, lora_disabled
 from modules.models import ModelLoadError, get_family
 from modules.models.flow_matching import shift_timesteps
-from modules.models.wan import TEXT_TOKENS, WanFamily
+from modules.models.spec import LatentGrid
+from modules.models.wan import SPEC, WanOptions
+from modules.models.wan.family import TEXT_TOKENS, WanFamily
 from tests.wan.tiny_wan import TRANSFORMER, original_layout
 
 CPU = torch.device("cpu")
@@ -22,7 +24,7 @@ F32 = torch.float32
 
 
 def load(folder, **options):
-    family = get_family(ModelConfig(family="wan", path=str(folder), **options))
+    family = get_family(ModelConfig(family="wan", path=str(folder), wan=options))
     return family, family.load(str(folder), dtype=options.get("dtype_", F32), device=CPU)
 
 
@@ -44,7 +46,8 @@ def test_load_reads_the_folder_and_defers_the_encoders(tiny_wan):
     reference = WanTransformer3DModel.from_pretrained(tiny_wan / "transformer")
     assert same_weights(model.denoiser, reference)
     assert model.parts["text_encoder"] is None and model.parts["vae"] is None  # lazy
-    assert family.latent_scale == 8 and family.timestep_range == (0.0, 1.0)
+    assert SPEC.latent_grid(str(tiny_wan)) == LatentGrid(pixels_per_cell=8, pixel_multiple=16)
+    assert family.timestep_range == (0.0, 1.0)
     assert model.identity.startswith("wan:") and "transformer" not in model.identity
 
 
@@ -145,8 +148,10 @@ def test_predict_pads_the_prompt_to_the_transformers_length(tiny_wan):
 
 def test_timesteps_are_flow_shifted(tiny_wan):
     family, _ = load(tiny_wan)
-    assert family.flow_shift == 3.0  # WAN's default when model.flow_shift is empty
-    t = family.sample_timesteps(4000, generator=torch.Generator().manual_seed(0), device=CPU)
+    assert family.flow_shift == 3.0  # WAN's default when model.wan.flow_shift is empty
+    t = family.sample_timesteps(
+        torch.Size([4000]), generator=torch.Generator().manual_seed(0), device=CPU
+    )
     assert t.min() > 0 and t.max() < 1
     # Unshifting gives back uniform draws: mean 1/2; the shift itself puts ~3/4 above 1/2.
     uniform = t / (3 - 2 * t)
@@ -172,15 +177,17 @@ def test_an_a14b_expert_trains_its_own_weights_on_its_own_range(
     reference = WanTransformer3DModel.from_pretrained(tiny_wan_a14b / subfolder)
     assert same_weights(model.denoiser, reference)
     assert family.boundary == 0.875  # boundary_ratio from model_index.json
-    t = family.sample_timesteps(2000, generator=torch.Generator().manual_seed(0), device=CPU)
+    t = family.sample_timesteps(
+        torch.Size([2000]), generator=torch.Generator().manual_seed(0), device=CPU
+    )
     assert bool(inside(t).all())
     assert float(t.min()) < 0.2 if expert == "low_noise" else float(t.max()) > 0.99
 
 
 def test_expert_mismatches_are_named(tiny_wan, tiny_wan_a14b):
-    with pytest.raises(ModelLoadError, match="model.expert: .* two experts .*high_noise or"):
+    with pytest.raises(ModelLoadError, match="model.wan.expert: .* two experts .*high_noise or"):
         load(tiny_wan_a14b)
-    with pytest.raises(ModelLoadError, match="model.expert=low_noise: .* one transformer"):
+    with pytest.raises(ModelLoadError, match="model.wan.expert=low_noise: .* one transformer"):
         load(tiny_wan, expert="low_noise")
 
 
@@ -225,13 +232,15 @@ def test_single_file_transformer_replaces_the_folders(tmp_path, tiny_wan):
     save_file(original_layout(other.state_dict()), file)
     _, model = load(tiny_wan, transformer_file=str(file))
     assert same_weights(model.denoiser, other)
-    with pytest.raises(ModelLoadError, match="model.transformer_file: .*missing.safetensors not"):
+    with pytest.raises(
+        ModelLoadError, match="model.wan.transformer_file: .*missing.safetensors not"
+    ):
         load(tiny_wan, transformer_file=str(tmp_path / "missing.safetensors"))
 
 
 def test_fp8_base_stores_float8_and_the_teacher_is_that_base(tiny_wan):
     """fp8 storage with bf16 compute; peft LoRA layers on top stay float32 and train."""
-    family = WanFamily(ModelConfig(family="wan", path=str(tiny_wan), fp8_base=True))
+    family = WanFamily(WanOptions(fp8_base=True))
     model = family.load(str(tiny_wan), dtype=torch.bfloat16, device=CPU)
     assert model.denoiser.blocks[0].attn1.to_q.weight.dtype == torch.float8_e4m3fn
     text = {"embeds": torch.randn(1, 5, 32)}
@@ -260,7 +269,7 @@ def test_fp8_base_stores_float8_and_the_teacher_is_that_base(tiny_wan):
 
 def test_ti2v_5b_trains_as_text_to_video(tiny_wan_ti2v):
     family, model = load(tiny_wan_ti2v)
-    assert family.latent_scale == 16
+    assert SPEC.latent_grid(str(tiny_wan_ti2v)) == LatentGrid(16, 32)
     latents = family.encode_images(model, video(frames=5, side=32))
     assert latents.shape == (1, 48, 2, 2, 2)
     text = family.encode_prompts(model, ["a photo of sks heart"])

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from modules.models.demo import DemoFamily, build_demo_model, demo_architecture
+from modules.models.demo.family import DemoFamily, build_demo_model, demo_architecture
 from scripts.pretrain_demo import CHECKPOINT, LOSS_LOG, PretrainRun, encode_captions, pretrain
 
 CPU = torch.device("cpu")

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import json
 
-from modules.models.demo import build_demo_model
+from modules.models.demo.family import build_demo_model
 from modules.models.demo_classifier import load_classifier
 from scripts.score_demo_model import GRID_GAP, GRID_PROMPTS, GRID_SCALE, main, markdown, score
 

@@ -13,7 +13,7 @@ from modules.config import ConfigError, config_from_dict
 from modules.config.schema import DriftConfig
 from modules.data.demo_dataset import write_demo_dataset
 from modules.lora import add_lora
-from modules.models.demo import DemoFamily, build_demo_model
+from modules.models.demo.family import DemoFamily, build_demo_model
 from modules.trainer import Command, DriftMeasured, GenericTrainer, StepMetrics, generic_trainer
 from modules.trainer.drift import DRIFT_TIMESTEPS, HeldOutSet, measure_drift
 from tests.trainer.test_generic_trainer import make_config, run
@@ -99,6 +99,48 @@ def test_the_set_holds_one_row_per_image_and_timestep(model_and_set):
     assert heldout.subject.timesteps.tolist() == list(DRIFT_TIMESTEPS) * 3
     assert heldout.world.weights is None
     assert DriftConfig().timesteps == list(DRIFT_TIMESTEPS)
+
+
+def test_the_family_converts_the_noise_fractions_to_its_timesteps(folders):
+    """``drift.timesteps`` are noise fractions for every family; each family says which of its
+    own timesteps they are (here a family whose timesteps are 1000 t)."""
+
+    class ThousandFamily(DemoFamily):
+        def timesteps_from_fractions(self, fractions, shape):
+            assert shape[0] == fractions.shape[0] and len(shape) == 4  # (rows, C, h, w)
+            return fractions * 1000
+
+        def noisy_input_and_target(self, latents, noise, timesteps):
+            return super().noisy_input_and_target(latents, noise, timesteps / 1000)
+
+        def predict(self, model, noisy, timesteps, text):
+            return super().predict(model, noisy, timesteps / 1000, text)
+
+    family, model = ThousandFamily(), build_demo_model(seed=3)
+    heldout = HeldOutSet.build(
+        family,
+        model,
+        subject_path=str(folders[0]),
+        world_path="",
+        resolution=32,
+        seed=0,
+        max_images=8,
+        device=CPU,
+    )
+    assert heldout.subject.timesteps.tolist() == pytest.approx(
+        [t * 1000 for t in DRIFT_TIMESTEPS] * 3
+    )
+    same = HeldOutSet.build(
+        DemoFamily(),
+        model,
+        subject_path=str(folders[0]),
+        world_path="",
+        resolution=32,
+        seed=0,
+        max_images=8,
+        device=CPU,
+    )
+    assert torch.allclose(heldout.subject.base, same.subject.base, atol=1e-6)
 
 
 def test_masks_are_area_averaged_to_the_latent_grid(model_and_set):

@@ -9,7 +9,7 @@ import torch
 from modules.config import TrainConfig, config_from_dict
 from modules.data.demo_dataset import write_demo_dataset
 from modules.lora import load_lora
-from modules.models.demo import DemoFamily, build_demo_model, save_demo_model
+from modules.models.demo.family import DemoFamily, build_demo_model, save_demo_model
 from modules.trainer import (
     Command,
     FileSaved,
@@ -312,3 +312,17 @@ def test_the_conv_preset_is_refused_for_a_transformer_before_training(demo_root,
     assert finished.error is not None and finished.step == 0 and not metrics(events)
     assert "lora.targets=attention_conv" in finished.error
     assert "WanTransformer3DModel" in finished.error and "attention_ffn" in finished.error
+
+
+def test_timestep_sampling_sees_the_latent_shape(demo_root, tmp_path, monkeypatch):
+    """A family whose schedule shifts with the image's token count needs the latent shape."""
+    shapes, original = [], DemoFamily.sample_timesteps
+
+    def spy(self, shape, **kwargs):
+        shapes.append(tuple(shape))
+        return original(self, shape, **kwargs)
+
+    monkeypatch.setattr(DemoFamily, "sample_timesteps", spy)
+    finished, _ = run(make_config(demo_root, tmp_path, training={"steps": 2}))
+    assert finished.error is None
+    assert shapes == [(2, 48, 8, 8)] * 2  # (B, C, h, w) of 32 px images, batch 2

@@ -9,7 +9,7 @@ from PIL import Image
 
 from modules.data.demo_dataset import write_demo_dataset
 from modules.lora import lora_disabled
-from modules.models.demo import DemoFamily
+from modules.models.demo.family import DemoFamily
 from modules.trainer import GenericTrainer, SamplePair, SampleSaved
 from modules.trainer.generic_trainer import _to_pil
 from tests.trainer.test_generic_trainer import make_config

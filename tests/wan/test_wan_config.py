@@ -18,7 +18,7 @@ def wan(**sections):
 
 def test_wan_defaults_are_valid_and_demo_defaults_unchanged():
     config = wan()
-    assert config.model.flow_shift is None and config.model.expert == "auto"
+    assert config.model.wan.flow_shift is None and config.model.wan.expert == "auto"
     assert (config.data.frames, config.data.fps, config.output.format) == (1, 16.0, "diffusers")
     assert config_warnings(TrainConfig()) == []
 
@@ -38,8 +38,12 @@ def test_clips_need_a_video_family():
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("model.flow_shift=0.5", "model.flow_shift: Input should be greater than or equal to 1"),
-        ("model.expert=middle", "model.expert: Input should be 'auto', 'high_noise'"),
+        (
+            "model.wan.flow_shift=0.5",
+            "model.wan.flow_shift: Input should be greater than or equal to 1",
+        ),
+        ("model.wan.expert=middle", "model.wan.expert: Input should be 'auto', 'high_noise'"),
+        ("model.flow_shift=5", "unknown field 'flow_shift'; did you mean 'model.wan.flow_shift'"),
         ("output.format=kohya", "output.format: Input should be 'diffusers' or 'comfyui'"),
         ("data.fps=-1", "data.fps: Input should be greater than or equal to 0"),
     ],
@@ -51,12 +55,25 @@ def test_bad_values_name_the_field(override, message):
 
 def test_wan_options_on_another_family_are_warnings():
     config = config_from_dict(
-        {"model": {"flow_shift": 5.0, "expert": "low_noise", "fp8_base": True}}
+        {"model": {"wan": {"flow_shift": 5.0, "expert": "low_noise", "fp8_base": True}}}
     )
     warnings = config_warnings(config)
-    for name in ("model.flow_shift", "model.expert", "model.fp8_base"):
-        assert f"{name} is a WAN option; model.family=demo ignores it." in warnings
-    assert not any("WAN option" in w for w in config_warnings(wan(model={"family": "wan"})))
+    for name in ("model.wan.flow_shift", "model.wan.expert", "model.wan.fp8_base"):
+        assert f"{name} is a wan option; model.family=demo ignores it." in warnings
+    assert not any("wan option" in w for w in config_warnings(wan(model={"family": "wan"})))
+
+
+def test_version_1_presets_move_the_wan_options_to_their_section():
+    """Presets written before the families had their own sections load unchanged."""
+    old = {
+        "schema_version": 1,
+        "model": {"family": "wan", "path": "w", "flow_shift": 5.0, "expert": "low_noise"},
+    }
+    config = config_from_dict(old)
+    assert (config.model.wan.flow_shift, config.model.wan.expert) == (5.0, "low_noise")
+    assert config.model.wan.transformer_file == "" and not config.model.wan.fp8_base
+    with pytest.raises(ConfigError, match="did you mean 'model.wan.expert'"):
+        config_from_dict({**old, "schema_version": 2})
 
 
 def test_cli_check_names_the_frames_field_and_the_fix():

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from modules.config import config_from_dict
-from modules.config.schema import ModelConfig
-from modules.models.wan import WanFamily
+from modules.models.wan import WanOptions
+from modules.models.wan.family import WanFamily
 from modules.trainer import GenericTrainer, StatusMessage
 
 pytestmark = pytest.mark.slow
@@ -74,7 +74,7 @@ def test_the_teacher_is_the_base_wan_model_on_the_same_inputs(
     (t_grad, t_noisy, t_steps, t_text, teacher), (s_grad, s_noisy, *_, student) = records[-2:]
     assert not t_grad and s_grad
     assert torch.equal(t_noisy, s_noisy) and t_noisy.dim() == 5  # (B, C, F', h, w)
-    family = WanFamily(config.model)
+    family = WanFamily(config.model.wan)
     base = family.load(str(tiny_wan), dtype=torch.float32, device=CPU)
     with torch.no_grad():
         expected = original(family, base, t_noisy, t_steps, t_text)
@@ -92,7 +92,7 @@ def test_an_a14b_expert_trains_on_its_range_with_itself_as_teacher(
         tiny_wan_a14b,
         video_concept,
         tmp_path,
-        model={"expert": "low_noise"},
+        model={"wan": {"expert": "low_noise"}},
         sampling={"prompts": ["a photo of sks heart"], "every": 3, "steps": 2},
     )
     run(config)
@@ -101,11 +101,11 @@ def test_an_a14b_expert_trains_on_its_range_with_itself_as_teacher(
     assert samples == ["base", "step000003-0-lora.png", "step000003-0-pair.png"]
     assert all(bool((timesteps < 0.875).all()) for _, _, timesteps, _, _ in records)
     _, noisy, timesteps, text, teacher = records[-2]
-    family = WanFamily(config.model)
+    family = WanFamily(config.model.wan)
     base = family.load(str(tiny_wan_a14b), dtype=torch.float32, device=CPU)
     with torch.no_grad():
         expected = original(family, base, noisy, timesteps, text)
-        high = WanFamily(ModelConfig(family="wan", path=str(tiny_wan_a14b), expert="high_noise"))
+        high = WanFamily(WanOptions(expert="high_noise"))
         other = high.load(str(tiny_wan_a14b), dtype=torch.float32, device=CPU)
         wrong = original(high, other, noisy, timesteps, text)
     assert torch.allclose(teacher, expected, atol=1e-6)
@@ -118,7 +118,7 @@ def test_memory_options_train(tiny_wan, video_concept, tmp_path):
         tiny_wan,
         video_concept,
         tmp_path,
-        model={"dtype": "bfloat16", "fp8_base": True},
+        model={"dtype": "bfloat16", "wan": {"fp8_base": True}},
         training={"mixed_precision": "bf16", "gradient_checkpointing": True, "steps": 2},
     )
     finished, _ = run(config)

@@ -26,21 +26,15 @@ from diffusers import UNet2DConditionModel, WanTransformer3DModel
 from torch import Tensor
 from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
-from modules.config.schema import ModelConfig
-from modules.models.base import (
-    TRANSFORMER_LORA_TARGETS,
-    UNET_LORA_TARGETS,
-    LoadedModel,
-    ModelLoadError,
-    TextEncoding,
-)
+from modules.models.base import LoadedModel, ModelLoadError, TextEncoding
+from modules.models.demo import CODEC_FACTOR, TRANSFORMER_LORA_TARGETS, UNET_LORA_TARGETS
 from modules.models.flow_matching import (
     euler_sample,
     flow_noisy_input_and_target,
     logit_normal_timesteps,
 )
+from modules.models.spec import FamilyOptions
 
-CODEC_FACTOR = 4
 LATENT_CHANNELS = 3 * CODEC_FACTOR**2
 MAX_PROMPT_BYTES = 96
 """Captions of the demo world reach 77 bytes; ByT5 spends one token per byte."""
@@ -58,7 +52,7 @@ logit-normal steps put 8 % of the training there, and the velocity error of a cl
 prediction (weighed by 1/t^2) gives each of them about a sixtieth of the weight of a t = 0.1
 step. Shifted by 3, 39 % of the steps lie above t = 0.8 and the 1/t^2 weighting spreads the
 gradient about evenly over t = 0.1 … 0.9."""
-BUILTIN_WEIGHTS = Path(__file__).with_name("demo_weights")
+BUILTIN_WEIGHTS = Path(__file__).parent.with_name("demo_weights")
 
 TRANSFORMER_CONFIG = {
     "patch_size": (1, 2, 2),
@@ -132,14 +126,13 @@ def demo_architecture(denoiser: torch.nn.Module) -> str:
 
 
 class DemoFamily:
-    """The demo family has no options; it takes the model config like every family."""
+    """The demo family has no options; it takes them like every family."""
 
     name = "demo"
     loss_layout = "video"
-    latent_scale = CODEC_FACTOR
 
-    def __init__(self, config: ModelConfig | None = None) -> None:
-        self.config = config if config is not None else ModelConfig()
+    def __init__(self, options: FamilyOptions | None = None) -> None:
+        self.options = options
 
     def load(self, path: str, *, dtype: torch.dtype, device: torch.device) -> LoadedModel:
         if not path and not BUILTIN_WEIGHTS.is_dir():
@@ -154,9 +147,9 @@ class DemoFamily:
         return model
 
     def lora_targets(self, model: LoadedModel) -> dict[str, list[str]]:
-        if demo_architecture(model.denoiser) == "unet":
-            return dict(UNET_LORA_TARGETS)
-        return dict(TRANSFORMER_LORA_TARGETS)
+        unet = demo_architecture(model.denoiser) == "unet"
+        presets = UNET_LORA_TARGETS if unet else TRANSFORMER_LORA_TARGETS
+        return {name: list(modules) for name, modules in presets.items()}
 
     def encode_images(self, model: LoadedModel, images: Tensor) -> Tensor:
         return F.pixel_unshuffle(images, CODEC_FACTOR)
@@ -189,14 +182,18 @@ class DemoFamily:
         return [len(row) for row in ids], MAX_PROMPT_BYTES
 
     def sample_timesteps(
-        self, batch_size: int, *, generator: torch.Generator, device: torch.device
+        self, shape: torch.Size, *, generator: torch.Generator, device: torch.device
     ) -> Tensor:
         # The pretraining's distribution (TIME_SHIFT). Uniform t would put 5 % of the samples
         # below MIN_PREDICTION_T, where the clean-image error reaches the velocity 1/t^2
         # amplified.
         return logit_normal_timesteps(
-            batch_size, generator=generator, device=device, shift=TIME_SHIFT
+            shape[0], generator=generator, device=device, shift=TIME_SHIFT
         )
+
+    def timesteps_from_fractions(self, fractions: Tensor, shape: torch.Size) -> Tensor:
+        """The demo family's ``t`` is the noise fraction of the flow interpolation."""
+        return fractions
 
     def noisy_input_and_target(
         self, latents: Tensor, noise: Tensor, timesteps: Tensor

@@ -11,7 +11,7 @@ The folder is the diffusers layout (as ``WanPipeline.save_pretrained`` writes it
     tokenizer/         the UMT5 tokenizer
 
 Everything is read with ``local_files_only``. Variants: WAN 2.1 T2V 1.3B and 14B; WAN 2.2 T2V
-A14B (one LoRA per expert, ``model.expert``); WAN 2.2 TI2V 5B trained as text-to-video (its
+A14B (one LoRA per expert, ``model.wan.expert``); WAN 2.2 TI2V 5B trained as text-to-video (its
 per-token timesteps are all equal when no frame is conditioned, which is one timestep per
 sample). Image-to-video transformers (more input channels than the VAE has latent channels)
 are refused with a message.
@@ -23,13 +23,13 @@ are refused with a message.
 - Prompts: the UMT5 last hidden state with padded positions zeroed, as the pipeline does. The
   transformer always sees :data:`TEXT_TOKENS` tokens (zeros after the prompt); the cache keeps
   only the tokens up to the longest prompt of an encoding batch.
-- Timesteps: flow matching with ``t`` uniform and then flow-shifted (``model.flow_shift``).
+- Timesteps: flow matching with ``t`` uniform and then flow-shifted (``model.wan.flow_shift``).
   WAN 2.2 A14B: the pipeline hands a step to the high-noise expert when the shifted ``t`` is at
   or above ``boundary_ratio``; training draws ``t`` from the chosen expert's side only, keeping
   the shifted distribution within it, and the teacher is the same expert with the LoRA off.
 - Memory: the VAE and the text encoder load on first use (a run whose cache is complete never
   loads them) and :meth:`WanFamily.release_encoders` frees them; the transformer stays on the
-  CPU until then, so it never shares the GPU with the text encoder. ``model.fp8_base`` stores
+  CPU until then, so it never shares the GPU with the text encoder. ``model.wan.fp8_base`` stores
   the transformer's weights in float8 with diffusers' layerwise casting (the LoRA layers stay
   float32).
 """
@@ -49,17 +49,12 @@ from torch import Tensor
 from transformers import AutoTokenizer, UMT5EncoderModel
 
 from modules.config import ConfigError
-from modules.config.schema import ModelConfig
-from modules.models.base import (
-    TRANSFORMER_LORA_TARGETS,
-    LoadedModel,
-    ModelLoadError,
-    TextEncoding,
-)
+from modules.models.base import LoadedModel, ModelLoadError, TextEncoding
 from modules.models.flow_matching import euler_sample, flow_noisy_input_and_target, shift_timesteps
+from modules.models.wan import LORA_TARGETS, WanOptions
 
 DEFAULT_FLOW_SHIFT = 3.0
-"""WAN's flow shift for 480p; 5.0 suits 720p (``model.flow_shift``)."""
+"""WAN's flow shift for 480p; 5.0 suits 720p (``model.wan.flow_shift``)."""
 DEFAULT_BOUNDARY = 0.875
 """WAN 2.2 T2V A14B's expert boundary, used when model_index.json has no boundary_ratio."""
 TEXT_TOKENS = 512
@@ -72,29 +67,21 @@ REQUIRED_PARTS = ("transformer", "vae", "text_encoder", "tokenizer")
 
 
 class WanFamily:
-    """WAN 2.1 / 2.2 text-to-video. Options come from the model config."""
+    """WAN 2.1 / 2.2 text-to-video, with its options (``model.wan``)."""
 
     name = "wan"
     loss_layout = "video"
 
-    def __init__(self, config: ModelConfig | None = None) -> None:
-        self.config = config if config is not None else ModelConfig(family="wan")
-        self.flow_shift = self.config.flow_shift or DEFAULT_FLOW_SHIFT
+    def __init__(self, options: WanOptions | None = None) -> None:
+        self.options = options if options is not None else WanOptions()
+        self.flow_shift = self.options.flow_shift or DEFAULT_FLOW_SHIFT
         self.timestep_range = (0.0, 1.0)
         """The trained expert's range of shifted ``t`` (the whole range unless 2.2 A14B)."""
         self.boundary: float | None = None
         """2.2 A14B: the shifted ``t`` at which sampling switches experts; set by ``load``."""
 
     def lora_targets(self, model: LoadedModel) -> dict[str, list[str]]:
-        return dict(TRANSFORMER_LORA_TARGETS)
-
-    @property
-    def latent_scale(self) -> int:
-        """Pixels per latent cell: the VAE's spatial factor (8; 16 for TI2V 5B)."""
-        if not self.config.path:
-            return 8
-        vae = _read_json(Path(self.config.path).expanduser() / "vae" / "config.json")
-        return int((vae or {}).get("scale_factor_spatial") or 8)
+        return {name: list(modules) for name, modules in LORA_TARGETS.items()}
 
     # ---------------------------------------------------------------------------------- load
 
@@ -107,7 +94,7 @@ class WanFamily:
         subfolder, other = self._choose_expert(folder, index)
         denoiser = self._load_transformer(folder, subfolder, dtype)
         _check_text_to_video(folder, denoiser, vae_config)
-        if self.config.fp8_base:
+        if self.options.fp8_base:
             # Weights stored in float8, each layer upcast to ``dtype`` for its forward only.
             denoiser.enable_layerwise_casting(
                 storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype
@@ -129,7 +116,7 @@ class WanFamily:
 
     def _choose_expert(self, folder: Path, index: dict[str, Any]) -> tuple[str, str | None]:
         """The transformer subfolder to train and the other expert's (None without one)."""
-        expert = self.config.expert
+        expert = self.options.expert
         listed = (index.get("transformer_2") or [None])[0] is not None
         has_second = (folder / "transformer_2").is_dir()
         if listed and not has_second:
@@ -140,15 +127,15 @@ class WanFamily:
         if not has_second:
             if expert != "auto":
                 raise ModelLoadError(
-                    f"model.expert={expert}: {folder} has one transformer (no transformer_2/), "
-                    "so there is no expert to choose; set model.expert=auto"
+                    f"model.wan.expert={expert}: {folder} has one transformer (no transformer_2/), "
+                    "so there is no expert to choose; set model.wan.expert=auto"
                 )
             return "transformer", None
         if expert == "auto":
             raise ModelLoadError(
-                f"model.expert: {folder} is a WAN 2.2 A14B model with two experts "
+                f"model.wan.expert: {folder} is a WAN 2.2 A14B model with two experts "
                 "(transformer/ for high noise, transformer_2/ for low noise); set "
-                "model.expert=high_noise or model.expert=low_noise (one LoRA per expert)"
+                "model.wan.expert=high_noise or model.wan.expert=low_noise (one LoRA per expert)"
             )
         boundary = float(index.get("boundary_ratio") or DEFAULT_BOUNDARY)
         self.boundary = boundary
@@ -161,7 +148,7 @@ class WanFamily:
     def _load_transformer(
         self, folder: Path, subfolder: str, dtype: torch.dtype
     ) -> WanTransformer3DModel:
-        file = self.config.transformer_file
+        file = self.options.transformer_file
         if not file:
             return WanTransformer3DModel.from_pretrained(
                 folder / subfolder, torch_dtype=dtype, local_files_only=True
@@ -169,7 +156,7 @@ class WanFamily:
         single = Path(file).expanduser()
         if not single.is_file():
             raise ModelLoadError(
-                f"model.transformer_file: {single} not found; point it at a .safetensors "
+                f"model.wan.transformer_file: {single} not found; point it at a .safetensors "
                 "transformer or leave it empty to use the folder's"
             )
         try:
@@ -182,7 +169,7 @@ class WanFamily:
             )
         except (ValueError, KeyError, RuntimeError, OSError) as error:
             raise ModelLoadError(
-                f"model.transformer_file: {single} is not a WAN transformer matching "
+                f"model.wan.transformer_file: {single} is not a WAN transformer matching "
                 f"{folder / subfolder} ({type(error).__name__}: {error}); use a file of the "
                 "same model size, or leave it empty"
             ) from error
@@ -303,13 +290,18 @@ class WanFamily:
     # ---------------------------------------------------------------------------- training
 
     def sample_timesteps(
-        self, batch_size: int, *, generator: torch.Generator, device: torch.device
+        self, shape: torch.Size, *, generator: torch.Generator, device: torch.device
     ) -> Tensor:
-        """Shifted flow timesteps (B,) in (0, 1), within the trained expert's range."""
+        """Shifted flow timesteps (B,) in (0, 1), within the trained expert's range. WAN's
+        shift does not depend on the frame size (``model.wan.flow_shift`` is set per size)."""
         low, high = (_unshift(t, self.flow_shift) for t in self.timestep_range)
         low, high = max(low, T_MIN), min(high, T_MAX)
-        u = low + (high - low) * torch.rand(batch_size, generator=generator)
+        u = low + (high - low) * torch.rand(shape[0], generator=generator)
         return shift_timesteps(u, self.flow_shift).to(device)
+
+    def timesteps_from_fractions(self, fractions: Tensor, shape: torch.Size) -> Tensor:
+        """WAN's ``t`` is the noise fraction of the flow interpolation."""
+        return fractions
 
     def noisy_input_and_target(
         self, latents: Tensor, noise: Tensor, timesteps: Tensor
@@ -376,7 +368,7 @@ class WanFamily:
                 torch_dtype=parts["dtype"],
                 local_files_only=True,
             )
-            if self.config.fp8_base:
+            if self.options.fp8_base:
                 other.enable_layerwise_casting(
                     storage_dtype=torch.float8_e4m3fn, compute_dtype=parts["dtype"]
                 )

@@ -1,0 +1,91 @@
+"""What a model family declares as plain data: readable without torch or diffusers.
+
+The config validates a family's options and LoRA targets, and the UI builds its widgets and the
+weight-map preview, from a :class:`FamilySpec` alone. The family's code (torch, diffusers) is
+imported only when the family is used (:func:`modules.models.registry.load_family`).
+
+A family is one package under ``modules/models/``: its ``__init__`` holds ``SPEC`` (and its
+options model) and imports nothing heavy; ``family.py`` holds the class implementing
+:class:`modules.models.base.ModelFamily`. Adding one is that package, its tests, its presets and
+one line in the registry.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+LossLayout = Literal["video", "layered"]
+
+
+class FamilyOptions(BaseModel):
+    """Base of a family's own options (``model.<family>``): unknown keys are errors and
+    assignments are validated, like every config section."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
+
+
+FILE_FIELD = {"file": True}
+"""Field metadata of a family option that names a file: checked to exist before a run loads
+anything (``modules.trainer.preflight``)."""
+
+
+class NoOptions(FamilyOptions):
+    """A family without options of its own."""
+
+
+@dataclass(frozen=True)
+class LatentGrid:
+    """How images map onto the family's latent grid, along H and W."""
+
+    pixels_per_cell: int
+    """Pixels per latent cell (the VAE's spatial factor): masks are reduced to this grid."""
+    pixel_multiple: int
+    """What an image side must be a multiple of (the VAE factor times the transformer's patch
+    or packing size)."""
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    name: str
+    title: str
+    """One line for the family menu's tooltip and the README."""
+    implementation: str
+    """``module:Class`` of the family's code, imported only when the family is used."""
+    lora_targets: Mapping[str, tuple[str, ...]]
+    """``lora.targets`` preset name → peft ``target_modules``."""
+    grid: LatentGrid
+    """The grid of the family's usual model; :meth:`latent_grid` reads a model folder's."""
+    options: type[FamilyOptions] = NoOptions
+    video: bool = False
+    """Whether the latents have a time axis (the family can train clips)."""
+    loss_layout: LossLayout = "video"
+    needs_path: bool = True
+    """False for a family with built-in weights (``model.path`` may be empty)."""
+    grid_from_folder: Callable[[Path], LatentGrid | None] | None = field(default=None, repr=False)
+    """Reads the grid from a model folder's JSON files (no torch); None: always ``grid``."""
+
+    def latent_grid(self, path: str = "") -> LatentGrid:
+        """The grid of the model at ``path`` (a folder), or the usual one."""
+        if path and self.grid_from_folder is not None:
+            folder = Path(path).expanduser()
+            if folder.is_dir():
+                found = self.grid_from_folder(folder)
+                if found is not None:
+                    return found
+        return self.grid
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A model folder's JSON file, or None when it is missing or unreadable (a family's own
+    loader reports those with the fix; a grid lookup falls back to the usual grid)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
