@@ -7,7 +7,10 @@ predicts the velocity ``dx_t/dt = noise - x_0``.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -68,3 +71,74 @@ def euler_sample(
         t_batch = torch.full((x.shape[0],), float(t_now), device=x.device)
         x = x + (float(t_next) - float(t_now)) * velocity(x, t_batch)
     return x
+
+
+@dataclass(frozen=True)
+class ScheduleShift:
+    """The timestep shift of a diffusers ``FlowMatchEulerDiscreteScheduler``, read from a model
+    folder's ``scheduler/scheduler_config.json``, so training and sampling shift ``t`` by the
+    same rule as the family's own pipeline.
+
+    - Static (``use_dynamic_shifting`` false): ``s t / (1 + (s - 1) t)`` with ``shift`` s.
+    - Dynamic (FLUX.1, FLUX.2, Qwen-Image): the pipeline computes ``mu`` from the image's token
+      count (:meth:`mu_for` is FLUX.1's and Qwen-Image's ``calculate_shift``; FLUX.2 has its own)
+      and shifts ``exp(mu) / (exp(mu) + (1 / t - 1))`` (exponential) or ``mu / (mu + (1 / t -
+      1))`` (linear).
+    - ``shift_terminal`` (Qwen-Image): the shifted schedule is stretched in ``1 - t`` so that its
+      last step lands on that value; the stretch is anchored at the schedule's last point.
+    """
+
+    shift: float = 1.0
+    dynamic: bool = False
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+    base_seq_len: int = 256
+    max_seq_len: int = 4096
+    exponential: bool = True
+    terminal: float | None = None
+
+    @classmethod
+    def from_scheduler_config(cls, config: Mapping[str, Any]) -> ScheduleShift:
+        def value(name: str, default: Any) -> Any:
+            found = config.get(name)
+            return default if found is None else found
+
+        return cls(
+            shift=float(value("shift", 1.0)),
+            dynamic=bool(value("use_dynamic_shifting", False)),
+            base_shift=float(value("base_shift", 0.5)),
+            max_shift=float(value("max_shift", 1.15)),
+            base_seq_len=int(value("base_image_seq_len", 256)),
+            max_seq_len=int(value("max_image_seq_len", 4096)),
+            exponential=value("time_shift_type", "exponential") == "exponential",
+            terminal=float(config["shift_terminal"]) if config.get("shift_terminal") else None,
+        )
+
+    def mu_for(self, seq_len: int) -> float:
+        """``mu`` growing linearly with the image token count, from (base_seq_len, base_shift)
+        to (max_seq_len, max_shift)."""
+        slope = (self.max_shift - self.base_shift) / (self.max_seq_len - self.base_seq_len)
+        return seq_len * slope + self.base_shift - slope * self.base_seq_len
+
+    def apply(self, t: Tensor, mu: float | None = None) -> Tensor:
+        """Shift ``t`` in (0, 1) point by point (no terminal stretch); ``mu`` when dynamic."""
+        if not self.dynamic:
+            return shift_timesteps(t, self.shift)
+        if mu is None:
+            raise ValueError("a dynamic (resolution-dependent) shift needs mu")
+        odds = (1 / t - 1).clamp(min=0)
+        scale = math.exp(mu) if self.exponential else mu
+        return scale / (scale + odds)
+
+    def stretch(self, shifted: Tensor, anchor: float) -> Tensor:
+        """The terminal stretch: ``anchor`` (a shifted value) maps to ``terminal``, 1 stays 1."""
+        if self.terminal is None:
+            return shifted
+        factor = (1 - anchor) / (1 - self.terminal)
+        return 1 - (1 - shifted) / factor
+
+    def sigmas(self, grid: Tensor, mu: float | None = None) -> Tensor:
+        """A sampling schedule as the scheduler's ``set_timesteps(sigmas=grid, mu=mu)`` makes it
+        (without the final 0): shifted, then stretched to end at ``terminal``."""
+        shifted = self.apply(grid, mu)
+        return self.stretch(shifted, float(shifted[-1]))
