@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
@@ -105,13 +105,15 @@ def save_lora(
     family: str,
     config_json: str,
     layout: Literal["diffusers", "comfyui"] = "diffusers",
+    comfyui: Callable[[dict[str, torch.Tensor], float], dict[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Write the LoRA as safetensors, atomically: a crash mid-write keeps the previous file.
     Non-finite weights are refused (``NonFiniteLoraError``), so no such file is ever written.
 
     ``layout="diffusers"``: the metadata carries what diffusers needs to rebuild the adapter
-    (``lora_adapter_metadata``: rank, alpha, target modules). ``layout="comfyui"``: WAN module
-    names with a per-module ``alpha`` tensor and no adapter metadata (diffusers would apply
+    (``lora_adapter_metadata``: rank, alpha, target modules). ``layout="comfyui"``: the
+    family's ComfyUI names from ``comfyui`` (its ``comfyui_converter``; WAN's module names with
+    a per-module ``alpha`` tensor when not given) and no adapter metadata (diffusers would apply
     alpha twice after converting). Both carry, for people, the rank, alpha, family, layout and
     the whole resolved training config.
     """
@@ -134,8 +136,10 @@ def save_lora(
         "maskprior.config": config_json,
     }
     if layout == "comfyui":
-        check_comfyui_supported(denoiser)
-        state = to_comfyui(state, alpha=peft_config.lora_alpha)
+        if comfyui is None:
+            check_comfyui_supported(denoiser)
+            comfyui = to_comfyui
+        state = comfyui(state, peft_config.lora_alpha)
     else:
         metadata[ADAPTER_METADATA_KEY] = json.dumps(_adapter_metadata(denoiser), sort_keys=True)
     with replacing(path) as temporary:

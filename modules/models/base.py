@@ -21,7 +21,7 @@ The Protocol was checked against the diffusers classes the later families use:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -34,6 +34,8 @@ from modules.models.spec import LossLayout
 if TYPE_CHECKING:
     from modules.config.schema import ModelConfig
 
+ComfyConverter = Callable[[dict[str, Tensor], float], dict[str, Tensor]]
+"""``(diffusers-layout LoRA state dict, alpha) → ComfyUI-layout state dict``."""
 TextEncoding = dict[str, Tensor]
 """A batch's conditioning: the prompt encodings and any other per-sample conditioning (pooled
 embeddings, attention masks, size ids, guidance), every tensor batch-first, so that the
@@ -110,6 +112,12 @@ class ModelFamily(Protocol):
         self, model: LoadedModel, noisy: Tensor, timesteps: Tensor, text: TextEncoding
     ) -> Tensor:
         """The denoiser's prediction, same shape as the target."""
+        ...
+
+    def comfyui_converter(self, model: LoadedModel) -> ComfyConverter:
+        """The function that turns this model's diffusers-layout LoRA state dict (and its
+        alpha) into the layout ComfyUI loads for the family (``output.format=comfyui``). A
+        ValueError naming ``output.format`` and the fix when the model has none."""
         ...
 
     def release_encoders(self, model: LoadedModel, *, keep_decoder: bool) -> None:

@@ -44,7 +44,6 @@ from modules.data.preparation import prepare_dataset
 from modules.lora import (
     NonFiniteLoraError,
     add_lora,
-    check_comfyui_supported,
     lora_disabled,
     save_lora,
 )
@@ -175,9 +174,10 @@ class GenericTrainer:
                 f"({type(self.model.denoiser).__name__}) has no such preset; choose one of "
                 f"{', '.join(available)}"
             )
+        self.comfyui = None
         if config.output.format == "comfyui":
             try:  # now, not at the first save
-                check_comfyui_supported(self.model.denoiser)
+                self.comfyui = self.family.comfyui_converter(self.model)
             except ValueError as error:
                 raise ConfigError(str(error)) from None
         prepared = prepare_dataset(
@@ -473,6 +473,7 @@ class GenericTrainer:
                 family=self.family.name,
                 config_json=resolved_config_json(self.config),
                 layout=self.config.output.format,
+                comfyui=self.comfyui,
             )
         except NonFiniteLoraError as error:  # the step checks make this unreachable; kept safe
             raise TrainingError(self._nan_message(str(error))) from None

@@ -6,7 +6,7 @@ import torch
 from safetensors import safe_open
 
 from modules.lora import add_lora, load_lora, lora_disabled, save_lora
-from modules.models.demo.family import build_demo_model
+from modules.models.demo.family import DemoFamily, build_demo_model
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -133,3 +133,27 @@ def test_save_is_atomic(tmp_path, demo_model, monkeypatch):
         save_lora(demo_model.denoiser, path, family="demo", config_json="{}")
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]
+
+
+def test_the_comfyui_layout_is_the_family_s_converter(tmp_path, demo_model):
+    """``save_lora`` writes what the family's ``comfyui_converter`` returns (a UNet has none)."""
+    add_lora(demo_model.denoiser, rank=2, alpha=3, dropout=0.0, target_modules=["to_q"])
+    seen = []
+
+    def converter(state, alpha):
+        seen.append(alpha)
+        return {f"diffusion_model.{key}": value for key, value in state.items()}
+
+    path = save_lora(
+        demo_model.denoiser,
+        tmp_path / "c.safetensors",
+        family="demo",
+        config_json="{}",
+        layout="comfyui",
+        comfyui=converter,
+    )
+    with safe_open(str(path), framework="pt") as file:
+        keys = list(file.keys())
+    assert seen == [3] and keys and all(k.startswith("diffusion_model.unet.") for k in keys)
+    with pytest.raises(ValueError, match="output.format=comfyui: the ComfyUI layout here is WAN"):
+        DemoFamily().comfyui_converter(demo_model)

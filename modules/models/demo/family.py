@@ -26,7 +26,9 @@ from diffusers import UNet2DConditionModel, WanTransformer3DModel
 from torch import Tensor
 from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
-from modules.models.base import LoadedModel, ModelLoadError, TextEncoding
+from modules.lora import check_comfyui_supported
+from modules.lora.comfyui import to_comfyui
+from modules.models.base import ComfyConverter, LoadedModel, ModelLoadError, TextEncoding
 from modules.models.demo import CODEC_FACTOR, TRANSFORMER_LORA_TARGETS, UNET_LORA_TARGETS
 from modules.models.flow_matching import (
     euler_sample,
@@ -150,6 +152,11 @@ class DemoFamily:
         unet = demo_architecture(model.denoiser) == "unet"
         presets = UNET_LORA_TARGETS if unet else TRANSFORMER_LORA_TARGETS
         return {name: list(modules) for name, modules in presets.items()}
+
+    def comfyui_converter(self, model: LoadedModel) -> ComfyConverter:
+        """A demo transformer is a WAN transformer: WAN's ComfyUI names. A UNet has none here."""
+        check_comfyui_supported(model.denoiser)
+        return to_comfyui
 
     def encode_images(self, model: LoadedModel, images: Tensor) -> Tensor:
         return F.pixel_unshuffle(images, CODEC_FACTOR)

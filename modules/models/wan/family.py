@@ -49,7 +49,8 @@ from torch import Tensor
 from transformers import AutoTokenizer, UMT5EncoderModel
 
 from modules.config import ConfigError
-from modules.models.base import LoadedModel, ModelLoadError, TextEncoding
+from modules.lora.comfyui import to_comfyui
+from modules.models.base import ComfyConverter, LoadedModel, ModelLoadError, TextEncoding
 from modules.models.flow_matching import euler_sample, flow_noisy_input_and_target, shift_timesteps
 from modules.models.wan import LORA_TARGETS, WanOptions
 
@@ -82,6 +83,10 @@ class WanFamily:
 
     def lora_targets(self, model: LoadedModel) -> dict[str, list[str]]:
         return {name: list(modules) for name, modules in LORA_TARGETS.items()}
+
+    def comfyui_converter(self, model: LoadedModel) -> ComfyConverter:
+        """The original WAN module names with a per-module alpha (``modules.lora.comfyui``)."""
+        return to_comfyui
 
     # ---------------------------------------------------------------------------------- load
 
