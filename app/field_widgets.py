@@ -88,6 +88,11 @@ class ChoiceControl(Control):
     def set(self, value: str) -> None:
         self.variable.set(str(value))
 
+    def offer(self, choices: tuple[str, ...]) -> None:
+        """List only ``choices`` in the menu (those of the chosen model family); the current
+        value stays even when not among them, so its error shows instead of a silent change."""
+        self.menu.configure(values=list(choices))
+
 
 class TextControl(Control):
     def __init__(self, parent: tk.Misc, spec: FieldSpec, on_change: OnChange) -> None:

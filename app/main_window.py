@@ -26,6 +26,7 @@ from app.user_store import PresetEntry, UserStore
 from app.weight_preview import PreviewImage, WeightPreview
 from modules.config import ConfigError, TrainConfig, load_preset
 from modules.config.presets import read_description
+from modules.models.registry import family_spec
 
 TITLE = "MaskPrior Trainer"
 TABS: dict[str, tuple[str, ...]] = {
@@ -289,6 +290,8 @@ class MainWindow(ctk.CTk):
             row.set_visible(row.spec.applies_to(family) or row.message is not None)
         for form in self.section_forms.values():
             form.show_family(family)
+        # Each family has its own LoRA target presets; the menu offers only those.
+        self.form.row("lora.targets").control.offer(tuple(family_spec(family).lora_targets))
 
     def _preview_settings(self) -> PreviewSettings | str:
         return settings_from_values(self.form.values())

@@ -255,6 +255,22 @@ def test_fields_of_another_family_are_hidden_and_keep_their_values(window):
     assert window.form.validate().config.model.wan.flow_shift == 5.0  # hidden, still saved
 
 
+def test_the_family_s_options_section_and_lora_presets_follow_the_family(window):
+    family = window.form.row("model.family")
+    targets = window.form.row("lora.targets")
+    wan_form = next(
+        sub for sub in window.section_forms["model"].subforms if sub.prefix == "model.wan"
+    )
+    family.set("wan")
+    settle(window)
+    assert wan_form.winfo_manager() == "grid"
+    assert targets.control.menu.cget("values") == ["attention", "attention_ffn"]
+    family.set("demo")
+    settle(window)
+    assert wan_form.winfo_manager() == ""  # the section's heading goes with its fields
+    assert targets.control.menu.cget("values") == ["attention", "attention_ffn", "attention_conv"]
+
+
 def test_a_hidden_field_with_an_error_stays_in_view(window):
     window.form.row("model.family").set("demo")
     row = window.form.row("model.wan.flow_shift")
