@@ -40,7 +40,7 @@ def preflight(config: TrainConfig, *, create_run_dir: bool) -> Preflight:
     if not config.data.concepts:
         raise ConfigError("data.concepts: no concepts; add at least one image folder")
     check_run_folder(Path(config.output.run_dir), create=create_run_dir)
-    problems = _missing_paths(config)
+    problems = _missing_paths(config) + _resolution_problem(config)
     scans = []
     for concept in config.data.concepts:
         try:
@@ -55,6 +55,21 @@ def preflight(config: TrainConfig, *, create_run_dir: bool) -> Preflight:
         notes += _caption_notes(scan, concept.caption.default)
     notes += _small_images_note(scans, config.data.resolution)
     return Preflight(scans=scans, notes=notes)
+
+
+def _resolution_problem(config: TrainConfig) -> list[str]:
+    """``data.resolution`` on the family's latent grid (read from the model folder's config
+    files, so the model need not load to say so)."""
+    grid = family_spec(config.model.family).latent_grid(config.model.path)
+    side, multiple = config.data.resolution, grid.pixel_multiple
+    if side % multiple == 0:
+        return []
+    lower, upper = side - side % multiple, side - side % multiple + multiple
+    fix = f"use {lower} or {upper}" if lower else f"use {upper}"
+    return [
+        f"data.resolution: {side} is not a multiple of {multiple}, the pixel multiple of this "
+        f"{config.model.family} model ({grid.pixels_per_cell} px per latent cell); {fix}"
+    ]
 
 
 def _missing_paths(config: TrainConfig) -> list[str]:

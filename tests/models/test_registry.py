@@ -100,3 +100,26 @@ def test_a_family_s_file_option_is_checked_before_loading(tmp_path):
     )
     with pytest.raises(ConfigError, match=r"model.wan.transformer_file: '.*gone.safetensors' is"):
         preflight(config, create_run_dir=False)
+
+
+def test_the_resolution_must_fit_the_family_s_grid(tmp_path):
+    """WAN TI2V 5B's grid (16 px cells, 2x2 patches) read from the folder, before loading."""
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "config.json").write_text('{"scale_factor_spatial": 16}')
+    config = TrainConfig.model_validate(
+        {
+            "model": {"family": "wan", "path": str(tmp_path)},
+            "data": {
+                "concepts": [{"path": str(tmp_path)}],
+                "resolution": 48,
+                "cache_dir": str(tmp_path / "c"),
+            },
+            "output": {"run_dir": str(tmp_path / "run")},
+        }
+    )
+    with pytest.raises(
+        ConfigError,
+        match="data.resolution: 48 is not a multiple of 32, the pixel multiple of this wan "
+        r"model \(16 px per latent cell\); use 32 or 64",
+    ):
+        preflight(config, create_run_dir=False)
