@@ -6,13 +6,13 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from modules.models import demo, wan
+from modules.models import demo, flux1, wan
 from modules.models.spec import FamilySpec
 
 if TYPE_CHECKING:
     from modules.models.base import ModelFamily
 
-SPECS: dict[str, FamilySpec] = {spec.name: spec for spec in (demo.SPEC, wan.SPEC)}
+SPECS: dict[str, FamilySpec] = {spec.name: spec for spec in (demo.SPEC, wan.SPEC, flux1.SPEC)}
 """One entry per family; a new family adds its package's ``SPEC`` here."""
 
 

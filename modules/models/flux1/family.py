@@ -1,0 +1,354 @@
+"""The ``flux1`` family: FLUX.1 dev and schnell LoRAs from a local diffusers folder.
+
+The folder is the diffusers layout (as ``FluxPipeline.save_pretrained`` writes it, e.g. a
+download of ``black-forest-labs/FLUX.1-dev``)::
+
+    transformer/     FluxTransformer2DModel (dev: guidance embedding; schnell: none)
+    vae/             AutoencoderKL, 16 latent channels, scaling and shift factor
+    text_encoder/    CLIPTextModel (its pooled output)      tokenizer/    CLIPTokenizer
+    text_encoder_2/  T5EncoderModel (the token embeddings)  tokenizer_2/  T5 tokenizer
+    scheduler/       scheduler_config.json: the timestep shift rule
+
+Everything is read with ``local_files_only``. As ``FluxPipeline`` does:
+
+- Latents: ``(z - shift_factor) * scaling_factor`` of the VAE posterior's mode (deterministic,
+  so the cache holds one latent per image), (B, 16, H/8, W/8). ``predict`` packs each 2x2 patch
+  into one token of 64 values (channel order c, dy, dx), with position ids (0, row, column), and
+  unpacks the prediction, so masks and the loss stay on the latent grid.
+- Prompts: CLIP's pooled output (77 tokens) and T5's last hidden state padded to
+  ``model.flux1.text_tokens`` (512 dev, 256 schnell); FLUX attends to the padding too, so the
+  encoding keeps every position. Both are batch-first in the encoding.
+- Timesteps: ``t`` uniform, then shifted by the folder's scheduler rule: dev shifts by the
+  image's token count (``mu`` from ``calculate_shift``), schnell not at all; training and the
+  samples use the same rule (``modules.models.flow_matching.ScheduleShift``).
+- Guidance: dev's embedding gets ``model.flux1.guidance`` in training and in the teacher pass
+  (the same value), ``sample_guidance`` in the samples; no classifier-free guidance.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, FluxTransformer2DModel
+from torch import Tensor
+from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+
+from modules.models.base import ComfyConverter, LoadedModel, ModelLoadError, TextEncoding
+from modules.models.flow_matching import ScheduleShift, flow_noisy_input_and_target
+from modules.models.flux1 import LORA_TARGETS, Flux1Options
+from modules.models.spec import read_json
+
+REQUIRED_PARTS = (
+    "transformer",
+    "vae",
+    "text_encoder",
+    "tokenizer",
+    "text_encoder_2",
+    "tokenizer_2",
+    "scheduler",
+)
+T_MIN, T_MAX = 1e-3, 1 - 1e-3
+
+
+class Flux1Family:
+    """FLUX.1 dev / schnell text-to-image, with its options (``model.flux1``)."""
+
+    name = "flux1"
+    loss_layout = "video"
+
+    def __init__(self, options: Flux1Options | None = None) -> None:
+        self.options = options if options is not None else Flux1Options()
+        self.shift = ScheduleShift()
+        self.guided = True
+        """Whether the transformer has a guidance embedding (dev); set by ``load``."""
+
+    def lora_targets(self, model: LoadedModel) -> dict[str, list[str]]:
+        return {name: list(modules) for name, modules in LORA_TARGETS.items()}
+
+    def comfyui_converter(self, model: LoadedModel) -> ComfyConverter:
+        """ComfyUI maps ``transformer.<diffusers module>`` keys of a FLUX LoRA onto its fused
+        layers itself; it reads the scale from a per-module ``alpha``."""
+        return _with_alphas
+
+    # ---------------------------------------------------------------------------------- load
+
+    def load(self, path: str, *, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+        folder = _check_folder(path)
+        denoiser = self._load_transformer(folder, dtype)
+        self.guided = bool(denoiser.config.guidance_embeds)
+        scheduler = read_json(folder / "scheduler" / "scheduler_config.json") or {}
+        self.shift = ScheduleShift.from_scheduler_config(scheduler)
+        parts: dict[str, Any] = {
+            "folder": folder,
+            "device": torch.device(device),
+            "dtype": dtype,
+            "vae_config": read_json(folder / "vae" / "config.json") or {},
+            "vae": None,
+            "encoders": None,
+            "released": False,
+        }
+        identity = _identity(folder, dtype, self.text_tokens)
+        return LoadedModel(denoiser=denoiser, identity=identity, parts=parts)
+
+    def _load_transformer(self, folder: Path, dtype: torch.dtype) -> FluxTransformer2DModel:
+        file = self.options.transformer_file
+        if not file:
+            return FluxTransformer2DModel.from_pretrained(
+                folder / "transformer", torch_dtype=dtype, local_files_only=True
+            )
+        try:
+            return FluxTransformer2DModel.from_single_file(
+                str(Path(file).expanduser()),
+                config=str(folder),
+                subfolder="transformer",
+                torch_dtype=dtype,
+                local_files_only=True,
+            )
+        except (ValueError, KeyError, RuntimeError, OSError) as error:
+            raise ModelLoadError(
+                f"model.flux1.transformer_file: {file} is not a FLUX.1 transformer matching "
+                f"{folder / 'transformer'} ({type(error).__name__}: {error}); use the original "
+                "BFL file of the same model, or leave it empty"
+            ) from error
+
+    @property
+    def text_tokens(self) -> int:
+        return self.options.text_tokens or (512 if self.guided else 256)
+
+    # ------------------------------------------------------------------------------ encoders
+
+    @torch.no_grad()
+    def encode_images(self, model: LoadedModel, images: Tensor) -> Tensor:
+        """(B, 3, H, W) in [-1, 1] → (B, 16, H/8, W/8)."""
+        vae = self._vae(model)
+        param = next(vae.parameters())
+        latents = vae.encode(images.to(param.device, param.dtype)).latent_dist.mode()
+        config = model.parts["vae_config"]
+        return ((latents - config["shift_factor"]) * config["scaling_factor"]).float()
+
+    @torch.no_grad()
+    def decode_latents(self, model: LoadedModel, latents: Tensor) -> Tensor:
+        vae = self._vae(model)
+        param = next(vae.parameters())
+        config = model.parts["vae_config"]
+        latents = latents / config["scaling_factor"] + config["shift_factor"]
+        return vae.decode(latents.to(param.device, param.dtype)).sample.float().clamp(-1, 1)
+
+    @torch.no_grad()
+    def encode_prompts(self, model: LoadedModel, prompts: list[str]) -> TextEncoding:
+        """``{"embeds": (B, L, D) T5, "pooled": (B, D') CLIP}``, L = ``text_tokens``."""
+        clip_tokenizer, clip, t5_tokenizer, t5 = self._encoders(model)
+        device = next(clip.parameters()).device
+        clip_ids = clip_tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=clip_tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        pooled = clip(clip_ids.to(device), output_hidden_states=False).pooler_output
+        t5_ids = t5_tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.text_tokens,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        embeds = t5(t5_ids.to(next(t5.parameters()).device))[0]
+        return {"embeds": embeds.float(), "pooled": pooled.float()}
+
+    def prompt_token_counts(self, model: LoadedModel, prompts: list[str]) -> tuple[list[int], int]:
+        tokenizer = AutoTokenizer.from_pretrained(
+            model.parts["folder"] / "tokenizer_2", local_files_only=True
+        )
+        return [len(ids) for ids in tokenizer(prompts).input_ids], self.text_tokens
+
+    def release_encoders(self, model: LoadedModel, *, keep_decoder: bool) -> None:
+        """Free both text encoders (and the VAE unless samples are decoded), then move the
+        transformer to the training device."""
+        parts = model.parts
+        parts["encoders"] = None
+        if not keep_decoder:
+            parts["vae"] = None
+        parts["released"] = True
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self._on_device(model)
+
+    def _encoders(self, model: LoadedModel) -> tuple[Any, CLIPTextModel, Any, T5EncoderModel]:
+        parts = model.parts
+        if parts["encoders"] is None:
+            folder, dtype = parts["folder"], parts["dtype"]
+            # T5 overflows in float16: bfloat16 then, as for WAN's UMT5.
+            t5_dtype = torch.bfloat16 if dtype == torch.float16 else dtype
+            loaded = []
+            for tokenizer, encoder, encoder_class, encoder_dtype in (
+                ("tokenizer", "text_encoder", CLIPTextModel, dtype),
+                ("tokenizer_2", "text_encoder_2", T5EncoderModel, t5_dtype),
+            ):
+                loaded.append(
+                    AutoTokenizer.from_pretrained(folder / tokenizer, local_files_only=True)
+                )
+                module = encoder_class.from_pretrained(
+                    folder / encoder, dtype=encoder_dtype, local_files_only=True
+                )
+                loaded.append(module.eval().requires_grad_(False).to(parts["device"]))
+            parts["encoders"] = tuple(loaded)
+        return parts["encoders"]
+
+    def _vae(self, model: LoadedModel) -> AutoencoderKL:
+        parts = model.parts
+        if parts["vae"] is None:
+            vae = AutoencoderKL.from_pretrained(
+                parts["folder"] / "vae", torch_dtype=torch.float32, local_files_only=True
+            )
+            parts["vae"] = vae.eval().requires_grad_(False).to(parts["device"])
+        return parts["vae"]
+
+    # ---------------------------------------------------------------------------- training
+
+    def sample_timesteps(
+        self, shape: torch.Size, *, generator: torch.Generator, device: torch.device
+    ) -> Tensor:
+        """Uniform ``t``, shifted by the pipeline's rule for this image's token count."""
+        u = torch.rand(shape[0], generator=generator).clamp(T_MIN, T_MAX)
+        return self.shift.apply(u, self._mu(shape)).clamp(T_MIN, T_MAX).to(device)
+
+    def timesteps_from_fractions(self, fractions: Tensor, shape: torch.Size) -> Tensor:
+        """FLUX's ``t`` (sigma) is the noise fraction of the flow interpolation."""
+        return fractions
+
+    def noisy_input_and_target(
+        self, latents: Tensor, noise: Tensor, timesteps: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        return flow_noisy_input_and_target(latents, noise, timesteps)
+
+    def predict(
+        self, model: LoadedModel, noisy: Tensor, timesteps: Tensor, text: TextEncoding
+    ) -> Tensor:
+        """The velocity (B, 16, h, w) for noisy latents of the same shape."""
+        return self._velocity(model, noisy, timesteps, text, self.options.guidance)
+
+    def _velocity(
+        self, model: LoadedModel, noisy: Tensor, t: Tensor, text: TextEncoding, guidance: float
+    ) -> Tensor:
+        self._on_device(model)
+        batch, channels, height, width = noisy.shape
+        dtype = model.parts["dtype"]
+        tokens = pack(noisy).to(dtype)  # (B, h/2 * w/2, 4C)
+        embeds = text["embeds"].to(dtype)
+        out = model.denoiser(
+            hidden_states=tokens,
+            encoder_hidden_states=embeds,
+            pooled_projections=text["pooled"].to(dtype),
+            timestep=t.to(dtype),
+            img_ids=image_ids(height // 2, width // 2, noisy.device),
+            txt_ids=torch.zeros(embeds.shape[1], 3, device=noisy.device),
+            guidance=torch.full((batch,), guidance, device=noisy.device) if self.guided else None,
+            return_dict=False,
+        )[0]
+        return unpack(out, channels, height, width)
+
+    def _mu(self, shape: torch.Size) -> float:
+        return self.shift.mu_for((shape[-2] // 2) * (shape[-1] // 2))
+
+    @torch.no_grad()
+    def sample(
+        self,
+        model: LoadedModel,
+        text: TextEncoding,
+        *,
+        resolution: int,
+        steps: int,
+        generator: torch.Generator,
+    ) -> Tensor:
+        """Euler over the pipeline's schedule (``linspace(1, 1/steps)`` shifted by the folder's
+        rule), with dev's embedded ``sample_guidance``."""
+        self._on_device(model)
+        device = model.parts["device"]
+        batch = text["embeds"].shape[0]
+        scale = 2 ** (len(model.parts["vae_config"].get("block_out_channels") or [0] * 4) - 1)
+        side = resolution // scale
+        x = torch.randn(
+            batch, model.denoiser.config.in_channels // 4, side, side, generator=generator
+        )
+        x = x.to(device)
+        grid = torch.linspace(1.0, 1.0 / steps, steps)
+        sigmas = torch.cat([self.shift.sigmas(grid, self._mu(x.shape)), torch.zeros(1)])
+        for now, after in itertools.pairwise(sigmas.tolist()):
+            t = torch.full((batch,), now, device=device)
+            v = self._velocity(model, x, t, text, self.options.sample_guidance).float()
+            x = x + (after - now) * v
+        return self.decode_latents(model, x)
+
+    def _on_device(self, model: LoadedModel) -> None:
+        device = model.parts["device"]
+        if next(model.denoiser.parameters()).device != device:
+            model.denoiser.to(device)
+
+
+def pack(latents: Tensor) -> Tensor:
+    """(B, C, h, w) → (B, h/2 * w/2, 4C): each 2x2 patch one token, channels (c, dy, dx)."""
+    b, c, h, w = latents.shape
+    patches = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return patches.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack(tokens: Tensor, channels: int, height: int, width: int) -> Tensor:
+    """The inverse of :func:`pack`: (B, h/2 * w/2, 4C) → (B, C, h, w)."""
+    b = tokens.shape[0]
+    patches = tokens.view(b, height // 2, width // 2, channels, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return patches.reshape(b, channels, height, width)
+
+
+def image_ids(rows: int, columns: int, device: torch.device) -> Tensor:
+    """(rows * columns, 3) position ids (0, row, column) of the packed tokens, row-major."""
+    ids = torch.zeros(rows, columns, 3, device=device)
+    ids[..., 1] = torch.arange(rows, device=device)[:, None]
+    ids[..., 2] = torch.arange(columns, device=device)[None, :]
+    return ids.reshape(rows * columns, 3)
+
+
+def _with_alphas(state: dict[str, Tensor], alpha: float) -> dict[str, Tensor]:
+    """The diffusers keys, plus ``transformer.<module>.alpha`` for every module."""
+    converted = dict(state)
+    for key in state:
+        if key.endswith(".lora_A.weight"):
+            converted[key.removesuffix(".lora_A.weight") + ".alpha"] = torch.tensor(float(alpha))
+    return converted
+
+
+def _check_folder(path: str) -> Path:
+    if not path:
+        raise ModelLoadError(
+            "model.path: the flux1 family has no built-in weights; set model.path to a local "
+            "FLUX.1 diffusers folder (e.g. a download of black-forest-labs/FLUX.1-dev)"
+        )
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise ModelLoadError(f"model.path: folder {folder} not found; point it at a FLUX.1 folder")
+    missing = [part for part in REQUIRED_PARTS if not (folder / part).is_dir()]
+    if missing:
+        raise ModelLoadError(
+            f"model.path: {folder} has no {', '.join(f'{m}/' for m in missing)} subfolder; a "
+            "FLUX.1 diffusers folder holds " + ", ".join(f"{p}/" for p in REQUIRED_PARTS)
+        )
+    return folder
+
+
+def _identity(folder: Path, dtype: torch.dtype, text_tokens: int) -> str:
+    """What the cached latents and prompt encodings depend on: the VAE, both text encoders and
+    tokenizers (path, size, modification time) and the dtype, not the transformer."""
+    parts = ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+    stamps = sorted(
+        f"{p.relative_to(folder)}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
+        for part in parts
+        for p in (folder / part).rglob("*")
+        if p.is_file()
+    )
+    return f"flux1:{folder.resolve()}:dtype={dtype}:tokens={text_tokens}:" + ",".join(stamps)
