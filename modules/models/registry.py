@@ -6,14 +6,21 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from modules.models import demo, flux1, wan
 from modules.models.spec import FamilySpec
 
 if TYPE_CHECKING:
     from modules.models.base import ModelFamily
 
-SPECS: dict[str, FamilySpec] = {spec.name: spec for spec in (demo.SPEC, wan.SPEC, flux1.SPEC)}
-"""One entry per family; a new family adds its package's ``SPEC`` here."""
+FAMILY_PACKAGES = (
+    "modules.models.demo",
+    "modules.models.wan",
+    "modules.models.flux1",
+)
+"""One line per family: the package whose ``__init__`` declares its ``SPEC`` (no torch)."""
+
+SPECS: dict[str, FamilySpec] = {
+    spec.name: spec for spec in (importlib.import_module(name).SPEC for name in FAMILY_PACKAGES)
+}
 
 
 def family_spec(name: str) -> FamilySpec:
