@@ -141,7 +141,7 @@ class ModelFamily(Protocol):
 
 
 def get_family(config: ModelConfig) -> ModelFamily:
-    """The family of ``config.model``, built with its options (imports its code)."""
+    """The family a model config names, built with its options (imports its code)."""
     try:
         family_spec(config.family)
     except LookupError as error:
