@@ -18,7 +18,7 @@ from modules.config.schema import ModelConfig
 from modules.data.demo_dataset import write_demo_dataset
 from modules.lora import add_lora, lora_disabled
 from modules.loss import masked_prior_loss
-from modules.models import get_family
+from modules.models import ModelLoadError, get_family
 from modules.models.flux1.family import pack, unpack
 from tests.flux1.tiny_flux1 import build_tiny_flux1
 
@@ -195,3 +195,10 @@ def _velocity(transformer, tokens, embeds, pooled):
             guidance=torch.tensor([1.0]),
             return_dict=False,
         )[0]
+
+
+def test_a_corrupt_scheduler_config_is_named_not_replaced_by_defaults(tmp_path):
+    folder = build_tiny_flux1(tmp_path / "dev", variant="dev")
+    (folder / "scheduler" / "scheduler_config.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match=r"cannot read .*scheduler_config.json"):
+        load(folder)

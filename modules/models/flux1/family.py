@@ -40,7 +40,12 @@ from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 from modules.models.base import ComfyConverter, LoadedModel, ModelLoadError, TextEncoding
 from modules.models.flow_matching import ScheduleShift, flow_noisy_input_and_target
 from modules.models.flux1 import LORA_TARGETS, Flux1Options
-from modules.models.spec import read_json
+from modules.models.model_folder import (
+    check_model_folder,
+    denoiser_on_device,
+    files_stamp,
+    read_model_json,
+)
 
 REQUIRED_PARTS = (
     "transformer",
@@ -77,16 +82,21 @@ class Flux1Family:
     # ---------------------------------------------------------------------------------- load
 
     def load(self, path: str, *, dtype: torch.dtype, device: torch.device) -> LoadedModel:
-        folder = _check_folder(path)
+        folder = check_model_folder(
+            path,
+            family="flux1",
+            parts=REQUIRED_PARTS,
+            example="a download of black-forest-labs/FLUX.1-dev",
+        )
         denoiser = self._load_transformer(folder, dtype)
         self.guided = bool(denoiser.config.guidance_embeds)
-        scheduler = read_json(folder / "scheduler" / "scheduler_config.json") or {}
+        scheduler = read_model_json(folder / "scheduler" / "scheduler_config.json") or {}
         self.shift = ScheduleShift.from_scheduler_config(scheduler)
         parts: dict[str, Any] = {
             "folder": folder,
             "device": torch.device(device),
             "dtype": dtype,
-            "vae_config": read_json(folder / "vae" / "config.json") or {},
+            "vae_config": read_model_json(folder / "vae" / "config.json") or {},
             "vae": None,
             "encoders": None,
             "released": False,
@@ -178,7 +188,7 @@ class Flux1Family:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        self._on_device(model)
+        denoiser_on_device(model)
 
     def _encoders(self, model: LoadedModel) -> tuple[Any, CLIPTextModel, Any, T5EncoderModel]:
         parts = model.parts
@@ -237,7 +247,7 @@ class Flux1Family:
     def _velocity(
         self, model: LoadedModel, noisy: Tensor, t: Tensor, text: TextEncoding, guidance: float
     ) -> Tensor:
-        self._on_device(model)
+        denoiser_on_device(model)
         batch, channels, height, width = noisy.shape
         dtype = model.parts["dtype"]
         tokens = pack(noisy).to(dtype)  # (B, h/2 * w/2, 4C)
@@ -269,7 +279,7 @@ class Flux1Family:
     ) -> Tensor:
         """Euler over the pipeline's schedule (``linspace(1, 1/steps)`` shifted by the folder's
         rule), with dev's embedded ``sample_guidance``."""
-        self._on_device(model)
+        denoiser_on_device(model)
         device = model.parts["device"]
         batch = text["embeds"].shape[0]
         scale = 2 ** (len(model.parts["vae_config"].get("block_out_channels") or [0] * 4) - 1)
@@ -285,11 +295,6 @@ class Flux1Family:
             v = self._velocity(model, x, t, text, self.options.sample_guidance).float()
             x = x + (after - now) * v
         return self.decode_latents(model, x)
-
-    def _on_device(self, model: LoadedModel) -> None:
-        device = model.parts["device"]
-        if next(model.denoiser.parameters()).device != device:
-            model.denoiser.to(device)
 
 
 def pack(latents: Tensor) -> Tensor:
@@ -323,32 +328,9 @@ def _with_alphas(state: dict[str, Tensor], alpha: float) -> dict[str, Tensor]:
     return converted
 
 
-def _check_folder(path: str) -> Path:
-    if not path:
-        raise ModelLoadError(
-            "model.path: the flux1 family has no built-in weights; set model.path to a local "
-            "FLUX.1 diffusers folder (e.g. a download of black-forest-labs/FLUX.1-dev)"
-        )
-    folder = Path(path).expanduser()
-    if not folder.is_dir():
-        raise ModelLoadError(f"model.path: folder {folder} not found; point it at a FLUX.1 folder")
-    missing = [part for part in REQUIRED_PARTS if not (folder / part).is_dir()]
-    if missing:
-        raise ModelLoadError(
-            f"model.path: {folder} has no {', '.join(f'{m}/' for m in missing)} subfolder; a "
-            "FLUX.1 diffusers folder holds " + ", ".join(f"{p}/" for p in REQUIRED_PARTS)
-        )
-    return folder
-
-
 def _identity(folder: Path, dtype: torch.dtype, text_tokens: int) -> str:
     """What the cached latents and prompt encodings depend on: the VAE, both text encoders and
     tokenizers (path, size, modification time) and the dtype, not the transformer."""
     parts = ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
-    stamps = sorted(
-        f"{p.relative_to(folder)}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
-        for part in parts
-        for p in (folder / part).rglob("*")
-        if p.is_file()
-    )
-    return f"flux1:{folder.resolve()}:dtype={dtype}:tokens={text_tokens}:" + ",".join(stamps)
+    head = f"flux1:{folder.resolve()}:dtype={dtype}:tokens={text_tokens}:"
+    return head + files_stamp(folder, parts)

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import gc
 import html
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -52,6 +51,12 @@ from modules.config import ConfigError
 from modules.lora.comfyui import to_comfyui
 from modules.models.base import ComfyConverter, LoadedModel, ModelLoadError, TextEncoding
 from modules.models.flow_matching import euler_sample, flow_noisy_input_and_target, shift_timesteps
+from modules.models.model_folder import (
+    check_model_folder,
+    denoiser_on_device,
+    files_stamp,
+    read_model_json,
+)
 from modules.models.wan import LORA_TARGETS, WanOptions
 
 DEFAULT_FLOW_SHIFT = 3.0
@@ -65,6 +70,7 @@ SAMPLE_GUIDANCE = 5.0
 T_MIN, T_MAX = 1e-3, 1 - 1e-3
 """The uniform draw is kept off the exact ends, as in ``sample_flow_timesteps``."""
 REQUIRED_PARTS = ("transformer", "vae", "text_encoder", "tokenizer")
+EXAMPLE_FOLDER = "a download of Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 
 
 class WanFamily:
@@ -93,9 +99,11 @@ class WanFamily:
     def load(self, path: str, *, dtype: torch.dtype, device: torch.device) -> LoadedModel:
         """The transformer to train, on the CPU until ``release_encoders``; the encoders load
         on first use."""
-        folder = _check_folder(path)
-        index = _read_json(folder / "model_index.json") or {}
-        vae_config = _read_json(folder / "vae" / "config.json") or {}
+        folder = check_model_folder(
+            path, family="wan", parts=REQUIRED_PARTS, example=EXAMPLE_FOLDER
+        )
+        index = read_model_json(folder / "model_index.json") or {}
+        vae_config = read_model_json(folder / "vae" / "config.json") or {}
         subfolder, other = self._choose_expert(folder, index)
         denoiser = self._load_transformer(folder, subfolder, dtype)
         _check_text_to_video(folder, denoiser, vae_config)
@@ -258,7 +266,7 @@ class WanFamily:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        self._on_device(model)
+        denoiser_on_device(model)
 
     def _text_encoder(self, model: LoadedModel) -> tuple[Any, UMT5EncoderModel]:
         parts = model.parts
@@ -317,7 +325,7 @@ class WanFamily:
         self, model: LoadedModel, noisy: Tensor, timesteps: Tensor, text: TextEncoding
     ) -> Tensor:
         """The velocity (B, C, F', h, w) for noisy latents of the same shape."""
-        self._on_device(model)
+        denoiser_on_device(model)
         return _forward(model.denoiser, model.parts["dtype"], noisy, timesteps, text["embeds"])
 
     @torch.no_grad()
@@ -333,7 +341,7 @@ class WanFamily:
         """One frame per prompt (WAN as a text-to-image model: cheap previews), with
         classifier-free guidance when the empty prompt was encoded; 2.2 A14B switches experts
         at the boundary like the pipeline."""
-        self._on_device(model)
+        denoiser_on_device(model)
         parts = model.parts
         embeds = text["embeds"]
         batch = embeds.shape[0]
@@ -380,11 +388,6 @@ class WanFamily:
             parts["other_expert"] = other.eval().requires_grad_(False).to(parts["device"])
         return parts["other_expert"]
 
-    def _on_device(self, model: LoadedModel) -> None:
-        device = model.parts["device"]
-        if next(model.denoiser.parameters()).device != device:
-            model.denoiser.to(device)
-
 
 def _forward(
     denoiser: torch.nn.Module, dtype: torch.dtype, noisy: Tensor, t: Tensor, embeds: Tensor
@@ -427,28 +430,6 @@ def _clean_prompt(text: str) -> str:
     return re.sub(r"\s+", " ", html.unescape(html.unescape(text))).strip()
 
 
-def _check_folder(path: str) -> Path:
-    if not path:
-        raise ModelLoadError(
-            "model.path: the wan family has no built-in weights; set model.path to a local "
-            "WAN diffusers folder (transformer/, vae/, text_encoder/, tokenizer/)"
-        )
-    folder = Path(path).expanduser()
-    if not folder.is_dir():
-        raise ModelLoadError(
-            f"model.path: folder {folder} not found; point model.path at a WAN diffusers "
-            "folder (e.g. a download of Wan-AI/Wan2.1-T2V-1.3B-Diffusers)"
-        )
-    missing = [part for part in REQUIRED_PARTS if not (folder / part).is_dir()]
-    if missing:
-        raise ModelLoadError(
-            f"model.path: {folder} has no {', '.join(f'{m}/' for m in missing)} subfolder; a "
-            "WAN diffusers folder holds transformer/, vae/, text_encoder/ and tokenizer/ "
-            "(download the -Diffusers version of the model)"
-        )
-    return folder
-
-
 def _check_text_to_video(
     folder: Path, denoiser: WanTransformer3DModel, vae_config: dict[str, Any]
 ) -> None:
@@ -461,26 +442,9 @@ def _check_text_to_video(
         )
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as error:
-        raise ModelLoadError(
-            f"model.path: cannot read {path} ({error}); repair or re-download the file"
-        ) from error
-
-
 def _encoders_identity(folder: Path, text_dtype: torch.dtype) -> str:
     """What the cached latents and prompt encodings depend on: the VAE, the text encoder and
     the tokenizer files (path, size, modification time) and the text encoder's dtype, not the
     transformer. Runs on either A14B expert, or with another transformer file, share the cache."""
-    stamps = sorted(
-        f"{p.relative_to(folder)}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
-        for part in ("vae", "text_encoder", "tokenizer")
-        for p in (folder / part).rglob("*")
-        if p.is_file()
-    )
     head = f"wan:{folder.resolve()}:tokens={TEXT_TOKENS}:text={text_dtype}:"
-    return head + ",".join(stamps)
+    return head + files_stamp(folder, ("vae", "text_encoder", "tokenizer"))

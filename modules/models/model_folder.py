@@ -1,0 +1,69 @@
+"""What every family that loads a local diffusers folder does the same way: check the folder's
+parts, read its JSON files, stamp the files a cache depends on, and move the denoiser to the
+training device once the encoders are gone."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from modules.models.base import LoadedModel, ModelLoadError
+
+
+def check_model_folder(path: str, *, family: str, parts: tuple[str, ...], example: str) -> Path:
+    """The folder at ``path`` holding every one of ``parts`` (subfolders); a ModelLoadError
+    naming ``model.path`` and the fix otherwise. ``example``: what to download, in words."""
+    listed = ", ".join(f"{part}/" for part in parts)
+    if not path:
+        raise ModelLoadError(
+            f"model.path: the {family} family has no built-in weights; set model.path to a "
+            f"local diffusers folder ({listed})"
+        )
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise ModelLoadError(
+            f"model.path: folder {folder} not found; point model.path at a diffusers folder "
+            f"(e.g. {example})"
+        )
+    missing = [part for part in parts if not (folder / part).is_dir()]
+    if missing:
+        raise ModelLoadError(
+            f"model.path: {folder} has no {', '.join(f'{m}/' for m in missing)} subfolder; a "
+            f"{family} diffusers folder holds {listed} (e.g. {example})"
+        )
+    return folder
+
+
+def read_model_json(path: Path) -> dict[str, Any] | None:
+    """A model folder's JSON file; None when it is absent, a ModelLoadError naming the file
+    when it cannot be read (a corrupt config must not silently become the defaults)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(
+            f"model.path: cannot read {path} ({error}); repair or re-download the file"
+        ) from error
+
+
+def files_stamp(folder: Path, parts: tuple[str, ...]) -> str:
+    """Path, size and modification time of every file in ``parts``: what a cache of their
+    outputs is keyed by (re-encoded when one changes)."""
+    return ",".join(
+        sorted(
+            f"{p.relative_to(folder)}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
+            for part in parts
+            for p in (folder / part).rglob("*")
+            if p.is_file()
+        )
+    )
+
+
+def denoiser_on_device(model: LoadedModel) -> None:
+    """Move the denoiser to ``model.parts["device"]`` (families keep it on the CPU until the
+    text encoders are freed, so the two never share the GPU)."""
+    device = model.parts["device"]
+    if next(model.denoiser.parameters()).device != device:
+        model.denoiser.to(device)
