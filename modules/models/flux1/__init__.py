@@ -9,7 +9,14 @@ from pathlib import Path
 
 from pydantic import Field
 
-from modules.models.spec import FILE_FIELD, FamilyOptions, FamilySpec, LatentGrid, read_json
+from modules.models.spec import (
+    FILE_FIELD,
+    FamilyOptions,
+    FamilySpec,
+    LatentGrid,
+    fp8_base_field,
+    read_json,
+)
 
 _ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj")
 LORA_TARGETS = {
@@ -70,6 +77,7 @@ class Flux1Options(FamilyOptions):
             "config, the VAE and both text encoders."
         ),
     )
+    fp8_base: bool = fp8_base_field()
 
 
 def _grid(folder: Path) -> LatentGrid | None:

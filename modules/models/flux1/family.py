@@ -45,7 +45,9 @@ from modules.models.model_folder import (
     denoiser_on_device,
     files_stamp,
     read_model_json,
+    store_in_fp8,
 )
+from modules.models.packing import pack, unpack
 
 REQUIRED_PARTS = (
     "transformer",
@@ -89,6 +91,8 @@ class Flux1Family:
             example="a download of black-forest-labs/FLUX.1-dev",
         )
         denoiser = self._load_transformer(folder, dtype)
+        if self.options.fp8_base:
+            store_in_fp8(denoiser, dtype)
         self.guided = bool(denoiser.config.guidance_embeds)
         scheduler = read_model_json(folder / "scheduler" / "scheduler_config.json") or {}
         self.shift = ScheduleShift.from_scheduler_config(scheduler)
@@ -295,20 +299,6 @@ class Flux1Family:
             v = self._velocity(model, x, t, text, self.options.sample_guidance).float()
             x = x + (after - now) * v
         return self.decode_latents(model, x)
-
-
-def pack(latents: Tensor) -> Tensor:
-    """(B, C, h, w) → (B, h/2 * w/2, 4C): each 2x2 patch one token, channels (c, dy, dx)."""
-    b, c, h, w = latents.shape
-    patches = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return patches.reshape(b, (h // 2) * (w // 2), c * 4)
-
-
-def unpack(tokens: Tensor, channels: int, height: int, width: int) -> Tensor:
-    """The inverse of :func:`pack`: (B, h/2 * w/2, 4C) → (B, C, h, w)."""
-    b = tokens.shape[0]
-    patches = tokens.view(b, height // 2, width // 2, channels, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    return patches.reshape(b, channels, height, width)
 
 
 def image_ids(rows: int, columns: int, device: torch.device) -> Tensor:

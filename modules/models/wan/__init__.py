@@ -10,7 +10,14 @@ from typing import Literal
 
 from pydantic import Field
 
-from modules.models.spec import FILE_FIELD, FamilyOptions, FamilySpec, LatentGrid, read_json
+from modules.models.spec import (
+    FILE_FIELD,
+    FamilyOptions,
+    FamilySpec,
+    LatentGrid,
+    fp8_base_field,
+    read_json,
+)
 
 LORA_TARGETS = {
     # attn1 (self-attention) and attn2 (cross-attention) share these projection names.
@@ -55,15 +62,7 @@ class WanOptions(FamilyOptions):
             "gives its config, the VAE and the text encoder."
         ),
     )
-    fp8_base: bool = Field(
-        False,
-        title="fp8 base weights",
-        description=(
-            "Store the frozen transformer weights in float8 (e4m3) and compute in the base "
-            "dtype, layer by layer: about half the memory of bfloat16, slightly lower "
-            "fidelity. The teacher uses the same fp8 weights. Meant for GPUs."
-        ),
-    )
+    fp8_base: bool = fp8_base_field()
 
 
 def _grid(folder: Path) -> LatentGrid | None:

@@ -56,6 +56,7 @@ from modules.models.model_folder import (
     denoiser_on_device,
     files_stamp,
     read_model_json,
+    store_in_fp8,
 )
 from modules.models.wan import LORA_TARGETS, WanOptions
 
@@ -108,10 +109,7 @@ class WanFamily:
         denoiser = self._load_transformer(folder, subfolder, dtype)
         _check_text_to_video(folder, denoiser, vae_config)
         if self.options.fp8_base:
-            # Weights stored in float8, each layer upcast to ``dtype`` for its forward only.
-            denoiser.enable_layerwise_casting(
-                storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype
-            )
+            store_in_fp8(denoiser, dtype)
         parts: dict[str, Any] = {
             "folder": folder,
             "device": torch.device(device),
@@ -382,9 +380,7 @@ class WanFamily:
                 local_files_only=True,
             )
             if self.options.fp8_base:
-                other.enable_layerwise_casting(
-                    storage_dtype=torch.float8_e4m3fn, compute_dtype=parts["dtype"]
-                )
+                store_in_fp8(other, parts["dtype"])
             parts["other_expert"] = other.eval().requires_grad_(False).to(parts["device"])
         return parts["other_expert"]
 
