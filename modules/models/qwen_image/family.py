@@ -1,0 +1,380 @@
+"""The ``qwen_image`` family: Qwen-Image LoRAs from a local diffusers folder.
+
+The folder is the diffusers layout (as ``QwenImagePipeline.save_pretrained`` writes it, e.g. a
+download of ``Qwen/Qwen-Image``)::
+
+    transformer/   QwenImageTransformer2DModel
+    vae/           AutoencoderKLQwenImage: 16 latent channels, per-channel latents_mean / _std
+    text_encoder/  Qwen2_5_VLForConditionalGeneration (its language model reads the prompt)
+    tokenizer/     Qwen2Tokenizer
+    scheduler/     scheduler_config.json: the timestep shift rule
+
+Everything is read with ``local_files_only``. As ``QwenImagePipeline`` does:
+
+- Latents: ``(z - latents_mean) / latents_std`` of the VAE posterior's mode (deterministic, so
+  the cache holds one latent per image); the VAE works on one-frame videos, the family keeps
+  images (B, 16, H/8, W/8). ``predict`` packs each 2x2 patch into one token of 64 values and
+  unpacks the prediction, so masks and the loss stay on the latent grid.
+- Prompts: the pipeline's chat template around the caption; the last hidden state of the text
+  encoder, without the template's 34-token system prefix, up to ``model.qwen_image.text_tokens``
+  tokens, with its attention mask (padded positions are not attended; the mask is left out when
+  no sample of a batch is padded, as the pipeline does).
+- Timesteps: sigma in (0, 1), uniform then shifted by the folder's rule, which grows with the
+  image's token count (``mu`` from ``calculate_shift``). The samples use the pipeline's schedule
+  (the same shift, stretched so its last step lands on ``shift_terminal``); training draws
+  ``t`` continuously and takes the shift alone, as the stretch is anchored at a sampler's last
+  step.
+- Samples: true classifier-free guidance (``sample_cfg`` with ``negative_prompt``), the
+  combined prediction rescaled to the conditional one's norm per token.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+from safetensors.torch import load_file
+from torch import Tensor
+from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+from modules.models.base import ComfyConverter, LoadedModel, ModelLoadError, TextEncoding
+from modules.models.flow_matching import ScheduleShift, flow_noisy_input_and_target
+from modules.models.model_folder import (
+    check_model_folder,
+    denoiser_on_device,
+    files_stamp,
+    read_model_json,
+    store_in_fp8,
+)
+from modules.models.packing import pack, unpack
+from modules.models.qwen_image import LORA_TARGETS, QwenImageOptions
+
+REQUIRED_PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+EXAMPLE_FOLDER = "a download of Qwen/Qwen-Image"
+# QwenImagePipeline's prompt template and the number of its leading tokens it drops (the
+# system prefix, up to the user's prompt); the tokenizer reads at most 1024 + those.
+PROMPT_TEMPLATE = (
+    "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, "
+    "quantity, text, spatial relationships of the objects and background:<|im_end|>\n"
+    "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+)
+TEMPLATE_TOKENS = 34
+MAX_TOKENS = 1024
+SINGLE_FILE_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+COMFYUI_PREFIX = "diffusion_model."
+T_MIN, T_MAX = 1e-3, 1 - 1e-3
+
+
+class QwenImageFamily:
+    """Qwen-Image text-to-image, with its options (``model.qwen_image``)."""
+
+    name = "qwen_image"
+    loss_layout = "video"
+
+    def __init__(self, options: QwenImageOptions | None = None) -> None:
+        self.options = options if options is not None else QwenImageOptions()
+        self.shift = ScheduleShift()
+
+    def lora_targets(self, model: LoadedModel) -> dict[str, list[str]]:
+        return {name: list(modules) for name, modules in LORA_TARGETS.items()}
+
+    def comfyui_converter(self, model: LoadedModel) -> ComfyConverter:
+        """ComfyUI names a Qwen-Image LoRA after the diffusers modules under
+        ``diffusion_model.``, with ``lora_down`` / ``lora_up`` and a per-module ``alpha``."""
+        return to_comfyui
+
+    # ---------------------------------------------------------------------------------- load
+
+    def load(self, path: str, *, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+        """The transformer to train, on the CPU until ``release_encoders``; the VAE and the
+        text encoder load on first use."""
+        folder = check_model_folder(
+            path, family="qwen_image", parts=REQUIRED_PARTS, example=EXAMPLE_FOLDER
+        )
+        denoiser = self._load_transformer(folder, dtype)
+        if self.options.fp8_base:
+            store_in_fp8(denoiser, dtype)
+        scheduler = read_model_json(folder / "scheduler" / "scheduler_config.json") or {}
+        self.shift = ScheduleShift.from_scheduler_config(scheduler)
+        vae_config = read_model_json(folder / "vae" / "config.json") or {}
+        parts: dict[str, Any] = {
+            "folder": folder,
+            "device": torch.device(device),
+            "dtype": dtype,
+            "vae_config": vae_config,
+            "vae": None,
+            "encoder": None,
+            "negative": None,
+            "released": False,
+        }
+        return LoadedModel(denoiser=denoiser, identity=self._identity(folder, dtype), parts=parts)
+
+    def _load_transformer(self, folder: Path, dtype: torch.dtype) -> QwenImageTransformer2DModel:
+        file = self.options.transformer_file
+        if not file:
+            return QwenImageTransformer2DModel.from_pretrained(
+                folder / "transformer", torch_dtype=dtype, local_files_only=True
+            )
+        path = Path(file).expanduser()
+        try:
+            # diffusers reads a Qwen-Image file only with unprefixed diffusers names; ComfyUI's
+            # files use the same names, some under a model prefix.
+            state = {_strip_prefix(key): value for key, value in load_file(path).items()}
+            return QwenImageTransformer2DModel.from_single_file(
+                state,
+                config=str(folder),
+                subfolder="transformer",
+                torch_dtype=dtype,
+                local_files_only=True,
+            )
+        except (ValueError, KeyError, RuntimeError, OSError) as error:
+            raise ModelLoadError(
+                f"model.qwen_image.transformer_file: {path} is not a Qwen-Image transformer "
+                f"matching {folder / 'transformer'} ({type(error).__name__}: {error}); use a "
+                "file of the same architecture, or leave it empty"
+            ) from error
+
+    def _identity(self, folder: Path, dtype: torch.dtype) -> str:
+        """What the cached latents and prompt encodings depend on: the VAE, the text encoder
+        and tokenizer (path, size, modification time), the dtype and the prompt length."""
+        head = f"qwen_image:{folder.resolve()}:dtype={dtype}:tokens={self.options.text_tokens}:"
+        return head + files_stamp(folder, ("vae", "text_encoder", "tokenizer"))
+
+    # ------------------------------------------------------------------------------ encoders
+
+    @torch.no_grad()
+    def encode_images(self, model: LoadedModel, images: Tensor) -> Tensor:
+        """(B, 3, H, W) in [-1, 1] → normalised latents (B, 16, H/8, W/8)."""
+        vae = self._vae(model)
+        param = next(vae.parameters())
+        frames = images.to(param.device, param.dtype).unsqueeze(2)  # one-frame videos
+        latents = vae.encode(frames).latent_dist.mode()[:, :, 0]
+        mean, std = self._latent_statistics(model, latents)
+        return ((latents - mean) / std).float()
+
+    @torch.no_grad()
+    def decode_latents(self, model: LoadedModel, latents: Tensor) -> Tensor:
+        vae = self._vae(model)
+        param = next(vae.parameters())
+        mean, std = self._latent_statistics(model, latents)
+        frames = (latents * std + mean).to(param.device, param.dtype).unsqueeze(2)
+        return vae.decode(frames).sample[:, :, 0].float().clamp(-1, 1)
+
+    @staticmethod
+    def _latent_statistics(model: LoadedModel, like: Tensor) -> tuple[Tensor, Tensor]:
+        config = model.parts["vae_config"]
+        shape = (1, -1, 1, 1)
+        mean = torch.tensor(config["latents_mean"], device=like.device).view(shape)
+        std = torch.tensor(config["latents_std"], device=like.device).view(shape)
+        return mean.to(like.dtype), std.to(like.dtype)
+
+    @torch.no_grad()
+    def encode_prompts(self, model: LoadedModel, prompts: list[str]) -> TextEncoding:
+        """``{"embeds": (B, L, D), "mask": (B, L)}``: each prompt's hidden states after the
+        template's prefix, zero-padded to the longest, with 1 where a token is real."""
+        tokenizer, encoder = self._encoder(model)
+        device = next(encoder.parameters()).device
+        tokens = tokenizer(
+            [PROMPT_TEMPLATE.format(prompt) for prompt in prompts],
+            max_length=MAX_TOKENS + TEMPLATE_TOKENS,
+            padding=True,
+            truncation=True,
+            return_tensors="pt",
+        ).to(device)
+        hidden = encoder(
+            input_ids=tokens.input_ids,
+            attention_mask=tokens.attention_mask,
+            output_hidden_states=True,
+        ).hidden_states[-1]
+        kept = [
+            row[valid.bool()][TEMPLATE_TOKENS:][: self.options.text_tokens]
+            for row, valid in zip(hidden, tokens.attention_mask, strict=True)
+        ]
+        length = max(row.shape[0] for row in kept)
+        embeds = hidden.new_zeros(len(kept), length, hidden.shape[-1])
+        mask = torch.zeros(len(kept), length, dtype=torch.long, device=hidden.device)
+        for index, row in enumerate(kept):
+            embeds[index, : row.shape[0]] = row
+            mask[index, : row.shape[0]] = 1
+        return {"embeds": embeds.float(), "mask": mask}
+
+    def prompt_token_counts(self, model: LoadedModel, prompts: list[str]) -> tuple[list[int], int]:
+        """Tokens after the template's prefix (the caption and the template's 5 closing
+        tokens), and how many the transformer reads."""
+        tokenizer = AutoTokenizer.from_pretrained(
+            model.parts["folder"] / "tokenizer", local_files_only=True
+        )
+        ids = tokenizer([PROMPT_TEMPLATE.format(prompt) for prompt in prompts]).input_ids
+        return [len(row) - TEMPLATE_TOKENS for row in ids], self.options.text_tokens
+
+    def release_encoders(self, model: LoadedModel, *, keep_decoder: bool) -> None:
+        """Free the text encoder (and the VAE unless samples are decoded), then move the
+        transformer to the training device. For guided samples the negative prompt is
+        encoded first."""
+        parts = model.parts
+        if keep_decoder and self.options.sample_cfg > 1 and parts["negative"] is None:
+            parts["negative"] = self.encode_prompts(model, [self.options.negative_prompt])
+        parts["encoder"] = None
+        if not keep_decoder:
+            parts["vae"] = None
+        parts["released"] = True
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        denoiser_on_device(model)
+
+    def _encoder(self, model: LoadedModel) -> tuple[Any, Qwen2_5_VLForConditionalGeneration]:
+        parts = model.parts
+        if parts["encoder"] is None:
+            folder, dtype = parts["folder"], parts["dtype"]
+            # Qwen2.5-VL runs in bfloat16; float16 can overflow in its activations.
+            encoder_dtype = torch.bfloat16 if dtype == torch.float16 else dtype
+            tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
+            encoder = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+                folder / "text_encoder", dtype=encoder_dtype, local_files_only=True
+            )
+            parts["encoder"] = (tokenizer, encoder.eval().requires_grad_(False).to(parts["device"]))
+        return parts["encoder"]
+
+    def _vae(self, model: LoadedModel) -> AutoencoderKLQwenImage:
+        parts = model.parts
+        if parts["vae"] is None:
+            vae = AutoencoderKLQwenImage.from_pretrained(
+                parts["folder"] / "vae", torch_dtype=torch.float32, local_files_only=True
+            )
+            parts["vae"] = vae.eval().requires_grad_(False).to(parts["device"])
+        return parts["vae"]
+
+    # ---------------------------------------------------------------------------- training
+
+    def sample_timesteps(
+        self, shape: torch.Size, *, generator: torch.Generator, device: torch.device
+    ) -> Tensor:
+        """Uniform sigma, shifted by the pipeline's rule for this image's token count."""
+        u = torch.rand(shape[0], generator=generator).clamp(T_MIN, T_MAX)
+        return self.shift.apply(u, self._mu(shape)).clamp(T_MIN, T_MAX).to(device)
+
+    def timesteps_from_fractions(self, fractions: Tensor, shape: torch.Size) -> Tensor:
+        """Qwen-Image's timestep (sigma) is the noise fraction of the flow interpolation."""
+        return fractions
+
+    def noisy_input_and_target(
+        self, latents: Tensor, noise: Tensor, timesteps: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        return flow_noisy_input_and_target(latents, noise, timesteps)
+
+    def predict(
+        self, model: LoadedModel, noisy: Tensor, timesteps: Tensor, text: TextEncoding
+    ) -> Tensor:
+        """The velocity (B, 16, h, w) for noisy latents of the same shape."""
+        _, channels, height, width = noisy.shape
+        tokens = self._velocity_tokens(model, pack(noisy), timesteps, text, height, width)
+        return unpack(tokens, channels, height, width)
+
+    def _velocity_tokens(
+        self,
+        model: LoadedModel,
+        tokens: Tensor,
+        t: Tensor,
+        text: TextEncoding,
+        height: int,
+        width: int,
+    ) -> Tensor:
+        """One transformer call on packed tokens (B, h/2 * w/2, 64)."""
+        denoiser_on_device(model)
+        dtype = model.parts["dtype"]
+        mask = text["mask"]
+        return model.denoiser(
+            hidden_states=tokens.to(dtype),
+            encoder_hidden_states=text["embeds"].to(dtype),
+            encoder_hidden_states_mask=None if bool(mask.all()) else mask,
+            timestep=t.to(dtype),
+            img_shapes=[[(1, height // 2, width // 2)]] * tokens.shape[0],
+            return_dict=False,
+        )[0]
+
+    def _mu(self, shape: torch.Size) -> float:
+        return self.shift.mu_for((shape[-2] // 2) * (shape[-1] // 2))
+
+    @torch.no_grad()
+    def sample(
+        self,
+        model: LoadedModel,
+        text: TextEncoding,
+        *,
+        resolution: int,
+        steps: int,
+        generator: torch.Generator,
+    ) -> Tensor:
+        """Euler over the pipeline's schedule (``linspace(1, 1/steps)``, shifted for the
+        image's token count and stretched to ``shift_terminal``), with true CFG."""
+        denoiser_on_device(model)
+        device = model.parts["device"]
+        batch = text["embeds"].shape[0]
+        side = resolution // _vae_scale(model.parts["vae_config"])
+        channels = model.denoiser.config.out_channels
+        latents = torch.randn(batch, channels, side, side, generator=generator).to(device)
+        tokens = pack(latents)
+        negative = self._negative(model, batch)
+        grid = torch.linspace(1.0, 1.0 / steps, steps)
+        sigmas = torch.cat([self.shift.sigmas(grid, self._mu(latents.shape)), torch.zeros(1)])
+        for now, after in itertools.pairwise(sigmas.tolist()):
+            t = torch.full((batch,), now, device=device)
+            v = self._velocity_tokens(model, tokens, t, text, side, side).float()
+            if negative is not None:
+                v = _true_cfg(
+                    v,
+                    self._velocity_tokens(model, tokens, t, negative, side, side).float(),
+                    self.options.sample_cfg,
+                )
+            tokens = tokens + (after - now) * v
+        return self.decode_latents(model, unpack(tokens, channels, side, side))
+
+    def _negative(self, model: LoadedModel, batch: int) -> TextEncoding | None:
+        negative = model.parts["negative"]
+        if self.options.sample_cfg <= 1 or negative is None:
+            return None
+        return {key: value.expand(batch, *value.shape[1:]) for key, value in negative.items()}
+
+
+def _true_cfg(conditional: Tensor, unconditional: Tensor, scale: float) -> Tensor:
+    """``neg + scale * (cond - neg)``, rescaled per token to the conditional prediction's norm
+    (QwenImagePipeline's true CFG)."""
+    combined = unconditional + scale * (conditional - unconditional)
+    norm = conditional.norm(dim=-1, keepdim=True)
+    return combined * (norm / combined.norm(dim=-1, keepdim=True))
+
+
+def _vae_scale(vae_config: dict[str, Any]) -> int:
+    """Pixels per latent cell: 2 per ``temperal_downsample`` entry (8)."""
+    return 2 ** len(vae_config.get("temperal_downsample") or [0, 0, 0])
+
+
+def _strip_prefix(key: str) -> str:
+    for prefix in SINGLE_FILE_PREFIXES:
+        if key.startswith(prefix):
+            return key[len(prefix) :]
+    return key
+
+
+def to_comfyui(state: dict[str, Tensor], alpha: float) -> dict[str, Tensor]:
+    """``transformer.<module>.lora_A/B.weight`` → ``diffusion_model.<module>.lora_down/up.weight``
+    and ``diffusion_model.<module>.alpha``: the layout ComfyUI loads for Qwen-Image, which
+    diffusers' own converter for non-diffusers Qwen-Image LoRAs reads back."""
+    converted: dict[str, Tensor] = {}
+    for key, value in state.items():
+        module, _, kind = key.removeprefix("transformer.").rpartition(".lora_")
+        if kind not in ("A.weight", "B.weight"):
+            raise ValueError(
+                f"output.format=comfyui: '{key}' is neither a lora_A nor a lora_B weight; use "
+                "output.format=diffusers"
+            )
+        converted[f"{COMFYUI_PREFIX}{module}.lora_{'down' if kind[0] == 'A' else 'up'}.weight"] = (
+            value
+        )
+        converted[f"{COMFYUI_PREFIX}{module}.alpha"] = torch.tensor(float(alpha))
+    return converted
