@@ -9,6 +9,7 @@ from app.field_specs import leaf_paths
 from app.user_store import BUILTIN_PRESETS, UserStore
 from modules.config import TrainConfig, load_preset
 from modules.config.schema import MaskConfig, ModelConfig, PriorConfig
+from modules.models.registry import SPECS
 from tests.app.driving import settle
 
 pytestmark = pytest.mark.ui
@@ -269,6 +270,23 @@ def test_the_family_s_options_section_and_lora_presets_follow_the_family(window)
     settle(window)
     assert wan_form.winfo_manager() == ""  # the section's heading goes with its fields
     assert targets.control.menu.cget("values") == ["attention", "attention_ffn", "attention_conv"]
+
+
+def test_every_family_is_on_the_menu_with_its_own_options_section(window):
+    family = window.form.row("model.family")
+    assert list(family.control.menu.cget("values")) == list(SPECS)
+    subforms = {sub.prefix: sub for sub in window.section_forms["model"].subforms}
+    with_options = [spec for spec in SPECS.values() if spec.options.model_fields]
+    assert {"wan", "flux1", "qwen_image"} <= {spec.name for spec in with_options}
+    for spec in with_options:
+        family.set(spec.name)
+        settle(window)
+        shown = [prefix for prefix, sub in subforms.items() if sub.winfo_manager() == "grid"]
+        assert shown == [f"model.{spec.name}"]
+        for field in spec.options.model_fields:
+            assert window.form.row(f"model.{spec.name}.{field}").visible
+        targets = window.form.row("lora.targets").control.menu.cget("values")
+        assert list(targets) == list(spec.lora_targets)
 
 
 def test_a_hidden_field_with_an_error_stays_in_view(window):
