@@ -15,6 +15,7 @@ FAMILY_PACKAGES = (
     "modules.models.demo",
     "modules.models.wan",
     "modules.models.flux1",
+    "modules.models.flux2",
     "modules.models.qwen_image",
 )
 """One line per family: the package whose ``__init__`` declares its ``SPEC`` (no torch)."""

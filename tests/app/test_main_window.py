@@ -277,7 +277,7 @@ def test_every_family_is_on_the_menu_with_its_own_options_section(window):
     assert list(family.control.menu.cget("values")) == list(SPECS)
     subforms = {sub.prefix: sub for sub in window.section_forms["model"].subforms}
     with_options = [spec for spec in SPECS.values() if spec.options.model_fields]
-    assert {"wan", "flux1", "qwen_image"} <= {spec.name for spec in with_options}
+    assert {"wan", "flux1", "flux2", "qwen_image"} <= {spec.name for spec in with_options}
     for spec in with_options:
         family.set(spec.name)
         settle(window)

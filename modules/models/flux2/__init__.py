@@ -1,0 +1,121 @@
+"""The ``flux2`` family's declaration: FLUX.2 dev and klein (no torch).
+
+The code is in :mod:`modules.models.flux2.family`, imported only when the family is used.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from modules.models.spec import (
+    FILE_FIELD,
+    FamilyOptions,
+    FamilySpec,
+    LatentGrid,
+    fp8_base_field,
+    read_json,
+)
+
+SINGLE_BLOCK_OUT = "single_transformer_blocks.{}.attn.to_out"
+"""The single-stream blocks' fused output projection, named per block (``{}``: the block index,
+filled in for the loaded model by the family's ``lora_targets``): peft matches target names as
+suffixes, and a bare ``attn.to_out`` would also match the double-stream blocks' ``attn.to_out``
+(a ModuleList holding ``to_out.0``), which peft cannot adapt."""
+
+_ATTENTION = (
+    # The double-stream blocks' image and text attention.
+    *("to_q", "to_k", "to_v", "to_out.0"),
+    *("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"),
+    # The single-stream blocks' q, k and v exist only fused with the MLP's input projection
+    # (to_qkv_mlp_proj: q, k, v and the 2 x MLP-in rows of one Linear), so "attention" takes
+    # the fused layer, as FLUX.1's preset takes its single blocks' q, k, v; without it the
+    # single blocks, most of the model, would get no adapter at all.
+    "to_qkv_mlp_proj",
+)
+LORA_TARGETS = {
+    "attention": _ATTENTION,
+    # Also the MLPs: ff / ff_context in the double-stream blocks, and the single-stream blocks'
+    # fused attention + MLP output (as FLUX.1's proj_out is only in this preset).
+    "attention_ffn": (
+        *_ATTENTION,
+        "ff.linear_in",
+        "ff.linear_out",
+        "ff_context.linear_in",
+        "ff_context.linear_out",
+        SINGLE_BLOCK_OUT,
+    ),
+}
+"""``lora.targets`` preset → peft target names (``SINGLE_BLOCK_OUT`` once per single block)."""
+
+
+class Flux2Options(FamilyOptions):
+    """``model.flux2``."""
+
+    guidance: float = Field(
+        1.0,
+        ge=0.0,
+        le=20.0,
+        title="Training guidance (dev)",
+        description=(
+            "The guidance value FLUX.2 dev's guidance embedding gets during training (and for "
+            "the teacher). 1.0 is what diffusers' FLUX.2 DreamBooth LoRA examples "
+            "(--guidance_scale=1) and SimpleTuner's FLUX.2 guide train with; samples then use "
+            "the usual 3-5. klein has no guidance embedding."
+        ),
+    )
+    sample_guidance: float = Field(
+        4.0,
+        ge=0.0,
+        le=20.0,
+        title="Sample guidance",
+        description=(
+            "The training samples' guidance, the pipelines' default 4.0. dev: the embedded "
+            "guidance. klein base: the classifier-free guidance scale, with the empty prompt as "
+            "negative (none at 1 or below). Step-distilled klein: ignored (no guidance)."
+        ),
+    )
+    text_tokens: int = Field(
+        512,
+        ge=16,
+        le=512,
+        title="Text tokens",
+        description=(
+            "Prompt length the text encoder is padded to (the pipelines' max_sequence_length, "
+            "512). Lower is faster and lighter; longer prompts, with the chat template around "
+            "them (dev: its system message too), are cut there."
+        ),
+    )
+    transformer_file: str = Field(
+        "",
+        title="Transformer file",
+        json_schema_extra=FILE_FIELD,
+        description=(
+            "Optional single-file transformer (the original BFL .safetensors, e.g. "
+            "flux2-dev.safetensors) used instead of the folder's; the folder still gives its "
+            "config, the VAE and the text encoder."
+        ),
+    )
+    fp8_base: bool = fp8_base_field()
+
+
+def _grid(folder: Path) -> LatentGrid | None:
+    """The VAE's spatial factor (8) times its 2x2 patchify: one latent cell is one token."""
+    vae = read_json(folder / "vae" / "config.json")
+    if vae is None:
+        return None
+    scale = 2 ** (len(vae.get("block_out_channels") or [0, 0, 0, 0]) - 1)
+    patch = int((vae.get("patch_size") or [2, 2])[-1])
+    return LatentGrid(pixels_per_cell=scale * patch, pixel_multiple=scale * patch)
+
+
+SPEC = FamilySpec(
+    name="flux2",
+    title="FLUX.2 dev and klein text-to-image (Mistral 3 / Qwen3 text, 16 px latent tokens)",
+    implementation="modules.models.flux2.family:Flux2Family",
+    lora_targets=LORA_TARGETS,
+    grid=LatentGrid(pixels_per_cell=16, pixel_multiple=16),
+    options=Flux2Options,
+    grid_from_folder=_grid,
+)
