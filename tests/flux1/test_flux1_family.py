@@ -21,6 +21,7 @@ from modules.loss import masked_prior_loss
 from modules.models import ModelLoadError, get_family
 from modules.models.packing import pack, unpack
 from tests.flux1.tiny_flux1 import build_tiny_flux1
+from tests.trained_lora import train_in_process
 
 REPO = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
@@ -224,3 +225,16 @@ def test_fp8_base_stores_float8_and_the_teacher_is_that_base(tmp_path):
     with torch.no_grad(), lora_disabled(model.denoiser):
         teacher = family.predict(model, noisy, t, text)
     assert torch.equal(teacher, base) and not torch.equal(out.detach(), base)
+
+
+@pytest.mark.slow
+def test_the_saved_lora_in_the_pipeline_predicts_as_the_trained_model(tmp_path):
+    folder = build_tiny_flux1(tmp_path / "dev", variant="dev")
+    model = {"family": "flux1", "path": str(folder), "flux1": {"text_tokens": TOKENS}}
+    trained, lora = train_in_process(tmp_path, model)
+    pipe = FluxPipeline.from_pretrained(folder, local_files_only=True)
+    base = _velocity(pipe.transformer, *_inputs())
+    pipe.load_lora_weights(str(lora))
+    loaded = _velocity(pipe.transformer, *_inputs())
+    assert torch.allclose(loaded, _velocity(trained, *_inputs()), atol=1e-5)
+    assert not torch.allclose(loaded, base, atol=1e-5)

@@ -36,6 +36,7 @@ from modules.models.flux2.family import (
 )
 from modules.models.spec import LatentGrid
 from tests.flux2.tiny_flux2 import TEXT_DIM, build_tiny_flux2
+from tests.trained_lora import train_in_process
 
 REPO = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
@@ -445,3 +446,15 @@ def to_bfl_checkpoint(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
             value = torch.cat(value.chunk(2)[::-1])
         out[f"{name}.{'scale' if norm else param}"] = value
     return out
+
+
+@pytest.mark.slow
+def test_the_saved_lora_in_the_pipeline_predicts_as_the_trained_model(folders, tmp_path):
+    model = {"family": "flux2", "path": str(folders["klein"]), "flux2": {"text_tokens": 16}}
+    trained, lora = train_in_process(tmp_path, model)
+    pipe = Flux2KleinPipeline.from_pretrained(folders["klein"], local_files_only=True)
+    base = _velocity(pipe.transformer)
+    pipe.load_lora_weights(str(lora))
+    loaded = _velocity(pipe.transformer)
+    assert torch.allclose(loaded, _velocity(trained), atol=1e-5)
+    assert not torch.allclose(loaded, base, atol=1e-5)

@@ -22,6 +22,7 @@ from modules.loss import masked_prior_loss
 from modules.models import ModelLoadError, get_family
 from modules.models.packing import pack, unpack
 from tests.qwen_image.tiny_qwen_image import build_tiny_qwen_image
+from tests.trained_lora import train_in_process
 
 REPO = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
@@ -278,3 +279,15 @@ def _velocity(transformer):
             img_shapes=[[(1, 2, 2)]],
             return_dict=False,
         )[0]
+
+
+@pytest.mark.slow
+def test_the_saved_lora_in_the_pipeline_predicts_as_the_trained_model(folder, tmp_path):
+    model = {"family": "qwen_image", "path": str(folder), "qwen_image": {"text_tokens": TOKENS}}
+    trained, lora = train_in_process(tmp_path, model)
+    pipe = QwenImagePipeline.from_pretrained(folder, local_files_only=True)
+    base = _velocity(pipe.transformer)
+    pipe.load_lora_weights(str(lora))
+    loaded = _velocity(pipe.transformer)
+    assert torch.allclose(loaded, _velocity(trained), atol=1e-5)
+    assert not torch.allclose(loaded, base, atol=1e-5)

@@ -1,0 +1,41 @@
+"""A LoRA trained in this process, for the families' tests: the model as trained (in memory)
+next to the file the trainer saved, so a test can check that the file, loaded by the family's
+own pipeline, predicts what the trained model predicts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from modules.config import config_from_dict
+from modules.data.demo_dataset import write_demo_dataset
+from modules.trainer import GenericTrainer
+
+
+def train_in_process(root: Path, model: dict[str, Any]) -> tuple[torch.nn.Module, Path]:
+    """Train two steps of a masked-prior LoRA (rank 4, alpha 8, attention and MLP layers) on
+    the demo subject at 32 px; return the trained denoiser (eval mode) and the diffusers-layout
+    LoRA file it was saved to."""
+    data = write_demo_dataset(root / "data", size=64).root / "subject"
+    config = config_from_dict(
+        {
+            "model": {**model, "dtype": "float32"},
+            "data": {
+                "concepts": [{"path": str(data)}],
+                "resolution": 32,
+                "cache_dir": str(root / "cache"),
+            },
+            "mask": {"enabled": True, "normalize_per_sample": True},
+            "prior": {"weight": 1.0},
+            "lora": {"rank": 4, "alpha": 8, "targets": "attention_ffn"},
+            "training": {"steps": 2, "learning_rate": 0.01, "mixed_precision": "no"},
+            "output": {"run_dir": str(root / "run"), "format": "diffusers", "save_every": 0},
+        }
+    )
+    trainer = GenericTrainer(config)
+    finished = trainer.run()
+    assert finished.error is None, finished.error
+    denoiser = trainer.accelerator.unwrap_model(trainer.model.denoiser)
+    return denoiser.eval(), root / "run" / "lora.safetensors"
