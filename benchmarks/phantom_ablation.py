@@ -270,7 +270,7 @@ class Evaluation:
             images = family.sample(
                 model,
                 text,
-                resolution=64,
+                size=(64, 64),
                 steps=self.settings.sample_steps,
                 generator=generator,
             )

@@ -495,7 +495,11 @@ def _sample(run: PretrainRun, model: LoadedModel, prompts: list[str]) -> Tensor:
         text = family.encode_prompts(model, prompts[start : start + 16])
         chunks.append(
             family.sample(
-                model, text, resolution=run.resolution, steps=run.sample_steps, generator=generator
+                model,
+                text,
+                size=(run.resolution, run.resolution),
+                steps=run.sample_steps,
+                generator=generator,
             )
         )
     return torch.cat(chunks)

@@ -285,6 +285,8 @@ def check(config: TrainConfig, preset: str) -> int:
         return EXIT_CONFIG_ERROR
     for warning in [*config_warnings(config), *found.notes]:
         print(f"warning: {warning}")
+    if found.buckets:
+        print(found.buckets)
     items = sum(len(scan.items) for scan in found.scans)
     print(f"{preset}: OK ({items} items in {len(found.scans)} concepts)")
     return EXIT_OK

@@ -57,7 +57,20 @@ def _v1_to_v2(data: dict[str, Any]) -> dict[str, Any]:
     return {**data, "model": model}
 
 
-MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {0: _v0_to_v1, 1: _v1_to_v2}
+def _v2_to_v3(data: dict[str, Any]) -> dict[str, Any]:
+    """Version 3 brings aspect-ratio buckets, on by default: a preset written before them
+    trained on square crops and keeps doing so (``data.buckets`` false unless it says)."""
+    section = data.get("data", {})
+    if not isinstance(section, dict) or "buckets" in section:
+        return data
+    return {**data, "data": {**section, "buckets": False}}
+
+
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    0: _v0_to_v1,
+    1: _v1_to_v2,
+    2: _v2_to_v3,
+}
 """``MIGRATIONS[v]`` turns a version ``v`` preset into a version ``v + 1`` preset."""
 
 

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 from modules.models.registry import SPECS
 from modules.models.spec import NoOptions
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """2: each model family's options moved into its own section (``model.wan.flow_shift``)."""
 
 VIDEO_FAMILIES = frozenset(name for name, spec in SPECS.items() if spec.video)
@@ -155,14 +155,56 @@ class DataConfig(Section):
         le=4096,
         multiple_of=16,
         title="Resolution",
-        description="Images are resized (short side) and centre-cropped to this square size.",
+        description=(
+            "The training size: with buckets, each bucket holds about this many pixels squared "
+            "(1024: about a megapixel); without, images are resized (short side) and "
+            "centre-cropped to this square."
+        ),
+    )
+    buckets: bool = Field(
+        True,
+        title="Aspect-ratio buckets",
+        description=(
+            "Train each image (and clip) at the bucket size nearest its aspect ratio, resized to "
+            "cover it and centre-cropped by no more than the rounding; every batch comes from "
+            "one bucket. Off: every image is centre-cropped to a square."
+        ),
+    )
+    bucket_max_aspect: float = Field(
+        4.0,
+        ge=1.0,
+        le=8.0,
+        title="Widest bucket",
+        description=(
+            "Long side over short side of the widest and the tallest bucket (4: from 1:4 to "
+            "4:1). Images beyond it are cropped to it."
+        ),
+    )
+    bucket_step: int = Field(
+        0,
+        ge=0,
+        le=512,
+        title="Bucket side step",
+        description=(
+            "Bucket sides are multiples of this, in pixels (rounded up to the model's pixel "
+            "multiple). 0: the model's pixel multiple (16 for most), which gives WAN's 832x480. "
+            "A larger step (64) makes fewer buckets with more images each."
+        ),
+    )
+    bucket_max_side: int = Field(
+        0,
+        ge=0,
+        le=16384,
+        title="Longest bucket side",
+        description="No bucket side longer than this, in pixels. 0: only the widest bucket limits.",
     )
     cache_dir: str = Field(
         "cache",
         title="Cache folder",
         description=(
-            "Where encoded latents (with masks baked in) are cached, keyed by file content and "
-            "settings, and reused across runs."
+            "Where encoded latents, prompt encodings and masks are cached, each keyed by what "
+            "it depends on (file content, bucket, caption, model), and reused across runs: "
+            "editing a mask or a caption re-encodes no image."
         ),
     )
     frames: int = Field(
@@ -203,13 +245,17 @@ class DataConfig(Section):
     @field_validator("frames")
     @classmethod
     def _frames_4n_plus_1(cls, frames: int) -> int:
-        if (frames - 1) % 4:
-            lower, upper = frames - (frames - 1) % 4, frames + 4 - (frames - 1) % 4
-            raise ValueError(
-                f"data.frames: {frames} is not 4n+1 (WAN compresses time 4x after the first "
-                f"frame); use {lower} or {upper}"
-            )
-        return frames
+        return _four_n_plus_one(frames, "data.frames")
+
+
+def _four_n_plus_one(frames: int, name: str) -> int:
+    if (frames - 1) % 4:
+        lower, upper = frames - (frames - 1) % 4, frames + 4 - (frames - 1) % 4
+        raise ValueError(
+            f"{name}: {frames} is not 4n+1 (WAN compresses time 4x after the first frame); use "
+            f"{lower} or {upper}"
+        )
+    return frames
 
 
 class MaskConfig(Section):
@@ -411,6 +457,36 @@ class SamplingConfig(Section):
     seed: int = Field(
         0, ge=0, le=2**32 - 1, title="Sampling seed", description="Noise seed of the samples."
     )
+    width: int | None = Field(
+        None,
+        ge=16,
+        le=8192,
+        multiple_of=16,
+        title="Sample width",
+        description=(
+            "Width of the samples in pixels, with the height. Empty: the training size the "
+            "most images have (their bucket; without buckets the square data.resolution)."
+        ),
+    )
+    height: int | None = Field(
+        None,
+        ge=16,
+        le=8192,
+        multiple_of=16,
+        title="Sample height",
+        description="Height of the samples in pixels, with the width. Empty: as the width says.",
+    )
+    frames: int = Field(
+        1,
+        ge=1,
+        le=257,
+        title="Sample frames",
+        json_schema_extra=VIDEO_ONLY,
+        description=(
+            "Frames of each sample, 4n+1: 1 samples a still (cheap); more samples a short clip, "
+            "saved as an animated .webp at data.fps next to a .png of its first frame."
+        ),
+    )
     with_base: bool = Field(
         True,
         title="Compare with the base model",
@@ -419,6 +495,11 @@ class SamplingConfig(Section):
             "and save each LoRA sample next to its base sample, base left, LoRA right."
         ),
     )
+
+    @field_validator("frames")
+    @classmethod
+    def _frames_4n_plus_1(cls, frames: int) -> int:
+        return _four_n_plus_one(frames, "sampling.frames")
 
 
 class DriftConfig(Section):
@@ -504,6 +585,16 @@ class TrainConfig(Section):
             raise ValueError(
                 f"data.frames: model.family={self.model.family} trains images only; set "
                 f"data.frames=1 or choose a video family ({', '.join(sorted(VIDEO_FAMILIES))})"
+            )
+        if (self.sampling.width is None) != (self.sampling.height is None):
+            raise ValueError(
+                "sampling.width, sampling.height: set both (the sample size), or neither for "
+                "the size most training images have"
+            )
+        if self.sampling.frames > 1 and self.model.family not in VIDEO_FAMILIES:
+            raise ValueError(
+                f"sampling.frames: model.family={self.model.family} samples images only; set "
+                "sampling.frames=1"
             )
         presets = SPECS[self.model.family].lora_targets
         if self.lora.targets not in presets:

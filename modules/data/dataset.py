@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from modules.config.schema import ConceptConfig
-from modules.data.latent_cache import cached_has_mask, load_cached
+from modules.data.cache_files import CachedItem, cached_info, load_cached
 
 Sample = dict[str, Any]
 
@@ -63,14 +63,14 @@ class ConceptDataset(Dataset[Sample]):
     target is the base model's prediction over the whole image, so masks do not apply.
     """
 
-    def __init__(self, concepts: Sequence[tuple[ConceptConfig, Sequence[Path]]]) -> None:
+    def __init__(self, concepts: Sequence[tuple[ConceptConfig, Sequence[CachedItem]]]) -> None:
         self._concepts = [concept for concept, _ in concepts]
-        # (cache file, concept index), repeats expanded, so __getitem__ is a plain lookup.
-        self._index: list[tuple[Path, int]] = [
-            (Path(path), number)
-            for number, (concept, paths) in enumerate(concepts)
+        # (cache files, concept index), repeats expanded, so __getitem__ is a plain lookup.
+        self._index: list[tuple[CachedItem, int]] = [
+            (item, number)
+            for number, (concept, items) in enumerate(concepts)
             for _ in range(concept.repeats)
-            for path in paths
+            for item in items
         ]
         self._coverage = _mask_coverage(concepts)
 
@@ -78,9 +78,9 @@ class ConceptDataset(Dataset[Sample]):
         return len(self._index)
 
     def __getitem__(self, index: int) -> Sample:
-        path, number = self._index[index]
+        item, number = self._index[index]
         concept = self._concepts[number]
-        cached = load_cached(path)
+        cached = load_cached(item)
         prior_prediction = concept.type == "prior_prediction"
         mask = torch.ones_like(cached.mask) if prior_prediction else cached.mask
         return {
@@ -96,6 +96,15 @@ class ConceptDataset(Dataset[Sample]):
 
     def mask_coverage(self) -> MaskCoverage:
         return self._coverage
+
+    def latent_shapes(self) -> list[tuple[int, ...]]:
+        """Each sample's latent shape, (C, h, w) or (C, F, h, w), from the cache files' headers:
+        samples of one shape (one bucket and frame count) can share a batch."""
+        shapes: dict[Path, tuple[int, ...]] = {}
+        for item, _ in self._index:
+            if item.latent not in shapes:
+                shapes[item.latent] = cached_info(item).latent_shape
+        return [shapes[item.latent] for item, _ in self._index]
 
 
 def collate(samples: Sequence[Sample], generator: torch.Generator | None = None) -> Batch:
@@ -164,13 +173,13 @@ def _pad_stack(tensors: list[Tensor], name: str) -> Tensor:
     return batch
 
 
-def _mask_coverage(concepts: Sequence[tuple[ConceptConfig, Sequence[Path]]]) -> MaskCoverage:
+def _mask_coverage(concepts: Sequence[tuple[ConceptConfig, Sequence[CachedItem]]]) -> MaskCoverage:
     """Distinct cached images of standard concepts, and how many of them lack a mask."""
-    paths = {
-        Path(path)
-        for concept, concept_paths in concepts
+    distinct = {
+        item.source: item
+        for concept, items in concepts
         if concept.type == "standard"
-        for path in concept_paths
+        for item in items
     }
-    without = sum(not cached_has_mask(path) for path in paths)
-    return MaskCoverage(images=len(paths), without_mask=without)
+    without = sum(item.mask is None for item in distinct.values())
+    return MaskCoverage(images=len(distinct), without_mask=without)

@@ -1,9 +1,10 @@
 """Loading images and weighted masks as tensors with one shared geometry.
 
-Geometry. Both are cropped to the centred square of the source and resized to ``resolution``:
-the same as resizing the short side to ``resolution`` and centre-cropping, but done as one PIL
-resize with a (float) source box, so image and mask land on exactly the same pixels whatever
-their rounding.
+Geometry. Both are cropped to the centred box of the source with the training size's aspect
+ratio and resized to that size (``size``: (width, height), or one side for a square): the same
+as resizing to cover the size and centre-cropping, but done as one PIL resize with a (float)
+source box (:func:`modules.data.buckets.crop_box`), so image and mask land on exactly the same
+pixels whatever their rounding. A square size takes the centred square.
 
 Values. Every mode Pillow opens is read at its real values, never through a conversion that
 clips (``convert("RGB")`` turns 16-bit grey into white):
@@ -27,13 +28,14 @@ values, or the one grey or colour value that is transparent). Images are composi
 Size. Pillow guards against decompression bombs with ``Image.MAX_IMAGE_PIXELS``: it warns
 above the limit and raises ``DecompressionBombError`` (not an ``OSError``) above twice it. A
 JPEG above the limit is decoded at a reduced scale (``draft``: 1/2, 1/4 or 1/8, the strongest
-reduction that leaves both sides at least the training resolution); any other image above it
+reduction that still covers the training size); any other image above it
 stops the run with a :class:`DataError` naming the file, its size, the limit and the fix.
 Every other failure to read a file is a :class:`DataError` too. The limit is never changed.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import struct
@@ -48,7 +50,11 @@ import torch.nn.functional as F
 from PIL import ExifTags, Image, ImageFile, JpegImagePlugin
 from torch import Tensor
 
+from modules.data.buckets import Size, crop_box
 from modules.data.concept import DataError
+
+SizeLike = Size | int
+"""A training size: (width, height), or one side for a square."""
 
 _DEEP_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
 """Single-band modes deeper than 8 bits: read with numpy, never through an 8-bit conversion."""
@@ -85,28 +91,29 @@ class MaskNotes:
     rule of :func:`mask_image_to_tensor` applied."""
 
 
-def load_image(path: Path, resolution: int) -> Tensor:
-    """An RGB image as a float32 tensor (3, R, R) in [-1, 1]."""
-    image, _ = _open(path, "image", resolution)
-    return image_to_tensor(image, resolution)
+def load_image(path: Path, size: SizeLike) -> Tensor:
+    """An RGB image as a float32 tensor (3, H, W) in [-1, 1] at ``size`` (W, H)."""
+    image, _ = _open(path, "image", _size(size))
+    return image_to_tensor(image, size)
 
 
-def image_to_tensor(image: Image.Image, resolution: int) -> Tensor:
-    """A decoded image (an image file's or a video frame's) as (3, R, R) in [-1, 1]."""
-    box = _centre_square(image.size)
+def image_to_tensor(image: Image.Image, size: SizeLike) -> Tensor:
+    """A decoded image (an image file's or a video frame's) as (3, H, W) in [-1, 1]."""
+    width, height = _size(size)
+    box = crop_box(image.size, (width, height))
     if image.mode in _DEEP_MODES or (image.mode in ("1", "L") and "transparency" in image.info):
         levels, alpha = _grey_planes(image)  # (H, W) each
         if alpha is not None:
             levels = levels * alpha + (1.0 - alpha)  # over white
         # LANCZOS as below; in float it can overshoot, hence the clip.
-        grey = _resize_plane(levels, resolution, box, Image.Resampling.LANCZOS).clip(0.0, 1.0)
-        pixels = torch.from_numpy(grey).mul(2.0).sub(1.0)  # (R, R)
-        return pixels.expand(3, resolution, resolution).contiguous()  # (3, R, R)
+        grey = _resize_plane(levels, (width, height), box, Image.Resampling.LANCZOS)
+        pixels = torch.from_numpy(grey.clip(0.0, 1.0)).mul(2.0).sub(1.0)  # (H, W)
+        return pixels.expand(3, height, width).contiguous()  # (3, H, W)
     rgb = _over_white(image)
     # LANCZOS: the sharpest of PIL's filters; the uint8 result is clipped, so no overshoot.
-    square = rgb.resize((resolution, resolution), Image.Resampling.LANCZOS, box=box)
-    pixels = torch.from_numpy(np.asarray(square, dtype=np.uint8).copy())  # (R, R, 3)
-    return pixels.permute(2, 0, 1).float().div(127.5).sub(1.0).contiguous()  # (3, R, R)
+    resized = rgb.resize((width, height), Image.Resampling.LANCZOS, box=box)
+    pixels = torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy())  # (H, W, 3)
+    return pixels.permute(2, 0, 1).float().div(127.5).sub(1.0).contiguous()  # (3, H, W)
 
 
 def image_size(path: Path) -> tuple[int, int]:
@@ -126,34 +133,34 @@ def image_size(path: Path) -> tuple[int, int]:
         return size
 
 
-def load_mask(path: Path, image_size: tuple[int, int], resolution: int) -> Tensor:
-    """A weighted mask as a float32 tensor (1, R, R) in [0, 1]; see :func:`load_mask_with_notes`."""
-    return load_mask_with_notes(path, image_size, resolution)[0]
+def load_mask(path: Path, image_size: tuple[int, int], size: SizeLike) -> Tensor:
+    """A weighted mask as a float32 tensor (1, H, W) in [0, 1]; see :func:`load_mask_with_notes`."""
+    return load_mask_with_notes(path, image_size, size)[0]
 
 
 def load_mask_with_notes(
-    path: Path, image_size: tuple[int, int], resolution: int
+    path: Path, image_size: tuple[int, int], size: SizeLike
 ) -> tuple[Tensor, MaskNotes]:
-    """A weighted mask (1, R, R) in [0, 1] (see :func:`mask_image_to_tensor`) and its notes,
-    from one decoding of the file.
+    """A weighted mask (1, H, W) in [0, 1] at ``size`` (see :func:`mask_image_to_tensor`), cut
+    and resized exactly as its image, and its notes, from one decoding of the file.
 
     The mask must have its image's size (``image_size``, width × height, as shown): anything
     else means it was drawn on another version of the image and would be misaligned. Sizes are
     compared as stored in the files, even when a huge JPEG mask was decoded at a reduced scale.
     """
-    mask, size = _open(path, "mask", resolution)
-    if size != tuple(image_size):
+    mask, stored = _open(path, "mask", _size(size))
+    if stored != tuple(image_size):
         width, height = image_size
         raise DataError(
-            f"mask '{path}' is {size[0]}×{size[1]} but its image is "
+            f"mask '{path}' is {stored[0]}×{stored[1]} but its image is "
             f"{width}×{height}: re-export the mask at {width}×{height}"
         )
     planes = _mask_planes(mask)
-    return _weights_to_tensor(_weights(planes), resolution), _notes(planes)
+    return _weights_to_tensor(_weights(planes), _size(size)), _notes(planes)
 
 
-def mask_image_to_tensor(mask: Image.Image, resolution: int) -> Tensor:
-    """A decoded mask (a mask file's or a mask video frame's) as (1, R, R) weights in [0, 1].
+def mask_image_to_tensor(mask: Image.Image, size: SizeLike) -> Tensor:
+    """A decoded mask (a mask file's or a mask video frame's) as (1, H, W) weights in [0, 1].
 
     The weight of a pixel is its grey level (the luminance of a colour mask) over its mode's
     full scale (255, or 65535 for 16-bit masks), unless the mask has an alpha channel (or a
@@ -163,7 +170,7 @@ def mask_image_to_tensor(mask: Image.Image, resolution: int) -> Tensor:
       alpha marks the subject): the weight is the alpha / 255;
     - colour channels that vary: grey × alpha, transparent pixels being background.
     """
-    return _weights_to_tensor(_weights(_mask_planes(mask)), resolution)
+    return _weights_to_tensor(_weights(_mask_planes(mask)), _size(size))
 
 
 def mask_notes(mask: Image.Image) -> MaskNotes:
@@ -196,24 +203,22 @@ def open_image(path: Path, what: str = "image") -> Image.Image:
 # ------------------------------------------------------------------------------ opening files
 
 
-def _open(
-    path: Path, what: str, resolution: int | None = None
-) -> tuple[Image.Image, tuple[int, int]]:
+def _open(path: Path, what: str, size: Size | None = None) -> tuple[Image.Image, tuple[int, int]]:
     """Decode the whole file now (PIL is lazy), upright per its EXIF orientation, and return it
     with its upright size as stored in the header.
 
-    Given the training ``resolution``, a JPEG above the pixel limit is decoded at a reduced
+    Given the training ``size``, a JPEG above the pixel limit is decoded at a reduced
     scale (the returned image is then smaller than the header size); anything else above the
     limit is refused.
     """
     with _reading(path, what), _open_lazily(path) as image:
         orientation = _orientation(image, path)
-        size = _upright(image.size, orientation)
-        _fit_to_limit(image, path, what, resolution)
+        upright = _upright(image.size, orientation)
+        _fit_to_limit(image, path, what, _covering(size, image.size, orientation))
         image.load()
         method = _TRANSPOSE.get(orientation)
         # A copy either way: the file closes when this block ends.
-        return (image.transpose(method) if method is not None else image.copy()), size
+        return (image.transpose(method) if method is not None else image.copy()), upright
 
 
 def _open_lazily(path: Path) -> ImageFile.ImageFile:
@@ -251,18 +256,27 @@ def _reading(path: Path, what: str) -> Iterator[None]:
         ) from error
 
 
-def _fit_to_limit(
-    image: ImageFile.ImageFile, path: Path, what: str, resolution: int | None
-) -> None:
+def _covering(size: Size | None, stored: Size, orientation: int) -> Size | None:
+    """The smallest (width, height) of the stored image that still covers the training
+    ``size`` once upright and cropped to its aspect ratio (what a reduced JPEG decode keeps)."""
+    if size is None:
+        return None
+    upright = _upright(stored, orientation)
+    scale = max(size[0] / upright[0], size[1] / upright[1])
+    width, height = math.ceil(upright[0] * scale), math.ceil(upright[1] * scale)
+    return _upright((width, height), orientation)
+
+
+def _fit_to_limit(image: ImageFile.ImageFile, path: Path, what: str, cover: Size | None) -> None:
     """Have a JPEG above the pixel limit decoded at a reduced scale, or refuse the image."""
     limit = Image.MAX_IMAGE_PIXELS  # read now: users may raise it (or set None) for their run
     if limit is None or image.size[0] * image.size[1] <= limit:
         return
     width, height = image.size
     found = f"{width}×{height} ({width * height:,} pixels)"
-    if image.format == "JPEG" and resolution is not None:
-        # The largest of 1/2, 1/4, 1/8 that keeps both sides at least ``resolution``.
-        image.draft(image.mode, (resolution, resolution))
+    if image.format == "JPEG" and cover is not None:
+        # The largest of 1/2, 1/4, 1/8 that keeps both sides at least ``cover``'s.
+        image.draft(image.mode, cover)
         if image.size[0] * image.size[1] <= limit:
             return
         found += f", still {image.size[0]}×{image.size[1]} decoded at a reduced scale"
@@ -398,32 +412,27 @@ def _notes(planes: _MaskPlanes) -> MaskNotes:
     return MaskNotes(coloured=coloured, alpha_used=alpha_used)
 
 
-def _weights_to_tensor(weights: np.ndarray, resolution: int) -> Tensor:
-    """Weights (H, W) cropped and resized like the image, as (1, R, R) in [0, 1]."""
-    height, width = weights.shape
+def _weights_to_tensor(weights: np.ndarray, size: Size) -> Tensor:
+    """Weights cropped and resized like the image, as (1, H, W) in [0, 1] at ``size``."""
+    rows, columns = weights.shape
     # BOX: exact area averaging when shrinking, so grey levels inside a region are kept exactly
     # and nothing rings outside [0, 1] (LANCZOS would); float ("F") avoids rounding.
-    square = _resize_plane(
-        weights, resolution, _centre_square((width, height)), Image.Resampling.BOX
-    )
-    return torch.from_numpy(square).clamp_(0.0, 1.0).unsqueeze(0)  # (R, R) -> (1, R, R)
+    resized = _resize_plane(weights, size, crop_box((columns, rows), size), Image.Resampling.BOX)
+    return torch.from_numpy(resized).clamp_(0.0, 1.0).unsqueeze(0)  # (H, W) -> (1, H, W)
 
 
 def _resize_plane(
     plane: np.ndarray,
-    resolution: int,
+    size: Size,
     box: tuple[float, float, float, float],
     resample: Image.Resampling,
 ) -> np.ndarray:
-    """A float plane (H, W) cropped to ``box`` and resized to (R, R), as float32."""
+    """A float plane cropped to ``box`` and resized to ``size`` (W, H), as float32 (H, W)."""
     image = Image.fromarray(np.ascontiguousarray(plane, dtype=np.float32))  # mode "F"
-    square = image.resize((resolution, resolution), resample, box=box)
-    return np.asarray(square, dtype=np.float32).copy()  # (R, R), writable
+    resized = image.resize(size, resample, box=box)
+    return np.asarray(resized, dtype=np.float32).copy()  # (H, W), writable
 
 
-def _centre_square(size: tuple[int, int]) -> tuple[float, float, float, float]:
-    """The centred square crop box (left, top, right, bottom) of a width × height image."""
-    width, height = size
-    side = min(width, height)
-    left, top = (width - side) / 2, (height - side) / 2
-    return (left, top, left + side, top + side)
+def _size(size: SizeLike) -> Size:
+    """(width, height) of a training size given as a pair or as a square's side."""
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))

@@ -1,52 +1,46 @@
-"""A content-keyed cache of encoded latents with their masks baked in, reused across runs.
+"""Filling the cache of encoded training data (:mod:`modules.data.cache_files`): latents,
+prompt encodings and masks apart, each made only when what it depends on changed.
 
-One safetensors file per item at ``cache_dir/<key[:2]>/<key>.safetensors``. The key is the
-sha256 of everything the stored tensors depend on: the image bytes, the mask bytes (or
-"no-mask"), the caption text, the resolution and the caller's settings (model family, model
-identity, codec version, ...); for a clip also the frame count and rate, and for folders of
-frames every frame's name and bytes. Editing an image, its mask or its caption, or switching
-models, therefore gives a new key and a fresh encode; unchanged items are never encoded again.
+So editing a mask makes one mask file and encodes nothing; editing a caption encodes that
+caption; changing an image, its training size or the model encodes its latent again. A file
+that is there but damaged (a disk error, a copy cut short) is found by its header when the cache
+is opened, and made again.
 
-Still images are encoded in batches of (3, R, R); a clip with ``frames > 1`` alone as
-(1, 3, F, R, R) (see :mod:`modules.data.video`), and with ``frames == 1`` as its first frame,
-like a still image.
-
-Stored tensors (all contiguous, on the CPU):
-
-- ``latent``: (C, h, w) or (C, F, h, w), float32 whatever the encoder's dtype, because the
-  trainer adds noise and computes targets in float32.
-- ``mask``: the mask at latent resolution via :func:`mask_to_latent` (clips:
-  :func:`~modules.data.video.clip_mask_to_latent`), (1, h, w) or (1, F, h, w), float32; all
-  ones when the image has no mask.
-- ``text.<name>``: the caption's prompt encoding, one row of each batch-first tensor, in the
-  encoder's dtype (attention masks stay integer).
-- ``empty.<name>``: the empty prompt's encoding, used for caption dropout.
-
-The metadata records the source image and mask, the caption, ``has_mask``, ``mask_max`` (the
-largest weight of the mask on the latent grid), ``mask_coloured`` (the mask file was not grey)
-and the settings. Files are written to a temporary name in the same folder and renamed with
-``os.replace``, so a crash never leaves a half-written file under a key's name; a file that is
-damaged all the same (a disk error, a copy cut short) is found by its header when the cache is
-opened, and encoded again.
+Still images are encoded in batches of one training size, (B, 3, H, W); a clip with
+``frames > 1`` alone as (1, 3, F, H, W) (see :mod:`modules.data.video`), and with
+``frames == 1`` as its first frame, like a still image. Masks are reduced to the latent grid
+with :func:`~modules.data.images.mask_to_latent` (clips:
+:func:`~modules.data.video.clip_mask_to_latent`) after the image's own geometry.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
-from modules.atomic import write_bytes_atomic
-from modules.data.concept import ConceptItem, DataError, list_frames
+from modules.data.buckets import Size
+from modules.data.cache_files import (
+    CACHE_FORMAT,
+    LATENTS,
+    MASKS,
+    TEXTS,
+    CachedItem,
+    cache_path,
+    is_cache_file,
+    latent_key,
+    latent_shape,
+    mask_key,
+    text_key,
+    write_atomic,
+)
+from modules.data.concept import ConceptItem
 from modules.data.images import image_size, load_image, load_mask_with_notes, mask_to_latent
 from modules.data.video import (
     clip_frame_indices,
@@ -57,394 +51,324 @@ from modules.data.video import (
 )
 
 Encoder = Callable[[Tensor], Tensor]
-"""(B, 3, R, R) float32 CPU images in [-1, 1] → latents (B, C, h, w) or (B, C, F, h, w); for
-video families also (1, 3, F, R, R) clips → (1, C, F', h, w).
+"""(B, 3, H, W) float32 CPU images in [-1, 1] → latents (B, C, h, w) or (B, C, F, h, w); for
+video families also (1, 3, F, H, W) clips → (1, C, F', h, w).
 
 The callable moves the batch to its own device and dtype; build_cache runs it under no_grad.
 """
 PromptEncoder = Callable[[list[str]], dict[str, Tensor]]
 """B prompts → named batch-first tensors (B, ...)."""
 Progress = Callable[[int, int], None]
-"""Called with (items encoded so far, items to encode)."""
+"""Called with (latents encoded so far, latents to encode)."""
 Warn = Callable[[str], None]
-"""Called with a line for the user (a damaged cache file encoded again)."""
+"""Called with a line for the user (a damaged cache file made again)."""
 
-CACHE_FORMAT = "maskprior-latent-cache-v1"
-"""Part of every key and every file's metadata: bump it when the stored layout changes."""
-_TEXT_PREFIX = "text."
-_EMPTY_PREFIX = "empty."
+
+@dataclass
+class CacheCounts:
+    """What a cache build made and what it found made: distinct files of each kind."""
+
+    latents_encoded: int = 0
+    latents_reused: int = 0
+    texts_encoded: int = 0
+    texts_reused: int = 0
+    masks_made: int = 0
+    masks_reused: int = 0
+
+    def add(self, other: CacheCounts) -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def describe(self) -> str:
+        return (
+            f"latents {self.latents_reused} reused, {self.latents_encoded} encoded; "
+            f"captions {self.texts_reused} reused, {self.texts_encoded} encoded; "
+            f"masks {self.masks_reused} reused, {self.masks_made} made"
+        )
 
 
 @dataclass(frozen=True)
-class CachedSample:
-    latent: Tensor
-    """(C, h, w) or (C, F, h, w), float32."""
-    mask: Tensor
-    """(1, h, w) or (1, F, h, w) weights in [0, 1]; all ones when ``has_mask`` is False."""
-    text: dict[str, Tensor]
-    """The caption's encoding, per tensor without the batch dimension."""
-    empty_text: dict[str, Tensor]
-    """The empty prompt's encoding, same layout as ``text``."""
-    has_mask: bool
-    source: str
-    """The image file the latent was encoded from."""
+class BuiltCache:
+    items: list[CachedItem]
+    """Every item's files, in the order given."""
+    counts: CacheCounts = field(default_factory=CacheCounts)
+
+
+# ----------------------------------------------------------------------------------- build
 
 
 @dataclass(frozen=True)
-class CachedInfo:
-    """What a cache file's header says about its item, read without its tensors."""
+class _Plan:
+    """One item's keys and files."""
 
-    has_mask: bool
-    mask_max: float
-    """The mask's largest weight on the latent grid: 0 for a mask with no weight anywhere."""
-    mask_coloured: bool
-    """The mask file had colours (not grey levels): its luminance was used."""
-    source_mask: str
-    latent_frames: int
-
-
-def cache_key(
-    item: ConceptItem,
-    *,
-    resolution: int,
-    settings: Mapping[str, Any],
-    frames: int = 1,
-    fps: float = 0.0,
-) -> str:
-    """The sha256 hex digest that names an item's cache file (``frames``, ``fps``: clips only)."""
-    digest = hashlib.sha256()
-    _update(digest, CACHE_FORMAT.encode())
-    _update_content(digest, item.image)
-    if item.mask is not None:
-        _update_content(digest, item.mask)
-    else:
-        _update(digest, b"no-mask")
-    _update(digest, item.caption.encode("utf-8"))
-    _update(digest, str(resolution).encode())
-    _update(digest, json.dumps(settings, sort_keys=True, separators=(",", ":")).encode())
-    if item.clip:
-        _update(digest, f"clip:{frames}:{fps:g}".encode())
-    return digest.hexdigest()
-
-
-def _update(digest: Any, part: bytes) -> None:
-    # Length prefixes keep the parts apart: ("ab", "c") and ("a", "bc") must not collide.
-    digest.update(len(part).to_bytes(8, "little"))
-    digest.update(part)
-
-
-def _update_content(digest: Any, path: Path) -> None:
-    """A file's bytes (streamed: videos can be large), or a frame folder's names and bytes."""
-    if path.is_dir():
-        inner = hashlib.sha256()
-        for frame in list_frames(path):
-            _update(inner, frame.name.encode("utf-8"))
-            _update_content(inner, frame)
-        _update(digest, b"frames:" + inner.digest())
-        return
-    try:
-        with path.open("rb") as file:
-            digest.update(os.fstat(file.fileno()).st_size.to_bytes(8, "little"))
-            while chunk := file.read(1 << 20):
-                digest.update(chunk)
-    except OSError as error:
-        raise DataError(
-            f"cannot read '{path}' ({error.strerror}): it changed after the concept folder was "
-            "scanned; scan the folder again"
-        ) from error
-
-
-def cache_path(cache_dir: Path, key: str) -> Path:
-    return Path(cache_dir) / key[:2] / f"{key}.safetensors"
+    item: ConceptItem
+    size: Size
+    latent_key: str
+    latent: Path
+    text: Path
+    mask: Path | None
 
 
 def build_cache(
-    items: list[ConceptItem],
+    items: Sequence[ConceptItem],
     *,
     resolution: int,
     cache_dir: Path,
     settings: Mapping[str, Any],
     encode_images: Encoder,
     encode_prompts: PromptEncoder,
+    sizes: Sequence[Size] | None = None,
     batch_size: int = 8,
     progress: Progress | None = None,
     frames: int = 1,
     fps: float = 0.0,
     warn: Warn | None = None,
-) -> list[Path]:
-    """Encode the items that are not cached yet; return every item's cache file, in order.
+) -> BuiltCache:
+    """Make what the cache lacks for ``items``; return every item's files, in order.
 
-    A cache file that is there but damaged is removed and encoded again, and ``warn`` told.
-
-    Clips train as ``frames`` frames at ``fps`` (see :mod:`modules.data.video`). ``progress`` is
-    called with (0, n) before the first batch and after each batch (each clip), where n is the
-    number of items to encode; it is not called when everything is cached already.
+    ``sizes``: each item's training size (its bucket), (width, height); None: every item at
+    ``resolution`` × ``resolution``. A file that is there but damaged is removed and made
+    again, and ``warn`` told. Clips train as ``frames`` frames at ``fps`` (see
+    :mod:`modules.data.video`). ``progress`` is called with (0, n) before the first latent is
+    encoded and after each batch (each clip), n being the latents to encode; not at all when
+    every latent is cached already.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    paths = [
-        cache_path(
-            cache_dir,
-            cache_key(item, resolution=resolution, settings=settings, frames=frames, fps=fps),
-        )
-        for item in items
+    cache_dir = Path(cache_dir)
+    sizes = list(sizes) if sizes is not None else [(resolution, resolution)] * len(items)
+    empty = cache_path(cache_dir, TEXTS, text_key("", settings=settings))
+    plans = [
+        _plan(item, size, cache_dir, settings, frames, fps)
+        for item, size in zip(items, sizes, strict=True)
     ]
-    # Keyed by path so an image listed twice (e.g. in two concepts) is encoded once.
-    missing = {
-        path: item
-        for path, item in zip(paths, items, strict=True)
-        if not path.exists() or not _usable(path, item, warn)
-    }
-    if not missing:
-        return paths
-    todo = list(missing.items())
-    if progress is not None:
-        progress(0, len(todo))
-    metadata = {"format": CACHE_FORMAT, "settings": json.dumps(settings, sort_keys=True)}
-    # Stills (and 1-frame clips) batch together; longer clips are encoded one at a time.
-    stills = [entry for entry in todo if not entry[1].clip or frames == 1]
-    clips = [entry for entry in todo if entry[1].clip and frames > 1]
-    done = 0
+    build = _Build(
+        encode_images=encode_images,
+        encode_prompts=encode_prompts,
+        metadata={"format": CACHE_FORMAT, "settings": json.dumps(settings, sort_keys=True)},
+        batch_size=batch_size,
+        frames=frames,
+        fps=fps,
+        warn=warn,
+    )
     with torch.no_grad():
-        empty = _rows(encode_prompts([""]), 1, "empty prompt")[0]
-        for start in range(0, len(stills), batch_size):
-            batch = stills[start : start + batch_size]
-            _encode_batch(batch, resolution, encode_images, encode_prompts, empty, metadata)
-            done += len(batch)
-            if progress is not None:
-                progress(done, len(todo))
-        for path, item in clips:
-            clip = _ClipRequest(item, resolution, frames, fps)
-            _encode_clip(path, clip, encode_images, encode_prompts, empty, metadata)
-            done += 1
-            if progress is not None:
-                progress(done, len(todo))
-    return paths
-
-
-def load_cached(path: Path) -> CachedSample:
-    """Read one cache file written by :func:`build_cache`."""
-    try:
-        with safe_open(str(path), framework="pt") as file:
-            metadata = file.metadata() or {}
-            # safe_open is not iterable, so .keys() is needed here.
-            tensors = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118
-    except (OSError, SafetensorError) as error:
-        raise _unreadable(path, error) from error
-    if not _is_cache_file(metadata, tensors.keys()):
-        raise DataError(f"'{path}' is not a {CACHE_FORMAT} file: the next run encodes it again")
-    return CachedSample(
-        latent=tensors["latent"],
-        mask=tensors["mask"],
-        text=_strip_prefix(tensors, _TEXT_PREFIX),
-        empty_text=_strip_prefix(tensors, _EMPTY_PREFIX),
-        has_mask=metadata.get("has_mask") == "1",
-        source=metadata.get("source_image", ""),
-    )
-
-
-def cached_has_mask(path: Path) -> bool:
-    """Whether a cache file's image had a mask, reading only the file's header."""
-    return cached_info(path).has_mask
-
-
-def cached_info(path: Path) -> CachedInfo:
-    """A cache file's :class:`CachedInfo`, from its header (files from before ``mask_max`` was
-    recorded: from the mask tensor)."""
-    try:
-        with safe_open(str(path), framework="pt") as file:
-            metadata = file.metadata() or {}
-            shape = file.get_slice("latent").get_shape()
-            if "mask_max" in metadata:
-                mask_max = float(metadata["mask_max"])
-            else:
-                mask_max = float(file.get_tensor("mask").amax())
-    except (OSError, SafetensorError, ValueError) as error:
-        raise _unreadable(path, error) from error
-    return CachedInfo(
-        has_mask=metadata.get("has_mask") == "1",
-        mask_max=mask_max,
-        mask_coloured=metadata.get("mask_coloured") == "1",
-        source_mask=metadata.get("source_mask", ""),
-        latent_frames=shape[1] if len(shape) == 4 else 1,
-    )
-
-
-def _usable(path: Path, item: ConceptItem, warn: Warn | None) -> bool:
-    """Whether an existing cache file can be read; a damaged one is removed (and said)."""
-    try:
-        with safe_open(str(path), framework="pt") as file:
-            metadata = file.metadata() or {}
-            names = set(file.keys())
-        if not _is_cache_file(metadata, names):
-            raise ValueError(f"not a {CACHE_FORMAT} file")
-    except (OSError, SafetensorError, ValueError) as error:
-        if warn is not None:
-            warn(f"cache file {path} of '{item.image}' is damaged ({error}): encoding it again")
-        path.unlink(missing_ok=True)
-        return False
-    return True
-
-
-def _is_cache_file(metadata: Mapping[str, str], names: Iterable[str]) -> bool:
-    return metadata.get("format") == CACHE_FORMAT and {"latent", "mask"} <= set(names)
-
-
-def _unreadable(path: Path, error: Exception) -> DataError:
-    return DataError(
-        f"cannot read cache file '{path}' ({error}): it changed or was damaged during the run; "
-        "start the run again, which encodes it again"
-    )
-
-
-def _encode_batch(
-    batch: list[tuple[Path, ConceptItem]],
-    resolution: int,
-    encode_images: Encoder,
-    encode_prompts: PromptEncoder,
-    empty: dict[str, Tensor],
-    metadata: dict[str, str],
-) -> None:
-    images = torch.stack([_still_pixels(item, resolution) for _, item in batch])  # (B,3,R,R)
-    latents = encode_images(images)
-    if latents.dim() not in (4, 5) or latents.shape[0] != len(batch):
-        raise ValueError(
-            f"image encoder returned shape {tuple(latents.shape)} for {len(batch)} images; "
-            "expected (B, C, h, w) or (B, C, F, h, w)"
+        encoded = build.latents(plans, progress)
+        build.masks(plans, encoded)
+        build.texts({plan.text: plan.item.caption for plan in plans} | {empty: ""})
+    cached = [
+        CachedItem(
+            latent=plan.latent,
+            text=plan.text,
+            empty=empty,
+            mask=plan.mask,
+            size=plan.size,
+            source=plan.item.image,
         )
-    texts = _rows(encode_prompts([item.caption for _, item in batch]), len(batch), "captions")
-    for (path, item), latent, text in zip(batch, latents, texts, strict=True):
-        mask, coloured = _latent_mask(item, resolution, latent.shape)
-        item_metadata = {**metadata, "mask_coloured": "1" if coloured else "0"}
-        _write_item(path, item, latent, mask, text, empty, item_metadata)
+        for plan in plans
+    ]
+    return BuiltCache(items=cached, counts=build.counts)
 
 
-@dataclass(frozen=True)
-class _ClipRequest:
-    item: ConceptItem
-    resolution: int
+def _plan(
+    item: ConceptItem,
+    size: Size,
+    cache_dir: Path,
+    settings: Mapping[str, Any],
+    frames: int,
+    fps: float,
+) -> _Plan:
+    key = latent_key(item, size=size, settings=settings, frames=frames, fps=fps)
+    mask = None
+    if item.mask is not None:
+        mask = cache_path(cache_dir, MASKS, mask_key(item.mask, latent=key))
+    return _Plan(
+        item=item,
+        size=size,
+        latent_key=key,
+        latent=cache_path(cache_dir, LATENTS, key),
+        text=cache_path(cache_dir, TEXTS, text_key(item.caption, settings=settings)),
+        mask=mask,
+    )
+
+
+@dataclass
+class _Build:
+    """One cache build: its encoders and settings, and what it has made so far."""
+
+    encode_images: Encoder
+    encode_prompts: PromptEncoder
+    metadata: dict[str, str]
+    batch_size: int
     frames: int
     fps: float
+    warn: Warn | None
+    counts: CacheCounts = field(default_factory=CacheCounts)
+
+    def latents(self, plans: list[_Plan], progress: Progress | None) -> dict[Path, Tensor]:
+        """Encode the latents not cached yet; return those encoded now, by file (their masks
+        are made from them without reading them back)."""
+        # Keyed by file so an image listed twice (e.g. in two concepts) is encoded once.
+        distinct = {plan.latent: plan for plan in plans}
+        todo = [plan for path, plan in distinct.items() if not self._usable(path, "latent", plan)]
+        self.counts.latents_reused += len(distinct) - len(todo)
+        self.counts.latents_encoded += len(todo)
+        encoded: dict[Path, Tensor] = {}
+        if not todo:
+            return encoded
+        if progress is not None:
+            progress(0, len(todo))
+        # Stills (and 1-frame clips) batch by training size; longer clips one at a time.
+        by_size: dict[Size, list[_Plan]] = {}
+        clips = []
+        for plan in todo:
+            if plan.item.clip and self.frames > 1:
+                clips.append(plan)
+            else:
+                by_size.setdefault(plan.size, []).append(plan)
+        batches = [
+            group[start : start + self.batch_size]
+            for group in by_size.values()
+            for start in range(0, len(group), self.batch_size)
+        ]
+        for batch in batches:
+            pixels = torch.stack([_still_pixels(plan.item, plan.size) for plan in batch])
+            latents = self.encode_images(pixels)  # (B, C, h, w) or (B, C, F, h, w)
+            if latents.dim() not in (4, 5) or latents.shape[0] != len(batch):
+                raise ValueError(
+                    f"image encoder returned shape {tuple(latents.shape)} for {len(batch)} "
+                    "images; expected (B, C, h, w) or (B, C, F, h, w)"
+                )
+            for plan, latent in zip(batch, latents, strict=True):
+                encoded[plan.latent] = self._write_latent(plan, latent, {})
+            if progress is not None:
+                progress(len(encoded), len(todo))
+        for plan in clips:
+            latent, extra = self._encode_clip(plan)
+            encoded[plan.latent] = self._write_latent(plan, latent, extra)
+            if progress is not None:
+                progress(len(encoded), len(todo))
+        return encoded
+
+    def _encode_clip(self, plan: _Plan) -> tuple[Tensor, dict[str, str]]:
+        item, frames = plan.item, self.frames
+        info = clip_info(item.image)
+        indices = clip_frame_indices(item.image, info, frames, self.fps)
+        pixels = load_clip(item.image, indices, plan.size)  # (3, F, H, W)
+        latents = self.encode_images(pixels.unsqueeze(0))  # (1, C, F', h, w)
+        if latents.dim() != 5 or latents.shape[0] != 1:
+            raise ValueError(
+                f"image encoder returned shape {tuple(latents.shape)} for one clip of {frames} "
+                "frames; expected (1, C, F', h, w): this model family trains images only, set "
+                "data.frames=1"
+            )
+        return latents[0], {"frames": str(frames), "source_frames": json.dumps(indices)}
+
+    def _write_latent(self, plan: _Plan, latent: Tensor, extra: dict[str, str]) -> Tensor:
+        latent = latent.float()
+        metadata = {
+            **self.metadata,
+            **extra,
+            "source_image": str(plan.item.image),
+            "size": f"{plan.size[0]}x{plan.size[1]}",
+        }
+        write_atomic(plan.latent, {"latent": latent}, metadata)
+        return latent
+
+    def masks(self, plans: list[_Plan], encoded: dict[Path, Tensor]) -> None:
+        """The masks not cached yet, on their latent's grid (read from its file's header when
+        the latent was not encoded now)."""
+        distinct = {plan.mask: plan for plan in plans if plan.mask is not None}
+        for path, plan in distinct.items():
+            if self._usable(path, "mask", plan):
+                self.counts.masks_reused += 1
+                continue
+            latent = encoded.get(plan.latent)
+            shape = tuple(latent.shape) if latent is not None else latent_shape(plan.latent)
+            mask, coloured = _latent_mask(plan, shape, self.frames, self.fps)
+            metadata = {
+                **self.metadata,
+                "source_mask": str(plan.item.mask),
+                "source_image": str(plan.item.image),
+                "mask_max": repr(float(mask.amax())),
+                "mask_coloured": "1" if coloured else "0",
+            }
+            write_atomic(path, {"mask": mask}, metadata)
+            self.counts.masks_made += 1
+
+    def texts(self, captions: dict[Path, str]) -> None:
+        """Encode the captions not cached yet, ``batch_size`` at a time, one file each."""
+        todo = [
+            (p, caption) for p, caption in captions.items() if not self._usable(p, "text", caption)
+        ]
+        self.counts.texts_reused += len(captions) - len(todo)
+        self.counts.texts_encoded += len(todo)
+        for start in range(0, len(todo), self.batch_size):
+            batch = todo[start : start + self.batch_size]
+            encoding = self.encode_prompts([caption for _, caption in batch])
+            for (path, caption), row in zip(batch, _rows(encoding, len(batch)), strict=True):
+                write_atomic(path, row, {**self.metadata, "caption": caption})
+
+    def _usable(self, path: Path, kind: str, of: _Plan | str) -> bool:
+        """Whether a cache file exists and can be read; a damaged one is removed (and said)."""
+        if not path.exists():
+            return False
+        try:
+            with safe_open(str(path), framework="pt") as file:
+                metadata = file.metadata() or {}
+                names = set(file.keys())
+            if not is_cache_file(metadata, names, kind):
+                raise ValueError(f"not a {CACHE_FORMAT} {kind} file")
+        except (OSError, SafetensorError, ValueError) as error:
+            if self.warn is not None:
+                what = f"'{of.item.image}'" if isinstance(of, _Plan) else f"caption {of!r}"
+                self.warn(
+                    f"cache file {path} ({kind} of {what}) is damaged ({error}): making it again"
+                )
+            path.unlink(missing_ok=True)
+            return False
+        return True
 
 
-def _encode_clip(
-    path: Path,
-    clip: _ClipRequest,
-    encode_images: Encoder,
-    encode_prompts: PromptEncoder,
-    empty: dict[str, Tensor],
-    metadata: dict[str, str],
-) -> None:
-    item, resolution = clip.item, clip.resolution
-    info = clip_info(item.image)
-    indices = clip_frame_indices(item.image, info, clip.frames, clip.fps)
-    pixels = load_clip(item.image, indices, resolution)  # (3, F, R, R)
-    latents = encode_images(pixels.unsqueeze(0))  # (1, C, F', h, w)
-    if latents.dim() != 5 or latents.shape[0] != 1:
-        raise ValueError(
-            f"image encoder returned shape {tuple(latents.shape)} for one clip of "
-            f"{clip.frames} frames; expected (1, C, F', h, w): this model family trains "
-            "images only, set data.frames=1"
-        )
-    latent = latents[0]  # (C, F', h, w)
-    size = (latent.shape[-2], latent.shape[-1])
-    if item.mask is None:
-        mask = torch.ones(1, latent.shape[1], *size)
-    else:
-        full = load_clip_mask(item.mask, item.image, info, indices, resolution)  # (1, F, R, R)
-        mask = clip_mask_to_latent(full, size, latent.shape[1])  # (1, F', h, w)
-    text = _rows(encode_prompts([item.caption]), 1, "captions")[0]
-    metadata = {**metadata, "frames": str(clip.frames), "source_frames": json.dumps(indices)}
-    _write_item(path, item, latent, mask, text, empty, metadata)
-
-
-def _write_item(
-    path: Path,
-    item: ConceptItem,
-    latent: Tensor,
-    mask: Tensor,
-    text: dict[str, Tensor],
-    empty: dict[str, Tensor],
-    metadata: dict[str, str],
-) -> None:
-    tensors = {
-        "latent": latent.float(),
-        "mask": mask,
-        **{_TEXT_PREFIX + name: value for name, value in text.items()},
-        **{_EMPTY_PREFIX + name: value for name, value in empty.items()},
-    }
-    item_metadata = {
-        **metadata,
-        "source_image": str(item.image),
-        "source_mask": str(item.mask) if item.mask is not None else "",
-        "caption": item.caption,
-        "has_mask": "1" if item.mask is not None else "0",
-        "mask_max": repr(float(mask.amax())),
-    }
-    _write_atomic(path, tensors, item_metadata)
-
-
-def _still_pixels(item: ConceptItem, resolution: int) -> Tensor:
-    """(3, R, R): the image, or a clip's first frame."""
+def _still_pixels(item: ConceptItem, size: Size) -> Tensor:
+    """(3, H, W): the image, or a clip's first frame."""
     if not item.clip:
-        return load_image(item.image, resolution)
-    return load_clip(item.image, [0], resolution)[:, 0]  # (3, 1, R, R) → (3, R, R)
-
-
-def _still_mask(item: ConceptItem, resolution: int) -> tuple[Tensor, bool]:
-    """(1, R, R): the image's mask, or the mask of a clip's first frame (item.mask is set); and
-    whether the mask image is coloured rather than grey (known for mask images only)."""
-    assert item.mask is not None
-    if not item.clip:
-        mask, notes = load_mask_with_notes(item.mask, image_size(item.image), resolution)
-        return mask, notes.coloured
-    info = clip_info(item.image)
-    return load_clip_mask(item.mask, item.image, info, [0], resolution)[:, 0], False
+        return load_image(item.image, size)
+    return load_clip(item.image, [0], size)[:, 0]  # (3, 1, H, W) → (3, H, W)
 
 
 def _latent_mask(
-    item: ConceptItem, resolution: int, latent_shape: torch.Size
+    plan: _Plan, latent_shape: torch.Size | tuple[int, ...], frames: int, fps: float
 ) -> tuple[Tensor, bool]:
-    """The item's mask on the latent grid, (1, h, w) or (1, F, h, w) for a (C, F, h, w) latent,
-    and whether the mask file was coloured."""
-    size = (latent_shape[-2], latent_shape[-1])
-    coloured = False
-    if item.mask is None:
-        mask = torch.ones(1, *size)
+    """The item's mask on the grid of its (C, [F,] h, w) latent, after the image's geometry,
+    and whether the mask file was coloured (known for mask images only)."""
+    item = plan.item
+    assert item.mask is not None
+    grid = (latent_shape[-2], latent_shape[-1])
+    if item.clip and frames > 1:
+        info = clip_info(item.image)
+        indices = clip_frame_indices(item.image, info, frames, fps)
+        full = load_clip_mask(item.mask, item.image, info, indices, plan.size)  # (1, F, H, W)
+        return clip_mask_to_latent(full, grid, latent_shape[1]), False
+    if item.clip:
+        info = clip_info(item.image)
+        still = load_clip_mask(item.mask, item.image, info, [0], plan.size)[:, 0]
+        coloured = False
     else:
-        still, coloured = _still_mask(item, resolution)
-        mask = mask_to_latent(still, size)  # (1, R, R) → (1, h, w)
+        still, notes = load_mask_with_notes(item.mask, image_size(item.image), plan.size)
+        coloured = notes.coloured
+    mask = mask_to_latent(still, grid)  # (1, H, W) → (1, h, w)
     if len(latent_shape) == 4:
-        # Video latents: the still mask applies to every latent frame.
-        mask = mask.unsqueeze(1).expand(1, latent_shape[1], *size)  # (1, F, h, w)
+        # Video latents of a still: the mask applies to every latent frame.
+        mask = mask.unsqueeze(1).expand(1, latent_shape[1], *grid).contiguous()
     return mask, coloured
 
 
-def _rows(encoding: Mapping[str, Tensor], count: int, what: str) -> list[dict[str, Tensor]]:
+def _rows(encoding: Mapping[str, Tensor], count: int) -> list[dict[str, Tensor]]:
     """Split a batch-first prompt encoding into ``count`` per-sample dicts."""
     for name, value in encoding.items():
         if value.dim() == 0 or value.shape[0] != count:
             raise ValueError(
                 f"prompt encoder returned '{name}' with shape {tuple(value.shape)} for "
-                f"{count} {what}; expected batch-first tensors ({count}, ...)"
+                f"{count} captions; expected batch-first tensors ({count}, ...)"
             )
     return [{name: value[index] for name, value in encoding.items()} for index in range(count)]
-
-
-def _write_atomic(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
-    # clone(): each tensor gets its own compact CPU storage; safetensors refuses shared storage
-    # and a row of a batch would otherwise be a view into the whole batch.
-    data = safetensors_bytes(
-        {
-            name: value.detach().to("cpu").clone(memory_format=torch.contiguous_format)
-            for name, value in tensors.items()
-        },
-        metadata=metadata,
-    )
-    write_bytes_atomic(path, data)
-
-
-def _strip_prefix(tensors: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    return {
-        name[len(prefix) :]: value for name, value in tensors.items() if name.startswith(prefix)
-    }

@@ -1,4 +1,5 @@
-"""From the data config to a training dataset: scan concepts, fill the latent cache, report."""
+"""From the data config to a training dataset: scan concepts, place each item in its bucket,
+fill the cache, report."""
 
 from __future__ import annotations
 
@@ -9,9 +10,13 @@ from pathlib import Path
 import torch
 
 from modules.config.schema import DataConfig, MaskConfig, PriorConfig
-from modules.data.concept import ConceptScan, DataError, name_list, scan_concept
+from modules.data.buckets import Placement, Size, data_buckets, histogram_text, place
+from modules.data.cache_files import CachedInfo, cached_info, old_layout_files
+from modules.data.concept import ConceptItem, ConceptScan, DataError, name_list, scan_concept
 from modules.data.dataset import ConceptDataset
-from modules.data.latent_cache import CachedInfo, build_cache, cached_info
+from modules.data.images import image_size
+from modules.data.latent_cache import CacheCounts, build_cache
+from modules.data.video import clip_info
 from modules.loss import process_masks
 from modules.models.base import LoadedModel, ModelFamily
 
@@ -23,19 +28,46 @@ CODEC_VERSION = 1
 class PreparedData:
     dataset: ConceptDataset
     scans: list[ConceptScan]
-    encoded: int
-    """Items encoded in this run (0 when everything came from the cache)."""
-    total: int
+    counts: CacheCounts
+    """What the cache build encoded and reused (0 encoded when everything was cached)."""
     cache_dir: Path
+    placements: list[Placement]
+    """Each concept's items' training sizes (buckets) and crops, in scan order."""
+    bucketed: bool
     notes: list[str] = field(default_factory=list)
     """Warnings about the data (masks without weight, coloured masks, damaged cache files)."""
 
+    @property
+    def encoded(self) -> int:
+        """Latents encoded in this run (0 when every one came from the cache)."""
+        return self.counts.latents_encoded
+
     def report_lines(self) -> list[str]:
         lines = [f"{scan.folder}: {scan.describe()}" for scan in self.scans]
+        if self.bucketed:
+            lines.append(self.bucket_line())
         warning = self.dataset.mask_coverage().warning()
         if warning:
             lines.append(warning)
         return lines
+
+    def bucket_line(self) -> str:
+        """The buckets used, items per bucket and the largest crop, in one line."""
+        merged = self._all_placed()
+        names = [item.image.name for scan in self.scans for item in scan.items]
+        used = len(merged.histogram())
+        return f"Buckets ({used} used by {len(names)} items): {histogram_text(merged, names)}"
+
+    def bucket_histogram(self) -> list[tuple[Size, int]]:
+        """(training size, items) over every concept, the fullest first (ties: the smaller
+        size first)."""
+        return sorted(self._all_placed().histogram(), key=lambda pair: (-pair[1], pair[0]))
+
+    def _all_placed(self) -> Placement:
+        return Placement(
+            sizes=[size for placement in self.placements for size in placement.sizes],
+            crops=[crop for placement in self.placements for crop in placement.crops],
+        )
 
     def captions(self) -> list[str]:
         """Every distinct caption the run trains with, in first-seen order."""
@@ -43,8 +75,7 @@ class PreparedData:
         return [caption for caption in seen if caption]
 
     def cache_hint(self) -> str:
-        reused = self.total - self.encoded
-        return f"Latent cache: {self.cache_dir} ({reused} of {self.total} items reused)"
+        return f"Cache: {self.cache_dir} ({self.counts.describe()})"
 
 
 def prepare_dataset(
@@ -52,55 +83,56 @@ def prepare_dataset(
     *,
     family: ModelFamily,
     model: LoadedModel,
+    pixel_multiple: int = 16,
     progress: Callable[[int, int], None] | None = None,
     batch_size: int = 1,
     scans: Sequence[ConceptScan] | None = None,
     mask: MaskConfig | None = None,
     prior: PriorConfig | None = None,
 ) -> PreparedData:
-    """Scan every concept (unless ``scans`` are given), encode what the cache lacks, and build
-    the dataset over the cache.
+    """Scan every concept (unless ``scans`` are given), place each item in its bucket (sides
+    multiples of ``pixel_multiple``, the family's), encode what the cache lacks, and build the
+    dataset over the cache.
 
-    Clips train as ``data.frames`` frames at ``data.fps``. With ``batch_size`` > 1 every item
-    must have the same latent frame count (a DataError naming the fix otherwise). With
+    Clips train as ``data.frames`` frames at ``data.fps``. Without buckets and with
+    ``batch_size`` > 1 every item must have the same latent frame count (a DataError naming the
+    fix otherwise; with buckets, batches group items of one shape). With
     ``mask`` (and ``prior``) given and masked training on, masks without any target weight are
     counted in a warning, and a dataset in which no item has any is refused (DataError).
     """
     cache_dir = Path(data.cache_dir)
     settings = {"family": family.name, "model": model.identity, "codec": CODEC_VERSION}
     scans = list(scans) if scans is not None else [scan_concept(c) for c in data.concepts]
-    notes: list[str] = []
-    encoded = 0
-
-    def report(done: int, total: int) -> None:
-        nonlocal encoded
-        if done == 0:
-            encoded += total  # build_cache announces how many items it has to encode
-        if progress is not None:
-            progress(done, total)
-
-    per_concept, masks = [], {}
+    notes: list[str] = _old_cache_note(cache_dir)
+    buckets = _buckets(data, pixel_multiple)
+    counts = CacheCounts()
+    per_concept, masks, placements = [], {}, []
     for concept, scan in zip(data.concepts, scans, strict=True):
-        paths = build_cache(
-            list(scan.items),
+        items = list(scan.items)
+        placement = place([source_size(item) for item in items], buckets, data.resolution)
+        built = build_cache(
+            items,
             resolution=data.resolution,
             cache_dir=cache_dir,
             settings=settings,
             encode_images=lambda images: family.encode_images(model, images),
             encode_prompts=lambda prompts: family.encode_prompts(model, prompts),
-            progress=report,
+            sizes=placement.sizes,
+            progress=progress,
             frames=data.frames,
             fps=data.fps,
             warn=notes.append,
         )
-        per_concept.append((concept, paths))
+        counts.add(built.counts)
+        placements.append(placement)
+        per_concept.append((concept, built.items))
         if concept.type == "standard":
-            # Per mask file (two items can share a cache file when their contents match).
-            masks |= {item.mask: path for item, path in zip(scan.items, paths, strict=True)}
-    infos = {path: cached_info(path) for _, paths in per_concept for path in paths}
-    if batch_size > 1:
-        _check_one_frame_count(list(infos.values()), batch_size)
-    masked = {mask_file: infos[path] for mask_file, path in masks.items() if mask_file}
+            # Per mask file (two items can share cache files when their contents match).
+            masks |= {item.mask: cached for item, cached in zip(items, built.items, strict=True)}
+    if batch_size > 1 and buckets is None:
+        distinct = {cached.latent: cached for _, items in per_concept for cached in items}
+        _check_one_frame_count([cached_info(item) for item in distinct.values()], batch_size)
+    masked = {mask_file: cached_info(item) for mask_file, item in masks.items() if mask_file}
     notes += _coloured_note(masked)
     if mask is not None and mask.enabled and masked:
         with_weight_elsewhere = None in masks or any(
@@ -110,11 +142,37 @@ def prepare_dataset(
     return PreparedData(
         dataset=ConceptDataset(per_concept),
         scans=scans,
-        encoded=encoded,
-        total=sum(len(scan.items) for scan in scans),
+        counts=counts,
         cache_dir=cache_dir,
+        placements=placements,
+        bucketed=buckets is not None,
         notes=notes,
     )
+
+
+def _buckets(data: DataConfig, pixel_multiple: int) -> list[Size] | None:
+    try:
+        return data_buckets(data, pixel_multiple)
+    except ValueError as error:
+        raise DataError(str(error)) from None
+
+
+def source_size(item: ConceptItem) -> Size:
+    """(width, height) of an image as shown, or of a clip's frames."""
+    return clip_info(item.image).size if item.clip else image_size(item.image)
+
+
+def _old_cache_note(cache_dir: Path) -> list[str]:
+    old = old_layout_files(cache_dir)
+    if not old:
+        return []
+    size = sum(path.stat().st_size for path in old) / 2**20
+    folders = sorted({path.parent.name for path in old})
+    return [
+        f"{cache_dir} holds {len(old)} files ({size:.0f} MiB) of the cache layout before "
+        f"latents, captions and masks were kept apart; they are no longer read: delete its "
+        f"two-letter folders ({name_list([Path(f) for f in folders])}) to free the space"
+    ]
 
 
 def _coloured_note(masks: dict[Path, CachedInfo]) -> list[str]:

@@ -25,7 +25,7 @@ from PIL import Image
 from torch import Tensor
 
 from modules.data.concept import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, DataError, list_frames
-from modules.data.images import image_to_tensor, mask_image_to_tensor, open_image
+from modules.data.images import SizeLike, image_to_tensor, mask_image_to_tensor, open_image
 
 
 @dataclass(frozen=True)
@@ -90,16 +90,17 @@ def clip_frame_indices(path: Path, info: ClipInfo, frames: int, fps: float) -> l
     return indices
 
 
-def load_clip(path: Path, indices: Sequence[int], resolution: int) -> Tensor:
-    """The frames at ``indices`` as (3, F, R, R) in [-1, 1], cropped like still images."""
-    frames = [image_to_tensor(image, resolution) for image in _read_frames(path, indices, "clip")]
-    return torch.stack(frames, dim=1)  # F × (3, R, R) → (3, F, R, R)
+def load_clip(path: Path, indices: Sequence[int], size: SizeLike) -> Tensor:
+    """The frames at ``indices`` as (3, F, H, W) in [-1, 1], cropped like still images."""
+    frames = [image_to_tensor(image, size) for image in _read_frames(path, indices, "clip")]
+    return torch.stack(frames, dim=1)  # F × (3, H, W) → (3, F, H, W)
 
 
 def load_clip_mask(
-    mask: Path, clip: Path, info: ClipInfo, indices: Sequence[int], resolution: int
+    mask: Path, clip: Path, info: ClipInfo, indices: Sequence[int], size: SizeLike
 ) -> Tensor:
-    """The clip's mask at the frames ``indices`` as (1, F, R, R) weights in [0, 1].
+    """The clip's mask at the frames ``indices`` as (1, F, H, W) weights in [0, 1], cut and
+    resized as the clip's frames.
 
     ``mask`` is a mask video, a folder of mask frames (one per clip frame) or one still mask.
     """
@@ -115,14 +116,14 @@ def load_clip_mask(
         if mask.is_dir():  # frame folders may mix sizes; each mask frame must match
             for image in images:
                 _check_size(mask, image.size, clip, info.size)
-        frames = [mask_image_to_tensor(image, resolution) for image in images]
-        return torch.cat(frames, dim=0).unsqueeze(0)  # F × (1, R, R) → (1, F, R, R)
+        frames = [mask_image_to_tensor(image, size) for image in images]
+        return torch.cat(frames, dim=0).unsqueeze(0)  # F × (1, H, W) → (1, F, H, W)
     if mask.suffix.lower() not in IMAGE_EXTENSIONS:
         raise DataError(f"mask '{mask}' is not an image, a video or a folder of frames")
     still = open_image(mask, "mask")
     _check_size(mask, still.size, clip, info.size)
-    weights = mask_image_to_tensor(still, resolution)  # (1, R, R)
-    return weights.unsqueeze(1).expand(1, len(indices), resolution, resolution).contiguous()
+    weights = mask_image_to_tensor(still, size)  # (1, H, W)
+    return weights.unsqueeze(1).expand(1, len(indices), *weights.shape[1:]).contiguous()
 
 
 def clip_mask_to_latent(mask: Tensor, size: tuple[int, int], latent_frames: int) -> Tensor:

@@ -132,11 +132,12 @@ class ModelFamily(Protocol):
         model: LoadedModel,
         text: TextEncoding,
         *,
-        resolution: int,
+        size: tuple[int, int],
         steps: int,
         generator: torch.Generator,
     ) -> Tensor:
-        """Generate images (B, 3, H, W) in [-1, 1] for the encoded prompts."""
+        """Generate images (B, 3, H, W) in [-1, 1] at ``size`` (W, H) for the encoded prompts.
+        Video families also take ``frames`` (4n + 1) and then return clips (B, 3, F, H, W)."""
         ...
 
 

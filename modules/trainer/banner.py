@@ -43,7 +43,7 @@ def banner_lines(config: TrainConfig, cache_hint: str | None = None) -> list[tup
     if prior_concepts:
         info(f"  prior-prediction concepts: {prior_concepts} (target = base model prediction)")
     info(THIN)
-    info("Masks are baked into the latent cache (re-encoded when a mask file changes).")
+    info("Masks are cached apart from the latents: an edited mask re-encodes no image.")
     if cache_hint:
         info(cache_hint)
     info(RULE)

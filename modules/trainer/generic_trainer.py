@@ -38,6 +38,8 @@ from torch.utils.data import DataLoader
 
 from modules.atomic import write_text_atomic
 from modules.config import ConfigError, TrainConfig, config_warnings, resolved_config_json
+from modules.data.batches import BucketBatchSampler
+from modules.data.buckets import Size
 from modules.data.concept import DataError
 from modules.data.dataset import Batch, collate
 from modules.data.preparation import prepare_dataset
@@ -50,6 +52,7 @@ from modules.lora import (
 from modules.loss import LossBreakdown, masked_prior_loss, process_masks
 from modules.models import LoadedModel, ModelFamily, ModelLoadError, get_family, select_text
 from modules.models.base import eval_mode
+from modules.models.registry import family_spec
 from modules.trainer.banner import banner_lines
 from modules.trainer.drift import HeldOutSet, measure_drift
 from modules.trainer.events import (
@@ -180,10 +183,12 @@ class GenericTrainer:
                 self.comfyui = self.family.comfyui_converter(self.model)
             except ValueError as error:
                 raise ConfigError(str(error)) from None
+        grid = family_spec(config.model.family).latent_grid(config.model.path)
         prepared = prepare_dataset(
             config.data,
             family=self.family,
             model=self.model,
+            pixel_multiple=grid.pixel_multiple,
             progress=lambda done, total: self._status(f"Caching latents {done}/{total}"),
             batch_size=config.training.batch_size,
             scans=self.preflight.scans,
@@ -191,6 +196,7 @@ class GenericTrainer:
             prior=config.prior,
         )
         self.dataset = prepared.dataset
+        self.sample_size = _sample_size(config, prepared.bucket_histogram())
         # Sampling prompts are encoded once, now, so the text encoder can be freed for training.
         prompts = list(config.sampling.prompts)
         self.sample_text = self.family.encode_prompts(self.model, prompts) if prompts else None
@@ -388,15 +394,26 @@ class GenericTrainer:
         return masks
 
     def _batches(self) -> Iterator[Batch]:
-        """Endless batches: each pass over the loader reshuffles with the run's seed."""
-        loader = DataLoader(
-            self.dataset,
-            batch_size=self.config.training.batch_size,
-            shuffle=True,
-            drop_last=len(self.dataset) >= self.config.training.batch_size,
-            collate_fn=functools.partial(collate, generator=self.generator),
-            generator=torch.Generator().manual_seed(self.config.training.seed + 1),
-        )
+        """Endless batches: each pass over the loader reshuffles with the run's seed. With
+        buckets every batch comes from one bucket (``BucketBatchSampler``); without, a batch
+        is any ``batch_size`` samples and the last, smaller one of a pass is dropped."""
+        seed, size = self.config.training.seed + 1, self.config.training.batch_size
+        collate_fn = functools.partial(collate, generator=self.generator)
+        if self.config.data.buckets:
+            order = torch.Generator().manual_seed(seed)
+            sampler = BucketBatchSampler(self.dataset.latent_shapes(), size, order)
+            loader = DataLoader(
+                self.dataset, batch_sampler=sampler, collate_fn=collate_fn, generator=order
+            )
+        else:
+            loader = DataLoader(
+                self.dataset,
+                batch_size=size,
+                shuffle=True,
+                drop_last=len(self.dataset) >= size,
+                collate_fn=collate_fn,
+                generator=torch.Generator().manual_seed(seed),
+            )
         self.steps_per_epoch = max(1, len(loader) // self.config.training.gradient_accumulation)
         return itertools.chain.from_iterable(itertools.repeat(loader))
 
@@ -579,9 +596,8 @@ class GenericTrainer:
             images = self._generate(text)
             base = self._base_samples(text) if sampling.with_base else None
         for i, (prompt, image) in enumerate(zip(sampling.prompts, images, strict=True)):
-            picture = _to_pil(image)
             path = folder / f"step{self.step:06d}-{i}-lora.png"
-            picture.save(path)
+            picture = self._save_sample(image, path)
             self.events.put(SampleSaved(path, self.step, prompt, with_lora=True))
             if base is not None:
                 base_path, base_picture = base[i]
@@ -600,23 +616,47 @@ class GenericTrainer:
                 images = self._generate(text)
             prompts, self.base_samples = self.config.sampling.prompts, []
             for i, (prompt, image) in enumerate(zip(prompts, images, strict=True)):
-                picture, path = _to_pil(image), folder / f"{i:02d}.png"
-                picture.save(path)
+                path = folder / f"{i:02d}.png"
+                picture = self._save_sample(image, path)
                 self.events.put(SampleSaved(path, self.step, prompt, with_lora=False))
                 self.base_samples.append((path, picture))
         return self.base_samples
 
     def _generate(self, text: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Every sampling starts from the same noise (``sampling.seed``)."""
-        generator = torch.Generator().manual_seed(self.config.sampling.seed)
+        """Every sampling starts from the same noise (``sampling.seed``), at the sample size;
+        a clip when ``sampling.frames`` > 1 (video families)."""
+        sampling = self.config.sampling
+        generator = torch.Generator().manual_seed(sampling.seed)
+        clip = {"frames": sampling.frames} if sampling.frames > 1 else {}
         with self.accelerator.autocast():
             return self.family.sample(
                 self.model,
                 text,
-                resolution=self.config.data.resolution,
-                steps=self.config.sampling.steps,
+                size=self.sample_size,
+                steps=sampling.steps,
                 generator=generator,
+                **clip,
             )
+
+    def _save_sample(self, image: torch.Tensor, path: Path) -> Image.Image:
+        """Save a sample as ``path`` (PNG) and return it; a clip (3, F, H, W) also as an
+        animated WebP beside it at ``data.fps``, the PNG being its first frame."""
+        if image.dim() == 3:
+            picture = _to_pil(image)
+            picture.save(path)
+            return picture
+        frames = [_to_pil(image[:, index]) for index in range(image.shape[1])]
+        duration = round(1000 / (self.config.data.fps or 16))
+        frames[0].save(
+            path.with_suffix(".webp"),
+            save_all=True,
+            append_images=frames[1:],
+            duration=duration,
+            loop=0,
+            lossless=True,
+        )
+        frames[0].save(path)
+        return frames[0]
 
     def _nan_message(self, what: str) -> str:
         """``what`` went wrong at the step being taken; names the last (finite) saved LoRA."""
@@ -647,6 +687,16 @@ def _reason(error: OSError) -> str:
     if error.errno == errno.ENOSPC:
         return "the disk is full"
     return error.strerror or str(error)
+
+
+def _sample_size(config: TrainConfig, buckets: list[tuple[Size, int]]) -> Size:
+    """``sampling.width`` x ``sampling.height``, or the training size most items have."""
+    sampling = config.sampling
+    if sampling.width is not None and sampling.height is not None:
+        return (sampling.width, sampling.height)
+    if buckets:
+        return buckets[0][0]
+    return (config.data.resolution, config.data.resolution)
 
 
 def _caption_length_note(family: ModelFamily, model: LoadedModel, captions: list[str]) -> list[str]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from modules.config import ConfigError, TrainConfig
+from modules.data.buckets import Size, crop_box, data_buckets, histogram_text, place
 from modules.data.concept import (
     ConceptItem,
     ConceptScan,
@@ -31,6 +32,8 @@ class Preflight:
     scans: list[ConceptScan]
     notes: list[str]
     """Warnings for the start of the run, one line each."""
+    buckets: str | None = None
+    """With buckets on: the buckets the items go to, items per bucket and the largest crop."""
 
 
 def preflight(config: TrainConfig, *, create_run_dir: bool) -> Preflight:
@@ -53,23 +56,45 @@ def preflight(config: TrainConfig, *, create_run_dir: bool) -> Preflight:
     for concept, scan in zip(config.data.concepts, scans, strict=True):
         notes += _skipped_note(scan)
         notes += _caption_notes(scan, concept.caption.default)
-    notes += _small_images_note(scans, config.data.resolution)
-    return Preflight(scans=scans, notes=notes)
+    items = [item for scan in scans for item in scan.items]
+    sources = [_source_size(item) for item in items]
+    grid = family_spec(config.model.family).latent_grid(config.model.path)
+    try:
+        buckets = data_buckets(config.data, grid.pixel_multiple)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    readable = [(item, size) for item, size in zip(items, sources, strict=True) if size]
+    placement = place([size for _, size in readable], buckets, config.data.resolution)
+    notes += _small_images_note(readable, placement.sizes, config.data.resolution)
+    line = None
+    if buckets is not None and readable:
+        names = [item.image.name for item, _ in readable]
+        line = f"Buckets ({len(placement.histogram())} used by {len(readable)} items): "
+        line += histogram_text(placement, names)
+    return Preflight(scans=scans, notes=notes, buckets=line)
 
 
 def _resolution_problem(config: TrainConfig) -> list[str]:
-    """``data.resolution`` on the family's latent grid (read from the model folder's config
-    files, so the model need not load to say so)."""
+    """Sizes on the family's latent grid (read from the model folder's config files, so the
+    model need not load to say so): the square ``data.resolution`` without buckets (bucket
+    sides are made multiples of it), and a set sample size."""
     grid = family_spec(config.model.family).latent_grid(config.model.path)
-    side, multiple = config.data.resolution, grid.pixel_multiple
-    if side % multiple == 0:
-        return []
-    lower, upper = side - side % multiple, side - side % multiple + multiple
-    fix = f"use {lower} or {upper}" if lower else f"use {upper}"
-    return [
-        f"data.resolution: {side} is not a multiple of {multiple}, the pixel multiple of this "
-        f"{config.model.family} model ({grid.pixels_per_cell} px per latent cell); {fix}"
-    ]
+    multiple = grid.pixel_multiple
+    sampling = config.sampling
+    sizes = [] if config.data.buckets else [("data.resolution", config.data.resolution)]
+    if sampling.width is not None and sampling.height is not None:
+        sizes += [("sampling.width", sampling.width), ("sampling.height", sampling.height)]
+    problems = []
+    for name, side in sizes:
+        if side % multiple == 0:
+            continue
+        lower, upper = side - side % multiple, side - side % multiple + multiple
+        fix = f"use {lower} or {upper}" if lower else f"use {upper}"
+        problems.append(
+            f"{name}: {side} is not a multiple of {multiple}, the pixel multiple of this "
+            f"{config.model.family} model ({grid.pixels_per_cell} px per latent cell); {fix}"
+        )
+    return problems
 
 
 def _missing_paths(config: TrainConfig) -> list[str]:
@@ -132,29 +157,35 @@ def _caption_notes(scan: ConceptScan, default: str) -> list[str]:
     return [f"{scan.folder}: {' and '.join(counted)} ({listed}): they train with {used}"]
 
 
-def _small_images_note(scans: Sequence[ConceptScan], resolution: int) -> list[str]:
+def _small_images_note(
+    readable: Sequence[tuple[ConceptItem, Size]], sizes: Sequence[Size], resolution: int
+) -> list[str]:
+    """Images whose crop is smaller than their training size (bucket, or the square of
+    ``resolution``) in either direction: they are upscaled."""
     small = [
         item.image
-        for scan in scans
-        for item in scan.items
-        if (side := _short_side(item)) is not None and side < resolution
+        for (item, source), size in zip(readable, sizes, strict=True)
+        if _crop_scale(source, size) > 1.0
     ]
     if not small:
         return []
     return [
-        f"{count_of(len(small), 'image')} smaller than data.resolution={resolution} on the short "
-        f"side are upscaled, which blurs them ({name_list(small)})"
+        f"{count_of(len(small), 'image')} upscaled to the training size (data.resolution="
+        f"{resolution}, bucketed or square), which blurs them ({name_list(small)})"
     ]
 
 
-def _short_side(item: ConceptItem) -> int | None:
-    """The short side of an image (its header only) or of a clip's frames; None when it cannot
-    be read, which the encoding reports with the fix."""
-    from modules.data.images import image_size
-    from modules.data.video import clip_info
+def _crop_scale(source: Size, size: Size) -> float:
+    left, top, right, bottom = crop_box(source, size)
+    return max(size[0] / (right - left), size[1] / (bottom - top))
+
+
+def _source_size(item: ConceptItem) -> Size | None:
+    """An image's size (its header only) or a clip's frames'; None when it cannot be read,
+    which the encoding reports with the fix."""
+    from modules.data.preparation import source_size
 
     try:
-        width, height = clip_info(item.image).size if item.clip else image_size(item.image)
+        return source_size(item)
     except DataError:
         return None
-    return min(width, height)

@@ -53,6 +53,7 @@ def test_round_trip_keeps_values(tmp_path):
     data = json.loads(path.read_text())
     assert data == {
         "schema_version": SCHEMA_VERSION,
+        "data": {"buckets": False},  # a preset from before buckets keeps its square crop
         "mask": {"enabled": True, "gamma": 0.7},
         "prior": {"weight": 1.0},
     }
@@ -134,6 +135,16 @@ def test_migration_from_version_0():
         {"mask": {"enabled": True}, "prior": {"preservation_weight": 0.5}}  # no version: v0
     )
     assert config.prior.weight == 0.5
+
+
+def test_version_2_presets_keep_the_square_crop_and_new_ones_bucket():
+    assert 2 in MIGRATIONS
+    old = config_from_dict({"schema_version": 2, "data": {"resolution": 512}})
+    assert old.data.buckets is False and old.data.resolution == 512
+    said = config_from_dict({"schema_version": 2, "data": {"buckets": True}})
+    assert said.data.buckets is True
+    assert config_from_dict({"schema_version": SCHEMA_VERSION}).data.buckets is True
+    assert TrainConfig().data.buckets is True
 
 
 def test_newer_schema_version_is_refused():

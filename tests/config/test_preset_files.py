@@ -10,7 +10,7 @@ import pytest
 from modules.config import ConfigError, TrainConfig, load_preset
 from modules.config.presets import read_description
 
-PRESET = {"schema_version": 1, "description": "Café au lait", "training": {"steps": 12}}
+PRESET = {"schema_version": 3, "description": "Café au lait", "training": {"steps": 12}}
 TEXT = json.dumps(PRESET, ensure_ascii=False, indent=2)
 
 

@@ -11,14 +11,14 @@ from modules.config.schema import CaptionConfig, ConceptConfig
 from modules.data.concept import scan_concept
 from modules.data.dataset import Batch, ConceptDataset, MaskCoverage, collate
 from modules.data.demo_dataset import write_demo_dataset
-from modules.data.latent_cache import build_cache
+from modules.data.latent_cache import CachedItem, build_cache
 from tests.data.stand_ins import PROMPT_LENGTH, StandInEncoders
 
 
 @pytest.fixture
 def concepts(
     tmp_path: Path, write_image, write_mask, encoders: StandInEncoders
-) -> list[tuple[ConceptConfig, list[Path]]]:
+) -> list[tuple[ConceptConfig, list[CachedItem]]]:
     """A standard concept (2 images, one masked, repeats 3) and a prior_prediction concept."""
     subject, prior = tmp_path / "subject", tmp_path / "prior"
     subject.mkdir()
@@ -46,7 +46,7 @@ def concepts(
             settings={"family": "test"},
             encode_images=encoders.encode_images,
             encode_prompts=encoders.encode_prompts,
-        )
+        ).items
         result.append((config, paths))
     return result
 
@@ -186,7 +186,7 @@ def test_demo_dataset_end_to_end(tmp_path: Path, encoders: StandInEncoders) -> N
             settings={"family": "test"},
             encode_images=encoders.encode_images,
             encode_prompts=encoders.encode_prompts,
-        )
+        ).items
         entries.append((config, paths))
     dataset = ConceptDataset(entries)
 

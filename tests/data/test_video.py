@@ -70,7 +70,7 @@ def test_a_clip_too_short_names_the_file_and_the_fix(tmp_path: Path):
 
 def test_video_frames_are_read_at_the_sampled_indices(tmp_path: Path):
     path = write_video(tmp_path / "v.mp4", grey_frames(20), fps=30)
-    clip = load_clip(path, [0, 2, 4, 6, 8], resolution=16)
+    clip = load_clip(path, [0, 2, 4, 6, 8], size=16)
     assert clip.shape == (3, 5, 16, 16)
     levels = frame_levels(clip)  # mp4v is lossy: flat frames come back within a few levels
     assert all(abs(got - want) <= 4 for got, want in zip(levels, [0, 20, 40, 60, 80], strict=True))
@@ -81,7 +81,7 @@ def test_a_frame_folder_plays_in_numeric_order(tmp_path: Path):
     assert [p.name for p in list_frames(folder)][:3] == ["frame1.png", "frame2.png", "frame3.png"]
     info = clip_info(folder)
     assert (info.frames, info.fps) == (12, 0.0)
-    clip = load_clip(folder, clip_frame_indices(folder, info, frames=5, fps=16), resolution=16)
+    clip = load_clip(folder, clip_frame_indices(folder, info, frames=5, fps=16), size=16)
     assert frame_levels(clip) == [0, 10, 20, 30, 40]  # PNG: exact, consecutive frames
 
 
@@ -93,7 +93,7 @@ def test_mask_video_frames_follow_the_clip(tmp_path: Path):
     masks = np.zeros((12, 16, 16), dtype=np.uint8)
     masks[1::2] = 255  # odd frames fully masked
     mask = write_video(tmp_path / "c-masklabel.mp4", masks, fps=16)
-    weights = load_clip_mask(mask, clip, clip_info(clip), [0, 1, 2, 3], resolution=8)
+    weights = load_clip_mask(mask, clip, clip_info(clip), [0, 1, 2, 3], size=8)
     assert weights.shape == (1, 4, 8, 8)
     per_frame = weights.mean(dim=(0, 2, 3))
     assert torch.allclose(per_frame, torch.tensor([0.0, 1.0, 0.0, 1.0]), atol=0.03)
@@ -106,13 +106,13 @@ def test_mask_folder_and_still_mask(tmp_path: Path):
     values[5] = 0
     mask_folder = write_frames(tmp_path / "c-masklabel", values, prefix="m")
     info = clip_info(clip)
-    weights = load_clip_mask(mask_folder, clip, info, [0, 5], resolution=16)
+    weights = load_clip_mask(mask_folder, clip, info, [0, 5], size=16)
     assert torch.equal(weights[0, 0, :8], torch.ones(8, 16))
     assert torch.equal(weights[0, 0, 8:], torch.zeros(8, 16))
     assert torch.equal(weights[0, 1], torch.zeros(16, 16))
 
     Image.fromarray(values[0]).save(tmp_path / "still.png")
-    still = load_clip_mask(tmp_path / "still.png", clip, info, [0, 1, 2], resolution=16)
+    still = load_clip_mask(tmp_path / "still.png", clip, info, [0, 1, 2], size=16)
     assert still.shape == (1, 3, 16, 16)
     assert all(torch.equal(still[0, f], weights[0, 0]) for f in range(3))
 
@@ -122,13 +122,13 @@ def test_mask_video_with_another_frame_count_or_size_is_an_error(tmp_path: Path)
     info = clip_info(clip)
     short = write_video(tmp_path / "short-masklabel.mp4", np.zeros((8, 16, 16), np.uint8))
     with pytest.raises(DataError, match=r"has 8 frames but its clip 'c\.mp4' has 12: re-export"):
-        load_clip_mask(short, clip, info, [0], resolution=16)
+        load_clip_mask(short, clip, info, [0], size=16)
     big = write_video(tmp_path / "big-masklabel.mp4", np.zeros((12, 32, 32), np.uint8))
     with pytest.raises(DataError, match=r"is 32×32 but its clip 'c\.mp4' is 16×16"):
-        load_clip_mask(big, clip, info, [0], resolution=16)
+        load_clip_mask(big, clip, info, [0], size=16)
     folder = write_frames(tmp_path / "few-masklabel", np.zeros((3, 16, 16), np.uint8))
     with pytest.raises(DataError, match="has 3 frames but its clip"):
-        load_clip_mask(folder, clip, info, [0], resolution=16)
+        load_clip_mask(folder, clip, info, [0], size=16)
 
 
 def test_reduce_frames_averages_the_frames_of_each_latent_frame():

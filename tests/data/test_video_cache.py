@@ -1,5 +1,5 @@
-"""The latent cache with clips: 5-D latents, masks baked in per latent frame, keys that follow
-the frame count, the rate and every frame file, and batches that never mix frame counts."""
+"""The cache with clips: 5-D latents, masks per latent frame, keys that follow the frame count,
+the rate and every frame file, and batches that never mix frame counts."""
 
 from __future__ import annotations
 
@@ -12,9 +12,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from modules.config.schema import ConceptConfig, DataConfig
+from modules.data.batches import BucketBatchSampler
+from modules.data.cache_files import CachedItem, latent_key, load_cached, mask_key
 from modules.data.concept import DataError, scan_concept
 from modules.data.dataset import collate
-from modules.data.latent_cache import build_cache, cache_key, load_cached
+from modules.data.latent_cache import build_cache
 from modules.data.preparation import prepare_dataset
 from modules.models.base import LoadedModel
 from tests.data.stand_ins import encode_prompt_codes
@@ -68,7 +70,7 @@ def concept(tmp_path: Path) -> Path:
     return folder
 
 
-def build(folder: Path, cache: Path, encoder: VideoEncoder, **kwargs) -> list[Path]:
+def build(folder: Path, cache: Path, encoder: VideoEncoder, **kwargs) -> list[CachedItem]:
     items = list(scan_concept(ConceptConfig(path=str(folder))).items)
     return build_cache(
         items,
@@ -78,7 +80,7 @@ def build(folder: Path, cache: Path, encoder: VideoEncoder, **kwargs) -> list[Pa
         encode_images=encoder,
         encode_prompts=encode_prompt_codes,
         **kwargs,
-    )
+    ).items
 
 
 def test_clips_cache_5d_latents_with_masks_per_latent_frame(concept: Path, tmp_path: Path):
@@ -111,7 +113,7 @@ def test_keys_follow_frames_fps_and_every_frame_file(concept: Path):
     clip, _, still = scan.items
 
     def key(item, **kwargs):
-        return cache_key(item, resolution=16, settings=SETTINGS, **kwargs)
+        return latent_key(item, size=(16, 16), settings=SETTINGS, **kwargs)
 
     base = key(clip, frames=9, fps=16)
     assert key(clip, frames=5, fps=16) != base
@@ -119,8 +121,10 @@ def test_keys_follow_frames_fps_and_every_frame_file(concept: Path):
     assert key(still, frames=9, fps=16) == key(still)  # stills ignore clip settings
     Image.fromarray(flat(1, level=7)[0]).save(concept / "clip" / "frame12.png")
     assert key(clip, frames=9, fps=16) != base  # a frame's content changed
-    (concept / "clip-masklabel" / "frame3.png").unlink()
-    assert key(clip, frames=9, fps=16) != base
+    masks = concept / "clip-masklabel"
+    before = mask_key(masks, latent=base)
+    (masks / "frame3.png").unlink()
+    assert mask_key(masks, latent=base) != before  # the mask's key follows every mask frame
 
 
 def test_a_second_build_reuses_every_clip(concept: Path, tmp_path: Path):
@@ -154,6 +158,7 @@ def test_batches_of_stills_and_clips_are_refused_before_training(concept: Path, 
         resolution=16,
         cache_dir=str(tmp_path / "cache"),
         frames=5,
+        buckets=False,
     )
     model = LoadedModel(denoiser=torch.nn.Identity(), identity="none")
     family = StandInFamily()
@@ -164,3 +169,21 @@ def test_batches_of_stills_and_clips_are_refused_before_training(concept: Path, 
     samples = [prepared.dataset[0], prepared.dataset[2]]  # a clip and the still
     with pytest.raises(ValueError, match="mixes latent shapes"):
         collate(samples)
+
+
+def test_with_buckets_stills_and_clips_train_in_batches_of_their_own(concept: Path, tmp_path):
+    data = DataConfig(
+        concepts=[ConceptConfig(path=str(concept))],
+        resolution=16,
+        cache_dir=str(tmp_path / "cache"),
+        frames=5,
+    )
+    model = LoadedModel(denoiser=torch.nn.Identity(), identity="none")
+    prepared = prepare_dataset(data, family=StandInFamily(), model=model, batch_size=2)
+    shapes = prepared.dataset.latent_shapes()
+    assert sorted(shapes) == [(48, 1, 4, 4), (48, 2, 4, 4), (48, 2, 4, 4)]
+    sampler = BucketBatchSampler(shapes, 2, torch.Generator().manual_seed(0))
+    for batch in sampler:
+        assert len({shapes[i] for i in batch}) == 1
+        collate([prepared.dataset[i] for i in batch])
+    assert sorted(len(batch) for batch in sampler) == [1, 2]  # none dropped

@@ -111,7 +111,7 @@ def test_samples_are_the_pipeline_s(folders, name):
     family, model = load(folders[name])
     text = family.encode_prompts(model, ["a red cat"])
     ours = family.sample(
-        model, text, resolution=32, steps=3, generator=torch.Generator().manual_seed(0)
+        model, text, size=(32, 32), steps=3, generator=torch.Generator().manual_seed(0)
     )
     theirs = pipeline(folders, name)(
         prompt="a red cat",

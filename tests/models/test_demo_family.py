@@ -158,7 +158,7 @@ def test_the_sampler_steps_on_the_same_shifted_schedule(demo_family, demo_model,
     monkeypatch.setattr(demo_family, "predict", recording)
     text = demo_family.encode_prompts(demo_model, ["a star"])
     demo_family.sample(
-        demo_model, text, resolution=32, steps=4, generator=torch.Generator().manual_seed(0)
+        demo_model, text, size=(32, 32), steps=4, generator=torch.Generator().manual_seed(0)
     )
     # Guided: two predictions per step, at t = shift(1), shift(0.75), shift(0.5), shift(0.25).
     expected = [1.0, 0.9, 0.75, 0.5]
@@ -168,6 +168,6 @@ def test_the_sampler_steps_on_the_same_shifted_schedule(demo_family, demo_model,
 def test_sample_shapes(demo_family, demo_model):
     text = demo_family.encode_prompts(demo_model, ["a star"])
     images = demo_family.sample(
-        demo_model, text, resolution=32, steps=2, generator=torch.Generator().manual_seed(0)
+        demo_model, text, size=(32, 32), steps=2, generator=torch.Generator().manual_seed(0)
     )
     assert images.shape == (1, 3, 32, 32) and images.abs().max() <= 1

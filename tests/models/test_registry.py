@@ -113,6 +113,7 @@ def test_the_resolution_must_fit_the_family_s_grid(tmp_path):
                 "concepts": [{"path": str(tmp_path)}],
                 "resolution": 48,
                 "cache_dir": str(tmp_path / "c"),
+                "buckets": False,
             },
             "output": {"run_dir": str(tmp_path / "run")},
         }
@@ -123,3 +124,10 @@ def test_the_resolution_must_fit_the_family_s_grid(tmp_path):
         r"model \(16 px per latent cell\); use 32 or 64",
     ):
         preflight(config, create_run_dir=False)
+    # With buckets the sides are made multiples of 32 whatever the resolution; a set sample
+    # size must be one.
+    config.data.buckets = True
+    config.sampling.width, config.sampling.height = 48, 64
+    with pytest.raises(ConfigError, match="sampling.width: 48 is not a multiple of 32") as found:
+        preflight(config, create_run_dir=False)
+    assert "data.resolution" not in str(found.value) and "sampling.height" not in str(found.value)

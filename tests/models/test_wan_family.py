@@ -204,7 +204,7 @@ def test_release_keeps_only_the_decoder_and_samples_with_guidance(tiny_wan):
     assert parts["vae"].encoder is None and parts["vae"].decoder is not None
     assert parts["negative"]["embeds"].shape[0] == 1  # "" for classifier-free guidance
     images = family.sample(
-        model, text, resolution=32, steps=2, generator=torch.Generator().manual_seed(0)
+        model, text, size=(32, 32), steps=2, generator=torch.Generator().manual_seed(0)
     )
     assert images.shape == (2, 3, 32, 32) and images.abs().max() <= 1
     family.release_encoders(model, keep_decoder=False)
@@ -217,7 +217,7 @@ def test_a14b_samples_switch_to_the_other_expert_below_the_boundary(tiny_wan_a14
     family.release_encoders(model, keep_decoder=True)
     assert family._expert_for(model, 0.9) is model.denoiser
     assert model.parts["other_expert"] == "transformer_2"  # not loaded while training
-    family.sample(model, text, resolution=32, steps=3, generator=torch.Generator().manual_seed(0))
+    family.sample(model, text, size=(32, 32), steps=3, generator=torch.Generator().manual_seed(0))
     other = model.parts["other_expert"]
     assert isinstance(other, WanTransformer3DModel) and family._expert_for(model, 0.5) is other
     assert same_weights(

@@ -80,7 +80,7 @@ def test_samples_are_the_pipeline_s_with_true_cfg(folder, pipe):
     text = family.encode_prompts(model, ["a red star"])
     family.release_encoders(model, keep_decoder=True)  # encodes the negative prompt " "
     ours = family.sample(
-        model, text, resolution=32, steps=3, generator=torch.Generator().manual_seed(0)
+        model, text, size=(32, 32), steps=3, generator=torch.Generator().manual_seed(0)
     )
     theirs = pipe(
         "a red star",

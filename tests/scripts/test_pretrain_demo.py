@@ -76,7 +76,7 @@ def test_the_exported_folder_loads_through_the_demo_family(
     assert demo_architecture(model.denoiser) == architecture
     text = family.encode_prompts(model, ["a red star on a plain background"])
     images = family.sample(
-        model, text, resolution=32, steps=2, generator=torch.Generator().manual_seed(0)
+        model, text, size=(32, 32), steps=2, generator=torch.Generator().manual_seed(0)
     )
     assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
 

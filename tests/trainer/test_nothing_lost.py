@@ -239,11 +239,11 @@ def test_giving_up_on_a_failed_final_save_names_the_lora_that_is_kept(
 
 def test_a_damaged_cache_file_is_encoded_again_and_said(demo_root, tmp_path):
     assert run(make_config(subject(demo_root), tmp_path))[0].error is None
-    files = sorted((tmp_path / "cache").rglob("*.safetensors"))
+    files = sorted((tmp_path / "cache" / "latents").rglob("*.safetensors"))
     files[0].write_bytes(files[0].read_bytes()[:100])  # a copy cut short
     finished, events = run(make_config(subject(demo_root), tmp_path))
     assert finished.error is None
-    assert any("is damaged" in w and "encoding it again" in w for w in warnings_of(events))
+    assert any("is damaged" in w and "making it again" in w for w in warnings_of(events))
     assert len(files[0].read_bytes()) > 100
 
 
@@ -333,7 +333,7 @@ def test_notes_at_the_start_skipped_files_captions_small_images_long_captions(tm
     captions = one("without a caption file")
     assert "1 item without a caption file and 1 item with an empty one" in captions
     assert "the default caption 'a square'" in captions
-    assert "1 image smaller than data.resolution=32" in one("upscaled")
+    assert "1 image upscaled to the training size (data.resolution=32" in one("upscaled")
     assert "tiny.png" in one("upscaled")
     long = one("longer than the")
     assert "1 of 3 distinct captions" in long and "96 tokens" in long

@@ -90,7 +90,7 @@ def test_training_logs_both_loss_terms_with_the_teacher_on_every_step(runs):
 
 def test_the_second_run_reuses_the_cache(runs):
     _, result = runs["diffusers"]
-    assert "(4 of 4 items reused)" in result.stdout
+    assert "latents 4 reused, 0 encoded" in result.stdout
     assert "Caching latents" not in result.stdout
 
 

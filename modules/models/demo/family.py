@@ -237,15 +237,16 @@ class DemoFamily:
         model: LoadedModel,
         text: TextEncoding,
         *,
-        resolution: int,
+        size: tuple[int, int],
         steps: int,
         generator: torch.Generator,
         guidance: float = GUIDANCE,
     ) -> Tensor:
         batch = next(iter(text.values())).shape[0]
-        side = resolution // CODEC_FACTOR
+        width, height = size
         device = next(model.denoiser.parameters()).device
-        noise = torch.randn(batch, LATENT_CHANNELS, side, side, generator=generator).to(device)
+        shape = (batch, LATENT_CHANNELS, height // CODEC_FACTOR, width // CODEC_FACTOR)
+        noise = torch.randn(shape, generator=generator).to(device)
         return self.denoise(model, text, noise, start=1.0, steps=steps, guidance=guidance)
 
     @torch.no_grad()

@@ -277,7 +277,7 @@ class Flux1Family:
         model: LoadedModel,
         text: TextEncoding,
         *,
-        resolution: int,
+        size: tuple[int, int],
         steps: int,
         generator: torch.Generator,
     ) -> Tensor:
@@ -287,10 +287,8 @@ class Flux1Family:
         device = model.parts["device"]
         batch = text["embeds"].shape[0]
         scale = 2 ** (len(model.parts["vae_config"].get("block_out_channels") or [0] * 4) - 1)
-        side = resolution // scale
-        x = torch.randn(
-            batch, model.denoiser.config.in_channels // 4, side, side, generator=generator
-        )
+        channels = model.denoiser.config.in_channels // 4
+        x = torch.randn(batch, channels, size[1] // scale, size[0] // scale, generator=generator)
         x = x.to(device)
         grid = torch.linspace(1.0, 1.0 / steps, steps)
         sigmas = torch.cat([self.shift.sigmas(grid, self._mu(x.shape)), torch.zeros(1)])

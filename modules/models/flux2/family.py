@@ -340,7 +340,7 @@ class Flux2Family:
         model: LoadedModel,
         text: TextEncoding,
         *,
-        resolution: int,
+        size: tuple[int, int],
         steps: int,
         generator: torch.Generator,
     ) -> Tensor:
@@ -350,8 +350,9 @@ class Flux2Family:
         denoiser_on_device(model)
         device = model.parts["device"]
         embeds = text["embeds"]
-        batch, side = embeds.shape[0], resolution // _pixels_per_cell(model)
-        x = torch.randn(batch, model.denoiser.config.in_channels, side, side, generator=generator)
+        batch, cell = embeds.shape[0], _pixels_per_cell(model)
+        shape = (batch, model.denoiser.config.in_channels, size[1] // cell, size[0] // cell)
+        x = torch.randn(shape, generator=generator)
         x = x.to(device)
         mu = compute_empirical_mu(image_seq_len=_tokens(x.shape), num_steps=steps)
         grid = torch.linspace(1.0, 1.0 / steps, steps)

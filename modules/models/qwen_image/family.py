@@ -306,7 +306,7 @@ class QwenImageFamily:
         model: LoadedModel,
         text: TextEncoding,
         *,
-        resolution: int,
+        size: tuple[int, int],
         steps: int,
         generator: torch.Generator,
     ) -> Tensor:
@@ -315,24 +315,25 @@ class QwenImageFamily:
         denoiser_on_device(model)
         device = model.parts["device"]
         batch = text["embeds"].shape[0]
-        side = resolution // _vae_scale(model.parts["vae_config"])
+        scale = _vae_scale(model.parts["vae_config"])
+        rows, columns = size[1] // scale, size[0] // scale
         channels = model.denoiser.config.out_channels
-        latents = torch.randn(batch, channels, side, side, generator=generator).to(device)
+        latents = torch.randn(batch, channels, rows, columns, generator=generator).to(device)
         tokens = pack(latents)
         negative = self._negative(model, batch)
         grid = torch.linspace(1.0, 1.0 / steps, steps)
         sigmas = torch.cat([self.shift.sigmas(grid, self._mu(latents.shape)), torch.zeros(1)])
         for now, after in itertools.pairwise(sigmas.tolist()):
             t = torch.full((batch,), now, device=device)
-            v = self._velocity_tokens(model, tokens, t, text, side, side).float()
+            v = self._velocity_tokens(model, tokens, t, text, rows, columns).float()
             if negative is not None:
                 v = _true_cfg(
                     v,
-                    self._velocity_tokens(model, tokens, t, negative, side, side).float(),
+                    self._velocity_tokens(model, tokens, t, negative, rows, columns).float(),
                     self.options.sample_cfg,
                 )
             tokens = tokens + (after - now) * v
-        return self.decode_latents(model, unpack(tokens, channels, side, side))
+        return self.decode_latents(model, unpack(tokens, channels, rows, columns))
 
     def _negative(self, model: LoadedModel, batch: int) -> TextEncoding | None:
         negative = model.parts["negative"]

@@ -332,21 +332,25 @@ class WanFamily:
         model: LoadedModel,
         text: TextEncoding,
         *,
-        resolution: int,
+        size: tuple[int, int],
         steps: int,
         generator: torch.Generator,
+        frames: int = 1,
     ) -> Tensor:
-        """One frame per prompt (WAN as a text-to-image model: cheap previews), with
-        classifier-free guidance when the empty prompt was encoded; 2.2 A14B switches experts
-        at the boundary like the pipeline."""
+        """``frames`` frames per prompt at ``size`` (1: WAN as a text-to-image model, cheap
+        previews, (B, 3, H, W); more: a clip, (B, 3, F, H, W)), with classifier-free guidance
+        when the empty prompt was encoded; 2.2 A14B switches experts at the boundary like the
+        pipeline."""
         denoiser_on_device(model)
         parts = model.parts
         embeds = text["embeds"]
         batch = embeds.shape[0]
-        scale = int(parts["vae_config"].get("scale_factor_spatial") or 8)
+        vae = parts["vae_config"]
+        scale = int(vae.get("scale_factor_spatial") or 8)
+        latent_frames = (frames - 1) // int(vae.get("scale_factor_temporal") or 4) + 1
         channels = model.denoiser.config.in_channels
-        side = resolution // scale
-        noise = torch.randn(batch, channels, 1, side, side, generator=generator)
+        shape = (batch, channels, latent_frames, size[1] // scale, size[0] // scale)
+        noise = torch.randn(shape, generator=generator)
         negative = parts["negative"]
         uncond = None if negative is None else negative["embeds"].expand(batch, -1, -1)
         dtype = parts["dtype"]
