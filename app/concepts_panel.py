@@ -1,4 +1,5 @@
-"""The concepts editor: one card per concept folder, with the folder's image and mask counts.
+"""The concepts editor: one card per concept folder, with the folder's image and mask counts
+and the histogram of the buckets its images train in.
 
 Each card is built from the concept's fields (``ConceptConfig`` and its ``CaptionConfig``) like
 every other form. Cards are rebuilt from their values when a concept is added or removed, so a
@@ -10,12 +11,12 @@ from __future__ import annotations
 import tkinter as tk
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import customtkinter as ctk
 from pydantic import ValidationError
 
-from app import dialogs
+from app import dialogs, engine_import
 from app.field_specs import section_specs
 from app.field_widgets import FieldRow, OnChange, SectionForm
 from app.style import ERROR_COLOUR, MUTED_COLOUR, heading_font
@@ -23,8 +24,13 @@ from modules.config.presets import merge_overlay
 from modules.config.schema import CaptionConfig, ConceptConfig
 from modules.data.concept import ConceptScan, DataError, scan_concept
 
+if TYPE_CHECKING:
+    from app.preview_maps import PreviewSettings
+
 SCAN_DELAY_MS = 300
 """Typing a folder path rescans it once the typing pauses, not on every key."""
+RETRY_MS = 250
+"""How often a bucket histogram waiting for the image readers tries again."""
 
 
 def describe_scan(scan: ConceptScan) -> str:
@@ -75,6 +81,12 @@ class ConceptCard(ctk.CTkFrame):
 
         self.counts = ctk.CTkLabel(self, text="", anchor="w", justify="left")
         self.counts.grid(row=2, column=0, columnspan=2, sticky="w", padx=10)
+        self.buckets = ctk.CTkLabel(
+            self, text="", anchor="w", justify="left", text_color=MUTED_COLOUR, wraplength=760
+        )
+        self.buckets.grid(row=4, column=0, columnspan=2, sticky="w", padx=10, pady=(0, 8))
+        self._sizes: list[tuple[int, int]] | str | None = None
+        """The scanned items' sizes (W, H), read once per scan; or why they cannot be."""
 
         self.form = SectionForm(
             self, ConceptConfig, self.prefix, on_change, exclude=("path", "caption")
@@ -128,7 +140,7 @@ class ConceptCard(ctk.CTkFrame):
         """Count the folder's images and masks now (file names only: fast, no image decoding)."""
         self._pending_scan = None
         path = str(self.path_row.get()).strip()
-        self.scan = None
+        self.scan, self._sizes = None, None
         if not path:
             self.counts.configure(text="Choose a folder of images.", text_color=MUTED_COLOUR)
         else:
@@ -140,6 +152,41 @@ class ConceptCard(ctk.CTkFrame):
                 self.counts.configure(text=describe_scan(self.scan), text_color=MUTED_COLOUR)
         self._on_scanned()
 
+    def show_buckets(self, settings: PreviewSettings | str) -> bool:
+        """The bucket histogram of this concept for ``settings``; False while the image
+        readers are still loading (call again later)."""
+        if self.scan is None or not self.scan.items:
+            self.buckets.configure(text="")
+            return True
+        if isinstance(settings, str):
+            self.buckets.configure(text=f"Buckets: {settings}")
+            return True
+        if not engine_import.ready():
+            engine_import.start()
+            self.buckets.configure(text="Buckets: loading the image readers…")
+            return False
+        from modules.data.buckets import histogram_text, place, size_label
+        from modules.data.preparation import source_size
+
+        if self._sizes is None:
+            try:
+                self._sizes = [source_size(item) for item in self.scan.items]
+            except DataError as error:
+                self._sizes = str(error)
+        if isinstance(self._sizes, str):
+            self.buckets.configure(text=f"Buckets: {self._sizes}")
+            return True
+        buckets = list(settings.buckets) if settings.buckets is not None else None
+        placement = place(self._sizes, buckets, settings.resolution)
+        names = [item.image.name for item in self.scan.items]
+        if buckets is None:
+            square = size_label((settings.resolution, settings.resolution))
+            text = f"Square crop {square} (buckets off): {histogram_text(placement, names)}"
+        else:
+            text = f"Buckets: {histogram_text(placement, names)}"
+        self.buckets.configure(text=text)
+        return True
+
 
 class ConceptsPanel(ctk.CTkScrollableFrame):
     """The list of concept cards, an Add button, and the scans for the weight-map preview."""
@@ -148,6 +195,7 @@ class ConceptsPanel(ctk.CTkScrollableFrame):
         super().__init__(parent, fg_color="transparent")
         self._on_change = on_change
         self._listeners: list[Callable[[], None]] = []
+        self._pending_buckets: str | None = None
         self.cards: list[ConceptCard] = []
         bar = ctk.CTkFrame(self, fg_color="transparent")
         bar.pack(fill="x", pady=(4, 8))
@@ -163,6 +211,17 @@ class ConceptsPanel(ctk.CTkScrollableFrame):
 
     def on_scans_changed(self, listener: Callable[[], None]) -> None:
         self._listeners.append(listener)
+
+    def show_buckets(self, settings: Callable[[], PreviewSettings | str]) -> None:
+        """Every card's bucket histogram for the current ``settings`` (the data and model
+        settings the weight-map preview uses); tried again while the image readers load."""
+        if self._pending_buckets is not None:
+            self.after_cancel(self._pending_buckets)
+            self._pending_buckets = None
+        current = settings()
+        done = [card.show_buckets(current) for card in self.cards]
+        if not all(done):
+            self._pending_buckets = self.after(RETRY_MS, lambda: self.show_buckets(settings))
 
     def values(self) -> list[dict[str, Any]]:
         return [card.values() for card in self.cards]

@@ -1,9 +1,10 @@
 """Load the training stack (torch, diffusers) in the background while the window comes up.
 
-The weight-map preview needs ``process_masks`` (torch) and the image and mask readers: several
-seconds of imports (the family's latent grid is plain data and needs none). Done on the Tk thread
-they would freeze the window at start; here a daemon thread imports them and the preview shows
-"loading" until :func:`ready`.
+The weight-map preview needs ``process_masks`` (torch) and the image and mask readers, the
+concept cards' bucket histograms the image and clip readers: several seconds of imports (the
+family's latent grid is plain data and needs none). Done on the Tk thread they would freeze the
+window at start; here a daemon thread imports them and the preview shows "loading" until
+:func:`ready`.
 
 Every import of the training stack from a background thread goes through :func:`load`, one at a
 time: transformers and diffusers resolve their classes lazily, and two threads importing them at
@@ -15,7 +16,7 @@ from __future__ import annotations
 import importlib
 import threading
 
-MODULES = ("modules.loss.masked_loss", "modules.data.images")
+MODULES = ("modules.loss.masked_loss", "modules.data.images", "modules.data.preparation")
 
 _ready = threading.Event()
 _lock = threading.Lock()

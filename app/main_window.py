@@ -140,6 +140,9 @@ class MainWindow(ctk.CTk):
                 self.concepts.grid(row=1, column=0, sticky="nsew")
                 self.form.add_list("data.concepts", self.concepts.values, self.concepts.rows)
                 self.concepts.on_scans_changed(self._update_preview_images)
+                self.concepts.on_scans_changed(
+                    lambda: self.concepts.show_buckets(self._preview_settings)
+                )
                 continue
             scroll = ctk.CTkScrollableFrame(tab, fg_color="transparent")
             scroll.grid(row=0, column=0, sticky="nsew")
@@ -281,6 +284,7 @@ class MainWindow(ctk.CTk):
         self.run_panel.set_validation(validation)
         self._show_family_fields()
         self._update_preview_images()
+        self.concepts.show_buckets(self._preview_settings)
 
     def _show_family_fields(self) -> None:
         """Show only the fields of the chosen model family; a field with an error stays in

@@ -1,7 +1,7 @@
 """The arrays behind the weight-map preview, computed exactly as training computes them.
 
 An image and its mask go through the engine's own loaders (``load_image``, ``load_mask``: same
-crop and resize as the latent cache), the mask is shrunk to the latent grid with
+bucket, crop and resize as the latent cache), the mask is shrunk to the latent grid with
 ``mask_to_latent`` and turned into the target map m and the prior map p by ``process_masks``.
 So what the preview shows is what the loss uses, cell for cell.
 
@@ -23,6 +23,15 @@ LEVELS_SHOWN = 8
 LEVEL_RESOLUTION_CAP = 1024
 """Grey levels are counted on the cropped mask at its own size, up to this many pixels a side."""
 
+DATA_KEYS = (
+    "resolution",
+    "buckets",
+    "bucket_max_aspect",
+    "bucket_step",
+    "bucket_max_side",
+)
+"""The data settings the preview's geometry depends on."""
+
 TARGET_COLOUR = np.array([60, 220, 90], dtype=np.float32)  # green: learns the target
 PRIOR_COLOUR = np.array([220, 60, 220], dtype=np.float32)  # magenta: kept like the base model
 
@@ -32,9 +41,9 @@ class PreviewSource:
     """What one image contributes, loaded once per image and resolution."""
 
     image: np.ndarray
-    """(R, R, 3) uint8, the crop training sees."""
+    """(H, W, 3) uint8, the crop training sees (its bucket's size)."""
     mask: np.ndarray
-    """(R, R) float32 raw mask in [0, 1]; all ones when the image has no mask."""
+    """(H, W) float32 raw mask in [0, 1]; all ones when the image has no mask."""
     latent_mask: np.ndarray
     """(h, w) float32 raw mask on the latent grid (area-averaged)."""
     has_mask: bool
@@ -73,24 +82,30 @@ class PreviewMaps:
 
 
 def load_source(
-    image_path: Path, mask_path: Path | None, resolution: int, latent_scale: int
+    image_path: Path, mask_path: Path | None, size: tuple[int, int] | int, latent_scale: int
 ) -> PreviewSource:
+    """The image and mask at the training ``size`` (W, H; or a square's side), as the cache
+    loads them, and the mask on the latent grid of ``latent_scale`` px per cell."""
+    from modules.data.buckets import crop_box
     from modules.data.images import image_size, load_image, load_mask, mask_to_latent
 
-    pixels = load_image(image_path, resolution)  # (3, R, R) in [-1, 1]
+    width, height = (size, size) if isinstance(size, int) else size
+    pixels = load_image(image_path, (width, height))  # (3, H, W) in [-1, 1]
     image = ((pixels + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
-    side = resolution // latent_scale
-    size = image_size(image_path)
+    source = image_size(image_path)
     if mask_path is None:
         import torch
 
-        mask = torch.ones(1, resolution, resolution)
+        mask = torch.ones(1, height, width)
         levels: tuple[tuple[float, float], ...] = ((1.0, 1.0),)
     else:
-        mask = load_mask(mask_path, size, resolution)  # (1, R, R)
-        native = min(min(size), LEVEL_RESOLUTION_CAP)
-        levels = mask_levels(load_mask(mask_path, size, native)[0].numpy())
-    latent = mask_to_latent(mask, (side, side))  # (1, h, w)
+        mask = load_mask(mask_path, source, (width, height))  # (1, H, W)
+        # The levels are counted on the training crop at its own size (capped).
+        left, top, right, bottom = crop_box(source, (width, height))
+        scale = min(1.0, LEVEL_RESOLUTION_CAP / max(right - left, bottom - top))
+        native = (max(1, round((right - left) * scale)), max(1, round((bottom - top) * scale)))
+        levels = mask_levels(load_mask(mask_path, source, native)[0].numpy())
+    latent = mask_to_latent(mask, (height // latent_scale, width // latent_scale))  # (1, h, w)
     return PreviewSource(
         image=image,
         mask=mask[0].numpy(),
@@ -130,19 +145,21 @@ def compute_maps(
     return PreviewMaps(target=weights.target.numpy(), prior=weights.prior.numpy(), levels=rows)
 
 
-def upscale(values: np.ndarray, size: int) -> np.ndarray:
-    """(h, w) → (size, size) by repeating cells (no smoothing: one latent cell stays a block)."""
+def upscale(values: np.ndarray, size: tuple[int, int] | int) -> np.ndarray:
+    """(h, w) → (H, W) (``size`` is (W, H), or a square's side) by repeating cells (no
+    smoothing: one latent cell stays a block)."""
+    out_width, out_height = (size, size) if isinstance(size, int) else size
     height, width = values.shape
-    rows = np.minimum(np.arange(size) * height // size, height - 1)
-    cols = np.minimum(np.arange(size) * width // size, width - 1)
+    rows = np.minimum(np.arange(out_height) * height // out_height, height - 1)
+    cols = np.minimum(np.arange(out_width) * width // out_width, width - 1)
     return values[np.ix_(rows, cols)]
 
 
 def overlay(source: PreviewSource, maps: PreviewMaps) -> np.ndarray:
-    """The image tinted green by m and magenta by p, (R, R, 3) uint8."""
-    side = source.image.shape[0]
-    target = upscale(maps.target, side)[..., None]
-    prior = upscale(maps.prior, side)[..., None]
+    """The image tinted green by m and magenta by p, (H, W, 3) uint8."""
+    size = (source.image.shape[1], source.image.shape[0])
+    target = upscale(maps.target, size)[..., None]
+    prior = upscale(maps.prior, size)[..., None]
     tint = target * TARGET_COLOUR + prior * PRIOR_COLOUR
     strength = np.clip(target + prior, 0, 1) * 0.55
     blended = source.image.astype(np.float32) * (1 - strength) + tint * 0.55
@@ -161,6 +178,17 @@ class PreviewSettings:
     """The ``ModelConfig``: its family gives the latent scale."""
     mask_enabled: bool
     prior_weight: float
+    buckets: tuple[tuple[int, int], ...] | None = None
+    """The bucket sizes (W, H) of the data settings and the family; None: the square crop."""
+    pixels_per_cell: int = 8
+    """The family's latent grid."""
+
+    def training_size(self, source: tuple[int, int]) -> tuple[int, int]:
+        """The size an image of ``source`` (W, H) trains at: its bucket, or the square."""
+        from modules.data.buckets import place
+
+        buckets = list(self.buckets) if self.buckets is not None else None
+        return place([source], buckets, self.resolution).sizes[0]
 
 
 def settings_from_values(values: dict[str, Any]) -> PreviewSettings | str:
@@ -172,11 +200,13 @@ def settings_from_values(values: dict[str, Any]) -> PreviewSettings | str:
     from pydantic import ValidationError
 
     from modules.config.schema import DataConfig, MaskConfig, ModelConfig, PriorConfig
+    from modules.data.buckets import data_buckets
+    from modules.models.registry import family_spec
 
     parts = {
         "mask": (MaskConfig, values["mask"]),
         "prior": (PriorConfig, values["prior"]),
-        "data": (DataConfig, {"resolution": values["data"]["resolution"]}),
+        "data": (DataConfig, {key: values["data"][key] for key in DATA_KEYS}),
         "model": (ModelConfig, values["model"]),
     }
     found = {}
@@ -187,13 +217,20 @@ def settings_from_values(values: dict[str, Any]) -> PreviewSettings | str:
             item = error.errors()[0]
             path = ".".join([name, *(str(part) for part in item["loc"])])
             return f"Fix {path} to update the preview: {item['msg']}"
-    mask, prior = found["mask"], found["prior"]
+    mask, prior, data, model = found["mask"], found["prior"], found["data"], found["model"]
+    grid = family_spec(model.family).latent_grid(model.path)
+    try:
+        buckets = data_buckets(data, grid.pixel_multiple)
+    except ValueError as error:
+        return f"Fix data.bucket_max_side to update the preview: {error}"
     return PreviewSettings(
         gamma=mask.gamma,
         min_weight=mask.min_weight,
         threshold=prior.threshold,
-        resolution=found["data"].resolution,
-        model=found["model"],
+        resolution=data.resolution,
+        model=model,
         mask_enabled=mask.enabled,
         prior_weight=prior.weight,
+        buckets=tuple(buckets) if buckets is not None else None,
+        pixels_per_cell=grid.pixels_per_cell,
     )

@@ -44,15 +44,18 @@ class PreviewImage:
     prior_prediction: bool
 
 
-def coloured(values: np.ndarray, size: int) -> Image.Image:
-    """A [0, 1] map as a viridis image, each latent cell a square block."""
+def coloured(values: np.ndarray, size: tuple[int, int] | int) -> Image.Image:
+    """A [0, 1] map as a viridis image of ``size`` (W, H), each latent cell a block."""
     codes = np.clip(np.round(upscale(values, size) * 255), 0, 255).astype(np.uint8)
     return Image.fromarray(_VIRIDIS[codes])
 
 
 def _photo(image: Image.Image) -> ctk.CTkImage:
-    image = image.resize((PANEL_PX, PANEL_PX), Image.Resampling.NEAREST)
-    return ctk.CTkImage(light_image=image, dark_image=image, size=(PANEL_PX, PANEL_PX))
+    """The picture scaled to fit a PANEL_PX square, its aspect ratio kept (a bucket's)."""
+    scale = PANEL_PX / max(image.size)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    image = image.resize(size, Image.Resampling.NEAREST)
+    return ctk.CTkImage(light_image=image, dark_image=image, size=size)
 
 
 class WeightPreview(ctk.CTkFrame):
@@ -182,15 +185,19 @@ class WeightPreview(ctk.CTkFrame):
 
     def _source(self, image: PreviewImage, settings: PreviewSettings) -> PreviewSource | None:
         from modules.data.concept import DataError
-        from modules.models.registry import family_spec
+        from modules.data.images import image_size
 
-        model = settings.model
-        scale = family_spec(model.family).latent_grid(model.path).pixels_per_cell
         mask = None if image.prior_prediction else image.mask
-        key = (image.image, mask, settings.resolution, scale)
+        try:
+            size = settings.training_size(image_size(image.image))
+        except (DataError, OSError) as error:
+            self._show_message(f"{image.image.name}: {error}", ERROR_COLOUR)
+            return None
+        scale = settings.pixels_per_cell
+        key = (image.image, mask, size, scale)
         if key not in self._sources:
             try:
-                self._sources[key] = load_source(image.image, mask, settings.resolution, scale)
+                self._sources[key] = load_source(image.image, mask, size, scale)
             except (DataError, OSError) as error:
                 self._show_message(f"{image.image.name}: {error}", ERROR_COLOUR)
                 return None
@@ -207,18 +214,18 @@ class WeightPreview(ctk.CTkFrame):
         maps: PreviewMaps,
         settings: PreviewSettings,
     ) -> None:
-        side = source.image.shape[0]
+        size = (source.image.shape[1], source.image.shape[0])  # (W, H): the bucket
         height, width = maps.target.shape
         pictures = (
             Image.fromarray(source.image),
             Image.fromarray(np.round(source.mask * 255).astype(np.uint8)),
-            coloured(maps.target, side),
-            coloured(maps.prior, side),
+            coloured(maps.target, size),
+            coloured(maps.prior, size),
             Image.fromarray(overlay(source, maps)),
         )
         for label, picture in zip(self.pictures, pictures, strict=True):
             label.configure(image=_photo(picture), text="")
-        self.captions[0].configure(text=f"Image ({side}×{side})")
+        self.captions[0].configure(text=f"Image ({size[0]}×{size[1]})")
         self.captions[2].configure(text=f"Target weight m ({width}×{height})")
         self.captions[3].configure(text=f"Prior weight p ({width}×{height})")
         mode = (

@@ -39,7 +39,7 @@ def tiered(tmp_path: Path) -> tuple[Path, Path]:
 @pytest.mark.parametrize("threshold", [None, 0.2])
 def test_maps_equal_process_masks_of_the_latent_mask(tiered, threshold):
     image, mask = tiered
-    source = load_source(image, mask, resolution=32, latent_scale=4)
+    source = load_source(image, mask, size=32, latent_scale=4)
     maps = compute_maps(source, gamma=0.6, min_weight=0.1, threshold=threshold)
     latent = mask_to_latent(load_mask(mask, image_size(image), 32), (8, 8))
     expected = process_masks(latent, gamma=0.6, min_weight=0.1, prior_threshold=threshold)
@@ -52,7 +52,7 @@ def test_maps_equal_process_masks_of_the_latent_mask(tiered, threshold):
 
 def test_the_tier_table_reads_off_the_design_values(tiered):
     image, mask = tiered
-    source = load_source(image, mask, resolution=32, latent_scale=4)
+    source = load_source(image, mask, size=32, latent_scale=4)
     maps = compute_maps(source, gamma=0.7, min_weight=0.0, threshold=None)
     rows = {round(row.raw * 255): row for row in maps.levels}
     assert sorted(rows) == [0, HAIR, BODY, FACE]
@@ -70,7 +70,7 @@ def test_the_tier_table_reads_off_the_design_values(tiered):
 
 def test_an_image_without_a_mask_weighs_ones(tiered):
     image, _ = tiered
-    source = load_source(image, None, resolution=32, latent_scale=4)
+    source = load_source(image, None, size=32, latent_scale=4)
     maps = compute_maps(source, gamma=0.7, min_weight=0.0, threshold=None)
     assert not source.has_mask
     assert maps.target_mean == 1.0 and maps.prior_mean == 0.0 and maps.prior_share == 0.0
@@ -90,7 +90,7 @@ def test_upscale_and_overlay():
 
 def test_overlay_tints_by_the_maps(tiered):
     image, mask = tiered
-    source = load_source(image, mask, resolution=32, latent_scale=4)
+    source = load_source(image, mask, size=32, latent_scale=4)
     maps = compute_maps(source, gamma=1.0, min_weight=0.0, threshold=None)
     tinted = overlay(source, maps)
     assert tinted.shape == (32, 32, 3) and tinted.dtype == np.uint8

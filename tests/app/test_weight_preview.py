@@ -74,3 +74,46 @@ def test_picking_another_image_and_an_invalid_gamma(window):
 def test_demo_presets_write_their_dataset_for_the_preview(window):
     assert (BUILTIN_PRESETS.parent / "demo-data" / "subject").is_dir()
     assert window.concepts.cards[0].scan is not None
+
+
+def _wide_concept(folder):
+    """A 16:9 and a 2:3 image, each with a mask on a box."""
+    from PIL import Image
+
+    folder.mkdir()
+    for name, (width, height) in (("wide", (160, 90)), ("tall", (96, 144))):
+        Image.new("RGB", (width, height), (30, 120, 200)).save(folder / f"{name}.png")
+        mask = Image.new("L", (width, height), 0)
+        mask.paste(255, (width // 4, height // 4, 3 * width // 4, 3 * height // 4))
+        mask.save(folder / f"{name}-masklabel.png")
+    return folder
+
+
+def test_the_preview_and_the_concept_card_show_the_buckets(window, tmp_path):
+    window.choose_preset("demo-prior (built-in)")
+    assert engine_import.wait(120)
+    folder = _wide_concept(tmp_path / "wide")
+    window.concepts.cards[0].path_row.set(str(folder))
+    card = window.concepts.cards[0]
+    pump(window, lambda: "80x48" in card.buckets.cget("text"), 30, "the histogram")
+    assert card.buckets.cget("text").startswith("Buckets: 48x80: 1, 80x48: 1; the largest crop")
+    window.tabs.set("Masked training")
+    preview = window.previews[0]
+    preview.selection.set("1: wide.png")
+    settle(window)
+    pump(window, lambda: preview.current and preview.current.image.name == "wide.png", 30, "wide")
+    # The 16:9 image trains in the 80x48 bucket: the preview shows that crop, on its grid.
+    assert preview.source.image.shape == (48, 80, 3) and preview.maps.target.shape == (12, 20)
+    latent = mask_to_latent(
+        load_mask(folder / "wide-masklabel.png", image_size(folder / "wide.png"), (80, 48)),
+        (12, 20),
+    )
+    weights = process_masks(latent, gamma=0.7, min_weight=0.0, prior_threshold=None)
+    assert np.array_equal(preview.maps.target, weights.target[0].numpy())
+    assert "Image (80×48)" in preview.captions[0].cget("text")
+    # Buckets off: the square crop, said on the card, and the preview follows.
+    window.form.row("data.buckets").set(False)
+    settle(window)
+    pump(window, lambda: "Square crop" in card.buckets.cget("text"), 30, "the square crop")
+    assert card.buckets.cget("text").startswith("Square crop 64x64 (buckets off): 64x64: 2")
+    pump(window, lambda: preview.maps.target.shape == (16, 16), 30, "the square preview")
