@@ -15,6 +15,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+T_MIN, T_MAX = 1e-3, 1 - 1e-3
+"""Training timesteps stay inside (0, 1): the ends give a zero target or a zero input."""
+
 
 def shift_timesteps(t: Tensor, shift: float) -> Tensor:
     """The flow-shift remap ``s t / (1 + (s - 1) t)``: ``shift > 1`` favours high noise."""
@@ -142,3 +145,35 @@ class ScheduleShift:
         (without the final 0): shifted, then stretched to end at ``terminal``."""
         shifted = self.apply(grid, mu)
         return self.stretch(shifted, float(shifted[-1]))
+
+
+class FlowMatching:
+    """The Protocol methods every flow-matching family shares (a mixin): ``t`` is the noise
+    fraction of the interpolation, so ``drift.timesteps`` are taken as they are, and the
+    target is the velocity."""
+
+    def timesteps_from_fractions(self, fractions: Tensor, shape: torch.Size) -> Tensor:
+        return fractions
+
+    def noisy_input_and_target(
+        self, latents: Tensor, noise: Tensor, timesteps: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        return flow_noisy_input_and_target(latents, noise, timesteps)
+
+
+class ShiftedByTokens(FlowMatching):
+    """Training timesteps of a family whose pipeline shifts its schedule by the image's token
+    count (FLUX.1, FLUX.2, Qwen-Image): uniform ``t``, shifted by ``self.shift`` (read from the
+    model folder's scheduler config) with ``self.training_mu(shape)``."""
+
+    shift: ScheduleShift
+
+    def training_mu(self, shape: torch.Size) -> float:
+        """The shift's ``mu`` for latents of ``shape`` (B, C, h, w)."""
+        raise NotImplementedError
+
+    def sample_timesteps(
+        self, shape: torch.Size, *, generator: torch.Generator, device: torch.device
+    ) -> Tensor:
+        u = torch.rand(shape[0], generator=generator).clamp(T_MIN, T_MAX)
+        return self.shift.apply(u, self.training_mu(shape)).clamp(T_MIN, T_MAX).to(device)

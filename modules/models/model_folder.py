@@ -4,7 +4,9 @@ and move the denoiser to the training device once the encoders are gone."""
 
 from __future__ import annotations
 
+import gc
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -78,3 +80,52 @@ def store_in_fp8(denoiser: torch.nn.Module, compute_dtype: torch.dtype) -> None:
     denoiser.enable_layerwise_casting(
         storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype
     )
+
+
+def free_encoders(model: LoadedModel, encoders: str, *, keep_decoder: bool) -> None:
+    """Drop ``model.parts[encoders]`` (the text encoders) and, unless samples are decoded,
+    ``model.parts["vae"]``, free their memory, and move the denoiser to the training device: a
+    family's ``release_encoders`` once the cache is filled."""
+    parts = model.parts
+    parts[encoders] = None
+    if not keep_decoder:
+        parts["vae"] = None
+    parts["released"] = True
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    denoiser_on_device(model)
+
+
+def load_transformer(
+    transformer_class: Any,
+    folder: Path,
+    dtype: torch.dtype,
+    *,
+    file: str,
+    field: str,
+    what: str,
+    read: Callable[[Path], Any] = str,
+) -> Any:
+    """The folder's ``transformer/``, or with ``file`` set that single-file transformer on the
+    folder's config (``from_single_file(read(path), config=folder, subfolder="transformer")``:
+    ``read`` may turn the path into a state dict first). A file that does not fit is a
+    ModelLoadError naming ``field`` (the option) and ``what`` it must be."""
+    if not file:
+        return transformer_class.from_pretrained(
+            folder / "transformer", torch_dtype=dtype, local_files_only=True
+        )
+    path = Path(file).expanduser()
+    try:
+        return transformer_class.from_single_file(
+            read(path),
+            config=str(folder),
+            subfolder="transformer",
+            torch_dtype=dtype,
+            local_files_only=True,
+        )
+    except (ValueError, KeyError, RuntimeError, OSError) as error:
+        raise ModelLoadError(
+            f"{field}: {path} is not {what} matching {folder / 'transformer'} "
+            f"({type(error).__name__}: {error}); use such a file, or leave it empty"
+        ) from error

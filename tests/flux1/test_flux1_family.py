@@ -5,8 +5,6 @@ training a masked-prior LoRA from the shipped preset that the FLUX pipeline load
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,13 +13,12 @@ from diffusers import FluxPipeline, FluxTransformer2DModel
 from safetensors.torch import load_file
 
 from modules.config.schema import ModelConfig
-from modules.data.demo_dataset import write_demo_dataset
 from modules.lora import add_lora, lora_disabled
 from modules.loss import masked_prior_loss
 from modules.models import ModelLoadError, get_family
 from modules.models.packing import pack, unpack
 from tests.flux1.tiny_flux1 import build_tiny_flux1
-from tests.trained_lora import train_in_process
+from tests.trained_lora import SAMPLES, train_in_process, train_preset
 
 REPO = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
@@ -113,39 +110,12 @@ def test_timesteps_shift_with_the_token_count_as_the_pipeline_does(folder):
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("flux1-runs")
     flux = build_tiny_flux1(root / "dev", variant="dev")
-    data = write_demo_dataset(root / "data", size=64).root / "subject"
+    tokens = f"model.flux1.text_tokens={TOKENS}"
 
     def train(name, *extra):
-        overrides = [
-            f"model.path={flux}",
-            "model.dtype=float32",
-            f"model.flux1.text_tokens={TOKENS}",
-            f"data.concepts.0.path={data}",
-            f"data.cache_dir={root / 'cache'}",
-            "data.resolution=32",
-            "training.steps=3",
-            "training.learning_rate=0.01",
-            "training.mixed_precision=no",
-            "lora.rank=4",
-            "lora.alpha=8",
-            "output.save_every=0",
-            *extra,
-        ]
-        command = [sys.executable, "-m", "modules.cli", "train", "presets/flux1-prior.json"]
-        for override in overrides:
-            command += ["--set", override]
-        result = subprocess.run(
-            [*command, "--run-dir", str(root / name)],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert result.returncode == 0, result.stderr
-        return root / name
+        return train_preset("presets/flux1-prior.json", root, name, flux, tokens, *extra)
 
-    samples = ['sampling.prompts=["a photo of sks"]', "sampling.every=3", "sampling.steps=2"]
-    return flux, train("comfy"), train("diffusers", "output.format=diffusers", *samples)
+    return flux, train("comfy"), train("diffusers", "output.format=diffusers", *SAMPLES)
 
 
 @pytest.mark.slow

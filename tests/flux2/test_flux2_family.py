@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +17,6 @@ from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
 from safetensors.torch import load_file, save_file
 
 from modules.config.schema import ModelConfig
-from modules.data.demo_dataset import write_demo_dataset
 from modules.lora import add_lora, lora_disabled, lora_state_dict
 from modules.loss import masked_prior_loss
 from modules.models import ModelLoadError, get_family
@@ -36,7 +33,7 @@ from modules.models.flux2.family import (
 )
 from modules.models.spec import LatentGrid
 from tests.flux2.tiny_flux2 import TEXT_DIM, build_tiny_flux2
-from tests.trained_lora import train_in_process
+from tests.trained_lora import SAMPLES, train_in_process, train_preset
 
 REPO = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
@@ -300,39 +297,12 @@ def test_a_corrupt_scheduler_config_is_named_not_replaced_by_defaults(tmp_path):
 def runs(folders, tmp_path_factory):
     root = tmp_path_factory.mktemp("flux2-runs")
     flux = folders["klein"]
-    data = write_demo_dataset(root / "data", size=64).root / "subject"
+    tokens = "model.flux2.text_tokens=16"
 
     def train(name, *extra):
-        overrides = [
-            f"model.path={flux}",
-            "model.dtype=float32",
-            "model.flux2.text_tokens=16",
-            f"data.concepts.0.path={data}",
-            f"data.cache_dir={root / 'cache'}",
-            "data.resolution=32",
-            "training.steps=3",
-            "training.learning_rate=0.01",
-            "training.mixed_precision=no",
-            "lora.rank=4",
-            "lora.alpha=8",
-            "output.save_every=0",
-            *extra,
-        ]
-        command = [sys.executable, "-m", "modules.cli", "train", "presets/flux2-prior.json"]
-        for override in overrides:
-            command += ["--set", override]
-        result = subprocess.run(
-            [*command, "--run-dir", str(root / name)],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert result.returncode == 0, result.stderr
-        return root / name
+        return train_preset("presets/flux2-prior.json", root, name, flux, tokens, *extra)
 
-    samples = ['sampling.prompts=["a photo of sks"]', "sampling.every=3", "sampling.steps=2"]
-    return flux, train("comfy"), train("diffusers", "output.format=diffusers", *samples)
+    return flux, train("comfy"), train("diffusers", "output.format=diffusers", *SAMPLES)
 
 
 @pytest.mark.slow

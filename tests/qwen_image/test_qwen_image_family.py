@@ -6,8 +6,6 @@ LoRA from the shipped preset that the Qwen-Image pipeline loads back."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,13 +14,12 @@ from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
 from safetensors.torch import load_file, save_file
 
 from modules.config.schema import ModelConfig
-from modules.data.demo_dataset import write_demo_dataset
 from modules.lora import add_lora, lora_disabled
 from modules.loss import masked_prior_loss
 from modules.models import ModelLoadError, get_family
 from modules.models.packing import pack, unpack
 from tests.qwen_image.tiny_qwen_image import build_tiny_qwen_image
-from tests.trained_lora import train_in_process
+from tests.trained_lora import SAMPLES, train_in_process, train_preset
 
 REPO = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
@@ -148,7 +145,7 @@ def test_timesteps_shift_with_the_token_count_as_the_pipeline_does(folder, pipe)
     small, large = draw(16), draw(128)
     assert float(large.mean()) > float(small.mean()) + 0.01  # more tokens → more noise
     # The shift is the scheduler's: at the median, the pipeline's own mu and formula.
-    mu = family._mu(torch.Size([1, 16, 128, 128]))
+    mu = family.training_mu(torch.Size([1, 16, 128, 128]))
     scheduler = pipe.scheduler
     assert float(large.median()) == pytest.approx(
         float(scheduler.time_shift(mu, 1.0, torch.tensor(0.5))), abs=0.02
@@ -203,39 +200,12 @@ def test_a_corrupt_scheduler_config_is_named(tmp_path):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, folder):
     root = tmp_path_factory.mktemp("qwen-image-runs")
-    data = write_demo_dataset(root / "data", size=64).root / "subject"
+    tokens = f"model.qwen_image.text_tokens={TOKENS}"
 
     def train(name, *extra):
-        overrides = [
-            f"model.path={folder}",
-            "model.dtype=float32",
-            f"model.qwen_image.text_tokens={TOKENS}",
-            f"data.concepts.0.path={data}",
-            f"data.cache_dir={root / 'cache'}",
-            "data.resolution=32",
-            "training.steps=3",
-            "training.learning_rate=0.01",
-            "training.mixed_precision=no",
-            "lora.rank=4",
-            "lora.alpha=8",
-            "output.save_every=0",
-            *extra,
-        ]
-        command = [sys.executable, "-m", "modules.cli", "train", "presets/qwen-image-prior.json"]
-        for override in overrides:
-            command += ["--set", override]
-        result = subprocess.run(
-            [*command, "--run-dir", str(root / name)],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert result.returncode == 0, result.stderr
-        return root / name
+        return train_preset("presets/qwen-image-prior.json", root, name, folder, tokens, *extra)
 
-    samples = ['sampling.prompts=["a photo of sks"]', "sampling.every=3", "sampling.steps=2"]
-    return train("comfy"), train("diffusers", "output.format=diffusers", *samples)
+    return train("comfy"), train("diffusers", "output.format=diffusers", *SAMPLES)
 
 
 @pytest.mark.slow

@@ -31,8 +31,8 @@ from modules.lora.comfyui import to_comfyui
 from modules.models.base import ComfyConverter, LoadedModel, ModelLoadError, TextEncoding
 from modules.models.demo import CODEC_FACTOR, TRANSFORMER_LORA_TARGETS, UNET_LORA_TARGETS
 from modules.models.flow_matching import (
+    FlowMatching,
     euler_sample,
-    flow_noisy_input_and_target,
     logit_normal_timesteps,
 )
 from modules.models.spec import FamilyOptions
@@ -127,7 +127,7 @@ def demo_architecture(denoiser: torch.nn.Module) -> str:
     return "unet" if isinstance(denoiser, UNet2DConditionModel) else "wan"
 
 
-class DemoFamily:
+class DemoFamily(FlowMatching):
     """The demo family has no options; it takes them like every family."""
 
     name = "demo"
@@ -197,15 +197,6 @@ class DemoFamily:
         return logit_normal_timesteps(
             shape[0], generator=generator, device=device, shift=TIME_SHIFT
         )
-
-    def timesteps_from_fractions(self, fractions: Tensor, shape: torch.Size) -> Tensor:
-        """The demo family's ``t`` is the noise fraction of the flow interpolation."""
-        return fractions
-
-    def noisy_input_and_target(
-        self, latents: Tensor, noise: Tensor, timesteps: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        return flow_noisy_input_and_target(latents, noise, timesteps)
 
     def predict(
         self, model: LoadedModel, noisy: Tensor, timesteps: Tensor, text: TextEncoding

@@ -27,7 +27,6 @@ Everything is read with ``local_files_only``. As ``FluxPipeline`` does:
 
 from __future__ import annotations
 
-import gc
 import itertools
 from pathlib import Path
 from typing import Any
@@ -37,13 +36,15 @@ from diffusers import AutoencoderKL, FluxTransformer2DModel
 from torch import Tensor
 from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
-from modules.models.base import ComfyConverter, LoadedModel, ModelLoadError, TextEncoding
-from modules.models.flow_matching import ScheduleShift, flow_noisy_input_and_target
+from modules.models.base import ComfyConverter, LoadedModel, TextEncoding
+from modules.models.flow_matching import ScheduleShift, ShiftedByTokens
 from modules.models.flux1 import LORA_TARGETS, Flux1Options
 from modules.models.model_folder import (
     check_model_folder,
     denoiser_on_device,
     files_stamp,
+    free_encoders,
+    load_transformer,
     read_model_json,
     store_in_fp8,
 )
@@ -58,10 +59,9 @@ REQUIRED_PARTS = (
     "tokenizer_2",
     "scheduler",
 )
-T_MIN, T_MAX = 1e-3, 1 - 1e-3
 
 
-class Flux1Family:
+class Flux1Family(ShiftedByTokens):
     """FLUX.1 dev / schnell text-to-image, with its options (``model.flux1``)."""
 
     name = "flux1"
@@ -109,25 +109,14 @@ class Flux1Family:
         return LoadedModel(denoiser=denoiser, identity=identity, parts=parts)
 
     def _load_transformer(self, folder: Path, dtype: torch.dtype) -> FluxTransformer2DModel:
-        file = self.options.transformer_file
-        if not file:
-            return FluxTransformer2DModel.from_pretrained(
-                folder / "transformer", torch_dtype=dtype, local_files_only=True
-            )
-        try:
-            return FluxTransformer2DModel.from_single_file(
-                str(Path(file).expanduser()),
-                config=str(folder),
-                subfolder="transformer",
-                torch_dtype=dtype,
-                local_files_only=True,
-            )
-        except (ValueError, KeyError, RuntimeError, OSError) as error:
-            raise ModelLoadError(
-                f"model.flux1.transformer_file: {file} is not a FLUX.1 transformer matching "
-                f"{folder / 'transformer'} ({type(error).__name__}: {error}); use the original "
-                "BFL file of the same model, or leave it empty"
-            ) from error
+        return load_transformer(
+            FluxTransformer2DModel,
+            folder,
+            dtype,
+            file=self.options.transformer_file,
+            field="model.flux1.transformer_file",
+            what="a FLUX.1 transformer (the original BFL file of the same model)",
+        )
 
     @property
     def text_tokens(self) -> int:
@@ -184,15 +173,7 @@ class Flux1Family:
     def release_encoders(self, model: LoadedModel, *, keep_decoder: bool) -> None:
         """Free both text encoders (and the VAE unless samples are decoded), then move the
         transformer to the training device."""
-        parts = model.parts
-        parts["encoders"] = None
-        if not keep_decoder:
-            parts["vae"] = None
-        parts["released"] = True
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        denoiser_on_device(model)
+        free_encoders(model, "encoders", keep_decoder=keep_decoder)
 
     def _encoders(self, model: LoadedModel) -> tuple[Any, CLIPTextModel, Any, T5EncoderModel]:
         parts = model.parts
@@ -226,22 +207,6 @@ class Flux1Family:
 
     # ---------------------------------------------------------------------------- training
 
-    def sample_timesteps(
-        self, shape: torch.Size, *, generator: torch.Generator, device: torch.device
-    ) -> Tensor:
-        """Uniform ``t``, shifted by the pipeline's rule for this image's token count."""
-        u = torch.rand(shape[0], generator=generator).clamp(T_MIN, T_MAX)
-        return self.shift.apply(u, self._mu(shape)).clamp(T_MIN, T_MAX).to(device)
-
-    def timesteps_from_fractions(self, fractions: Tensor, shape: torch.Size) -> Tensor:
-        """FLUX's ``t`` (sigma) is the noise fraction of the flow interpolation."""
-        return fractions
-
-    def noisy_input_and_target(
-        self, latents: Tensor, noise: Tensor, timesteps: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        return flow_noisy_input_and_target(latents, noise, timesteps)
-
     def predict(
         self, model: LoadedModel, noisy: Tensor, timesteps: Tensor, text: TextEncoding
     ) -> Tensor:
@@ -268,7 +233,8 @@ class Flux1Family:
         )[0]
         return unpack(out, channels, height, width)
 
-    def _mu(self, shape: torch.Size) -> float:
+    def training_mu(self, shape: torch.Size) -> float:
+        """``calculate_shift`` of the packed token count (training and the samples)."""
         return self.shift.mu_for((shape[-2] // 2) * (shape[-1] // 2))
 
     @torch.no_grad()
@@ -291,7 +257,7 @@ class Flux1Family:
         x = torch.randn(batch, channels, size[1] // scale, size[0] // scale, generator=generator)
         x = x.to(device)
         grid = torch.linspace(1.0, 1.0 / steps, steps)
-        sigmas = torch.cat([self.shift.sigmas(grid, self._mu(x.shape)), torch.zeros(1)])
+        sigmas = torch.cat([self.shift.sigmas(grid, self.training_mu(x.shape)), torch.zeros(1)])
         for now, after in itertools.pairwise(sigmas.tolist()):
             t = torch.full((batch,), now, device=device)
             v = self._velocity(model, x, t, text, self.options.sample_guidance).float()

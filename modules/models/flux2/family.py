@@ -52,7 +52,6 @@ guidance embedding). Everything is read with ``local_files_only``. As the pipeli
 
 from __future__ import annotations
 
-import gc
 import itertools
 from pathlib import Path
 from typing import Any
@@ -64,26 +63,27 @@ from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
 from torch import Tensor
 from transformers import AutoTokenizer, Mistral3ForConditionalGeneration, Qwen3ForCausalLM
 
-from modules.models.base import ComfyConverter, LoadedModel, ModelLoadError, TextEncoding
-from modules.models.flow_matching import ScheduleShift, flow_noisy_input_and_target
+from modules.models.base import ComfyConverter, LoadedModel, TextEncoding
+from modules.models.flow_matching import ScheduleShift, ShiftedByTokens
 from modules.models.flux2 import LORA_TARGETS, SINGLE_BLOCK_OUT, Flux2Options
 from modules.models.model_folder import (
     check_model_folder,
     denoiser_on_device,
     files_stamp,
+    free_encoders,
+    load_transformer,
     read_model_json,
     store_in_fp8,
 )
 
 REQUIRED_PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
-T_MIN, T_MAX = 1e-3, 1 - 1e-3
 TRAINING_MU_STEPS = 200
 """The step count whose ``compute_empirical_mu`` shifts the training timesteps (see above)."""
 HIDDEN_LAYERS = {"dev": (10, 20, 30), "klein": (9, 18, 27)}
 """The text encoder hidden states the pipelines stack (``text_encoder_out_layers``)."""
 
 
-class Flux2Family:
+class Flux2Family(ShiftedByTokens):
     """FLUX.2 dev / klein text-to-image, with its options (``model.flux2``)."""
 
     name = "flux2"
@@ -152,25 +152,14 @@ class Flux2Family:
         return LoadedModel(denoiser=denoiser, identity=identity, parts=parts)
 
     def _load_transformer(self, folder: Path, dtype: torch.dtype) -> Flux2Transformer2DModel:
-        file = self.options.transformer_file
-        if not file:
-            return Flux2Transformer2DModel.from_pretrained(
-                folder / "transformer", torch_dtype=dtype, local_files_only=True
-            )
-        try:
-            return Flux2Transformer2DModel.from_single_file(
-                str(Path(file).expanduser()),
-                config=str(folder),
-                subfolder="transformer",
-                torch_dtype=dtype,
-                local_files_only=True,
-            )
-        except (ValueError, KeyError, RuntimeError, OSError) as error:
-            raise ModelLoadError(
-                f"model.flux2.transformer_file: {file} is not a FLUX.2 transformer matching "
-                f"{folder / 'transformer'} ({type(error).__name__}: {error}); use the original "
-                "BFL file of the same model, or leave it empty"
-            ) from error
+        return load_transformer(
+            Flux2Transformer2DModel,
+            folder,
+            dtype,
+            file=self.options.transformer_file,
+            field="model.flux2.transformer_file",
+            what="a FLUX.2 transformer (the original BFL file of the same model)",
+        )
 
     @property
     def cfg(self) -> bool:
@@ -257,15 +246,7 @@ class Flux2Family:
     def release_encoders(self, model: LoadedModel, *, keep_decoder: bool) -> None:
         """Free the text encoder (and the VAE unless samples are decoded), then move the
         transformer to the training device."""
-        parts = model.parts
-        parts["encoders"] = None
-        if not keep_decoder:
-            parts["vae"] = None
-        parts["released"] = True
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        denoiser_on_device(model)
+        free_encoders(model, "encoders", keep_decoder=keep_decoder)
 
     def _encoders(self, model: LoadedModel) -> tuple[Any, torch.nn.Module]:
         parts = model.parts
@@ -293,23 +274,10 @@ class Flux2Family:
 
     # ---------------------------------------------------------------------------- training
 
-    def sample_timesteps(
-        self, shape: torch.Size, *, generator: torch.Generator, device: torch.device
-    ) -> Tensor:
-        """Uniform ``t``, shifted by the pipeline's rule for this image's token count (its
-        ``mu`` at 200 steps)."""
-        u = torch.rand(shape[0], generator=generator).clamp(T_MIN, T_MAX)
-        mu = compute_empirical_mu(image_seq_len=_tokens(shape), num_steps=TRAINING_MU_STEPS)
-        return self.shift.apply(u, mu).clamp(T_MIN, T_MAX).to(device)
-
-    def timesteps_from_fractions(self, fractions: Tensor, shape: torch.Size) -> Tensor:
-        """FLUX.2's ``t`` (sigma) is the noise fraction of the flow interpolation."""
-        return fractions
-
-    def noisy_input_and_target(
-        self, latents: Tensor, noise: Tensor, timesteps: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        return flow_noisy_input_and_target(latents, noise, timesteps)
+    def training_mu(self, shape: torch.Size) -> float:
+        """The pipeline's ``compute_empirical_mu`` for this image's token count, at 200 steps
+        (see the module's docstring)."""
+        return compute_empirical_mu(image_seq_len=_tokens(shape), num_steps=TRAINING_MU_STEPS)
 
     def predict(
         self, model: LoadedModel, noisy: Tensor, timesteps: Tensor, text: TextEncoding

@@ -30,7 +30,6 @@ Everything is read with ``local_files_only``. As ``QwenImagePipeline`` does:
 
 from __future__ import annotations
 
-import gc
 import itertools
 from pathlib import Path
 from typing import Any
@@ -41,12 +40,14 @@ from safetensors.torch import load_file
 from torch import Tensor
 from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
-from modules.models.base import ComfyConverter, LoadedModel, ModelLoadError, TextEncoding
-from modules.models.flow_matching import ScheduleShift, flow_noisy_input_and_target
+from modules.models.base import ComfyConverter, LoadedModel, TextEncoding
+from modules.models.flow_matching import ScheduleShift, ShiftedByTokens
 from modules.models.model_folder import (
     check_model_folder,
     denoiser_on_device,
     files_stamp,
+    free_encoders,
+    load_transformer,
     read_model_json,
     store_in_fp8,
 )
@@ -66,10 +67,9 @@ TEMPLATE_TOKENS = 34
 MAX_TOKENS = 1024
 SINGLE_FILE_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 COMFYUI_PREFIX = "diffusion_model."
-T_MIN, T_MAX = 1e-3, 1 - 1e-3
 
 
-class QwenImageFamily:
+class QwenImageFamily(ShiftedByTokens):
     """Qwen-Image text-to-image, with its options (``model.qwen_image``)."""
 
     name = "qwen_image"
@@ -114,29 +114,15 @@ class QwenImageFamily:
         return LoadedModel(denoiser=denoiser, identity=self._identity(folder, dtype), parts=parts)
 
     def _load_transformer(self, folder: Path, dtype: torch.dtype) -> QwenImageTransformer2DModel:
-        file = self.options.transformer_file
-        if not file:
-            return QwenImageTransformer2DModel.from_pretrained(
-                folder / "transformer", torch_dtype=dtype, local_files_only=True
-            )
-        path = Path(file).expanduser()
-        try:
-            # diffusers reads a Qwen-Image file only with unprefixed diffusers names; ComfyUI's
-            # files use the same names, some under a model prefix.
-            state = {_strip_prefix(key): value for key, value in load_file(path).items()}
-            return QwenImageTransformer2DModel.from_single_file(
-                state,
-                config=str(folder),
-                subfolder="transformer",
-                torch_dtype=dtype,
-                local_files_only=True,
-            )
-        except (ValueError, KeyError, RuntimeError, OSError) as error:
-            raise ModelLoadError(
-                f"model.qwen_image.transformer_file: {path} is not a Qwen-Image transformer "
-                f"matching {folder / 'transformer'} ({type(error).__name__}: {error}); use a "
-                "file of the same architecture, or leave it empty"
-            ) from error
+        return load_transformer(
+            QwenImageTransformer2DModel,
+            folder,
+            dtype,
+            file=self.options.transformer_file,
+            field="model.qwen_image.transformer_file",
+            what="a Qwen-Image transformer (diffusers or ComfyUI names, the same architecture)",
+            read=_read_single_file,
+        )
 
     def _identity(self, folder: Path, dtype: torch.dtype) -> str:
         """What the cached latents and prompt encodings depend on: the VAE, the text encoder
@@ -218,14 +204,7 @@ class QwenImageFamily:
         parts = model.parts
         if keep_decoder and self.options.sample_cfg > 1 and parts["negative"] is None:
             parts["negative"] = self.encode_prompts(model, [self.options.negative_prompt])
-        parts["encoder"] = None
-        if not keep_decoder:
-            parts["vae"] = None
-        parts["released"] = True
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        denoiser_on_device(model)
+        free_encoders(model, "encoder", keep_decoder=keep_decoder)
 
     def _encoder(self, model: LoadedModel) -> tuple[Any, Qwen2_5_VLForConditionalGeneration]:
         parts = model.parts
@@ -250,22 +229,6 @@ class QwenImageFamily:
         return parts["vae"]
 
     # ---------------------------------------------------------------------------- training
-
-    def sample_timesteps(
-        self, shape: torch.Size, *, generator: torch.Generator, device: torch.device
-    ) -> Tensor:
-        """Uniform sigma, shifted by the pipeline's rule for this image's token count."""
-        u = torch.rand(shape[0], generator=generator).clamp(T_MIN, T_MAX)
-        return self.shift.apply(u, self._mu(shape)).clamp(T_MIN, T_MAX).to(device)
-
-    def timesteps_from_fractions(self, fractions: Tensor, shape: torch.Size) -> Tensor:
-        """Qwen-Image's timestep (sigma) is the noise fraction of the flow interpolation."""
-        return fractions
-
-    def noisy_input_and_target(
-        self, latents: Tensor, noise: Tensor, timesteps: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        return flow_noisy_input_and_target(latents, noise, timesteps)
 
     def predict(
         self, model: LoadedModel, noisy: Tensor, timesteps: Tensor, text: TextEncoding
@@ -297,7 +260,8 @@ class QwenImageFamily:
             return_dict=False,
         )[0]
 
-    def _mu(self, shape: torch.Size) -> float:
+    def training_mu(self, shape: torch.Size) -> float:
+        """``calculate_shift`` of the packed token count (training and the samples)."""
         return self.shift.mu_for((shape[-2] // 2) * (shape[-1] // 2))
 
     @torch.no_grad()
@@ -322,7 +286,9 @@ class QwenImageFamily:
         tokens = pack(latents)
         negative = self._negative(model, batch)
         grid = torch.linspace(1.0, 1.0 / steps, steps)
-        sigmas = torch.cat([self.shift.sigmas(grid, self._mu(latents.shape)), torch.zeros(1)])
+        sigmas = torch.cat(
+            [self.shift.sigmas(grid, self.training_mu(latents.shape)), torch.zeros(1)]
+        )
         for now, after in itertools.pairwise(sigmas.tolist()):
             t = torch.full((batch,), now, device=device)
             v = self._velocity_tokens(model, tokens, t, text, rows, columns).float()
@@ -353,6 +319,12 @@ def _true_cfg(conditional: Tensor, unconditional: Tensor, scale: float) -> Tenso
 def _vae_scale(vae_config: dict[str, Any]) -> int:
     """Pixels per latent cell: 2 per ``temperal_downsample`` entry (8)."""
     return 2 ** len(vae_config.get("temperal_downsample") or [0, 0, 0])
+
+
+def _read_single_file(path: Path) -> dict[str, Tensor]:
+    """A transformer file's state dict with diffusers names: diffusers reads a Qwen-Image file
+    only with unprefixed names; ComfyUI's use the same names, some under a model prefix."""
+    return {_strip_prefix(key): value for key, value in load_file(path).items()}
 
 
 def _strip_prefix(key: str) -> str:

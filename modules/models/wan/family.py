@@ -50,7 +50,7 @@ from transformers import AutoTokenizer, UMT5EncoderModel
 from modules.config import ConfigError
 from modules.lora.comfyui import to_comfyui
 from modules.models.base import ComfyConverter, LoadedModel, ModelLoadError, TextEncoding
-from modules.models.flow_matching import euler_sample, flow_noisy_input_and_target, shift_timesteps
+from modules.models.flow_matching import T_MAX, T_MIN, FlowMatching, euler_sample, shift_timesteps
 from modules.models.model_folder import (
     check_model_folder,
     denoiser_on_device,
@@ -68,13 +68,12 @@ TEXT_TOKENS = 512
 """Prompt length the WAN transformers were trained with (the pipeline's max_sequence_length)."""
 SAMPLE_GUIDANCE = 5.0
 """Classifier-free guidance scale of the training samples (the WAN pipeline's default)."""
-T_MIN, T_MAX = 1e-3, 1 - 1e-3
 """The uniform draw is kept off the exact ends, as in ``sample_flow_timesteps``."""
 REQUIRED_PARTS = ("transformer", "vae", "text_encoder", "tokenizer")
 EXAMPLE_FOLDER = "a download of Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 
 
-class WanFamily:
+class WanFamily(FlowMatching):
     """WAN 2.1 / 2.2 text-to-video, with its options (``model.wan``)."""
 
     name = "wan"
@@ -309,15 +308,6 @@ class WanFamily:
         low, high = max(low, T_MIN), min(high, T_MAX)
         u = low + (high - low) * torch.rand(shape[0], generator=generator)
         return shift_timesteps(u, self.flow_shift).to(device)
-
-    def timesteps_from_fractions(self, fractions: Tensor, shape: torch.Size) -> Tensor:
-        """WAN's ``t`` is the noise fraction of the flow interpolation."""
-        return fractions
-
-    def noisy_input_and_target(
-        self, latents: Tensor, noise: Tensor, timesteps: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        return flow_noisy_input_and_target(latents, noise, timesteps)
 
     def predict(
         self, model: LoadedModel, noisy: Tensor, timesteps: Tensor, text: TextEncoding
