@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from modules.config.schema import ConceptConfig
+from modules.data.batches import BucketBatchSampler
 from modules.data.buckets import (
     BucketRule,
     bucket_sizes,
@@ -145,3 +146,20 @@ def test_image_and_mask_loaders_take_the_same_crop_at_any_size(tmp_path):
     full = mask[0] > 0.99
     assert bool(full[red].all()) and float(red[full].float().mean()) > 0.75  # edges blend
     assert not bool((mask[0] > 0)[image[1] > 0.99].any())  # white stays outside the mask
+
+
+def test_bucketed_batches_are_one_bucket_each_none_dropped_and_fixed_by_the_seed():
+    shapes = [(4, 8, 4)] * 5 + [(4, 4, 8)] * 3 + [(4, 6, 6)] * 2
+
+    def passes(seed, count=3):
+        sampler = BucketBatchSampler(shapes, 2, torch.Generator().manual_seed(seed))
+        return [list(sampler) for _ in range(count)]
+
+    first = passes(0)
+    assert first == passes(0) and first != passes(1)
+    for batches in first:
+        assert all(len({shapes[i] for i in batch}) == 1 for batch in batches)
+        assert sorted(i for batch in batches for i in batch) == list(range(len(shapes)))
+        assert sorted(len(batch) for batch in batches) == [1, 1, 2, 2, 2, 2]
+    assert first[0] != first[1]  # each pass reshuffles
+    assert len(BucketBatchSampler(shapes, 2, torch.Generator())) == 6
