@@ -8,7 +8,10 @@ Variants, all on the demo family with the same data, seed and batch:
   samples that kept their mask, and not at all when none did).
 
 The variants are timed in interleaved rounds in one process, so a slow moment of the machine
-hits all of them alike; the ratios against ``masked`` are the result.
+hits all of them alike; the ratios against ``masked`` are the result. Then, in the same
+rounds on the ``prior`` trainer, the teacher's parts against its whole step: the switch
+(``lora_disabled``: every adapter layer off and on again), diffusers' own
+``disable_adapters`` / ``enable_adapters`` pair for comparison, and the no-grad teacher forward.
 
     python benchmarks/teacher_overhead.py [--rounds 5] [--steps 10] [--batch 4]
 """
@@ -28,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from modules.config import config_from_dict
 from modules.data.demo_dataset import write_demo_dataset
+from modules.lora import lora_disabled
 from modules.trainer import GenericTrainer
 
 VARIANTS = {
@@ -59,6 +63,44 @@ def make_trainer(name: str, root: Path, batch: int, resolution: int) -> GenericT
     return trainer
 
 
+def time_teacher_parts(trainer: GenericTrainer, repeats: int) -> dict[str, float]:
+    """Seconds per step of the teacher's switch (ours and diffusers'), and of its forward."""
+    denoiser, family, model = trainer.model.denoiser, trainer.family, trainer.model
+    batch = next(trainer.batches)
+    latents = batch.latents.to(trainer.device)
+    text = {k: v.to(trainer.device) for k, v in batch.text.items()}
+    timesteps = family.sample_timesteps(
+        latents.shape, generator=torch.Generator().manual_seed(0), device=trainer.device
+    )
+    noisy, _ = family.noisy_input_and_target(latents, torch.randn_like(latents), timesteps)
+
+    def switch() -> None:
+        with lora_disabled(denoiser):
+            pass
+
+    def diffusers_switch() -> None:
+        denoiser.disable_adapters()
+        denoiser.enable_adapters()
+
+    def forward() -> None:
+        with torch.no_grad(), trainer.accelerator.autocast(), lora_disabled(denoiser):
+            family.predict(model, noisy, timesteps, text)
+
+    found = {}
+    for label, run in (
+        ("switch (lora_disabled, the layers found once)", switch),
+        ("switch (diffusers' disable/enable_adapters)", diffusers_switch),
+        ("teacher forward (no grad, switch included)", forward),
+    ):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            run()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        found[label] = (time.perf_counter() - start) / repeats
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -77,6 +119,7 @@ def main() -> None:
         times: dict[str, list[float]] = {name: [] for name in VARIANTS}
         teacher: dict[str, list[float]] = {name: [] for name in VARIANTS}
         memory: dict[str, int] = {}
+        pieces: dict[str, list[float]] = {}
         for _ in range(args.rounds):
             for name, trainer in trainers.items():
                 if cuda:
@@ -89,6 +132,9 @@ def main() -> None:
                     torch.cuda.synchronize()
                     memory[name] = max(memory.get(name, 0), torch.cuda.max_memory_allocated())
                 times[name].append((time.perf_counter() - start) / args.steps)
+            parts = time_teacher_parts(trainers["prior"], args.steps)
+            for part, seconds in parts.items():
+                pieces.setdefault(part, []).append(seconds)
     device = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
     print(
         f"demo family, batch {args.batch}, {args.resolution}px, {args.rounds} rounds x "
@@ -108,6 +154,11 @@ def main() -> None:
         if cuda:
             row += f" {memory[name] / 2**30:>9.2f}"
         print(row)
+    step = statistics.median(times["prior"])
+    print(f"\nthe teacher's parts, per step of 'prior' ({step * 1000:.1f} ms)")
+    for part, seconds in pieces.items():
+        median = statistics.median(seconds)
+        print(f"{part:<44} {median * 1000:>8.2f} ms {median / step:>8.1%}")
 
 
 if __name__ == "__main__":

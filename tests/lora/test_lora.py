@@ -67,6 +67,17 @@ def test_lora_is_back_on_after_an_exception(demo_family, demo_model, demo_inputs
     assert torch.equal(_predict(demo_family, demo_model, demo_inputs), student)
 
 
+def test_the_switch_keeps_what_trains_and_refuses_a_model_without_lora(demo_model):
+    with pytest.raises(ValueError, match="no LoRA adapter"), lora_disabled(demo_model.denoiser):
+        pass
+    _lora_model(demo_model)
+    before = {n: p.requires_grad for n, p in demo_model.denoiser.named_parameters()}
+    for _ in range(3):  # the layers found at the first call serve the next ones
+        with lora_disabled(demo_model.denoiser):
+            assert not any(p.requires_grad for p in demo_model.denoiser.parameters())
+    assert {n: p.requires_grad for n, p in demo_model.denoiser.named_parameters()} == before
+
+
 def test_save_load_round_trip_through_diffusers(tmp_path, demo_family, demo_inputs):
     model = _lora_model(build_demo_model(seed=0, architecture="wan"))
     student = _predict(demo_family, model, demo_inputs)
