@@ -16,7 +16,6 @@ commands (stop, save, sample) from another.
 
 from __future__ import annotations
 
-import errno
 import functools
 import itertools
 import logging
@@ -33,13 +32,11 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from diffusers.optimization import get_scheduler
-from PIL import Image
 from torch.utils.data import DataLoader
 
 from modules.atomic import write_text_atomic
 from modules.config import ConfigError, TrainConfig, config_warnings, resolved_config_json
 from modules.data.batches import BucketBatchSampler
-from modules.data.buckets import Size
 from modules.data.concept import DataError
 from modules.data.dataset import Batch, collate
 from modules.data.preparation import prepare_dataset
@@ -51,7 +48,6 @@ from modules.lora import (
 )
 from modules.loss import LossBreakdown, masked_prior_loss, process_masks
 from modules.models import LoadedModel, ModelFamily, ModelLoadError, get_family, select_text
-from modules.models.base import eval_mode
 from modules.models.registry import family_spec
 from modules.trainer.banner import banner_lines
 from modules.trainer.drift import HeldOutSet, measure_drift
@@ -61,13 +57,12 @@ from modules.trainer.events import (
     Event,
     FileSaved,
     Finished,
-    SamplePair,
-    SampleSaved,
     StatusMessage,
     StepMetrics,
 )
 from modules.trainer.preflight import Preflight, preflight
-from modules.trainer.run_folder import MetricsLog, RunLock, keep_previous_run
+from modules.trainer.run_folder import MetricsLog, RunLock, keep_previous_run, os_error_reason
+from modules.trainer.sampling import Samples, sample_size
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +107,6 @@ class GenericTrainer:
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         self.preflight: Preflight | None = None
         """The checks before the model loads (``run`` makes them before taking the lock)."""
-        self.base_samples: list[tuple[Path, Image.Image]] | None = None
-        """The prompts sampled with the LoRA off, once per run (the base does not change)."""
 
     # ----------------------------------------------------------------------------- entry point
 
@@ -196,10 +189,19 @@ class GenericTrainer:
             prior=config.prior,
         )
         self.dataset = prepared.dataset
-        self.sample_size = _sample_size(config, prepared.bucket_histogram())
         # Sampling prompts are encoded once, now, so the text encoder can be freed for training.
         prompts = list(config.sampling.prompts)
-        self.sample_text = self.family.encode_prompts(self.model, prompts) if prompts else None
+        self.samples = Samples(
+            config,
+            family=self.family,
+            model=self.model,
+            text=self.family.encode_prompts(self.model, prompts) if prompts else None,
+            size=sample_size(config, prepared.bucket_histogram()),
+            folder=self.run_dir / "samples",
+            events=self.events,
+            status=self._status,
+            autocast=self.accelerator.autocast,
+        )
         self.heldout = self._build_heldout()  # needs the text encoder; before the LoRA exists
         captions = _caption_length_note(self.family, self.model, prepared.captions())
         self.family.release_encoders(self.model, keep_decoder=bool(prompts))
@@ -448,8 +450,8 @@ class GenericTrainer:
         error = self.metrics.append(row)
         if error is not None and not was_failing:
             self._status(
-                f"warning: cannot write {self.metrics.path} ({_reason(error)}): training goes "
-                "on; the rows are kept and written when the disk takes them again",
+                f"warning: cannot write {self.metrics.path} ({os_error_reason(error)}): training "
+                "goes on; the rows are kept and written when the disk takes them again",
                 "warning",
             )
         elif error is None and was_failing:
@@ -463,7 +465,7 @@ class GenericTrainer:
         elif self.unsaved is not None and self.step % SAVE_RETRY_STEPS == 0:
             self._save(self.unsaved)
         if sampling.every and sampling.prompts and self.step % sampling.every == 0:
-            self._sample()
+            self.samples.write(self.step)
         while True:
             try:
                 command = self.commands.get_nowait()
@@ -475,7 +477,7 @@ class GenericTrainer:
             if command is Command.SAVE:
                 self._save(self.lora_path)
             elif command is Command.SAMPLE:
-                self._sample()
+                self.samples.write(self.step)
 
     def _save(self, path: Path) -> bool:
         """Write the LoRA to ``path``. A file system error (a full disk, a lost mount) is said
@@ -497,8 +499,8 @@ class GenericTrainer:
         except OSError as error:
             self.unsaved = path
             self._status(
-                f"warning: could not save {path} ({_reason(error)}): training goes on with the "
-                "LoRA in memory; the save is tried again at the next save point and at the end"
+                f"warning: could not save {path} ({os_error_reason(error)}): training goes on with "
+                "the LoRA in memory; the save is tried again at the next save point and at the end"
                 + (f" (last saved: {self.last_saved})" if self.last_saved else ""),
                 "warning",
             )
@@ -571,93 +573,6 @@ class GenericTrainer:
         self.events.put(event)
         return event
 
-    def _sample(self) -> None:
-        """Samples never stop training: a file that cannot be written is said and skipped."""
-        try:
-            self._write_samples()
-        except OSError as error:
-            where = error.filename or self.run_dir / "samples"
-            self._status(
-                f"warning: could not write the samples at step {self.step} to {where} "
-                f"({_reason(error)}): training goes on",
-                "warning",
-            )
-
-    @torch.no_grad()
-    def _write_samples(self) -> None:
-        """The prompts with the LoRA; with ``sampling.with_base`` also beside the base's."""
-        sampling, text = self.config.sampling, self.sample_text
-        if text is None:
-            self._status("Nothing to sample: add prompts under sampling.prompts", "warning")
-            return
-        folder = self.run_dir / "samples"
-        folder.mkdir(parents=True, exist_ok=True)
-        with eval_mode(self.model.denoiser):
-            images = self._generate(text)
-            base = self._base_samples(text) if sampling.with_base else None
-        for i, (prompt, image) in enumerate(zip(sampling.prompts, images, strict=True)):
-            path = folder / f"step{self.step:06d}-{i}-lora.png"
-            picture = self._save_sample(image, path)
-            self.events.put(SampleSaved(path, self.step, prompt, with_lora=True))
-            if base is not None:
-                base_path, base_picture = base[i]
-                pair = folder / f"step{self.step:06d}-{i}-pair.png"
-                _side_by_side(base_picture, picture).save(pair)
-                self.events.put(SamplePair(pair, self.step, prompt, base_path, path))
-        self._status(f"Sampled {len(sampling.prompts)} prompt(s) at step {self.step}")
-
-    def _base_samples(self, text: dict[str, torch.Tensor]) -> list[tuple[Path, Image.Image]]:
-        """The prompts with the LoRA off: sampled and saved (``samples/base/NN.png``) at the
-        first sampling of the run, reused after, since the same seed gives the same images."""
-        if self.base_samples is None:
-            folder = self.run_dir / "samples" / "base"
-            folder.mkdir(parents=True, exist_ok=True)
-            with lora_disabled(self.model.denoiser):
-                images = self._generate(text)
-            prompts, self.base_samples = self.config.sampling.prompts, []
-            for i, (prompt, image) in enumerate(zip(prompts, images, strict=True)):
-                path = folder / f"{i:02d}.png"
-                picture = self._save_sample(image, path)
-                self.events.put(SampleSaved(path, self.step, prompt, with_lora=False))
-                self.base_samples.append((path, picture))
-        return self.base_samples
-
-    def _generate(self, text: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Every sampling starts from the same noise (``sampling.seed``), at the sample size;
-        a clip when ``sampling.frames`` > 1 (video families)."""
-        sampling = self.config.sampling
-        generator = torch.Generator().manual_seed(sampling.seed)
-        clip = {"frames": sampling.frames} if sampling.frames > 1 else {}
-        with self.accelerator.autocast():
-            return self.family.sample(
-                self.model,
-                text,
-                size=self.sample_size,
-                steps=sampling.steps,
-                generator=generator,
-                **clip,
-            )
-
-    def _save_sample(self, image: torch.Tensor, path: Path) -> Image.Image:
-        """Save a sample as ``path`` (PNG) and return it; a clip (3, F, H, W) also as an
-        animated WebP beside it at ``data.fps``, the PNG being its first frame."""
-        if image.dim() == 3:
-            picture = _to_pil(image)
-            picture.save(path)
-            return picture
-        frames = [_to_pil(image[:, index]) for index in range(image.shape[1])]
-        duration = round(1000 / (self.config.data.fps or 16))
-        frames[0].save(
-            path.with_suffix(".webp"),
-            save_all=True,
-            append_images=frames[1:],
-            duration=duration,
-            loop=0,
-            lossless=True,
-        )
-        frames[0].save(path)
-        return frames[0]
-
     def _nan_message(self, what: str) -> str:
         """``what`` went wrong at the step being taken; names the last (finite) saved LoRA."""
         kept = (
@@ -681,22 +596,6 @@ class GenericTrainer:
 def _loss_text(loss: LossBreakdown) -> str:
     total, target, prior = (float(x.detach()) for x in (loss.total, loss.target, loss.prior))
     return f"the loss is not finite (total {total}, target {target}, prior {prior})"
-
-
-def _reason(error: OSError) -> str:
-    if error.errno == errno.ENOSPC:
-        return "the disk is full"
-    return error.strerror or str(error)
-
-
-def _sample_size(config: TrainConfig, buckets: list[tuple[Size, int]]) -> Size:
-    """``sampling.width`` x ``sampling.height``, or the training size most items have."""
-    sampling = config.sampling
-    if sampling.width is not None and sampling.height is not None:
-        return (sampling.width, sampling.height)
-    if buckets:
-        return buckets[0][0]
-    return (config.data.resolution, config.data.resolution)
 
 
 def _caption_length_note(family: ModelFamily, model: LoadedModel, captions: list[str]) -> list[str]:
@@ -756,17 +655,3 @@ def _drift_row(reading: DriftMeasured) -> dict[str, float | None]:
         "drift_world": reading.drift_world,
         "drift_seconds": reading.seconds,
     }
-
-
-def _side_by_side(left: Image.Image, right: Image.Image) -> Image.Image:
-    """The two images in one, ``left`` on the left (same height: samples of one run)."""
-    pair = Image.new("RGB", (left.width + right.width, max(left.height, right.height)))
-    pair.paste(left, (0, 0))
-    pair.paste(right, (left.width, 0))
-    return pair
-
-
-def _to_pil(image: torch.Tensor) -> Image.Image:
-    """(3, H, W) in [-1, 1] → an 8-bit RGB image."""
-    array = ((image.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0)
-    return Image.fromarray(array.cpu().numpy())

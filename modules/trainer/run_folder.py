@@ -17,6 +17,7 @@ where a new run overwrites an earlier run's files.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import socket
@@ -200,3 +201,10 @@ class MetricsLog:
     @property
     def pending(self) -> int:
         return len(self._pending)
+
+
+def os_error_reason(error: OSError) -> str:
+    """A file system error in words for the user ("the disk is full", ...)."""
+    if error.errno == errno.ENOSPC:
+        return "the disk is full"
+    return error.strerror or str(error)

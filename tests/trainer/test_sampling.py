@@ -11,7 +11,7 @@ from modules.data.demo_dataset import write_demo_dataset
 from modules.lora import lora_disabled
 from modules.models.demo.family import DemoFamily
 from modules.trainer import GenericTrainer, SamplePair, SampleSaved
-from modules.trainer.generic_trainer import _to_pil
+from modules.trainer.sampling import to_pil
 from tests.trainer.test_generic_trainer import make_config
 
 pytestmark = pytest.mark.slow
@@ -94,9 +94,9 @@ def test_the_base_is_sampled_once_and_shown_beside_each_lora_sample(
     # The cached base is what the base model samples now, after training: it never changes.
     trainer.model.denoiser.eval()
     with lora_disabled(trainer.model.denoiser):
-        fresh = trainer._generate(trainer.sample_text)
+        fresh = trainer.samples.generate(trainer.samples.text)
     for index, image in enumerate(fresh):
-        assert np.array_equal(np.asarray(_to_pil(image)), pixels(samples / f"base/0{index}.png"))
+        assert np.array_equal(np.asarray(to_pil(image)), pixels(samples / f"base/0{index}.png"))
     # ... and after four steps at a high learning rate the LoRA's samples are not the base's.
     assert not np.array_equal(pixels(pairs[2].lora_path), pixels(pairs[2].base_path))
 
