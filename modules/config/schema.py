@@ -431,9 +431,20 @@ class OutputConfig(Section):
         "diffusers",
         title="LoRA format",
         description=(
-            "Key layout of the saved LoRA. diffusers: transformer.blocks.0.attn1.to_q.lora_A "
-            "(pipe.load_lora_weights). comfyui: diffusion_model.blocks.0.self_attn.q.lora_down "
-            "with alpha, the native WAN layout ComfyUI's LoRA loaders read."
+            "Key layout of the saved LoRA. diffusers: transformer.<module>.lora_A / lora_B "
+            "(the family pipeline's load_lora_weights). comfyui: the layout ComfyUI's LoRA "
+            "loaders read for the family (WAN: diffusion_model.blocks.0.self_attn.q.lora_down "
+            "with alpha; the README's family sections say each one)."
+        ),
+    )
+    log_with: Literal["none", "tensorboard", "wandb"] = Field(
+        "none",
+        title="Log to",
+        description=(
+            "Also log the metrics.jsonl numbers, the drift readings and the samples to "
+            "TensorBoard (event files in RUN_DIR/logs/) or Weights & Biases, through "
+            "accelerate's trackers; the package must be installed (tensorboard comes with "
+            "the requirements)."
         ),
     )
 

@@ -63,6 +63,7 @@ from modules.trainer.events import (
 from modules.trainer.preflight import Preflight, preflight
 from modules.trainer.run_folder import MetricsLog, RunLock, keep_previous_run, os_error_reason
 from modules.trainer.sampling import Samples, sample_size
+from modules.trainer.trackers import Trackers
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,8 @@ class GenericTrainer:
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         self.preflight: Preflight | None = None
         """The checks before the model loads (``run`` makes them before taking the lock)."""
+        self.trackers: Trackers | None = None
+        """TensorBoard / wandb (``output.log_with``), made by ``setup``."""
 
     # ----------------------------------------------------------------------------- entry point
 
@@ -137,6 +140,8 @@ class GenericTrainer:
                 f"unexpected error: {type(error).__name__}: {error}", "training"
             )
         finally:
+            if self.trackers is not None:
+                self.trackers.end()
             lock.release()
         self.events.put(finished)
         return finished
@@ -155,7 +160,8 @@ class GenericTrainer:
         config = self.config
         if self.preflight is None:
             self.preflight = preflight(config, create_run_dir=True)
-        self.accelerator = _new_accelerator(config.training.mixed_precision)
+        self.accelerator = _new_accelerator(config, self.run_dir / "logs")
+        self.trackers = Trackers(self.accelerator, config)
         self.device = self.accelerator.device
         self.family: ModelFamily = get_family(config.model)
 
@@ -201,6 +207,7 @@ class GenericTrainer:
             events=self.events,
             status=self._status,
             autocast=self.accelerator.autocast,
+            on_image=self.trackers.image,
         )
         self.heldout = self._build_heldout()  # needs the text encoder; before the LoRA exists
         captions = _caption_length_note(self.family, self.model, prepared.captions())
@@ -246,6 +253,7 @@ class GenericTrainer:
         if kept is not None:
             self._status(f"The run folder held an earlier run: moved its files to {kept}")
         self.metrics.start()
+        self.trackers.start()
         write_text_atomic(
             self.run_dir / f"{config.output.name}.json", resolved_config_json(config) + "\n"
         )
@@ -448,6 +456,7 @@ class GenericTrainer:
         written once it takes them again (said once, and again when it recovers)."""
         was_failing = self.metrics.pending > 0
         error = self.metrics.append(row)
+        self.trackers.log(row)
         if error is not None and not was_failing:
             self._status(
                 f"warning: cannot write {self.metrics.path} ({os_error_reason(error)}): training "
@@ -613,13 +622,19 @@ def _caption_length_note(family: ModelFamily, model: LoadedModel, captions: list
     ]
 
 
-def _new_accelerator(mixed_precision: str) -> Accelerator:
-    """An Accelerator for this run. accelerate keeps its settings in a process-wide singleton
-    that refuses a second mixed-precision mode; the UI runs many trainings in one process, each
-    with its own config, so the singleton is cleared first (one run at a time per process)."""
+def _new_accelerator(config: TrainConfig, logs: Path) -> Accelerator:
+    """An Accelerator for this run (its trackers writing to ``logs``). accelerate keeps its
+    settings in a process-wide singleton that refuses a second mixed-precision mode; the UI runs
+    many trainings in one process, each with its own config, so the singleton is cleared first
+    (one run at a time per process)."""
     AcceleratorState._reset_state()
     GradientState._reset_state()
-    return Accelerator(mixed_precision=mixed_precision)
+    log_with = config.output.log_with
+    return Accelerator(
+        mixed_precision=config.training.mixed_precision,
+        log_with=None if log_with == "none" else log_with,
+        project_dir=str(logs),
+    )
 
 
 def _make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:

@@ -9,6 +9,7 @@ notes, said once at the start of a run.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +44,7 @@ def preflight(config: TrainConfig, *, create_run_dir: bool) -> Preflight:
     if not config.data.concepts:
         raise ConfigError("data.concepts: no concepts; add at least one image folder")
     check_run_folder(Path(config.output.run_dir), create=create_run_dir)
-    problems = _missing_paths(config) + _resolution_problem(config)
+    problems = _missing_paths(config) + _resolution_problem(config) + _tracker_problem(config)
     scans = []
     for concept in config.data.concepts:
         try:
@@ -72,6 +73,22 @@ def preflight(config: TrainConfig, *, create_run_dir: bool) -> Preflight:
         line = f"Buckets ({len(placement.histogram())} used by {len(readable)} items): "
         line += histogram_text(placement, names)
     return Preflight(scans=scans, notes=notes, buckets=line)
+
+
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+"""``output.log_with`` → the package it needs."""
+
+
+def _tracker_problem(config: TrainConfig) -> list[str]:
+    """``output.log_with`` naming a tracker whose package is not installed."""
+    log_with = config.output.log_with
+    package = TRACKER_PACKAGES.get(log_with)
+    if package is None or importlib.util.find_spec(package) is not None:
+        return []
+    return [
+        f"output.log_with={log_with}: the {package} package is not installed; install it "
+        f"(pip install {package}) or set output.log_with=none"
+    ]
 
 
 def _resolution_problem(config: TrainConfig) -> list[str]:

@@ -24,6 +24,8 @@ from modules.trainer.run_folder import os_error_reason
 
 Status = Callable[[str, str], None]
 """The trainer's status line: (text, level)."""
+OnImage = Callable[[str, Image.Image, int], None]
+"""Called with (tag, picture, step) for every sample saved (the trackers' images)."""
 
 
 class Samples:
@@ -41,6 +43,7 @@ class Samples:
         events: queue.Queue[Event],
         status: Status,
         autocast: Callable[[], object],
+        on_image: OnImage | None = None,
     ) -> None:
         self.config = config
         self.family, self.model = family, model
@@ -51,6 +54,7 @@ class Samples:
         self.events = events
         self.status = status
         self.autocast = autocast
+        self.on_image = on_image
         self.base: list[tuple[Path, Image.Image]] | None = None
         """The prompts sampled with the LoRA off, once per run."""
 
@@ -80,12 +84,19 @@ class Samples:
             path = self.folder / f"step{step:06d}-{i}-lora.png"
             picture = self._save(image, path)
             self.events.put(SampleSaved(path, step, prompt, with_lora=True))
+            self._image(f"samples/{i}-lora", picture, step)
             if base is not None:
                 base_path, base_picture = base[i]
                 pair = self.folder / f"step{step:06d}-{i}-pair.png"
-                side_by_side(base_picture, picture).save(pair)
+                joined = side_by_side(base_picture, picture)
+                joined.save(pair)
                 self.events.put(SamplePair(pair, step, prompt, base_path, path))
+                self._image(f"samples/{i}-pair", joined, step)
         self.status(f"Sampled {len(sampling.prompts)} prompt(s) at step {step}", "info")
+
+    def _image(self, tag: str, picture: Image.Image, step: int) -> None:
+        if self.on_image is not None:
+            self.on_image(tag, picture, step)
 
     def _base_samples(self, text: TextEncoding, step: int) -> list[tuple[Path, Image.Image]]:
         """The prompts with the LoRA off: sampled and saved (``samples/base/NN.png``) at the
