@@ -62,6 +62,14 @@ def _parser() -> argparse.ArgumentParser:
             help="override a config field, e.g. --set training.steps=100 (repeatable)",
         )
         sub.add_argument("--run-dir", help="output folder (overrides output.run_dir)")
+        if name == "train":
+            sub.add_argument(
+                "--resume",
+                nargs="?",
+                const="latest",
+                metavar="latest|BACKUP_DIR",
+                help="continue from the run folder's latest backup (or the one given)",
+            )
     demo = commands.add_parser("demo-data", help="write the demo dataset")
     demo.add_argument("root", nargs="?", default=str(DEMO_DATA_ROOT))
     return parser
@@ -144,13 +152,13 @@ def signal_name(signum: int) -> str:
     return "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
 
 
-def train(config: TrainConfig) -> int:
+def train(config: TrainConfig, resume: str | None = None) -> int:
     from modules.trainer import Command, Finished, GenericTrainer
 
     ensure_demo_data(config)
     events: queue.Queue[Event] = queue.Queue()
     commands: queue.Queue[Command] = queue.Queue()
-    trainer = GenericTrainer(config, events, commands)
+    trainer = GenericTrainer(config, events, commands, resume=resume)
     worker = threading.Thread(target=trainer.run, name="trainer", daemon=True)
     signals = _Signals()
     try:
@@ -268,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG_ERROR
     if args.command == "check":
         return check(config, args.preset)
-    return train(config)
+    return train(config, getattr(args, "resume", None))
 
 
 def check(config: TrainConfig, preset: str) -> int:

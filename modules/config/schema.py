@@ -437,6 +437,20 @@ class OutputConfig(Section):
             "with alpha; the README's family sections say each one)."
         ),
     )
+    backup_every: int = Field(
+        0,
+        ge=0,
+        le=10_000_000,
+        title="Backup every",
+        description=(
+            "Every N steps (and on Stop or Ctrl-C) write a backup to RUN_DIR/backups/: the "
+            "LoRA, optimizer, scheduler and random states, so that --resume continues exactly "
+            "(0: no backups)."
+        ),
+    )
+    backup_keep: int = Field(
+        2, ge=1, le=1000, title="Backups kept", description="How many of the last backups stay."
+    )
     log_with: Literal["none", "tensorboard", "wandb"] = Field(
         "none",
         title="Log to",

@@ -17,21 +17,23 @@ commands (stop, save, sample) from another.
 from __future__ import annotations
 
 import functools
-import itertools
+import json
 import logging
 import queue
 import random
 import time
 import traceback
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from diffusers.optimization import get_scheduler
+from peft import set_peft_model_state_dict
+from peft.utils import get_peft_model_state_dict
 from torch.utils.data import DataLoader
 
 from modules.atomic import write_text_atomic
@@ -49,7 +51,9 @@ from modules.lora import (
 from modules.loss import LossBreakdown, masked_prior_loss, process_masks
 from modules.models import LoadedModel, ModelFamily, ModelLoadError, get_family, select_text
 from modules.models.registry import family_spec
+from modules.trainer.backups import compare_configs, find_backup, read_backup, write_backup
 from modules.trainer.banner import banner_lines
+from modules.trainer.batch_stream import BatchStream
 from modules.trainer.drift import HeldOutSet, measure_drift
 from modules.trainer.events import (
     Command,
@@ -94,8 +98,11 @@ class GenericTrainer:
         config: TrainConfig,
         events: queue.Queue[Event] | None = None,
         commands: queue.Queue[Command] | None = None,
+        resume: str | None = None,
     ) -> None:
         self.config = config
+        self.resume = resume
+        """``latest`` or a backup folder to continue from (``--resume``); None: a new run."""
         self.events: queue.Queue[Event] = events if events is not None else queue.Queue()
         self.commands: queue.Queue[Command] = commands if commands is not None else queue.Queue()
         self.run_dir = Path(config.output.run_dir)
@@ -160,6 +167,7 @@ class GenericTrainer:
         config = self.config
         if self.preflight is None:
             self.preflight = preflight(config, create_run_dir=True)
+        backup = self._backup_to_resume()
         self.accelerator = _new_accelerator(config, self.run_dir / "logs")
         self.trackers = Trackers(self.accelerator, config)
         self.device = self.accelerator.device
@@ -248,11 +256,15 @@ class GenericTrainer:
         self.batches = self._batches()
         n_params = sum(p.numel() for p in params)
         self._status(f"LoRA: {n_params:,} trainable parameters in {len(params) // 2} layers")
-        # Every check has passed: only now is an earlier run's work moved aside.
-        kept = keep_previous_run(self.run_dir)
-        if kept is not None:
-            self._status(f"The run folder held an earlier run: moved its files to {kept}")
-        self.metrics.start()
+        if backup is not None:
+            self._restore(*backup)
+            self.metrics.resume(self.step)
+        else:
+            # Every check has passed: only now is an earlier run's work moved aside.
+            kept = keep_previous_run(self.run_dir)
+            if kept is not None:
+                self._status(f"The run folder held an earlier run: moved its files to {kept}")
+            self.metrics.start()
         self.trackers.start()
         write_text_atomic(
             self.run_dir / f"{config.output.name}.json", resolved_config_json(config) + "\n"
@@ -273,7 +285,7 @@ class GenericTrainer:
         config = self.config.training
         started = time.perf_counter()
         sec_per_step = 0.0
-        if self.heldout is not None:
+        if self.heldout is not None and self.step == 0:
             # The baseline, in a row of its own: no drift yet, the untrained subject loss.
             self._append_row({"step": self.step, **_drift_row(self._measure_drift())})
         while self.step < config.steps:
@@ -403,14 +415,14 @@ class GenericTrainer:
                 masks[i] = 1.0
         return masks
 
-    def _batches(self) -> Iterator[Batch]:
+    def _batches(self) -> BatchStream:
         """Endless batches: each pass over the loader reshuffles with the run's seed. With
         buckets every batch comes from one bucket (``BucketBatchSampler``); without, a batch
         is any ``batch_size`` samples and the last, smaller one of a pass is dropped."""
         seed, size = self.config.training.seed + 1, self.config.training.batch_size
         collate_fn = functools.partial(collate, generator=self.generator)
+        order = torch.Generator().manual_seed(seed)
         if self.config.data.buckets:
-            order = torch.Generator().manual_seed(seed)
             sampler = BucketBatchSampler(self.dataset.latent_shapes(), size, order)
             loader = DataLoader(
                 self.dataset, batch_sampler=sampler, collate_fn=collate_fn, generator=order
@@ -422,10 +434,10 @@ class GenericTrainer:
                 shuffle=True,
                 drop_last=len(self.dataset) >= size,
                 collate_fn=collate_fn,
-                generator=torch.Generator().manual_seed(seed),
+                generator=order,
             )
         self.steps_per_epoch = max(1, len(loader) // self.config.training.gradient_accumulation)
-        return itertools.chain.from_iterable(itertools.repeat(loader))
+        return BatchStream(loader, order)
 
     # ------------------------------------------------------------------------- between steps
 
@@ -475,6 +487,8 @@ class GenericTrainer:
             self._save(self.unsaved)
         if sampling.every and sampling.prompts and self.step % sampling.every == 0:
             self.samples.write(self.step)
+        if output.backup_every and self.step % output.backup_every == 0:
+            self._backup()
         while True:
             try:
                 command = self.commands.get_nowait()
@@ -482,11 +496,74 @@ class GenericTrainer:
                 return False
             if command is Command.STOP:
                 self._status(f"Stopping at step {self.step}: saving the LoRA")
+                if output.backup_every and self.step % output.backup_every:
+                    self._backup()
                 return True
             if command is Command.SAVE:
                 self._save(self.lora_path)
             elif command is Command.SAMPLE:
                 self.samples.write(self.step)
+
+    # ------------------------------------------------------------------ backups and resume
+
+    def _backup_to_resume(self) -> tuple[Path, dict[str, Any]] | None:
+        """The backup ``--resume`` names, its config checked against this run's (before
+        anything loads); None for a new run."""
+        if self.resume is None:
+            return None
+        folder = find_backup(self.run_dir, self.resume)
+        state, config = read_backup(folder)
+        changed = compare_configs(config, json.loads(resolved_config_json(self.config)))
+        if changed:
+            self._status(f"Resuming with other settings of {', '.join(changed)} (allowed)")
+        return folder, state
+
+    def _restore(self, folder: Path, state: dict[str, Any]) -> None:
+        """Put the run back as it was when ``folder`` was written."""
+        denoiser = self.accelerator.unwrap_model(self.model.denoiser)
+        set_peft_model_state_dict(denoiser, state["lora"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.batches.restore(state["data"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        if torch.cuda.is_available() and rng["cuda"]:
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.generator.set_state(rng["noise"])
+        self.mask_rng.setstate(_as_tuple(rng["mask"]))
+        self.step = int(state["step"])
+        self._status(f"Resuming from {folder} at step {self.step}")
+
+    def _backup(self) -> None:
+        """Write a backup of now; a disk that refuses it is said, and training goes on."""
+        denoiser = self.accelerator.unwrap_model(self.model.denoiser)
+        lora = {k: v.detach().cpu() for k, v in get_peft_model_state_dict(denoiser).items()}
+        state = {
+            "step": self.step,
+            "lora": lora,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "data": self.batches.state(),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "noise": self.generator.get_state(),
+                "mask": self.mask_rng.getstate(),
+            },
+        }
+        config_json = resolved_config_json(self.config)
+        try:
+            folder = write_backup(
+                self.run_dir, self.step, state, config_json, self.config.output.backup_keep
+            )
+        except OSError as error:
+            self._status(
+                f"warning: could not write the backup of step {self.step} "
+                f"({os_error_reason(error)}): training goes on; the earlier backups are kept",
+                "warning",
+            )
+            return
+        self._status(f"Backup: {folder}")
 
     def _save(self, path: Path) -> bool:
         """Write the LoRA to ``path``. A file system error (a full disk, a lost mount) is said
@@ -670,3 +747,8 @@ def _drift_row(reading: DriftMeasured) -> dict[str, float | None]:
         "drift_world": reading.drift_world,
         "drift_seconds": reading.seconds,
     }
+
+
+def _as_tuple(value: Any) -> Any:
+    """``random.Random`` state as saved (lists, after loading) back to its nested tuples."""
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, list | tuple) else value

@@ -32,6 +32,7 @@ LOCK_NAME = ".maskprior-run.lock"
 PREVIOUS = "previous"
 METRICS = "metrics.jsonl"
 SAMPLES = "samples"
+BACKUPS = "backups"
 
 try:  # POSIX; elsewhere the folder is not locked (see RunLock)
     import fcntl
@@ -118,9 +119,9 @@ class RunLock:
 def earlier_run_files(run_dir: Path) -> list[Path]:
     """The files an earlier run left in ``run_dir``, whatever its ``output.name``: its LoRAs
     (``.safetensors`` files this program wrote, read from their header), resolved configs
-    (``NAME.json`` files with ``schema_version`` and ``output.name`` NAME), ``metrics.jsonl``
-    and ``samples/``. Anything else in the folder is the user's and stays where it is."""
-    found = [run_dir / name for name in (METRICS, SAMPLES) if (run_dir / name).exists()]
+    (``NAME.json`` files with ``schema_version`` and ``output.name`` NAME), ``metrics.jsonl``,
+    ``samples/`` and ``backups/``. Anything else in the folder is the user's and stays there."""
+    found = [run_dir / name for name in (METRICS, SAMPLES, BACKUPS) if (run_dir / name).exists()]
     for path in sorted(run_dir.iterdir()):
         if not path.is_file() or path.name.startswith("."):
             continue
@@ -182,6 +183,16 @@ class MetricsLog:
 
     def start(self) -> None:
         self.path.write_text("", encoding="utf-8")
+
+    def resume(self, step: int) -> None:
+        """Continue the file of a resumed run: the rows after ``step`` (trained after the
+        backup it resumes from) are dropped."""
+        if not self.path.exists():
+            self.start()
+            return
+        rows = [line for line in self.path.read_text(encoding="utf-8").splitlines() if line]
+        kept = [row for row in rows if json.loads(row).get("step", 0) <= step]
+        self.path.write_text("".join(row + "\n" for row in kept), encoding="utf-8")
 
     def append(self, row: dict[str, Any]) -> OSError | None:
         """Write ``row`` (and any rows held back); the error when it could not, else None."""
