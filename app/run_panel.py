@@ -40,6 +40,11 @@ def format_duration(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
 
 
+NO_BACKUP = "no backup"
+BACKUPS = "backups"
+"""The run folder's backups (``output.backup_every``), listed for Resume."""
+
+
 class RunPanel(ctk.CTkFrame):
     def __init__(
         self,
@@ -55,6 +60,7 @@ class RunPanel(ctk.CTkFrame):
         self._end_listeners: list[Callable[[Any], None]] = []
         self.state = "idle"  # "idle" | "running" | "stopping"
         self.blockers: list[str] = []
+        self._run_dir: Path | None = None
         self.chart_data = ChartData()
         self.drift_data = DriftData()
         self.last_saved: Path | None = None
@@ -97,6 +103,10 @@ class RunPanel(ctk.CTkFrame):
         )
         for button in (self.start_button, self.stop_button, self.save_button, self.sample_button):
             button.pack(side="left", padx=(0, 8))
+        self.resume_button = ctk.CTkButton(bar, text="Resume", width=90, command=self.resume)
+        self.resume_button.pack(side="left", padx=(16, 4))
+        self.backup_menu = ctk.CTkOptionMenu(bar, values=[NO_BACKUP], width=150)
+        self.backup_menu.pack(side="left", padx=(0, 8))
         self.state_label = ctk.CTkLabel(bar, text="", text_color=MUTED_COLOUR)
         self.state_label.pack(side="left", padx=8)
         self.problems = ctk.CTkLabel(
@@ -137,6 +147,8 @@ class RunPanel(ctk.CTkFrame):
 
     def set_validation(self, validation: Validation) -> None:
         self.blockers = validation.blockers
+        config = validation.config
+        self._run_dir = Path(config.output.run_dir) if config is not None else None
         lines = [f"✖ {line}" for line in self.blockers]
         lines += [f"⚠ {line}" for line in validation.warnings]
         colour = ERROR_COLOUR if self.blockers else WARNING_COLOUR
@@ -146,7 +158,15 @@ class RunPanel(ctk.CTkFrame):
             self.drift_charts.show_hint(not validation.config.drift.every)
         self._show_state()
 
-    def start(self) -> None:
+    def resume(self) -> None:
+        """Start the run again from the backup chosen in the menu (the run folder's)."""
+        config = self._config()
+        choice = self.backup_menu.get()
+        if config is None or choice == NO_BACKUP:
+            return
+        self.start(resume=str(Path(config.output.run_dir) / BACKUPS / choice))
+
+    def start(self, resume: str | None = None) -> None:
         config = self._config()
         if self.state != "idle" or config is None or self.blockers:
             return
@@ -165,8 +185,9 @@ class RunPanel(ctk.CTkFrame):
         self.last_end = None
         self._end_text = ""
         self.state_label.configure(text_color=MUTED_COLOUR)
-        self.log(f"Starting a run in {config.output.run_dir} (loading the training engine)")
-        self.trainer.start(config)
+        how = f"Resuming from {resume}" if resume else "Starting a run"
+        self.log(f"{how} in {config.output.run_dir} (loading the training engine)")
+        self.trainer.start(config, resume=resume)
         self.state = "running"
         self._show_state()
         self.after(DRAIN_MS, self.drain)
@@ -202,6 +223,11 @@ class RunPanel(ctk.CTkFrame):
         idle = self.state == "idle"
         can_start = idle and not self.blockers
         self.start_button.configure(state="normal" if can_start else "disabled")
+        found = self._backups() if idle else []
+        self.backup_menu.configure(values=found or [NO_BACKUP])
+        if self.backup_menu.get() not in found:
+            self.backup_menu.set(found[-1] if found else NO_BACKUP)
+        self.resume_button.configure(state="normal" if can_start and found else "disabled")
         running = "normal" if self.state == "running" else "disabled"
         for button in (self.save_button, self.sample_button):
             button.configure(state=running)
@@ -216,6 +242,15 @@ class RunPanel(ctk.CTkFrame):
         if idle and self.blockers:
             text = "Fix the marked fields to start"
         self.state_label.configure(text=text)
+
+    def _backups(self) -> list[str]:
+        """The backups in the config's run folder (``stepNNNNNN``), oldest first."""
+        if self._run_dir is None:
+            return []
+        folder = self._run_dir / BACKUPS
+        if not folder.is_dir():
+            return []
+        return sorted(p.name for p in folder.glob("step*") if (p / "state.pt").is_file())
 
     # ------------------------------------------------------------------------------- events
 

@@ -42,7 +42,9 @@ class TrainerThread:
         """True from :meth:`start` until the run's last event has been polled."""
         return not self._ended
 
-    def start(self, config: TrainConfig) -> None:
+    def start(self, config: TrainConfig, resume: str | None = None) -> None:
+        """Run ``config`` in the worker; ``resume``: a backup folder (or ``latest``) to
+        continue from."""
         if self.running:
             raise RuntimeError("a run is already going; stop it first")
         # Fresh queues: nothing from a previous run can leak into this one.
@@ -50,7 +52,9 @@ class TrainerThread:
         self.commands = queue.Queue()
         self._ended = False
         self._thread = threading.Thread(
-            target=self._work, args=(config, self.events, self.commands), name="trainer"
+            target=self._work,
+            args=(config, self.events, self.commands, resume),
+            name="trainer",
         )
         self._thread.daemon = True  # a hard kill of the app must not hang on the worker
         self._thread.start()
@@ -95,7 +99,12 @@ class TrainerThread:
         return isinstance(event, Finished)
 
     @staticmethod
-    def _work(config: TrainConfig, events: queue.Queue[Any], commands: queue.Queue[Any]) -> None:
+    def _work(
+        config: TrainConfig,
+        events: queue.Queue[Any],
+        commands: queue.Queue[Any],
+        resume: str | None = None,
+    ) -> None:
         try:
             engine_import.load("modules.cli.main", "modules.trainer.generic_trainer")
             from modules.cli.main import ensure_demo_data
@@ -107,4 +116,4 @@ class TrainerThread:
             # diffusers and transformers report a failed lazy import as RuntimeError.
             events.put(WorkerFailed(f"could not start training: {error}"))
             return
-        GenericTrainer(config, events, commands).run()
+        GenericTrainer(config, events, commands, resume=resume).run()

@@ -37,7 +37,7 @@ def fake_trainer_start(panel, monkeypatch) -> list:
     putting events on the queue (fresh per run, as the real one does)."""
     started = []
 
-    def start(config) -> None:
+    def start(config, resume=None) -> None:
         panel.trainer.events = queue.Queue()
         panel.trainer._ended = False
         started.append(config)

@@ -108,3 +108,25 @@ def test_closing_while_training_asks_then_stops_with_the_lora_saved(window, answ
     assert panel.last_end.stopped and panel.last_end.error is None
     assert (run_dir / "lora.safetensors").is_file()
     assert len(answers.questions) == 2
+
+
+def test_resume_lists_the_run_folder_s_backups_and_continues_from_one(window, tmp_path, home):
+    run_dir = small_run(window, tmp_path, steps=4)
+    window.form.row("output.backup_every").set(2)
+    settle(window)
+    panel = window.run_panel
+    assert panel.resume_button.cget("state") == "disabled"  # no backup yet
+    panel.start_button.invoke()
+    pump(window, lambda: panel.state == "idle", RUN_TIMEOUT, "the first run")
+    assert panel.last_end.error is None
+    assert panel.backup_menu.cget("values") == ["step000002", "step000004"]
+    assert panel.backup_menu.get() == "step000004"
+    window.form.row("training.steps").set(6)
+    settle(window)
+    assert panel.resume_button.cget("state") == "normal"
+    panel.resume_button.invoke()
+    pump(window, lambda: panel.state == "idle", RUN_TIMEOUT, "the resumed run")
+    assert panel.last_end.error is None and panel.last_end.step == 6
+    assert "Resuming from" in panel.log_text()
+    steps = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [s for s in steps if s] == [1, 2, 3, 4, 5, 6]

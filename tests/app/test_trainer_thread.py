@@ -23,7 +23,7 @@ def wait_for_end(trainer: TrainerThread, batch: int = 1000) -> list:
 def test_poll_drains_in_bounded_batches_in_order(monkeypatch):
     release = threading.Event()
 
-    def work(_config, events, _commands):
+    def work(_config, events, _commands, _resume=None):
         for index in range(250):
             events.put(StatusMessage(f"line {index}"))
         release.wait(10)
@@ -46,7 +46,7 @@ def test_poll_drains_in_bounded_batches_in_order(monkeypatch):
 
 
 def test_commands_reach_the_worker(monkeypatch):
-    def work(_config, events, commands):
+    def work(_config, events, commands, _resume=None):
         events.put(StatusMessage(str(commands.get(timeout=10))))
         events.put(Finished(step=0, lora_path=None, stopped=True))
 
@@ -61,7 +61,7 @@ def test_commands_reach_the_worker(monkeypatch):
 
 
 def test_a_worker_that_dies_without_finishing_is_reported(monkeypatch):
-    def work(_config, events, _commands):
+    def work(_config, events, _commands, _resume=None):
         events.put(StatusMessage("about to fail"))
         # Returning without Finished stands for any death of the worker before its last event.
 
