@@ -87,12 +87,13 @@ def prepare_dataset(
     progress: Callable[[int, int], None] | None = None,
     batch_size: int = 1,
     scans: Sequence[ConceptScan] | None = None,
+    sources: Sequence[Sequence[Size | None]] | None = None,
     mask: MaskConfig | None = None,
     prior: PriorConfig | None = None,
 ) -> PreparedData:
     """Scan every concept (unless ``scans`` are given), place each item in its bucket (sides
-    multiples of ``pixel_multiple``, the family's), encode what the cache lacks, and build the
-    dataset over the cache.
+    multiples of ``pixel_multiple``, the family's; ``sources``: the items' sizes when already
+    read, per scan), encode what the cache lacks, and build the dataset over the cache.
 
     Clips train as ``data.frames`` frames at ``data.fps``. Without buckets and with
     ``batch_size`` > 1 every item must have the same latent frame count (a DataError naming the
@@ -107,9 +108,11 @@ def prepare_dataset(
     buckets = _buckets(data, pixel_multiple)
     counts = CacheCounts()
     per_concept, masks, placements = [], {}, []
-    for concept, scan in zip(data.concepts, scans, strict=True):
+    known = list(sources) if sources is not None else [[None] * len(s.items) for s in scans]
+    for concept, scan, sizes in zip(data.concepts, scans, known, strict=True):
         items = list(scan.items)
-        placement = place([source_size(item) for item in items], buckets, data.resolution)
+        read = [size or source_size(item) for item, size in zip(items, sizes, strict=True)]
+        placement = place(read, buckets, data.resolution)
         built = build_cache(
             items,
             resolution=data.resolution,

@@ -129,3 +129,25 @@ def load_transformer(
             f"{field}: {path} is not {what} matching {folder / 'transformer'} "
             f"({type(error).__name__}: {error}); use such a file, or leave it empty"
         ) from error
+
+
+def load_frozen(model_class: Any, folder: Path, device: torch.device, **options: Any) -> Any:
+    """A part of the base model (a VAE, a text encoder) from ``folder``, offline, in eval mode,
+    its weights frozen, on ``device``."""
+    loaded = model_class.from_pretrained(folder, local_files_only=True, **options)
+    return loaded.eval().requires_grad_(False).to(device)
+
+
+def frozen_vae(model: LoadedModel, vae_class: Any) -> Any:
+    """The folder's VAE in float32, loaded on first use and kept in ``model.parts["vae"]``."""
+    parts = model.parts
+    if parts["vae"] is None:
+        folder, device = parts["folder"] / "vae", parts["device"]
+        parts["vae"] = load_frozen(vae_class, folder, device, torch_dtype=torch.float32)
+    return parts["vae"]
+
+
+def text_encoder_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a text encoder runs in: the base dtype, but bfloat16 for float16, which the
+    large language-model encoders (T5, UMT5, Qwen, Mistral) overflow in."""
+    return torch.bfloat16 if dtype == torch.float16 else dtype

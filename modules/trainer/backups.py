@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 
-from modules.atomic import write_text_atomic
 from modules.config import ConfigError
 
 BACKUPS = "backups"
@@ -51,7 +50,7 @@ def write_backup(
         shutil.rmtree(stale, ignore_errors=True)
     partial.mkdir(parents=True)
     torch.save(state, partial / STATE)
-    write_text_atomic(partial / CONFIG, config_json + "\n")
+    (partial / CONFIG).write_text(config_json + "\n", encoding="utf-8")
     if final.exists():
         shutil.rmtree(final)
     partial.rename(final)

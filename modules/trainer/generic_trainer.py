@@ -199,6 +199,7 @@ class GenericTrainer:
             progress=lambda done, total: self._status(f"Caching latents {done}/{total}"),
             batch_size=config.training.batch_size,
             scans=self.preflight.scans,
+            sources=self.preflight.sources,
             mask=config.mask,
             prior=config.prior,
         )
@@ -530,7 +531,7 @@ class GenericTrainer:
         if torch.cuda.is_available() and rng["cuda"]:
             torch.cuda.set_rng_state_all(rng["cuda"])
         self.generator.set_state(rng["noise"])
-        self.mask_rng.setstate(_as_tuple(rng["mask"]))
+        self.mask_rng.setstate(rng["mask"])
         self.step = int(state["step"])
         self._status(f"Resuming from {folder} at step {self.step}")
 
@@ -747,8 +748,3 @@ def _drift_row(reading: DriftMeasured) -> dict[str, float | None]:
         "drift_world": reading.drift_world,
         "drift_seconds": reading.seconds,
     }
-
-
-def _as_tuple(value: Any) -> Any:
-    """``random.Random`` state as saved (lists, after loading) back to its nested tuples."""
-    return tuple(_as_tuple(v) for v in value) if isinstance(value, list | tuple) else value

@@ -35,6 +35,9 @@ class Preflight:
     """Warnings for the start of the run, one line each."""
     buckets: str | None = None
     """With buckets on: the buckets the items go to, items per bucket and the largest crop."""
+    sources: list[list[Size | None]] | None = None
+    """Per scan, each item's (width, height) as read from its header (None: unreadable), so
+    the run does not read them again."""
 
 
 def preflight(config: TrainConfig, *, create_run_dir: bool) -> Preflight:
@@ -57,8 +60,9 @@ def preflight(config: TrainConfig, *, create_run_dir: bool) -> Preflight:
     for concept, scan in zip(config.data.concepts, scans, strict=True):
         notes += _skipped_note(scan)
         notes += _caption_notes(scan, concept.caption.default)
+    per_scan = [[_source_size(item) for item in scan.items] for scan in scans]
     items = [item for scan in scans for item in scan.items]
-    sources = [_source_size(item) for item in items]
+    sources = [size for sizes in per_scan for size in sizes]
     grid = family_spec(config.model.family).latent_grid(config.model.path)
     try:
         buckets = data_buckets(config.data, grid.pixel_multiple)
@@ -72,7 +76,7 @@ def preflight(config: TrainConfig, *, create_run_dir: bool) -> Preflight:
         names = [item.image.name for item, _ in readable]
         line = f"Buckets ({len(placement.histogram())} used by {len(readable)} items): "
         line += histogram_text(placement, names)
-    return Preflight(scans=scans, notes=notes, buckets=line)
+    return Preflight(scans=scans, notes=notes, buckets=line, sources=per_scan)
 
 
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}

@@ -44,9 +44,12 @@ from modules.models.model_folder import (
     denoiser_on_device,
     files_stamp,
     free_encoders,
+    frozen_vae,
+    load_frozen,
     load_transformer,
     read_model_json,
     store_in_fp8,
+    text_encoder_dtype,
 )
 from modules.models.packing import pack, unpack
 
@@ -180,7 +183,7 @@ class Flux1Family(ShiftedByTokens):
         if parts["encoders"] is None:
             folder, dtype = parts["folder"], parts["dtype"]
             # T5 overflows in float16: bfloat16 then, as for WAN's UMT5.
-            t5_dtype = torch.bfloat16 if dtype == torch.float16 else dtype
+            t5_dtype = text_encoder_dtype(dtype)
             loaded = []
             for tokenizer, encoder, encoder_class, encoder_dtype in (
                 ("tokenizer", "text_encoder", CLIPTextModel, dtype),
@@ -189,21 +192,16 @@ class Flux1Family(ShiftedByTokens):
                 loaded.append(
                     AutoTokenizer.from_pretrained(folder / tokenizer, local_files_only=True)
                 )
-                module = encoder_class.from_pretrained(
-                    folder / encoder, dtype=encoder_dtype, local_files_only=True
+                loaded.append(
+                    load_frozen(
+                        encoder_class, folder / encoder, parts["device"], dtype=encoder_dtype
+                    )
                 )
-                loaded.append(module.eval().requires_grad_(False).to(parts["device"]))
             parts["encoders"] = tuple(loaded)
         return parts["encoders"]
 
     def _vae(self, model: LoadedModel) -> AutoencoderKL:
-        parts = model.parts
-        if parts["vae"] is None:
-            vae = AutoencoderKL.from_pretrained(
-                parts["folder"] / "vae", torch_dtype=torch.float32, local_files_only=True
-            )
-            parts["vae"] = vae.eval().requires_grad_(False).to(parts["device"])
-        return parts["vae"]
+        return frozen_vae(model, AutoencoderKL)
 
     # ---------------------------------------------------------------------------- training
 

@@ -71,9 +71,12 @@ from modules.models.model_folder import (
     denoiser_on_device,
     files_stamp,
     free_encoders,
+    frozen_vae,
+    load_frozen,
     load_transformer,
     read_model_json,
     store_in_fp8,
+    text_encoder_dtype,
 )
 
 REQUIRED_PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -251,26 +254,16 @@ class Flux2Family(ShiftedByTokens):
     def _encoders(self, model: LoadedModel) -> tuple[Any, torch.nn.Module]:
         parts = model.parts
         if parts["encoders"] is None:
-            folder, dtype = parts["folder"], parts["dtype"]
-            # The text encoders are language models shipped in bfloat16; float16 can overflow
-            # their activations (as T5's and UMT5's do): bfloat16 then.
-            text_dtype = torch.bfloat16 if dtype == torch.float16 else dtype
+            folder, dtype = parts["folder"], text_encoder_dtype(parts["dtype"])
             encoder_class = Qwen3ForCausalLM if self.klein else Mistral3ForConditionalGeneration
-            encoder = encoder_class.from_pretrained(
-                folder / "text_encoder", dtype=text_dtype, local_files_only=True
+            encoder = load_frozen(
+                encoder_class, folder / "text_encoder", parts["device"], dtype=dtype
             )
-            encoder = encoder.eval().requires_grad_(False).to(parts["device"])
             parts["encoders"] = (_tokenizer(folder), encoder)
         return parts["encoders"]
 
     def _vae(self, model: LoadedModel) -> AutoencoderKLFlux2:
-        parts = model.parts
-        if parts["vae"] is None:
-            vae = AutoencoderKLFlux2.from_pretrained(
-                parts["folder"] / "vae", torch_dtype=torch.float32, local_files_only=True
-            )
-            parts["vae"] = vae.eval().requires_grad_(False).to(parts["device"])
-        return parts["vae"]
+        return frozen_vae(model, AutoencoderKLFlux2)
 
     # ---------------------------------------------------------------------------- training
 

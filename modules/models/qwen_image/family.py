@@ -47,9 +47,12 @@ from modules.models.model_folder import (
     denoiser_on_device,
     files_stamp,
     free_encoders,
+    frozen_vae,
+    load_frozen,
     load_transformer,
     read_model_json,
     store_in_fp8,
+    text_encoder_dtype,
 )
 from modules.models.packing import pack, unpack
 from modules.models.qwen_image import LORA_TARGETS, QwenImageOptions
@@ -209,24 +212,19 @@ class QwenImageFamily(ShiftedByTokens):
     def _encoder(self, model: LoadedModel) -> tuple[Any, Qwen2_5_VLForConditionalGeneration]:
         parts = model.parts
         if parts["encoder"] is None:
-            folder, dtype = parts["folder"], parts["dtype"]
-            # Qwen2.5-VL runs in bfloat16; float16 can overflow in its activations.
-            encoder_dtype = torch.bfloat16 if dtype == torch.float16 else dtype
+            folder = parts["folder"]
             tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
-            encoder = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-                folder / "text_encoder", dtype=encoder_dtype, local_files_only=True
+            encoder = load_frozen(
+                Qwen2_5_VLForConditionalGeneration,
+                folder / "text_encoder",
+                parts["device"],
+                dtype=text_encoder_dtype(parts["dtype"]),
             )
-            parts["encoder"] = (tokenizer, encoder.eval().requires_grad_(False).to(parts["device"]))
+            parts["encoder"] = (tokenizer, encoder)
         return parts["encoder"]
 
     def _vae(self, model: LoadedModel) -> AutoencoderKLQwenImage:
-        parts = model.parts
-        if parts["vae"] is None:
-            vae = AutoencoderKLQwenImage.from_pretrained(
-                parts["folder"] / "vae", torch_dtype=torch.float32, local_files_only=True
-            )
-            parts["vae"] = vae.eval().requires_grad_(False).to(parts["device"])
-        return parts["vae"]
+        return frozen_vae(model, AutoencoderKLQwenImage)
 
     # ---------------------------------------------------------------------------- training
 

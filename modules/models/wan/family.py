@@ -55,8 +55,10 @@ from modules.models.model_folder import (
     check_model_folder,
     denoiser_on_device,
     files_stamp,
+    load_frozen,
     read_model_json,
     store_in_fp8,
+    text_encoder_dtype,
 )
 from modules.models.wan import LORA_TARGETS, WanOptions
 
@@ -121,7 +123,7 @@ class WanFamily(FlowMatching):
             "negative": None,
             "released": False,
         }
-        identity = _encoders_identity(folder, _encoder_dtype(dtype))
+        identity = _encoders_identity(folder, text_encoder_dtype(dtype))
         return LoadedModel(denoiser=denoiser, identity=identity, parts=parts)
 
     def _choose_expert(self, folder: Path, index: dict[str, Any]) -> tuple[str, str | None]:
@@ -272,10 +274,10 @@ class WanFamily(FlowMatching):
             parts["tokenizer"] = AutoTokenizer.from_pretrained(
                 folder / "tokenizer", local_files_only=True
             )
-            encoder = UMT5EncoderModel.from_pretrained(
-                folder / "text_encoder", dtype=_encoder_dtype(parts["dtype"]), local_files_only=True
+            dtype = text_encoder_dtype(parts["dtype"])
+            parts["text_encoder"] = load_frozen(
+                UMT5EncoderModel, folder / "text_encoder", parts["device"], dtype=dtype
             )
-            parts["text_encoder"] = encoder.eval().requires_grad_(False).to(parts["device"])
         return parts["tokenizer"], parts["text_encoder"]
 
     def _vae(self, model: LoadedModel, *, encoder: bool) -> AutoencoderKLWan:
@@ -408,11 +410,6 @@ def _latent_stats(vae_config: dict[str, Any], like: Tensor) -> tuple[Tensor, Ten
     shape = (1, channels, 1, 1, 1)
     as_tensor = lambda values: torch.tensor(values).view(shape).to(like.device, like.dtype)  # noqa: E731
     return as_tensor(mean), as_tensor(std)
-
-
-def _encoder_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The text encoder runs in the base dtype, but UMT5 overflows in float16: bfloat16 then."""
-    return torch.bfloat16 if dtype == torch.float16 else dtype
 
 
 def _clean_prompt(text: str) -> str:
