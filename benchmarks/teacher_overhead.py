@@ -83,7 +83,7 @@ def time_teacher_parts(trainer: GenericTrainer, repeats: int) -> dict[str, float
         denoiser.enable_adapters()
 
     def forward() -> None:
-        with torch.no_grad(), trainer.accelerator.autocast(), lora_disabled(denoiser):
+        with torch.no_grad(), trainer.precision.autocast(), lora_disabled(denoiser):
             family.predict(model, noisy, timesteps, text)
 
     found = {}

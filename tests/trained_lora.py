@@ -40,7 +40,7 @@ def train_in_process(root: Path, model: dict[str, Any]) -> tuple[torch.nn.Module
     trainer = GenericTrainer(config)
     finished = trainer.run()
     assert finished.error is None, finished.error
-    denoiser = trainer.accelerator.unwrap_model(trainer.model.denoiser)
+    denoiser = trainer.model.denoiser
     return denoiser.eval(), root / "run" / "lora.safetensors"
 
 

@@ -188,7 +188,7 @@ def train(config: TrainConfig, resume: str | None = None) -> int:
                 continue
             if isinstance(event, Finished):
                 finished = event
-            else:
+            elif trainer.processes.main:  # on several processes, the main one speaks
                 bar = _print_event(event, bar)
         if bar is not None:
             bar.close()
@@ -196,11 +196,21 @@ def train(config: TrainConfig, resume: str | None = None) -> int:
     finally:
         signals.restore()
     if finished.error:
+        code = EXIT_CONFIG_ERROR if finished.error_kind == "config" else EXIT_TRAINING_ERROR
+    else:
+        code = 128 + signals.received[0] if signals.received else EXIT_OK
+    if not trainer.processes.main:
+        # On several processes the main one speaks; the others' config errors are its own too,
+        # a training error may be theirs alone.
+        if finished.error and finished.error_kind != "config":
+            print(f"error (process {trainer.processes.index}): {finished.error}", file=sys.stderr)
+        return code
+    if finished.error:
         print(f"error: {finished.error}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR if finished.error_kind == "config" else EXIT_TRAINING_ERROR
+        return code
     state = "stopped" if finished.stopped else "done"
     print(f"{state} at step {finished.step}: LoRA saved to {finished.lora_path}")
-    return 128 + signals.received[0] if signals.received else EXIT_OK
+    return code
 
 
 def _say(text: str) -> None:

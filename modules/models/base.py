@@ -54,6 +54,16 @@ class LoadedModel:
     identity: str
     """Stable description of the weights (path or built-in name), part of the cache key."""
     parts: dict[str, Any] = field(default_factory=dict)
+    wrapper: torch.nn.Module | None = None
+    """The denoiser inside the trainer's data-parallel wrapper, set on the copy the student's
+    forward uses when training on several processes; None everywhere else."""
+
+    @property
+    def runner(self) -> torch.nn.Module:
+        """What ``predict`` calls: the data-parallel wrapper when the trainer set one (so the
+        student's gradients are averaged across processes), else the denoiser itself. Anything
+        else (``config``, parameters, the adapter switch) is read from ``denoiser``."""
+        return self.denoiser if self.wrapper is None else self.wrapper
 
 
 @runtime_checkable

@@ -16,13 +16,18 @@ and listed.
 from __future__ import annotations
 
 import json
+import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from peft import set_peft_model_state_dict
+from peft.utils import get_peft_model_state_dict
 
 from modules.config import ConfigError
+from modules.trainer.batch_stream import BatchStream
 
 BACKUPS = "backups"
 STATE = "state.pt"
@@ -37,6 +42,85 @@ HARMLESS = (
     "drift.every",
 )
 """Settings (or prefixes, ending in a dot) a resumed run may change."""
+
+
+@dataclass
+class TrainingState:
+    """The live objects of a run that a backup holds, and puts back on resume."""
+
+    denoiser: torch.nn.Module
+    """The denoiser itself (not a data-parallel wrapper): its LoRA weights."""
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    batches: BatchStream
+    generator: torch.Generator
+    """Noise, timesteps and caption dropout."""
+    mask_rng: random.Random
+    scaler: torch.amp.GradScaler | None = None
+
+    def shared_random(self) -> dict[str, Any]:
+        """The random state every process holds alike (the data order and its place, the noise
+        and mask-dropout generators): cheap to take, so taken at each step's start."""
+        return {
+            "data": self.batches.state(),
+            "noise": self.generator.get_state(),
+            "mask": self.mask_rng.getstate(),
+        }
+
+    def capture(
+        self, step: int, shared: dict[str, Any], processes: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        """The backup of ``step``: ``shared`` from :meth:`shared_random`, ``processes`` every
+        process's own generators (:func:`process_random`), the main process's first."""
+        lora = get_peft_model_state_dict(self.denoiser)
+        main = processes[0]
+        return {
+            "step": step,
+            "lora": {key: value.detach().cpu() for key, value in lora.items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "data": shared["data"],
+            "rng": {
+                "torch": main["torch"],
+                "cuda": main["cuda"],
+                "noise": shared["noise"],
+                "mask": shared["mask"],
+            },
+            "processes": processes,
+        }
+
+    def restore(self, state: dict[str, Any], index: int, count: int) -> int:
+        """Put the run back as it was at the backup's step (returned), on process ``index``
+        of ``count``."""
+        written_by = len(state.get("processes") or [None])
+        if written_by != count:
+            raise ConfigError(
+                f"--resume: the backup was written by a run on {written_by} process(es) and this "
+                f"one has {count}: resume on {written_by}, or start a new run"
+            )
+        set_peft_model_state_dict(self.denoiser, state["lora"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.batches.restore(state["data"])
+        rng = state["rng"]
+        own = state["processes"][index] if state.get("processes") else rng
+        torch.set_rng_state(own["torch"])
+        if torch.cuda.is_available() and own["cuda"]:
+            torch.cuda.set_rng_state_all(own["cuda"])
+        self.generator.set_state(rng["noise"])
+        self.mask_rng.setstate(rng["mask"])
+        return int(state["step"])
+
+
+def process_random() -> dict[str, Any]:
+    """This process's own generators: torch's CPU and CUDA ones (LoRA dropout)."""
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
 
 
 def write_backup(

@@ -18,6 +18,7 @@ before a LoRA exists), and cached. Still images only: the set is a yardstick, no
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +27,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from modules.config.schema import ConceptConfig
+from modules.config.schema import ConceptConfig, TrainConfig
 from modules.data.concept import DataError, scan_concept
 from modules.data.images import image_size, load_image, load_mask, mask_to_latent
 from modules.lora import lora_disabled
 from modules.models.base import LoadedModel, ModelFamily, eval_mode, select_text
+from modules.trainer.events import DriftMeasured
 
 Autocast = Callable[[], contextlib.AbstractContextManager[Any]]
 DRIFT_TIMESTEPS = (0.25, 0.5, 0.75)
@@ -155,6 +157,69 @@ def measure_drift(
         prediction = _predict(family, model, part, batch_size, autocast, base=False)
         drift_world = float((prediction - part.base).pow(2).mean())
     return DriftMetrics(subject_loss, drift_background, drift_world)
+
+
+class DriftMeter:
+    """The run's drift meter (``drift.every`` > 0): the held-out set, built before the LoRA
+    exists, and a reading every ``drift.every`` steps and after the last one."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        family: ModelFamily,
+        model: LoadedModel,
+        *,
+        device: torch.device,
+        autocast: Autocast,
+    ) -> None:
+        drift = config.drift
+        self.every, self.last = drift.every, config.training.steps
+        self.family, self.model, self.autocast = family, model, autocast
+        self.batch_size = config.training.batch_size
+        self.heldout = HeldOutSet.build(
+            family,
+            model,
+            subject_path=drift.subject_path,
+            world_path=drift.world_path,
+            resolution=config.data.resolution,
+            timesteps=drift.timesteps,
+            seed=drift.seed,
+            max_images=drift.max_images,
+            device=device,
+            autocast=autocast,
+            batch_size=self.batch_size,
+        )
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0 or step == self.last
+
+    def measure(self, step: int) -> DriftMeasured:
+        """The reading of the model as it is now, timed (the steps' timings leave it out)."""
+        tick = time.perf_counter()
+        reading = measure_drift(
+            self.family,
+            self.model,
+            self.heldout,
+            batch_size=self.batch_size,
+            autocast=self.autocast,
+        )
+        return DriftMeasured(
+            step=step,
+            subject_loss=reading.subject_loss,
+            drift_background=reading.drift_background,
+            drift_world=reading.drift_world,
+            seconds=time.perf_counter() - tick,
+        )
+
+    @staticmethod
+    def row(reading: DriftMeasured) -> dict[str, float | None]:
+        """A reading's ``metrics.jsonl`` keys (the subject loss is the held-out set's)."""
+        return {
+            "heldout_subject_loss": reading.subject_loss,
+            "drift_background": reading.drift_background,
+            "drift_world": reading.drift_world,
+            "drift_seconds": reading.seconds,
+        }
 
 
 def _predict(

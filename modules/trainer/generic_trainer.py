@@ -10,12 +10,19 @@ The step (design §4.4) with flow matching:
 5. student forward; ``prior_prediction`` samples take the teacher prediction as their target;
 6. ``masked_prior_loss``; backward, optimizer, scheduler.
 
+On several processes (``accelerate launch``) every process draws steps 1-3 for the whole batch
+alike and runs 4-6 on its share of it (:mod:`modules.trainer.processes`). Between steps the loop
+calls the run's other parts, each in its own module: the LoRA files (``saving``), backups
+(``backups``), samples (``sampling``), the drift meter (``drift``), the run folder's metrics
+(``run_folder``) and the trackers (``trackers``).
+
 The trainer never imports Tk. It reports through frozen-dataclass events on a queue and reads
 commands (stop, save, sample) from another.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -23,17 +30,15 @@ import queue
 import random
 import time
 import traceback
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import gather_object
 from diffusers.optimization import get_scheduler
-from peft import set_peft_model_state_dict
-from peft.utils import get_peft_model_state_dict
 from torch.utils.data import DataLoader
 
 from modules.atomic import write_text_atomic
@@ -42,54 +47,55 @@ from modules.data.batches import BucketBatchSampler
 from modules.data.concept import DataError
 from modules.data.dataset import Batch, collate
 from modules.data.preparation import prepare_dataset
-from modules.lora import (
-    NonFiniteLoraError,
-    add_lora,
-    lora_disabled,
-    save_lora,
-)
+from modules.lora import add_lora, lora_disabled
 from modules.loss import LossBreakdown, masked_prior_loss, process_masks
 from modules.models import LoadedModel, ModelFamily, ModelLoadError, get_family, select_text
 from modules.models.registry import family_spec
-from modules.trainer.backups import compare_configs, find_backup, read_backup, write_backup
+from modules.trainer.backups import (
+    TrainingState,
+    compare_configs,
+    find_backup,
+    process_random,
+    read_backup,
+    write_backup,
+)
 from modules.trainer.banner import banner_lines
 from modules.trainer.batch_stream import BatchStream
-from modules.trainer.drift import HeldOutSet, measure_drift
+from modules.trainer.drift import DriftMeter
 from modules.trainer.events import (
     Command,
     DriftMeasured,
     Event,
-    FileSaved,
     Finished,
     StatusMessage,
     StepMetrics,
 )
+from modules.trainer.precision import Precision
 from modules.trainer.preflight import Preflight, preflight
+from modules.trainer.processes import Processes
 from modules.trainer.run_folder import MetricsLog, RunLock, keep_previous_run, os_error_reason
 from modules.trainer.sampling import Samples, sample_size
+from modules.trainer.saving import LoraSaver, TrainingError
 from modules.trainer.trackers import Trackers
+
+__all__ = ["GenericTrainer", "StepResult", "TrainingError"]
 
 log = logging.getLogger(__name__)
 
 _LOSS_FIELDS = tuple(LossBreakdown.__dataclass_fields__)
+_SUMMED = ("total", "target", "prior")
+"""The loss parts each process computes a part of (the weight means it has whole)."""
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (for example a NaN loss). The message says why and what to change."""
-
-
-SAVE_RETRY_SECONDS = 10.0
-"""How often the final save is tried again after it failed (a full disk, a lost mount)."""
-SAVE_RETRY_STEPS = 100
-"""How often, in steps, a failed save is tried again between scheduled saves."""
 
 
 @dataclass(frozen=True)
 class StepResult:
     loss: LossBreakdown
+    """The whole batch's loss (on several processes, the sum of every process's part)."""
     teacher_fraction: float
     lr: float = 0.0
+    own: torch.Tensor | None = None
+    """This process's part of ``loss.total``, attached to the graph: what it backpropagates."""
 
 
 class GenericTrainer:
@@ -105,18 +111,24 @@ class GenericTrainer:
         """``latest`` or a backup folder to continue from (``--resume``); None: a new run."""
         self.events: queue.Queue[Event] = events if events is not None else queue.Queue()
         self.commands: queue.Queue[Command] = commands if commands is not None else queue.Queue()
+        self.processes = Processes.current()
         self.run_dir = Path(config.output.run_dir)
-        self.lora_path = self.run_dir / f"{config.output.name}.safetensors"
-        self.last_saved: Path | None = None
-        """The last LoRA written; never one with non-finite weights (they are refused)."""
-        self.unsaved: Path | None = None
-        """A save that failed (e.g. a full disk), tried again at the next save point."""
         self.step = 0
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         self.preflight: Preflight | None = None
         """The checks before the model loads (``run`` makes them before taking the lock)."""
         self.trackers: Trackers | None = None
         """TensorBoard / wandb (``output.log_with``), made by ``setup``."""
+        self.saver: LoraSaver | None = None
+        self.drift: DriftMeter | None = None
+        self._step_start: tuple[dict[str, Any], dict[str, Any]] | None = None
+        """The random state (shared, own) at the start of the step being taken, for the
+        backup a NaN stop writes."""
+
+    @property
+    def last_saved(self) -> Path | None:
+        """The last LoRA written; never one with non-finite weights (they are refused)."""
+        return self.saver.last_saved if self.saver is not None else None
 
     # ----------------------------------------------------------------------------- entry point
 
@@ -129,11 +141,13 @@ class GenericTrainer:
         trained = False
         try:
             self.preflight = preflight(self.config, create_run_dir=True)
-            lock.acquire()
+            if self.processes.main:
+                lock.acquire()
             self.setup()
             trained = True
             stopped = self._train()
-            self._save_final()
+            if self.processes.main:
+                self.saver.save_final(self.denoiser, self.step)
             finished = Finished(step=self.step, lora_path=self.last_saved, stopped=stopped)
         except (ConfigError, DataError, ModelLoadError) as error:
             # Before training: nothing was trained and the run folder is as it was.
@@ -164,13 +178,14 @@ class GenericTrainer:
 
         ``run`` calls it after :func:`preflight` (the checks that need no model) and with the
         run folder locked; a direct caller (tests, benchmarks) gets the preflight here."""
-        config = self.config
+        config, main = self.config, self.processes.main
         if self.preflight is None:
             self.preflight = preflight(config, create_run_dir=True)
         backup = self._backup_to_resume()
         self.accelerator = _new_accelerator(config, self.run_dir / "logs")
         self.trackers = Trackers(self.accelerator, config)
         self.device = self.accelerator.device
+        self.precision = Precision(config.training.mixed_precision, self.device)
         self.family: ModelFamily = get_family(config.model)
 
         self._status(f"Loading {config.model.family} model {config.model.path or '(built-in)'}")
@@ -184,28 +199,38 @@ class GenericTrainer:
                 f"({type(self.model.denoiser).__name__}) has no such preset; choose one of "
                 f"{', '.join(available)}"
             )
-        self.comfyui = None
+        comfyui = None
         if config.output.format == "comfyui":
             try:  # now, not at the first save
-                self.comfyui = self.family.comfyui_converter(self.model)
+                comfyui = self.family.comfyui_converter(self.model)
             except ValueError as error:
                 raise ConfigError(str(error)) from None
-        grid = family_spec(config.model.family).latent_grid(config.model.path)
-        prepared = prepare_dataset(
-            config.data,
-            family=self.family,
-            model=self.model,
-            pixel_multiple=grid.pixel_multiple,
-            progress=lambda done, total: self._status(f"Caching latents {done}/{total}"),
-            batch_size=config.training.batch_size,
-            scans=self.preflight.scans,
-            sources=self.preflight.sources,
-            mask=config.mask,
-            prior=config.prior,
+        self.saver = LoraSaver(
+            config,
+            family=self.family.name,
+            comfyui=comfyui,
+            events=self.events,
+            commands=self.commands,
+            status=self._status,
         )
+        grid = family_spec(config.model.family).latent_grid(config.model.path)
+        # The main process fills the cache; the others wait, then read it.
+        with self.accelerator.main_process_first():
+            prepared = prepare_dataset(
+                config.data,
+                family=self.family,
+                model=self.model,
+                pixel_multiple=grid.pixel_multiple,
+                progress=lambda done, total: self._status(f"Caching latents {done}/{total}"),
+                batch_size=config.training.batch_size,
+                scans=self.preflight.scans,
+                sources=self.preflight.sources,
+                mask=config.mask,
+                prior=config.prior,
+            )
         self.dataset = prepared.dataset
         # Sampling prompts are encoded once, now, so the text encoder can be freed for training.
-        prompts = list(config.sampling.prompts)
+        prompts = list(config.sampling.prompts) if main else []
         self.samples = Samples(
             config,
             family=self.family,
@@ -215,10 +240,18 @@ class GenericTrainer:
             folder=self.run_dir / "samples",
             events=self.events,
             status=self._status,
-            autocast=self.accelerator.autocast,
+            autocast=self.precision.autocast,
             on_image=self.trackers.image,
         )
-        self.heldout = self._build_heldout()  # needs the text encoder; before the LoRA exists
+        if config.drift.every and main:  # needs the text encoder; before the LoRA exists
+            self._status("Drift meter: loading the held-out set and the base model's predictions")
+            self.drift = DriftMeter(
+                config,
+                self.family,
+                self.model,
+                device=self.device,
+                autocast=self.precision.autocast,
+            )
         captions = _caption_length_note(self.family, self.model, prepared.captions())
         self.family.release_encoders(self.model, keep_decoder=bool(prompts))
         for line in prepared.report_lines():
@@ -229,8 +262,8 @@ class GenericTrainer:
         for warning in [*config_warnings(config), *notes]:
             self._status(f"warning: {warning}", "warning")
 
-        torch.manual_seed(config.training.seed)  # LoRA init
-        denoiser = self.model.denoiser
+        torch.manual_seed(config.training.seed)  # LoRA init, alike on every process
+        denoiser = self.denoiser = self.model.denoiser
         params = add_lora(
             denoiser,
             rank=config.lora.rank,
@@ -243,33 +276,56 @@ class GenericTrainer:
         denoiser.train()
         self.params = params
         self.optimizer = _make_optimizer(config, params)
+        # Stepped once per optimizer step, so training.steps and the schedule mean those steps
+        # on any number of processes.
         self.scheduler = get_scheduler(
             _scheduler_name(config),
             self.optimizer,
             num_warmup_steps=config.training.warmup_steps,
             num_training_steps=config.training.steps,
         )
-        self.model.denoiser, self.optimizer, self.scheduler = self.accelerator.prepare(
-            denoiser, self.optimizer, self.scheduler
-        )
+        # On several processes the student's forward goes through DDP (gradients averaged);
+        # the teacher, the samples and the drift meter call the denoiser itself.
+        wrapper = self.accelerator.prepare_model(denoiser)
+        self.student = self.model if wrapper is denoiser else replace(self.model, wrapper=wrapper)
+        if not main:  # its own LoRA dropout; the main process goes on as one process would
+            torch.manual_seed(self.processes.seed(config.training.seed))
         self.generator = torch.Generator().manual_seed(config.training.seed)
         self.mask_rng = random.Random(config.training.seed)
         self.batches = self._batches()
+        self.state = TrainingState(
+            denoiser=denoiser,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            batches=self.batches,
+            generator=self.generator,
+            mask_rng=self.mask_rng,
+            scaler=self.precision.scaler,
+        )
         n_params = sum(p.numel() for p in params)
         self._status(f"LoRA: {n_params:,} trainable parameters in {len(params) // 2} layers")
+        if self.processes.several:
+            self._status(
+                f"Training on {self.processes.count} processes: {config.training.batch_size} "
+                f"samples each, {config.training.batch_size * self.processes.count} per batch"
+            )
         if backup is not None:
-            self._restore(*backup)
-            self.metrics.resume(self.step)
-        else:
+            folder, saved = backup
+            self.step = self.state.restore(saved, self.processes.index, self.processes.count)
+            self._status(f"Resuming from {folder} at step {self.step}")
+            if main:
+                self.metrics.resume(self.step)
+        elif main:
             # Every check has passed: only now is an earlier run's work moved aside.
             kept = keep_previous_run(self.run_dir)
             if kept is not None:
                 self._status(f"The run folder held an earlier run: moved its files to {kept}")
             self.metrics.start()
-        self.trackers.start()
-        write_text_atomic(
-            self.run_dir / f"{config.output.name}.json", resolved_config_json(config) + "\n"
-        )
+        if main:
+            self.trackers.start()
+            write_text_atomic(
+                self.run_dir / f"{config.output.name}.json", resolved_config_json(config) + "\n"
+            )
 
     def _device_notes(self) -> list[str]:
         if self.device.type == "cpu" and self.config.training.mixed_precision == "fp16":
@@ -286,9 +342,9 @@ class GenericTrainer:
         config = self.config.training
         started = time.perf_counter()
         sec_per_step = 0.0
-        if self.heldout is not None and self.step == 0:
+        if self.drift is not None and self.step == 0:
             # The baseline, in a row of its own: no drift yet, the untrained subject loss.
-            self._append_row({"step": self.step, **_drift_row(self._measure_drift())})
+            self._append_row({"step": self.step, **DriftMeter.row(self._measure_drift())})
         while self.step < config.steps:
             tick = time.perf_counter()
             result = self.optimizer_step()
@@ -298,38 +354,41 @@ class GenericTrainer:
             sec_per_step = elapsed if self.step <= 2 else 0.9 * sec_per_step + 0.1 * elapsed
             # After the step's timing, so measuring never counts as training time; the reading
             # joins the step's metrics.jsonl row.
-            drift = self._measure_drift() if self._drift_due() else None
+            drift = self._measure_drift() if self.drift and self.drift.due(self.step) else None
             self._record(result, elapsed, sec_per_step * (config.steps - self.step), drift)
             if self._between_steps():
-                if self.heldout is not None and drift is None:
+                if self.drift is not None and drift is None:
                     # Stopped between readings: measure the LoRA that is about to be saved.
-                    self._append_row({"step": self.step, **_drift_row(self._measure_drift())})
+                    self._append_row({"step": self.step, **DriftMeter.row(self._measure_drift())})
                 return self.step < config.steps
         self._status(f"Finished {self.step} steps in {time.perf_counter() - started:.1f} s")
         return False
 
     def optimizer_step(self) -> StepResult:
-        """One optimizer step over ``gradient_accumulation`` batches (after ``setup``)."""
+        """One optimizer step over ``gradient_accumulation`` batches (after ``setup``). On
+        several processes the gradients are averaged once, after the last batch."""
         accumulation = self.config.training.gradient_accumulation
+        if self.config.output.backup_every:
+            self._step_start = (self.state.shared_random(), process_random())
         results = []
-        for _ in range(accumulation):
-            result = self._train_step(next(self.batches))
-            if not torch.isfinite(result.loss.total):
-                raise TrainingError(self._nan_message(_loss_text(result.loss)))
-            self.accelerator.backward(result.loss.total / accumulation)
+        for index in range(accumulation):
+            last = index == accumulation - 1
+            no_sync = self.accelerator.no_sync(self.student.runner)
+            with contextlib.nullcontext() if last else no_sync:
+                result = self._whole_batch(self._train_step(next(self.batches)))
+                if not torch.isfinite(result.loss.total):
+                    self._nan_stop(_loss_text(result.loss))
+                own = result.own * self.processes.count  # DDP averages: the sum of the parts
+                self.precision.backward(own / accumulation)
             results.append(result)
         lr = float(self.scheduler.get_last_lr()[0])  # the rate this step uses
-        if self.config.training.max_grad_norm > 0:
-            norm = self.accelerator.clip_grad_norm_(self.params, self.config.training.max_grad_norm)
-        else:
-            norm = torch.nn.utils.get_total_norm(
-                [p.grad for p in self.params if p.grad is not None]
-            )
+        self.precision.unscale(self.optimizer)
+        norm = self.precision.clip(self.params, self.config.training.max_grad_norm)
         # A finite loss can still give an infinite gradient, and one step with it makes every
         # weight NaN. fp16's loss scaler skips such steps itself, so there it is left to it.
-        if self.accelerator.scaler is None and not torch.isfinite(norm):
-            raise TrainingError(self._nan_message("the gradients are not finite"))
-        self.optimizer.step()
+        if self.precision.scaler is None and not torch.isfinite(norm):
+            self._nan_stop("the gradients are not finite")
+        self.precision.step(self.optimizer)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         # One norm over every LoRA weight: a single number to check, so cheap at every step.
@@ -338,21 +397,15 @@ class GenericTrainer:
         return replace(_mean_result(results), lr=lr)
 
     def _train_step(self, batch: Batch) -> StepResult:
-        family, model, mask_cfg, prior_cfg = (
-            self.family,
-            self.model,
-            self.config.mask,
-            self.config.prior,
-        )
-        latents = batch.latents.to(self.device)  # (B, C, h, w) or (B, C, F, h, w)
-        text = {k: v.to(self.device) for k, v in batch.text.items()}
-        size = latents.shape[0]
-        noise = torch.randn(latents.shape, generator=self.generator).to(self.device)
+        """One batch. Every process holds the same ``batch`` and draws the same noise,
+        timesteps and mask dropouts for it; the forwards run on this process's share, whose
+        part of the whole batch's loss it returns (all of it on one process)."""
+        family, mask_cfg, prior_cfg = self.family, self.config.mask, self.config.prior
+        size = batch.latents.shape[0]
+        noise = torch.randn(batch.latents.shape, generator=self.generator)
         timesteps = family.sample_timesteps(
-            latents.shape, generator=self.generator, device=self.device
+            batch.latents.shape, generator=self.generator, device=self.device
         )
-        noisy, target = family.noisy_input_and_target(latents, noise, timesteps)
-
         masks = self._step_masks(batch)  # (B, 1, h, w) or None when masked training is off
         needs_teacher = batch.prior_prediction.clone()
         if masks is not None and prior_cfg.weight > 0:
@@ -363,31 +416,48 @@ class GenericTrainer:
                 prior_threshold=prior_cfg.threshold,
             )
             needs_teacher |= weights.prior.flatten(1).amax(dim=1).cpu() > 0
+        teacher_fraction = float(needs_teacher.sum()) / size
+        pad = self.processes.padded(size)
+        if pad is not None:  # fewer samples than processes: each repeated, with its draws
+            batch, noise, timesteps = _take(batch, pad), noise[pad], timesteps[pad]
+            masks = None if masks is None else masks[pad]
+            needs_teacher, size = needs_teacher[pad], len(pad)
+
+        share = self.processes.share(size)
+        latents = batch.latents[share].to(self.device)  # (b, C, h, w) or (b, C, F, h, w)
+        text = {k: v[share].to(self.device) for k, v in batch.text.items()}
+        timesteps = timesteps[share]
+        noisy, target = family.noisy_input_and_target(
+            latents, noise[share].to(self.device), timesteps
+        )
 
         teacher = None
-        index = needs_teacher.nonzero().squeeze(1).to(self.device)
+        index = needs_teacher[share].nonzero().squeeze(1).to(self.device)
         if len(index) > 0:
-            with torch.no_grad(), self.accelerator.autocast(), lora_disabled(model.denoiser):
+            with torch.no_grad(), self.precision.autocast(), lora_disabled(self.denoiser):
                 sub = family.predict(
-                    model, noisy[index], timesteps[index], select_text(text, index)
+                    self.model, noisy[index], timesteps[index], select_text(text, index)
                 )
             teacher = torch.zeros_like(target, dtype=torch.float32)
             teacher[index] = sub.float()
 
-        with self.accelerator.autocast():
-            prediction = family.predict(model, noisy, timesteps, text).float()
+        with self.precision.autocast():
+            prediction = family.predict(self.student, noisy, timesteps, text).float()
 
-        prior_prediction = batch.prior_prediction.to(self.device)
+        prior_prediction = batch.prior_prediction[share].to(self.device)
         if prior_prediction.any():
             # A prior-prediction sample learns the base model's prediction, everywhere.
             shape = (-1,) + (1,) * (target.ndim - 1)
             target = torch.where(prior_prediction.view(shape), teacher, target.float())
         # Per-sample concept weight, on both terms (broadcast over C, [F,] h, w).
-        sample_weight = batch.loss_weight.to(self.device).view((-1,) + (1,) * (target.ndim - 1))
-        loss = F.mse_loss(prediction, target.float(), reduction="none") * sample_weight
+        weight = batch.loss_weight[share].to(self.device).view((-1,) + (1,) * (target.ndim - 1))
+        loss = F.mse_loss(prediction, target.float(), reduction="none") * weight
         prior_loss = None
         if teacher is not None and prior_cfg.weight > 0:
-            prior_loss = F.mse_loss(prediction, teacher, reduction="none") * sample_weight
+            prior_loss = F.mse_loss(prediction, teacher, reduction="none") * weight
+        # The whole batch's loss with the other processes' samples at 0: this process's part
+        # of it, normalised over the whole batch's masks.
+        loss, prior_loss = (_in_batch(x, share, size) for x in (loss, prior_loss))
         breakdown = masked_prior_loss(
             loss,
             masks,
@@ -399,7 +469,17 @@ class GenericTrainer:
             normalize_per_sample=mask_cfg.normalize_per_sample,
             layout=family.loss_layout,
         )
-        return StepResult(loss=breakdown, teacher_fraction=len(index) / size)
+        return StepResult(loss=breakdown, teacher_fraction=teacher_fraction, own=breakdown.total)
+
+    def _whole_batch(self, result: StepResult) -> StepResult:
+        """Every process's parts of the loss summed into the whole batch's (for the log and
+        the NaN check, which every process then makes alike)."""
+        if not self.processes.several:
+            return result
+        parts = torch.stack([getattr(result.loss, name).detach().float() for name in _SUMMED])
+        summed = self.accelerator.reduce(parts, reduction="sum")
+        loss = replace(result.loss, **dict(zip(_SUMMED, summed.unbind(), strict=True)))
+        return replace(result, loss=loss)
 
     def _step_masks(self, batch: Batch) -> torch.Tensor | None:
         """This step's masks: per sample dropped to all ones with ``unmasked_probability``.
@@ -417,10 +497,12 @@ class GenericTrainer:
         return masks
 
     def _batches(self) -> BatchStream:
-        """Endless batches: each pass over the loader reshuffles with the run's seed. With
-        buckets every batch comes from one bucket (``BucketBatchSampler``); without, a batch
-        is any ``batch_size`` samples and the last, smaller one of a pass is dropped."""
-        seed, size = self.config.training.seed + 1, self.config.training.batch_size
+        """Endless batches of ``batch_size`` per process: each pass over the loader reshuffles
+        with the run's seed. With buckets every batch comes from one bucket
+        (``BucketBatchSampler``); without, a batch is any samples and the last, smaller one of
+        a pass is dropped."""
+        seed = self.config.training.seed + 1
+        size = self.config.training.batch_size * self.processes.count
         collate_fn = functools.partial(collate, generator=self.generator)
         order = torch.Generator().manual_seed(seed)
         if self.config.data.buckets:
@@ -460,13 +542,16 @@ class GenericTrainer:
             sec_per_step=elapsed,
             eta_seconds=eta,
         )
-        row = {**metrics.__dict__, **(_drift_row(drift) if drift is not None else {})}
+        row = {**metrics.__dict__, **(DriftMeter.row(drift) if drift is not None else {})}
         self._append_row(row)
         self.events.put(metrics)
 
     def _append_row(self, row: dict[str, float | int | None]) -> None:
-        """A metrics.jsonl row; when the disk refuses it, training goes on and the rows are
-        written once it takes them again (said once, and again when it recovers)."""
+        """A metrics.jsonl row (the main process's); when the disk refuses it, training goes
+        on and the rows are written once it takes them again (said once, and again when it
+        recovers)."""
+        if not self.processes.main:
+            return
         was_failing = self.metrics.pending > 0
         error = self.metrics.append(row)
         self.trackers.log(row)
@@ -482,28 +567,38 @@ class GenericTrainer:
     def _between_steps(self) -> bool:
         """Scheduled saves and samples, then commands. Returns True when asked to stop."""
         output, sampling = self.config.output, self.config.sampling
-        if output.save_every and self.step % output.save_every == 0:
-            self._save(self.run_dir / f"{output.name}-step{self.step:06d}.safetensors")
-        elif self.unsaved is not None and self.step % SAVE_RETRY_STEPS == 0:
-            self._save(self.unsaved)
-        if sampling.every and sampling.prompts and self.step % sampling.every == 0:
-            self.samples.write(self.step)
+        if self.processes.main:
+            self.saver.between_steps(self.denoiser, self.step)
+            if sampling.every and sampling.prompts and self.step % sampling.every == 0:
+                self.samples.write(self.step)
         if output.backup_every and self.step % output.backup_every == 0:
             self._backup()
-        while True:
+        if self._stop_requested():
+            self._status(f"Stopping at step {self.step}: saving the LoRA")
+            if output.backup_every and self.step % output.backup_every:
+                self._backup()
+            return True
+        return False
+
+    def _stop_requested(self) -> bool:
+        """Carry out Save and Sample; whether a Stop came. On several processes they stop
+        together, when any of them was asked to (Ctrl-C reaches each at its own moment)."""
+        stop = False
+        while not stop:
             try:
                 command = self.commands.get_nowait()
             except queue.Empty:
-                return False
+                break
             if command is Command.STOP:
-                self._status(f"Stopping at step {self.step}: saving the LoRA")
-                if output.backup_every and self.step % output.backup_every:
-                    self._backup()
-                return True
-            if command is Command.SAVE:
-                self._save(self.lora_path)
-            elif command is Command.SAMPLE:
+                stop = True
+            elif command is Command.SAVE and self.processes.main:
+                self.saver.save(self.denoiser, self.saver.final_path, self.step)
+            elif command is Command.SAMPLE and self.processes.main:
                 self.samples.write(self.step)
+        if self.processes.several:
+            flag = torch.tensor([float(stop)], device=self.device)
+            stop = bool(self.accelerator.reduce(flag, reduction="sum") > 0)
+        return stop
 
     # ------------------------------------------------------------------ backups and resume
 
@@ -519,39 +614,15 @@ class GenericTrainer:
             self._status(f"Resuming with other settings of {', '.join(changed)} (allowed)")
         return folder, state
 
-    def _restore(self, folder: Path, state: dict[str, Any]) -> None:
-        """Put the run back as it was when ``folder`` was written."""
-        denoiser = self.accelerator.unwrap_model(self.model.denoiser)
-        set_peft_model_state_dict(denoiser, state["lora"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.batches.restore(state["data"])
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
-        if torch.cuda.is_available() and rng["cuda"]:
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        self.generator.set_state(rng["noise"])
-        self.mask_rng.setstate(rng["mask"])
-        self.step = int(state["step"])
-        self._status(f"Resuming from {folder} at step {self.step}")
-
-    def _backup(self) -> None:
-        """Write a backup of now; a disk that refuses it is said, and training goes on."""
-        denoiser = self.accelerator.unwrap_model(self.model.denoiser)
-        lora = {k: v.detach().cpu() for k, v in get_peft_model_state_dict(denoiser).items()}
-        state = {
-            "step": self.step,
-            "lora": lora,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "data": self.batches.state(),
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                "noise": self.generator.get_state(),
-                "mask": self.mask_rng.getstate(),
-            },
-        }
+    def _backup(self, at: tuple[dict[str, Any], dict[str, Any]] | None = None) -> Path | None:
+        """Write a backup of now (``at``: the random state to record instead, shared and own);
+        a disk that refuses it is said, and training goes on. On several processes every
+        process takes part (their own generators are gathered), the main one writes."""
+        shared, own = at or (self.state.shared_random(), process_random())
+        processes = gather_object([own]) if self.processes.several else [own]
+        if not self.processes.main:
+            return None
+        state = self.state.capture(self.step, shared, processes)
         config_json = resolved_config_json(self.config)
         try:
             folder = write_backup(
@@ -563,110 +634,32 @@ class GenericTrainer:
                 f"({os_error_reason(error)}): training goes on; the earlier backups are kept",
                 "warning",
             )
-            return
-        self._status(f"Backup: {folder}")
-
-    def _save(self, path: Path) -> bool:
-        """Write the LoRA to ``path``. A file system error (a full disk, a lost mount) is said
-        with the file and the reason, and training goes on: the weights are in memory, the
-        earlier file at ``path`` is intact (atomic write), and the save is tried again at the
-        next save point and at the end. Returns whether it was written."""
-        denoiser = self.accelerator.unwrap_model(self.model.denoiser)
-        try:
-            save_lora(
-                denoiser,
-                path,
-                family=self.family.name,
-                config_json=resolved_config_json(self.config),
-                layout=self.config.output.format,
-                comfyui=self.comfyui,
-            )
-        except NonFiniteLoraError as error:  # the step checks make this unreachable; kept safe
-            raise TrainingError(self._nan_message(str(error))) from None
-        except OSError as error:
-            self.unsaved = path
-            self._status(
-                f"warning: could not save {path} ({os_error_reason(error)}): training goes on with "
-                "the LoRA in memory; the save is tried again at the next save point and at the end"
-                + (f" (last saved: {self.last_saved})" if self.last_saved else ""),
-                "warning",
-            )
-            return False
-        self.unsaved = None
-        self.last_saved = path
-        self.events.put(FileSaved(path=path, step=self.step))
-        self._status(f"Saved {path} (step {self.step})")
-        return True
-
-    def _save_final(self) -> None:
-        """The end-of-run save, tried until it succeeds: the trained weights exist only in
-        memory. Every ``SAVE_RETRY_SECONDS`` until it is written, or until a Stop gives up."""
-        while not self._save(self.lora_path):
-            self._status(
-                f"The LoRA is not saved yet: free space in (or fix) {self.run_dir}; trying again "
-                f"every {SAVE_RETRY_SECONDS:g} s. Stop again to give up on this run's LoRA.",
-                "warning",
-            )
-            try:
-                command = self.commands.get(timeout=SAVE_RETRY_SECONDS)
-            except queue.Empty:
-                continue
-            if command is Command.STOP:
-                kept = f"; the last saved LoRA is {self.last_saved}" if self.last_saved else ""
-                raise TrainingError(f"the LoRA could not be saved to {self.lora_path}{kept}")
-
-    def _build_heldout(self) -> HeldOutSet | None:
-        drift = self.config.drift
-        if not drift.every:
             return None
-        self._status("Drift meter: loading the held-out set and the base model's predictions")
-        return HeldOutSet.build(
-            self.family,
-            self.model,
-            subject_path=drift.subject_path,
-            world_path=drift.world_path,
-            resolution=self.config.data.resolution,
-            timesteps=drift.timesteps,
-            seed=drift.seed,
-            max_images=drift.max_images,
-            device=self.device,
-            autocast=self.accelerator.autocast,
-            batch_size=self.config.training.batch_size,
-        )
+        self._status(f"Backup: {folder}")
+        return folder
 
-    def _drift_due(self) -> bool:
-        """A reading every ``drift.every`` steps and after the last step."""
-        every, last = self.config.drift.every, self.config.training.steps
-        return self.heldout is not None and (self.step % every == 0 or self.step == last)
+    def _nan_stop(self, what: str) -> None:
+        """Stop the run on a non-finite loss or gradient: with backups on, first a backup of
+        the last whole step (the weights are still its own), to resume from once the cause
+        is fixed. Raises TrainingError."""
+        folder = None
+        if self.config.output.backup_every and self._step_start is not None:
+            folder = self._backup(self._step_start)
+        message = self._nan_message(what)
+        if folder is not None:
+            message += f" A backup of step {self.step} is in {folder}."
+        raise TrainingError(message)
 
     def _measure_drift(self) -> DriftMeasured:
-        """Measure the drift meter's reading now and emit it; the caller logs it."""
-        assert self.heldout is not None
-        tick = time.perf_counter()
-        reading = measure_drift(
-            self.family,
-            self.model,
-            self.heldout,
-            batch_size=self.config.training.batch_size,
-            autocast=self.accelerator.autocast,
-        )
-        event = DriftMeasured(
-            step=self.step,
-            subject_loss=reading.subject_loss,
-            drift_background=reading.drift_background,
-            drift_world=reading.drift_world,
-            seconds=time.perf_counter() - tick,
-        )
+        """The drift meter's reading now, emitted; the caller logs it."""
+        assert self.drift is not None
+        event = self.drift.measure(self.step)
         self.events.put(event)
         return event
 
     def _nan_message(self, what: str) -> str:
         """``what`` went wrong at the step being taken; names the last (finite) saved LoRA."""
-        kept = (
-            f"the last saved LoRA, {self.last_saved}, is kept (its weights are finite)"
-            if self.last_saved
-            else "no LoRA had been saved yet, and none with non-finite weights is written"
-        )
+        kept = self.saver.kept_text() if self.saver is not None else "no LoRA was saved"
         return (
             f"step {self.step + 1}: {what}; training stopped and {kept}. "
             "Lower training.learning_rate, use mixed_precision bf16 instead of fp16, or check "
@@ -678,6 +671,24 @@ class GenericTrainer:
         # at DEBUG only, so a front end that also logs to the console shows nothing twice.
         log.debug(text)
         self.events.put(StatusMessage(text, level))
+
+
+def _take(batch: Batch, index: torch.Tensor) -> Batch:
+    """The samples ``index`` of ``batch``, in that order."""
+    taken: dict[str, Any] = {}
+    for part in fields(Batch):
+        value = getattr(batch, part.name)
+        taken[part.name] = select_text(value, index) if isinstance(value, dict) else value[index]
+    return Batch(**taken)
+
+
+def _in_batch(values: torch.Tensor | None, share: slice, size: int) -> torch.Tensor | None:
+    """Per-sample ``values`` of this process's share placed in a batch of ``size`` at 0."""
+    if values is None or values.shape[0] == size:
+        return values
+    whole = values.new_zeros((size, *values.shape[1:]))
+    whole[share] = values
+    return whole
 
 
 def _loss_text(loss: LossBreakdown) -> str:
@@ -701,15 +712,12 @@ def _caption_length_note(family: ModelFamily, model: LoadedModel, captions: list
 
 
 def _new_accelerator(config: TrainConfig, logs: Path) -> Accelerator:
-    """An Accelerator for this run (its trackers writing to ``logs``). accelerate keeps its
-    settings in a process-wide singleton that refuses a second mixed-precision mode; the UI runs
-    many trainings in one process, each with its own config, so the singleton is cleared first
-    (one run at a time per process)."""
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
+    """An Accelerator for this run: the device, the processes and DDP, its trackers writing to
+    ``logs``. Mixed precision is left to :class:`Precision`: accelerate keeps that setting for the
+    whole process, and the UI runs many trainings, each with its own, in one process."""
     log_with = config.output.log_with
     return Accelerator(
-        mixed_precision=config.training.mixed_precision,
+        mixed_precision="no",
         log_with=None if log_with == "none" else log_with,
         project_dir=str(logs),
     )
@@ -738,13 +746,3 @@ def _mean_result(results: list[StepResult]) -> StepResult:
     }
     fraction = sum(r.teacher_fraction for r in results) / len(results)
     return StepResult(loss=LossBreakdown(**mean), teacher_fraction=fraction)
-
-
-def _drift_row(reading: DriftMeasured) -> dict[str, float | None]:
-    """A drift reading's metrics.jsonl keys (the subject loss is the held-out set's)."""
-    return {
-        "heldout_subject_loss": reading.subject_loss,
-        "drift_background": reading.drift_background,
-        "drift_world": reading.drift_world,
-        "drift_seconds": reading.seconds,
-    }

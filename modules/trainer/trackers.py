@@ -53,8 +53,8 @@ class Trackers:
                 tracker.log_images({tag: [picture]}, step=step)
 
     def end(self) -> None:
-        if self.active:
-            self.accelerator.end_training()
+        """Close the trackers (and, on several processes, the process group)."""
+        self.accelerator.end_training()
 
 
 def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, bool | int | float | str]:

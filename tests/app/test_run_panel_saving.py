@@ -11,13 +11,13 @@ pytestmark = [pytest.mark.ui, pytest.mark.slow]
 
 
 def test_stop_again_gives_up_a_save_that_keeps_failing(window, answers, tmp_path, monkeypatch):
-    from modules.trainer import generic_trainer
+    from modules.trainer import saving
 
     def full_disk(denoiser, path, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(generic_trainer, "save_lora", full_disk)
-    monkeypatch.setattr(generic_trainer, "SAVE_RETRY_SECONDS", 0.05)
+    monkeypatch.setattr(saving, "save_lora", full_disk)
+    monkeypatch.setattr(saving, "SAVE_RETRY_SECONDS", 0.05)
     run_dir = small_run(window, tmp_path, steps=500)
     panel = window.run_panel
     panel.start_button.invoke()

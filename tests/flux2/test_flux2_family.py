@@ -33,6 +33,7 @@ from modules.models.flux2.family import (
 )
 from modules.models.spec import LatentGrid
 from tests.flux2.tiny_flux2 import TEXT_DIM, build_tiny_flux2
+from tests.runner_check import assert_predict_goes_through_the_runner
 from tests.trained_lora import SAMPLES, train_in_process, train_preset
 
 REPO = Path(__file__).resolve().parents[2]
@@ -162,6 +163,7 @@ def test_teacher_is_the_base_on_a_non_square_grid_and_the_loss_takes_it(folders,
                 param.normal_(std=0.1, generator=torch.Generator().manual_seed(0))
     noisy, t = torch.randn(2, 128, 3, 4), torch.tensor([0.3, 0.8])  # a 48 x 64 px image
     student = family.predict(model, noisy, t, text)
+    assert_predict_goes_through_the_runner(family, model, noisy, t, text, student)
     with torch.no_grad(), lora_disabled(model.denoiser):
         teacher = family.predict(model, noisy, t, text)
     plain = Flux2Family(family.options)

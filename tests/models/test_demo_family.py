@@ -16,6 +16,7 @@ from modules.models.demo.family import (
 )
 from modules.models.flow_matching import euler_sample, flow_noisy_input_and_target
 from modules.models.registry import SPECS
+from tests.runner_check import assert_predict_goes_through_the_runner
 
 CPU = torch.device("cpu")
 
@@ -82,6 +83,7 @@ def test_the_unet_predicts_a_velocity_from_its_clean_image(demo_family, demo_inp
     with torch.no_grad():
         velocity = demo_family.predict(model, noisy, timesteps, text)
         clean = model.denoiser(noisy, timesteps * 1000, text["embeds"], return_dict=False)[0]
+    assert_predict_goes_through_the_runner(demo_family, model, noisy, timesteps, text, velocity)
     assert velocity.shape == noisy.shape
     t = timesteps.view(-1, 1, 1, 1)
     assert torch.allclose(velocity, (noisy - clean) / t, atol=1e-5)

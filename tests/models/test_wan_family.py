@@ -17,6 +17,7 @@ from modules.models.flow_matching import shift_timesteps
 from modules.models.spec import LatentGrid
 from modules.models.wan import SPEC, WanOptions
 from modules.models.wan.family import TEXT_TOKENS, WanFamily
+from tests.runner_check import assert_predict_goes_through_the_runner
 from tests.wan.tiny_wan import TRANSFORMER, original_layout
 
 CPU = torch.device("cpu")
@@ -260,6 +261,7 @@ def test_fp8_base_stores_float8_and_the_teacher_is_that_base(tiny_wan):
             p.normal_()  # lora_B: the student now differs from the base
     out = family.predict(model, noisy, t, text)
     out.float().pow(2).mean().backward()
+    assert_predict_goes_through_the_runner(family, model, noisy, t, text, out)
     assert all(p.grad is not None for p in params)
     assert model.denoiser.blocks[0].attn1.to_q.base_layer.weight.dtype == torch.float8_e4m3fn
     with torch.no_grad(), lora_disabled(model.denoiser):

@@ -19,6 +19,7 @@ from modules.loss import masked_prior_loss
 from modules.models import ModelLoadError, get_family
 from modules.models.packing import pack, unpack
 from tests.qwen_image.tiny_qwen_image import build_tiny_qwen_image
+from tests.runner_check import assert_predict_goes_through_the_runner
 from tests.trained_lora import SAMPLES, train_in_process, train_preset
 
 REPO = Path(__file__).resolve().parents[2]
@@ -106,6 +107,7 @@ def test_teacher_is_the_base_on_a_non_square_grid_and_the_loss_takes_it(folder):
                 param.normal_(std=0.1, generator=torch.Generator().manual_seed(0))
     noisy, t = torch.randn(2, 16, 6, 8), torch.tensor([0.3, 0.8])
     student = family.predict(model, noisy, t, text)
+    assert_predict_goes_through_the_runner(family, model, noisy, t, text, student)
     with torch.no_grad(), lora_disabled(model.denoiser):
         teacher = family.predict(model, noisy, t, text)
     with torch.no_grad():

@@ -14,7 +14,8 @@ from modules.config.schema import DriftConfig
 from modules.data.demo_dataset import write_demo_dataset
 from modules.lora import add_lora
 from modules.models.demo.family import DemoFamily, build_demo_model
-from modules.trainer import Command, DriftMeasured, GenericTrainer, StepMetrics, generic_trainer
+from modules.trainer import Command, DriftMeasured, GenericTrainer, StepMetrics
+from modules.trainer import drift as drift_module
 from modules.trainer.drift import DRIFT_TIMESTEPS, HeldOutSet, measure_drift
 from tests.trainer.test_generic_trainer import make_config, run
 
@@ -223,7 +224,7 @@ class TestTrainer:
             clock[0] += PAUSE
             return measure_drift(*args, **kwargs)
 
-        monkeypatch.setattr(generic_trainer, "measure_drift", slow_measure)
+        monkeypatch.setattr(drift_module, "measure_drift", slow_measure)
         drift = {"every": 2, "subject_path": str(folders[0]), "world_path": str(folders[1])}
         config = make_config(demo_root, tmp_path, training={"steps": 4}, drift=drift)
         finished, events = run(config)

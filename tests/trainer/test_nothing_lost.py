@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from modules.config import config_from_dict
 from modules.data.demo_dataset import write_demo_dataset
 from modules.trainer import FileSaved, GenericTrainer, StatusMessage
-from modules.trainer import generic_trainer as trainer_module
+from modules.trainer import saving as trainer_module
 from tests.trainer.test_generic_trainer import run
 
 pytestmark = pytest.mark.slow

@@ -205,10 +205,10 @@ class DemoFamily(FlowMatching):
         dtype = next(denoiser.parameters()).dtype
         embeds = text["embeds"].to(dtype)
         if demo_architecture(denoiser) == "unet":
-            clean = denoiser(noisy.to(dtype), timesteps * 1000, embeds, return_dict=False)[0]
+            clean = model.runner(noisy.to(dtype), timesteps * 1000, embeds, return_dict=False)[0]
         else:
             # (B, C, h, w) → one-frame video (B, C, 1, h, w) for the WAN transformer, and back.
-            clean = denoiser(
+            clean = model.runner(
                 hidden_states=noisy.unsqueeze(2).to(dtype),
                 timestep=timesteps * 1000,
                 encoder_hidden_states=embeds,

@@ -219,7 +219,7 @@ class Flux1Family(ShiftedByTokens):
         dtype = model.parts["dtype"]
         tokens = pack(noisy).to(dtype)  # (B, h/2 * w/2, 4C)
         embeds = text["embeds"].to(dtype)
-        out = model.denoiser(
+        out = model.runner(
             hidden_states=tokens,
             encoder_hidden_states=embeds,
             pooled_projections=text["pooled"].to(dtype),

@@ -284,7 +284,7 @@ class Flux2Family(ShiftedByTokens):
         denoiser_on_device(model)
         batch, _, rows, columns = noisy.shape
         dtype, device = model.parts["dtype"], noisy.device
-        out = model.denoiser(
+        out = model.runner(
             hidden_states=pack(noisy).to(dtype),  # (B, h * w, 128)
             encoder_hidden_states=embeds.to(device, dtype),
             timestep=t.to(dtype),

@@ -249,7 +249,7 @@ class QwenImageFamily(ShiftedByTokens):
         denoiser_on_device(model)
         dtype = model.parts["dtype"]
         mask = text["mask"]
-        return model.denoiser(
+        return model.runner(
             hidden_states=tokens.to(dtype),
             encoder_hidden_states=text["embeds"].to(dtype),
             encoder_hidden_states_mask=None if bool(mask.all()) else mask,

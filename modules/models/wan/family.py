@@ -316,7 +316,7 @@ class WanFamily(FlowMatching):
     ) -> Tensor:
         """The velocity (B, C, F', h, w) for noisy latents of the same shape."""
         denoiser_on_device(model)
-        return _forward(model.denoiser, model.parts["dtype"], noisy, timesteps, text["embeds"])
+        return _forward(model.runner, model.parts["dtype"], noisy, timesteps, text["embeds"])
 
     @torch.no_grad()
     def sample(

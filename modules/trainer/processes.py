@@ -1,0 +1,59 @@
+"""Training on several processes (``accelerate launch --num_processes N``): who does what.
+
+Every process draws the same batch of ``training.batch_size`` x N samples with the same noise,
+timesteps and dropouts (one seed, one data order), and trains on its own share of it. So the
+run is the run one process would make at N times the batch size, up to float rounding, and each
+process still sees distinct samples and noise. The gradients are averaged by DDP; the main
+process alone fills the cache first, writes the run folder (metrics, LoRA files, backups,
+samples) and runs the drift meter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
+
+
+@dataclass(frozen=True)
+class Processes:
+    index: int = 0
+    count: int = 1
+
+    @classmethod
+    def current(cls) -> Processes:
+        """This process's place, from the launcher's environment (``accelerate launch`` or
+        ``torchrun``; one process when launched plainly). The process group is set up here on
+        first use: on the GPUs, or on the CPU (gloo) with ``--cpu`` or when there is no GPU."""
+        cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
+        state = PartialState(cpu=cpu)
+        return cls(index=state.process_index, count=state.num_processes)
+
+    @property
+    def main(self) -> bool:
+        return self.index == 0
+
+    @property
+    def several(self) -> bool:
+        return self.count > 1
+
+    def padded(self, size: int) -> torch.Tensor | None:
+        """Indices that repeat a batch of ``size`` (< count) samples until every process has
+        one; None when it already has enough (every process needs a sample each step)."""
+        if size >= self.count:
+            return None
+        return torch.arange(self.count) % size
+
+    def share(self, size: int) -> slice:
+        """This process's part of a batch of ``size`` >= count samples: consecutive, the
+        first ``size % count`` processes one sample more."""
+        base, extra = divmod(size, self.count)
+        start = self.index * base + min(self.index, extra)
+        return slice(start, start + base + (1 if self.index < extra else 0))
+
+    def seed(self, seed: int) -> int:
+        """The seed of this process's own torch generator (LoRA dropout): the run's seed on the
+        main process, as a single-process run has it; a distinct one on each other process."""
+        return seed if self.main else (seed * 1_000_003 + self.index) % 2**63
