@@ -258,6 +258,24 @@ def _four_n_plus_one(frames: int, name: str) -> int:
     return frames
 
 
+class MaskTiersConfig(Section):
+    """The grey levels the mask generator and the mask editor's tier brushes write (0-255)."""
+
+    face: int = Field(
+        255, ge=0, le=255, title="Face tier", description="Grey level of the face (255: weight 1)."
+    )
+    body: int = Field(
+        128,
+        ge=0,
+        le=255,
+        title="Body tier",
+        description="Grey level of the body and clothes (128: weight 0.5).",
+    )
+    hair: int = Field(
+        80, ge=0, le=255, title="Hair tier", description="Grey level of the hair (80: weight 0.31)."
+    )
+
+
 class MaskConfig(Section):
     enabled: bool = Field(
         False,
@@ -301,6 +319,11 @@ class MaskConfig(Section):
             "Average each sample's weighted loss first, so every sample counts the same "
             "whatever its mask area. Recommended with prior preservation."
         ),
+    )
+    tiers: MaskTiersConfig = Field(
+        default_factory=MaskTiersConfig,
+        title="Mask tiers",
+        description="Grey levels of generated and painted masks (Making masks in the README).",
     )
 
 
@@ -347,6 +370,14 @@ class LoraConfig(Section):
             "Which layers get LoRA adapters: the family's attention projections, attention and "
             "feed-forward (MLP) layers, or (UNet denoisers only) attention and the ResNet "
             "convolutions. Each family lists the ones it has in the README."
+        ),
+    )
+    init_from: str = Field(
+        "",
+        title="Start from LoRA",
+        description=(
+            "A LoRA .safetensors file (this trainer's, diffusers' or ComfyUI's layout) whose "
+            "weights the new run starts from, with a fresh optimizer. Empty: a new LoRA."
         ),
     )
 

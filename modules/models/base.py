@@ -130,6 +130,12 @@ class ModelFamily(Protocol):
         ValueError naming ``output.format`` and the fix when the model has none."""
         ...
 
+    def lora_loader(self, model: LoadedModel) -> type:
+        """The diffusers LoRA loader of the family's pipeline (e.g. ``WanLoraLoaderMixin``):
+        its ``lora_state_dict`` reads every LoRA layout the family's files come in, so
+        ``lora.init_from`` takes what the pipeline's ``load_lora_weights`` takes."""
+        ...
+
     def release_encoders(self, model: LoadedModel, *, keep_decoder: bool) -> None:
         """Free what training no longer needs once the cache is filled (text encoder, and the
         image encoder unless ``keep_decoder`` because samples are decoded). A family may keep

@@ -18,16 +18,20 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import gather_object
 from peft import set_peft_model_state_dict
 from peft.utils import get_peft_model_state_dict
 
-from modules.config import ConfigError
+from modules.config import ConfigError, TrainConfig, resolved_config_json
 from modules.trainer.batch_stream import BatchStream
+from modules.trainer.processes import Processes
+from modules.trainer.run_folder import os_error_reason
 
 BACKUPS = "backups"
 STATE = "state.pt"
@@ -40,8 +44,11 @@ HARMLESS = (
     "output.log_with",
     "sampling.",
     "drift.every",
+    "lora.init_from",
+    "mask.tiers.",
 )
-"""Settings (or prefixes, ending in a dot) a resumed run may change."""
+"""Settings (or prefixes, ending in a dot) a resumed run may change. ``lora.init_from`` only
+shapes step 0, whose result the backup holds; the mask tiers are for making masks."""
 
 
 @dataclass
@@ -113,6 +120,70 @@ class TrainingState:
         self.generator.set_state(rng["noise"])
         self.mask_rng.setstate(rng["mask"])
         return int(state["step"])
+
+
+class Backups:
+    """A run's backups as the loop uses them: the one to resume from, and writing one now. On
+    several processes every process takes part (their own generators are gathered) and the
+    main one writes."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        processes: Processes,
+        status: Callable[[str, str], None],
+    ) -> None:
+        self.config, self.processes, self._status = config, processes, status
+        self.run_dir = Path(config.output.run_dir)
+        self.state: TrainingState | None = None
+        """Set once the run's live objects exist."""
+
+        self.step_start: tuple[dict[str, Any], dict[str, Any]] | None = None
+        """The random state (shared, own) at the start of the step being taken, for the
+        backup a NaN stop writes."""
+
+    def to_resume(self, which: str | None) -> tuple[Path, dict[str, Any]] | None:
+        """The backup ``--resume`` names (``latest`` or a folder), its config checked against
+        this run's before anything loads; None for a new run."""
+        if which is None:
+            return None
+        folder = find_backup(self.run_dir, which)
+        state, config = read_backup(folder)
+        changed = compare_configs(config, json.loads(resolved_config_json(self.config)))
+        if changed:
+            self._status(f"Resuming with other settings of {', '.join(changed)} (allowed)", "info")
+        return folder, state
+
+    def mark_step_start(self) -> None:
+        if self.config.output.backup_every and self.state is not None:
+            self.step_start = (self.state.shared_random(), process_random())
+
+    def write(
+        self, step: int, at: tuple[dict[str, Any], dict[str, Any]] | None = None
+    ) -> Path | None:
+        """Write a backup of ``step`` (``at``: the random state to record instead, shared and
+        own); the folder, or None on the other processes and when the disk refused it (said;
+        training goes on)."""
+        assert self.state is not None
+        shared, own = at or (self.state.shared_random(), process_random())
+        processes = gather_object([own]) if self.processes.several else [own]
+        if not self.processes.main:
+            return None
+        captured = self.state.capture(step, shared, processes)
+        config_json = resolved_config_json(self.config)
+        try:
+            folder = write_backup(
+                self.run_dir, step, captured, config_json, self.config.output.backup_keep
+            )
+        except OSError as error:
+            self._status(
+                f"warning: could not write the backup of step {step} "
+                f"({os_error_reason(error)}): training goes on; the earlier backups are kept",
+                "warning",
+            )
+            return None
+        self._status(f"Backup: {folder}", "info")
+        return folder
 
 
 def process_random() -> dict[str, Any]:

@@ -3,12 +3,15 @@ backup can record it and a resumed run continue from exactly the same batch."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
-from modules.data.dataset import Batch
+from modules.config import TrainConfig
+from modules.data.batches import BucketBatchSampler
+from modules.data.dataset import Batch, ConceptDataset, collate
 
 
 class BatchStream:
@@ -55,3 +58,30 @@ class BatchStream:
         self._iterator, self._taken = iter(self.loader), 0
         for _ in range(int(state["taken"])):
             next(self)
+
+
+def make_batches(
+    config: TrainConfig, dataset: ConceptDataset, generator: torch.Generator, processes: int
+) -> tuple[BatchStream, int]:
+    """Endless batches of ``batch_size`` per process (``processes`` of them draw each batch
+    whole), and the optimizer steps in a pass over the data. Each pass reshuffles with the
+    run's seed. With buckets every batch comes from one bucket (``BucketBatchSampler``);
+    without, a batch is any samples and the last, smaller one of a pass is dropped.
+    ``generator`` draws the caption dropout."""
+    size = config.training.batch_size * processes
+    collate_fn = functools.partial(collate, generator=generator)
+    order = torch.Generator().manual_seed(config.training.seed + 1)
+    if config.data.buckets:
+        sampler = BucketBatchSampler(dataset.latent_shapes(), size, order)
+        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, generator=order)
+    else:
+        loader = DataLoader(
+            dataset,
+            batch_size=size,
+            shuffle=True,
+            drop_last=len(dataset) >= size,
+            collate_fn=collate_fn,
+            generator=order,
+        )
+    steps_per_epoch = max(1, len(loader) // config.training.gradient_accumulation)
+    return BatchStream(loader, order), steps_per_epoch

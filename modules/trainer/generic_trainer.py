@@ -23,8 +23,6 @@ commands (stop, save, sample) from another.
 from __future__ import annotations
 
 import contextlib
-import functools
-import json
 import logging
 import queue
 import random
@@ -37,30 +35,20 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import gather_object
-from diffusers.optimization import get_scheduler
-from torch.utils.data import DataLoader
 
 from modules.atomic import write_text_atomic
 from modules.config import ConfigError, TrainConfig, config_warnings, resolved_config_json
-from modules.data.batches import BucketBatchSampler
 from modules.data.concept import DataError
-from modules.data.dataset import Batch, collate
+from modules.data.dataset import Batch
 from modules.data.preparation import prepare_dataset
 from modules.lora import add_lora, lora_disabled
+from modules.lora.init_from import InitFromError, init_lora_from
 from modules.loss import LossBreakdown, masked_prior_loss, process_masks
 from modules.models import LoadedModel, ModelFamily, ModelLoadError, get_family, select_text
 from modules.models.registry import family_spec
-from modules.trainer.backups import (
-    TrainingState,
-    compare_configs,
-    find_backup,
-    process_random,
-    read_backup,
-    write_backup,
-)
+from modules.trainer.backups import Backups, TrainingState
 from modules.trainer.banner import banner_lines
-from modules.trainer.batch_stream import BatchStream
+from modules.trainer.batch_stream import make_batches
 from modules.trainer.drift import DriftMeter
 from modules.trainer.events import (
     Command,
@@ -70,6 +58,8 @@ from modules.trainer.events import (
     StatusMessage,
     StepMetrics,
 )
+from modules.trainer.notes import caption_length_notes, device_notes
+from modules.trainer.optimizer import make_optimizer, make_scheduler
 from modules.trainer.precision import Precision
 from modules.trainer.preflight import Preflight, preflight
 from modules.trainer.processes import Processes
@@ -121,9 +111,7 @@ class GenericTrainer:
         """TensorBoard / wandb (``output.log_with``), made by ``setup``."""
         self.saver: LoraSaver | None = None
         self.drift: DriftMeter | None = None
-        self._step_start: tuple[dict[str, Any], dict[str, Any]] | None = None
-        """The random state (shared, own) at the start of the step being taken, for the
-        backup a NaN stop writes."""
+        self.backups = Backups(config, self.processes, self._status)
 
     @property
     def last_saved(self) -> Path | None:
@@ -181,7 +169,7 @@ class GenericTrainer:
         config, main = self.config, self.processes.main
         if self.preflight is None:
             self.preflight = preflight(config, create_run_dir=True)
-        backup = self._backup_to_resume()
+        backup = self.backups.to_resume(self.resume)
         self.accelerator = _new_accelerator(config, self.run_dir / "logs")
         self.trackers = Trackers(self.accelerator, config)
         self.device = self.accelerator.device
@@ -252,38 +240,24 @@ class GenericTrainer:
                 device=self.device,
                 autocast=self.precision.autocast,
             )
-        captions = _caption_length_note(self.family, self.model, prepared.captions())
+        captions = caption_length_notes(self.family, self.model, prepared.captions())
         self.family.release_encoders(self.model, keep_decoder=bool(prompts))
         for line in prepared.report_lines():
             self._status(line)
         for level, text in banner_lines(config, prepared.cache_hint()):
             self._status(text, level)
-        notes = [*self.preflight.notes, *prepared.notes, *captions, *self._device_notes()]
+        notes = [*self.preflight.notes, *prepared.notes, *captions]
+        notes += device_notes(config, self.device)
         for warning in [*config_warnings(config), *notes]:
             self._status(f"warning: {warning}", "warning")
 
-        torch.manual_seed(config.training.seed)  # LoRA init, alike on every process
         denoiser = self.denoiser = self.model.denoiser
-        params = add_lora(
-            denoiser,
-            rank=config.lora.rank,
-            alpha=config.lora.alpha,
-            dropout=config.lora.dropout,
-            target_modules=available[config.lora.targets],
-        )
+        params = self.params = self._add_lora(available[config.lora.targets], backup is None)
         if config.training.gradient_checkpointing:
             denoiser.enable_gradient_checkpointing()
         denoiser.train()
-        self.params = params
-        self.optimizer = _make_optimizer(config, params)
-        # Stepped once per optimizer step, so training.steps and the schedule mean those steps
-        # on any number of processes.
-        self.scheduler = get_scheduler(
-            _scheduler_name(config),
-            self.optimizer,
-            num_warmup_steps=config.training.warmup_steps,
-            num_training_steps=config.training.steps,
-        )
+        self.optimizer = make_optimizer(config, params)
+        self.scheduler = make_scheduler(config, self.optimizer)
         # On several processes the student's forward goes through DDP (gradients averaged);
         # the teacher, the samples and the drift meter call the denoiser itself.
         wrapper = self.accelerator.prepare_model(denoiser)
@@ -292,8 +266,10 @@ class GenericTrainer:
             torch.manual_seed(self.processes.seed(config.training.seed))
         self.generator = torch.Generator().manual_seed(config.training.seed)
         self.mask_rng = random.Random(config.training.seed)
-        self.batches = self._batches()
-        self.state = TrainingState(
+        self.batches, self.steps_per_epoch = make_batches(
+            config, self.dataset, self.generator, self.processes.count
+        )
+        self.state = self.backups.state = TrainingState(
             denoiser=denoiser,
             optimizer=self.optimizer,
             scheduler=self.scheduler,
@@ -302,8 +278,6 @@ class GenericTrainer:
             mask_rng=self.mask_rng,
             scaler=self.precision.scaler,
         )
-        n_params = sum(p.numel() for p in params)
-        self._status(f"LoRA: {n_params:,} trainable parameters in {len(params) // 2} layers")
         if self.processes.several:
             self._status(
                 f"Training on {self.processes.count} processes: {config.training.batch_size} "
@@ -327,13 +301,29 @@ class GenericTrainer:
                 self.run_dir / f"{config.output.name}.json", resolved_config_json(config) + "\n"
             )
 
-    def _device_notes(self) -> list[str]:
-        if self.device.type == "cpu" and self.config.training.mixed_precision == "fp16":
-            return [
-                "training.mixed_precision=fp16 does nothing on a CPU: this run trains in "
-                "float32; use bf16 (CPUs support it) or no"
-            ]
-        return []
+    def _add_lora(self, target_modules: list[str], new_run: bool) -> list[torch.nn.Parameter]:
+        """The run's LoRA, alike on every process: new, or (``lora.init_from``, not on a resume,
+        whose backup holds the weights) starting from a LoRA file's weights."""
+        lora = self.config.lora
+        torch.manual_seed(self.config.training.seed)
+        params = add_lora(
+            self.model.denoiser,
+            rank=lora.rank,
+            alpha=lora.alpha,
+            dropout=lora.dropout,
+            target_modules=target_modules,
+        )
+        n_params = sum(p.numel() for p in params)
+        self._status(f"LoRA: {n_params:,} trainable parameters in {len(params) // 2} layers")
+        if lora.init_from and new_run:
+            loader = self.family.lora_loader(self.model)
+            try:
+                report = init_lora_from(self.model.denoiser, lora.init_from, loader)
+            except InitFromError as error:
+                raise ConfigError(str(error)) from None
+            for line in report.lines(lora.rank):
+                self._status(line, "warning" if line.startswith("warning") else "info")
+        return params
 
     # ----------------------------------------------------------------------------------- train
 
@@ -368,8 +358,7 @@ class GenericTrainer:
         """One optimizer step over ``gradient_accumulation`` batches (after ``setup``). On
         several processes the gradients are averaged once, after the last batch."""
         accumulation = self.config.training.gradient_accumulation
-        if self.config.output.backup_every:
-            self._step_start = (self.state.shared_random(), process_random())
+        self.backups.mark_step_start()
         results = []
         for index in range(accumulation):
             last = index == accumulation - 1
@@ -496,32 +485,6 @@ class GenericTrainer:
                 masks[i] = 1.0
         return masks
 
-    def _batches(self) -> BatchStream:
-        """Endless batches of ``batch_size`` per process: each pass over the loader reshuffles
-        with the run's seed. With buckets every batch comes from one bucket
-        (``BucketBatchSampler``); without, a batch is any samples and the last, smaller one of
-        a pass is dropped."""
-        seed = self.config.training.seed + 1
-        size = self.config.training.batch_size * self.processes.count
-        collate_fn = functools.partial(collate, generator=self.generator)
-        order = torch.Generator().manual_seed(seed)
-        if self.config.data.buckets:
-            sampler = BucketBatchSampler(self.dataset.latent_shapes(), size, order)
-            loader = DataLoader(
-                self.dataset, batch_sampler=sampler, collate_fn=collate_fn, generator=order
-            )
-        else:
-            loader = DataLoader(
-                self.dataset,
-                batch_size=size,
-                shuffle=True,
-                drop_last=len(self.dataset) >= size,
-                collate_fn=collate_fn,
-                generator=order,
-            )
-        self.steps_per_epoch = max(1, len(loader) // self.config.training.gradient_accumulation)
-        return BatchStream(loader, order)
-
     # ------------------------------------------------------------------------- between steps
 
     def _record(
@@ -572,11 +535,11 @@ class GenericTrainer:
             if sampling.every and sampling.prompts and self.step % sampling.every == 0:
                 self.samples.write(self.step)
         if output.backup_every and self.step % output.backup_every == 0:
-            self._backup()
+            self.backups.write(self.step)
         if self._stop_requested():
             self._status(f"Stopping at step {self.step}: saving the LoRA")
             if output.backup_every and self.step % output.backup_every:
-                self._backup()
+                self.backups.write(self.step)
             return True
         return False
 
@@ -600,51 +563,13 @@ class GenericTrainer:
             stop = bool(self.accelerator.reduce(flag, reduction="sum") > 0)
         return stop
 
-    # ------------------------------------------------------------------ backups and resume
-
-    def _backup_to_resume(self) -> tuple[Path, dict[str, Any]] | None:
-        """The backup ``--resume`` names, its config checked against this run's (before
-        anything loads); None for a new run."""
-        if self.resume is None:
-            return None
-        folder = find_backup(self.run_dir, self.resume)
-        state, config = read_backup(folder)
-        changed = compare_configs(config, json.loads(resolved_config_json(self.config)))
-        if changed:
-            self._status(f"Resuming with other settings of {', '.join(changed)} (allowed)")
-        return folder, state
-
-    def _backup(self, at: tuple[dict[str, Any], dict[str, Any]] | None = None) -> Path | None:
-        """Write a backup of now (``at``: the random state to record instead, shared and own);
-        a disk that refuses it is said, and training goes on. On several processes every
-        process takes part (their own generators are gathered), the main one writes."""
-        shared, own = at or (self.state.shared_random(), process_random())
-        processes = gather_object([own]) if self.processes.several else [own]
-        if not self.processes.main:
-            return None
-        state = self.state.capture(self.step, shared, processes)
-        config_json = resolved_config_json(self.config)
-        try:
-            folder = write_backup(
-                self.run_dir, self.step, state, config_json, self.config.output.backup_keep
-            )
-        except OSError as error:
-            self._status(
-                f"warning: could not write the backup of step {self.step} "
-                f"({os_error_reason(error)}): training goes on; the earlier backups are kept",
-                "warning",
-            )
-            return None
-        self._status(f"Backup: {folder}")
-        return folder
-
     def _nan_stop(self, what: str) -> None:
         """Stop the run on a non-finite loss or gradient: with backups on, first a backup of
         the last whole step (the weights are still its own), to resume from once the cause
         is fixed. Raises TrainingError."""
         folder = None
-        if self.config.output.backup_every and self._step_start is not None:
-            folder = self._backup(self._step_start)
+        if self.config.output.backup_every and self.backups.step_start is not None:
+            folder = self.backups.write(self.step, self.backups.step_start)
         message = self._nan_message(what)
         if folder is not None:
             message += f" A backup of step {self.step} is in {folder}."
@@ -696,21 +621,6 @@ def _loss_text(loss: LossBreakdown) -> str:
     return f"the loss is not finite (total {total}, target {target}, prior {prior})"
 
 
-def _caption_length_note(family: ModelFamily, model: LoadedModel, captions: list[str]) -> list[str]:
-    """Captions longer than the text encoder reads: it sees only their start."""
-    if not captions:
-        return []
-    lengths, limit = family.prompt_token_counts(model, captions)
-    long = [caption for caption, n in zip(captions, lengths, strict=True) if n > limit]
-    if not long:
-        return []
-    example = long[0] if len(long[0]) <= 60 else long[0][:57] + "..."
-    return [
-        f"{len(long)} of {len(captions)} distinct captions are longer than the {limit} tokens "
-        f"the text encoder reads and are cut there (e.g. '{example}'): shorten them"
-    ]
-
-
 def _new_accelerator(config: TrainConfig, logs: Path) -> Accelerator:
     """An Accelerator for this run: the device, the processes and DDP, its trackers writing to
     ``logs``. Mixed precision is left to :class:`Precision`: accelerate keeps that setting for the
@@ -721,20 +631,6 @@ def _new_accelerator(config: TrainConfig, logs: Path) -> Accelerator:
         log_with=None if log_with == "none" else log_with,
         project_dir=str(logs),
     )
-
-
-def _make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    training = config.training
-    if training.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=training.learning_rate, momentum=0.9)
-    return torch.optim.AdamW(params, lr=training.learning_rate, weight_decay=training.weight_decay)
-
-
-def _scheduler_name(config: TrainConfig) -> str:
-    name = config.training.scheduler
-    if name == "constant" and config.training.warmup_steps > 0:
-        return "constant_with_warmup"
-    return name
 
 
 def _mean_result(results: list[StepResult]) -> StepResult:

@@ -47,7 +47,12 @@ def preflight(config: TrainConfig, *, create_run_dir: bool) -> Preflight:
     if not config.data.concepts:
         raise ConfigError("data.concepts: no concepts; add at least one image folder")
     check_run_folder(Path(config.output.run_dir), create=create_run_dir)
-    problems = _missing_paths(config) + _resolution_problem(config) + _tracker_problem(config)
+    problems = [
+        *_missing_paths(config),
+        *_resolution_problem(config),
+        *_tracker_problem(config),
+        *_init_from_problem(config),
+    ]
     scans = []
     for concept in config.data.concepts:
         try:
@@ -93,6 +98,17 @@ def _tracker_problem(config: TrainConfig) -> list[str]:
         f"output.log_with={log_with}: the {package} package is not installed; install it "
         f"(pip install {package}) or set output.log_with=none"
     ]
+
+
+def _init_from_problem(config: TrainConfig) -> list[str]:
+    """``lora.init_from`` naming a file that is not a LoRA (whether it fits the model is
+    known once the model loads)."""
+    if not config.lora.init_from:
+        return []
+    from modules.lora.init_from import lora_file_problem  # torch; only when it is set
+
+    problem = lora_file_problem(config.lora.init_from)
+    return [problem] if problem else []
 
 
 def _resolution_problem(config: TrainConfig) -> list[str]:

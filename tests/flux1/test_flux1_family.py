@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from modules.config.schema import ModelConfig
 from modules.lora import add_lora, lora_disabled
+from modules.lora.init_from import init_lora_from
 from modules.loss import masked_prior_loss
 from modules.models import ModelLoadError, get_family
 from modules.models.packing import pack, unpack
@@ -153,6 +154,29 @@ def _inputs():
     embeds = torch.randn(1, TOKENS, 32, generator=generator)
     pooled = torch.randn(1, 32, generator=generator)
     return tokens, embeds, pooled
+
+
+@pytest.mark.slow
+def test_a_run_starts_from_either_file_as_the_pipeline_loads_it(runs):
+    flux, comfy, diffusers = runs
+    inputs = _inputs()
+    """lora.init_from, at another rank and alpha than the file's: the run's LoRA predicts as
+    the pipeline does with the file loaded, for the diffusers and the ComfyUI file alike."""
+    pipe = FluxPipeline.from_pretrained(flux, local_files_only=True)
+    pipe.load_lora_weights(str(diffusers / "lora.safetensors"))
+    expected = _velocity(pipe.transformer, *inputs)
+    for file in (diffusers / "lora.safetensors", comfy / "lora.safetensors"):
+        family, model = load(flux)
+        add_lora(
+            model.denoiser,
+            rank=6,
+            alpha=5,
+            dropout=0.0,
+            target_modules=family.lora_targets(model)["attention_ffn"],
+        )
+        report = init_lora_from(model.denoiser, file, family.lora_loader(model))
+        assert report.file_rank == 4 and report.kept == pytest.approx(1.0), file
+        assert torch.allclose(_velocity(model.denoiser, *inputs), expected, atol=1e-5), file
 
 
 def _velocity(transformer, tokens, embeds, pooled):

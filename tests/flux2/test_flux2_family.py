@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from modules.config.schema import ModelConfig
 from modules.lora import add_lora, lora_disabled, lora_state_dict
+from modules.lora.init_from import init_lora_from
 from modules.loss import masked_prior_loss
 from modules.models import ModelLoadError, get_family
 from modules.models.flux2 import SPEC, Flux2Options
@@ -274,6 +275,31 @@ def test_the_comfyui_layout_converts_back_exactly(folders, tmp_path):
     for module, update in converted.items():
         expected = reference.get(module, torch.zeros_like(update))
         assert torch.allclose(update, expected, rtol=1e-6, atol=1e-7), module
+
+
+def test_a_comfyui_file_starts_a_run_at_its_rank_though_its_qkv_come_back_at_3r(folders, tmp_path):
+    """lora.init_from: the fused qkv LoRA of a ComfyUI file converts back at rank 3r per
+    projection, yet each projection's update has rank r, so a rank-r run holds it exactly."""
+    family, model = load(folders["dev"])
+    targets = family.lora_targets(model)["attention_ffn"]
+    add_lora(model.denoiser, rank=2, alpha=3, dropout=0.0, target_modules=targets)
+    with torch.no_grad():
+        for name, param in model.denoiser.named_parameters():
+            if "lora_B" in name:
+                param.normal_(generator=torch.Generator().manual_seed(len(name)))
+    expected = _velocity(model.denoiser)
+    file = tmp_path / "comfy.safetensors"
+    save_file(to_comfyui(lora_state_dict(model.denoiser), 3.0), str(file))
+    converted = Flux2Pipeline.lora_state_dict(str(file))
+    assert converted["transformer.transformer_blocks.0.attn.to_q.lora_A.weight"].shape[0] == 6
+
+    _, fresh = load(folders["dev"])
+    add_lora(fresh.denoiser, rank=2, alpha=2, dropout=0.0, target_modules=targets)
+    base = _velocity(load(folders["dev"])[1].denoiser)
+    report = init_lora_from(fresh.denoiser, file, family.lora_loader(fresh))
+    assert (report.file_rank, report.fresh) == (2, 0) and report.kept == pytest.approx(1.0)
+    assert not torch.allclose(expected, base, atol=1e-3)
+    assert torch.allclose(_velocity(fresh.denoiser), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_a_module_without_a_comfyui_name_is_refused():

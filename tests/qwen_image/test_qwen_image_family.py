@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from modules.config.schema import ModelConfig
 from modules.lora import add_lora, lora_disabled
+from modules.lora.init_from import init_lora_from
 from modules.loss import masked_prior_loss
 from modules.models import ModelLoadError, get_family
 from modules.models.packing import pack, unpack
@@ -237,6 +238,28 @@ def test_the_preset_trains_with_the_teacher_and_the_lora_loads_in_the_pipeline(f
     other = QwenImagePipeline.from_pretrained(folder, local_files_only=True)
     other.load_lora_weights(str(comfy / "lora.safetensors"))
     assert torch.allclose(_velocity(other.transformer), after, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_run_starts_from_either_file_as_the_pipeline_loads_it(folder, runs):
+    comfy, diffusers = runs
+    """lora.init_from, at another rank and alpha than the file's: the run's LoRA predicts as
+    the pipeline does with the file loaded, for the diffusers and the ComfyUI file alike."""
+    pipe = QwenImagePipeline.from_pretrained(folder, local_files_only=True)
+    pipe.load_lora_weights(str(diffusers / "lora.safetensors"))
+    expected = _velocity(pipe.transformer)
+    for file in (diffusers / "lora.safetensors", comfy / "lora.safetensors"):
+        family, model = load(folder)
+        add_lora(
+            model.denoiser,
+            rank=6,
+            alpha=5,
+            dropout=0.0,
+            target_modules=family.lora_targets(model)["attention_ffn"],
+        )
+        report = init_lora_from(model.denoiser, file, family.lora_loader(model))
+        assert report.file_rank == 4 and report.kept == pytest.approx(1.0), file
+        assert torch.allclose(_velocity(model.denoiser), expected, atol=1e-5), file
 
 
 def _velocity(transformer):

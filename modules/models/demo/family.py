@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel, WanTransformer3DModel
+from diffusers.loaders import StableDiffusionLoraLoaderMixin, WanLoraLoaderMixin
 from torch import Tensor
 from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
@@ -152,6 +153,12 @@ class DemoFamily(FlowMatching):
         unet = demo_architecture(model.denoiser) == "unet"
         presets = UNET_LORA_TARGETS if unet else TRANSFORMER_LORA_TARGETS
         return {name: list(modules) for name, modules in presets.items()}
+
+    def lora_loader(self, model: LoadedModel) -> type:
+        """Stable Diffusion's loader for the UNet, WAN's for the WAN transformer."""
+        if isinstance(model.denoiser, UNet2DConditionModel):
+            return StableDiffusionLoraLoaderMixin
+        return WanLoraLoaderMixin
 
     def comfyui_converter(self, model: LoadedModel) -> ComfyConverter:
         """A demo transformer is a WAN transformer: WAN's ComfyUI names. A UNet has none here."""

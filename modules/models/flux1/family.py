@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, FluxTransformer2DModel
+from diffusers.loaders import FluxLoraLoaderMixin
 from torch import Tensor
 from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
@@ -78,6 +79,10 @@ class Flux1Family(ShiftedByTokens):
 
     def lora_targets(self, model: LoadedModel) -> dict[str, list[str]]:
         return {name: list(modules) for name, modules in LORA_TARGETS.items()}
+
+    def lora_loader(self, model: LoadedModel) -> type:
+        """FluxPipeline' LoRA loader."""
+        return FluxLoraLoaderMixin
 
     def comfyui_converter(self, model: LoadedModel) -> ComfyConverter:
         """ComfyUI maps ``transformer.<diffusers module>`` keys of a FLUX LoRA onto its fused

@@ -58,6 +58,7 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
+from diffusers.loaders import Flux2LoraLoaderMixin
 from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu, format_input
 from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
 from torch import Tensor
@@ -115,6 +116,10 @@ class Flux2Family(ShiftedByTokens):
             ]
             for preset, names in LORA_TARGETS.items()
         }
+
+    def lora_loader(self, model: LoadedModel) -> type:
+        """Flux2Pipeline and Flux2KleinPipeline' LoRA loader."""
+        return Flux2LoraLoaderMixin
 
     def comfyui_converter(self, model: LoadedModel) -> ComfyConverter:
         """ComfyUI's original-layout (BFL) FLUX.2 names, read back exactly by diffusers too

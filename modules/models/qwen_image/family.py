@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+from diffusers.loaders import QwenImageLoraLoaderMixin
 from safetensors.torch import load_file
 from torch import Tensor
 from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
@@ -84,6 +85,10 @@ class QwenImageFamily(ShiftedByTokens):
 
     def lora_targets(self, model: LoadedModel) -> dict[str, list[str]]:
         return {name: list(modules) for name, modules in LORA_TARGETS.items()}
+
+    def lora_loader(self, model: LoadedModel) -> type:
+        """QwenImagePipeline' LoRA loader."""
+        return QwenImageLoraLoaderMixin
 
     def comfyui_converter(self, model: LoadedModel) -> ComfyConverter:
         """ComfyUI names a Qwen-Image LoRA after the diffusers modules under

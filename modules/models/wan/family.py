@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKLWan, WanTransformer3DModel
+from diffusers.loaders import WanLoraLoaderMixin
 from torch import Tensor
 from transformers import AutoTokenizer, UMT5EncoderModel
 
@@ -91,6 +92,10 @@ class WanFamily(FlowMatching):
 
     def lora_targets(self, model: LoadedModel) -> dict[str, list[str]]:
         return {name: list(modules) for name, modules in LORA_TARGETS.items()}
+
+    def lora_loader(self, model: LoadedModel) -> type:
+        """WAN pipelines' LoRA loader."""
+        return WanLoraLoaderMixin
 
     def comfyui_converter(self, model: LoadedModel) -> ComfyConverter:
         """The original WAN module names with a per-module alpha (``modules.lora.comfyui``)."""
