@@ -349,6 +349,48 @@ class PriorConfig(Section):
             "none elsewhere (0.05-0.15). Empty: continuous mode (prior weight = 1 - mask)."
         ),
     )
+    schedule: Literal["constant", "warmup", "decay"] = Field(
+        "constant",
+        title="Prior weight schedule",
+        description=(
+            "constant: the prior weight at every step. warmup: from 0 at the first step up to "
+            "the weight over the first schedule-share of the steps, so the subject is learnt "
+            "first. decay: the weight until the last schedule-share of the steps, then down to "
+            "0 at the last step."
+        ),
+    )
+    schedule_share: float = Field(
+        0.25,
+        gt=0.0,
+        le=1.0,
+        title="Schedule share",
+        description="The share of the run's steps the warm-up or the decay takes (0-1).",
+    )
+    noise_min: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        title="Prior from noise level",
+        description=(
+            "Prior preservation only for samples whose noise level (timestep as a fraction: "
+            "0 clean, 1 pure noise) is at least this; the teacher is skipped for the others."
+        ),
+    )
+    noise_max: float = Field(
+        1.0,
+        gt=0.0,
+        le=1.0,
+        title="Prior up to noise level",
+        description=(
+            "Prior preservation only for samples whose noise level is at most this. High noise "
+            "levels decide the layout, low ones the detail. 0-1: every timestep."
+        ),
+    )
+
+    @property
+    def gated(self) -> bool:
+        """Whether the prior acts on only part of the noise levels."""
+        return self.noise_min > 0 or self.noise_max < 1
 
 
 class LoraConfig(Section):
@@ -626,6 +668,12 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _check_cross_field(self) -> TrainConfig:
+        prior = self.prior
+        if prior.noise_min >= prior.noise_max:
+            raise ValueError(
+                f"prior.noise_min: the noise range {prior.noise_min}-{prior.noise_max} is empty; "
+                "make prior.noise_min smaller than prior.noise_max (0 and 1: every timestep)"
+            )
         if self.prior.weight > 0 and not self.mask.enabled:
             raise ValueError(
                 "prior.weight: masked prior preservation needs masks; set mask.enabled=true "
@@ -684,6 +732,11 @@ def config_warnings(config: TrainConfig) -> list[str]:
         warnings.append(
             "mask.normalize_per_sample is off: recommended with prior preservation for "
             "predictable behaviour when mask coverage varies."
+        )
+    if prior.weight == 0 and (prior.schedule != "constant" or prior.gated):
+        warnings.append(
+            "prior.schedule or prior.noise_min/noise_max is set but prior.weight is 0: they "
+            "have no effect."
         )
     if not mask.enabled and (mask.unmasked_probability > 0 or mask.min_weight > 0):
         warnings.append("mask settings are set but mask.enabled is false: they have no effect.")

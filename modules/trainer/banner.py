@@ -33,6 +33,13 @@ def banner_lines(config: TrainConfig, cache_hint: str | None = None) -> list[tup
         info(f"  prior.weight: {prior.weight}")
         mode = "continuous" if prior.threshold is None else f"threshold < {prior.threshold}"
         info(f"  prior mode: {mode}")
+        if prior.schedule != "constant":
+            info(f"  prior.schedule: {prior.schedule} over {prior.schedule_share:.0%} of the steps")
+        if prior.gated:
+            info(
+                f"  prior noise levels: {prior.noise_min}-{prior.noise_max} (teacher skipped "
+                "outside)"
+            )
         info(f"  mask.normalize_per_sample: {mask.normalize_per_sample}")
         info(THIN)
         info("PRIOR PRESERVATION: Unmasked regions will match base model.")

@@ -24,6 +24,8 @@ class StepMetrics:
     loss_prior: float
     target_weight_mean: float
     prior_weight_mean: float
+    prior_weight: float
+    """The prior weight this step used (``prior.weight`` after ``prior.schedule``)."""
     teacher_fraction: float
     """Share of the batch the teacher (base model, LoRA off) ran on; 0 when it was skipped."""
     lr: float

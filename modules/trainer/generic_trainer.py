@@ -44,6 +44,7 @@ from modules.data.preparation import prepare_dataset
 from modules.lora import add_lora, lora_disabled
 from modules.lora.init_from import InitFromError, init_lora_from
 from modules.loss import LossBreakdown, masked_prior_loss, process_masks
+from modules.loss.prior_levers import in_noise_range, prior_weight_at
 from modules.models import LoadedModel, ModelFamily, ModelLoadError, get_family, select_text
 from modules.models.registry import family_spec
 from modules.trainer.backups import Backups, TrainingState
@@ -397,20 +398,22 @@ class GenericTrainer:
         )
         masks = self._step_masks(batch)  # (B, 1, h, w) or None when masked training is off
         needs_teacher = batch.prior_prediction.clone()
-        if masks is not None and prior_cfg.weight > 0:
+        prior_weight = self.prior_weight()
+        in_range = self._prior_noise_range(timesteps, batch.latents.shape).cpu()  # (B,) bool
+        if masks is not None and prior_weight > 0:
             weights = process_masks(
                 masks,
                 gamma=mask_cfg.gamma,
                 min_weight=mask_cfg.min_weight,
                 prior_threshold=prior_cfg.threshold,
             )
-            needs_teacher |= weights.prior.flatten(1).amax(dim=1).cpu() > 0
+            needs_teacher |= (weights.prior.flatten(1).amax(dim=1).cpu() > 0) & in_range
         teacher_fraction = float(needs_teacher.sum()) / size
         pad = self.processes.padded(size)
         if pad is not None:  # fewer samples than processes: each repeated, with its draws
             batch, noise, timesteps = _take(batch, pad), noise[pad], timesteps[pad]
             masks = None if masks is None else masks[pad]
-            needs_teacher, size = needs_teacher[pad], len(pad)
+            needs_teacher, in_range, size = needs_teacher[pad], in_range[pad], len(pad)
 
         share = self.processes.share(size)
         latents = batch.latents[share].to(self.device)  # (b, C, h, w) or (b, C, F, h, w)
@@ -442,8 +445,10 @@ class GenericTrainer:
         weight = batch.loss_weight[share].to(self.device).view((-1,) + (1,) * (target.ndim - 1))
         loss = F.mse_loss(prediction, target.float(), reduction="none") * weight
         prior_loss = None
-        if teacher is not None and prior_cfg.weight > 0:
-            prior_loss = F.mse_loss(prediction, teacher, reduction="none") * weight
+        if teacher is not None and prior_weight > 0:
+            # Outside the prior's noise range the teacher did not run: the prior term is 0.
+            gate = in_range[share].to(self.device).view(weight.shape).float()
+            prior_loss = F.mse_loss(prediction, teacher, reduction="none") * weight * gate
         # The whole batch's loss with the other processes' samples at 0: this process's part
         # of it, normalised over the whole batch's masks.
         loss, prior_loss = (_in_batch(x, share, size) for x in (loss, prior_loss))
@@ -451,7 +456,7 @@ class GenericTrainer:
             loss,
             masks,
             prior_loss=prior_loss,
-            prior_weight=prior_cfg.weight,
+            prior_weight=prior_weight,
             gamma=mask_cfg.gamma,
             min_weight=mask_cfg.min_weight,
             prior_threshold=prior_cfg.threshold,
@@ -459,6 +464,22 @@ class GenericTrainer:
             layout=family.loss_layout,
         )
         return StepResult(loss=breakdown, teacher_fraction=teacher_fraction, own=breakdown.total)
+
+    def prior_weight(self, step: int | None = None) -> float:
+        """The prior weight (``prior.schedule``) of optimizer step ``step`` (0: the first;
+        None: the one being taken)."""
+        prior, steps = self.config.prior, self.config.training.steps
+        step = self.step if step is None else step
+        return prior_weight_at(prior.weight, prior.schedule, prior.schedule_share, step, steps)
+
+    def _prior_noise_range(self, timesteps: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """(B,) bool: the samples whose noise level lies in ``prior.noise_min``-``noise_max``."""
+        prior = self.config.prior
+        if not prior.gated:
+            return torch.ones(timesteps.shape[0], dtype=torch.bool)
+        bounds = torch.tensor([prior.noise_min, prior.noise_max])
+        low, high = self.family.timesteps_from_fractions(bounds, shape).tolist()
+        return in_noise_range(timesteps.cpu(), low, high)
 
     def _whole_batch(self, result: StepResult) -> StepResult:
         """Every process's parts of the loss summed into the whole batch's (for the log and
@@ -500,6 +521,7 @@ class GenericTrainer:
             loss_prior=float(loss.prior),
             target_weight_mean=float(loss.target_weight_mean),
             prior_weight_mean=float(loss.prior_weight_mean),
+            prior_weight=self.prior_weight(self.step - 1),
             teacher_fraction=result.teacher_fraction,
             lr=result.lr,
             sec_per_step=elapsed,
