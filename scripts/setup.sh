@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv and install the requirements (torch first, pinned, so pip takes the CPU wheel
 # instead of resolving a newer CUDA build). Idempotent: does nothing when requirements.txt has
-# not changed since the last install.
+# not changed since the last install. Then fetches the mask generator's model files once
+# (skipped when present).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,3 +23,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     .venv/bin/python -m pip install --quiet -r requirements.txt
     echo "$want" > "$stamp"
 fi
+
+# The person-mask models (MediaPipe's .tflite files, Apache 2.0), taken once from its PyPI wheel.
+# Training does not need them: without internet access the rest still works, and the mask
+# generator says how to fetch them.
+.venv/bin/python scripts/fetch_mask_models.py \
+    || echo "warning: the mask models could not be fetched; run bash scripts/setup.sh again with internet access to make person masks"

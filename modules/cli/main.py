@@ -3,6 +3,7 @@
 python -m modules.cli train PRESET [--set a.b=value ...] [--run-dir DIR]
 python -m modules.cli check PRESET [--set ...]       # validate only
 python -m modules.cli demo-data [ROOT]               # write the demo dataset
+python -m modules.cli masks CONCEPT_DIR [--mode ...] # write -masklabel masks (masks_command.py)
 
 Exit status: 0 done, 1 training failed, 2 the run could not start (config, data or run folder;
 nothing trained), 128 + the signal's number when a signal stopped it (Ctrl-C: 130, SIGTERM: 143,
@@ -23,6 +24,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
+from modules.cli import masks_command
 from modules.config import ConfigError, TrainConfig, apply_overrides, config_warnings, load_preset
 
 if TYPE_CHECKING:
@@ -72,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
             )
     demo = commands.add_parser("demo-data", help="write the demo dataset")
     demo.add_argument("root", nargs="?", default=str(DEMO_DATA_ROOT))
+    masks_command.add_parser(commands)
     return parser
 
 
@@ -279,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         write_demo_dataset(Path(args.root))
         print(f"demo dataset in {args.root}")
         return EXIT_OK
+    if args.command == "masks":
+        return masks_command.run(args)
     try:
         config = resolve_config(args.preset, args.overrides, args.run_dir)
     except ConfigError as error:
