@@ -18,6 +18,7 @@ from app.concepts_panel import ConceptsPanel
 from app.config_form import ConfigForm, Validation
 from app.field_specs import section_specs
 from app.field_widgets import FieldRow, SectionForm
+from app.masks_tab import MasksTab
 from app.preview_maps import PreviewSettings, settings_from_values
 from app.run_panel import RunPanel
 from app.style import MUTED_COLOUR
@@ -37,6 +38,7 @@ TABS: dict[str, tuple[str, ...]] = {
     "Masked training": ("mask",),
     "Prior preservation": ("prior",),
     "Sampling": ("sampling", "drift"),
+    "Masks": (),
     "Run": (),
 }
 """Which config sections each tab shows. A section added to the config and not listed here
@@ -110,7 +112,7 @@ class MainWindow(ctk.CTk):
         self._refresh_preset_menu()
 
     def _build_tabs(self) -> None:
-        self.tabs = ctk.CTkTabview(self, anchor="nw")
+        self.tabs = ctk.CTkTabview(self, anchor="nw", command=self._tab_shown)
         self.tabs.grid(row=1, column=0, sticky="nsew", padx=8, pady=(0, 8))
         self.section_forms: dict[str, SectionForm] = {}
         placed = {section for sections in TABS.values() for section in sections}
@@ -125,6 +127,10 @@ class MainWindow(ctk.CTk):
                     tab, self.trainer, self._config_for_run, before_start=self._before_start
                 )
                 self.run_panel.grid(row=0, column=0, sticky="nsew", padx=4, pady=4)
+                continue
+            if name == "Masks":
+                self.masks = MasksTab(tab, self.form.values, self._preview_settings)
+                self.masks.grid(row=0, column=0, sticky="nsew", padx=4, pady=4)
                 continue
             if name == "Model":
                 sections = sections + extra
@@ -153,6 +159,10 @@ class MainWindow(ctk.CTk):
                 preview.pack(anchor="w", fill="x", pady=(12, 0))
                 self.previews.append(preview)
         self.run_panel.on_run_end(self._run_ended)
+
+    def _tab_shown(self) -> None:
+        if self.tabs.get() == "Masks":
+            self.masks.refresh()
 
     def _add_section(self, parent: tk.Misc, section: str) -> None:
         model: type[BaseModel] = TrainConfig.model_fields[section].annotation
@@ -331,6 +341,8 @@ class MainWindow(ctk.CTk):
         """Window close: while training, ask; then stop (the trainer saves the LoRA) and close
         when the trainer reports that it has ended."""
         if self._closing:
+            return
+        if not self.masks.leave():
             return
         if self.run_panel.state != "idle":
             question = "Training is running. Stop it, save the LoRA and close?"

@@ -22,6 +22,7 @@ TAB_NAMES = [
     "Masked training",
     "Prior preservation",
     "Sampling",
+    "Masks",
     "Run",
 ]
 

@@ -1,0 +1,105 @@
+"""The Masks tab in the real window: paint with a tier brush, undo, paint again, save; the
+preview follows the edited mask; leaving asks; zoom; Generate in the background."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from app.preview_maps import compute_maps, load_source
+from tests.app.driving import pump, settle
+
+
+@pytest.fixture
+def masks(window, tmp_path):
+    folder = tmp_path / "concept"
+    folder.mkdir()
+    pixels = np.zeros((80, 96, 3), np.uint8)
+    pixels[20:60, 30:70] = (220, 40, 40)  # a red block on black: a subject for GrabCut
+    Image.fromarray(pixels).save(folder / "a.png")
+    Image.new("RGB", (96, 80), (90, 90, 90)).save(folder / "b.png")
+    Image.fromarray(np.full((80, 96), 255, np.uint8), "L").save(folder / "b-masklabel.png")
+    window.concepts.add(folder)
+    window.tabs.set("Masks")
+    window._tab_shown()
+    settle(window, 0.3)
+    tab = window.masks
+    tab.choose_concept(str(folder))
+    tab.open_image("a.png", ask=False)
+    settle(window)
+    return tab
+
+
+def stroke(tab, points):
+    tab.canvas.event_generate("<ButtonPress-1>", x=points[0][0], y=points[0][1])
+    for x, y in points[1:]:
+        tab.canvas.event_generate("<B1-Motion>", x=x, y=y)
+    tab.canvas.event_generate("<ButtonRelease-1>", x=points[-1][0], y=points[-1][1])
+
+
+def test_paint_undo_paint_save_and_the_preview_follows(window, masks):
+    tab = masks
+    body = window.form.validation.config.mask.tiers.body
+    tab.choose_brush("body")
+    tab.size_slider.set(6)  # radius 3
+    empty = tab.layer.levels.copy()
+    stroke(tab, [(10, 10), (50, 10)])
+    settle(window)
+    assert (tab.layer.levels == body).any()
+    tab.undo()
+    assert tab.layer.levels.tobytes() == empty.tobytes()
+    stroke(tab, [(10, 40), (60, 40)])
+    tab.save()
+    saved = np.asarray(Image.open(tab.layer.path))
+    assert (saved[37:44, 10:61] == body).all()  # exactly the tier under the stroke
+    assert set(np.unique(saved)) == {0, body} and not saved[:30].any()  # nothing elsewhere
+    # The preview's maps are process_masks of the edited mask, as training loads it.
+    pump(window, lambda: tab.maps is not None and tab._preview_job is None, 10, "the preview")
+    tab.update_preview()
+    settings = window._preview_settings()
+    size = settings.training_size((96, 80))
+    source = load_source(tab.image_path, tab.layer.path, size, settings.pixels_per_cell)
+    expected = compute_maps(
+        source, gamma=settings.gamma, min_weight=settings.min_weight, threshold=settings.threshold
+    )
+    assert np.array_equal(tab.maps.target, expected.target)
+    assert np.array_equal(tab.maps.prior, expected.prior)
+    assert tab.maps.target.max() > 0
+
+
+def test_leaving_an_edited_mask_asks(window, masks, answers):
+    tab = masks
+    stroke(tab, [(5, 5), (20, 5)])
+    answers.yes = False  # drop the edits
+    assert tab.open_image("b.png")
+    assert answers.questions and "a-masklabel.png" in answers.questions[-1]
+    assert not (tab.image_path.parent / "a-masklabel.png").exists()
+    stroke(tab, [(5, 5), (20, 5)])
+    answers.yes = True  # save them
+    assert tab.open_image("a.png")
+    saved = np.asarray(Image.open(tab.image_path.parent / "b-masklabel.png"))
+    assert (saved[2:9, 5:21] == window.form.validation.config.mask.tiers.body).all()
+
+
+def test_painting_at_zoom_hits_the_same_pixels(window, masks):
+    tab = masks
+    tab.set_zoom(1)
+    tab.set_zoom(1)
+    assert tab.zoom == 2.0
+    tab.choose_brush("erase")
+    tab.fill_all()
+    tab.choose_brush("face")
+    tab.size_slider.set(2)  # radius 1
+    stroke(tab, [(40, 40)])  # canvas (40, 40) is image pixel (20, 20) at zoom 2
+    face = window.form.validation.config.mask.tiers.face
+    assert tab.layer.levels[20, 20] == face and tab.layer.levels[40, 40] == 0
+
+
+def test_generate_for_this_image_runs_in_the_background(window, masks):
+    tab = masks
+    tab.mode_menu.set("subject")
+    tab.generate_image()
+    assert tab.generating
+    pump(window, lambda: not tab.generating, 60, "the generator")
+    levels = tab.layer.levels
+    assert levels[40, 50] == 255 and levels[2, 2] == 0  # the red block in, a corner out
+    assert tab.layer.dirty and tab.layer.can_undo  # an edit, not saved
