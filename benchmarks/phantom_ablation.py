@@ -1,21 +1,25 @@
 """The phantom-limb ablation: what masked prior preservation buys against background drift.
 
 Every variant trains a LoRA on the demo LoRA task (``modules.data.demo_dataset``: the "sks
-heart", a shape and pattern the pretrained demo base model never saw, on cluttered backgrounds
-with weighted masks) with the same data, steps, batch, learning rate and seeds; only the
-masked-training settings change. Each trained LoRA is then measured:
+heart", or with ``--task crescent`` the "zwx crescent", a shape and pattern the pretrained demo
+base model never saw, on cluttered backgrounds with weighted masks) with the same data, steps,
+batch, learning rate and seeds; only the masked-training settings change. Each trained LoRA is
+then measured:
 
 - ``subject loss``: mask-weighted denoising loss on held-out subject images (new backgrounds
   and clutter), at fixed noise and timesteps (``modules.trainer.drift``);
-- ``subject score``: share of samples of "a sks heart on a ... background" prompts in which the
-  subject's colours cover the area it covers in training (``subject_presence``; the world
-  classifier has no class for a shape it never saw);
+- ``subject score``: share of samples of "a sks heart on a ... background" prompts (or the
+  ``--task crescent`` subject's, "a zwx crescent on a ... background") that the
+  subject judge (``modules.models.demo_subject_judge``, trained on the subject's renderings at
+  any size) reads as the subject; ``subject score (colour)`` is the older colour-area test
+  (``subject_presence``), which calls a small subject absent;
 - ``drift (bg)``: mean squared difference between the LoRA's and the base model's predictions
   on the background of the held-out subject images;
 - ``drift (world)``: the same over whole base-world images whose prompts never name the
   subject;
-- ``subject leak``: the same colour test on samples of base-world prompts, which never name
-  the subject: the share of them that show its pattern anyway (phantom limbs);
+- ``subject leak``: the same judge on samples of base-world prompts, which never name the
+  subject: the share of them that show it anyway (phantom limbs); ``subject leak (colour)``
+  by the colour test;
 - ``prompt match``: the world classifier's score (background, shape and colour all right) on
   samples of base-world prompts, with the LoRA, and its background and colour accuracy alone
   (the base model's shapes are near chance, see ``docs/demo-model.md``);
@@ -26,6 +30,7 @@ Writes ``table.md``, ``results.json``, ``frontier.png`` and ``grids.png`` to ``-
 
     python benchmarks/phantom_ablation.py                 # 3 seeds, every variant
     python benchmarks/phantom_ablation.py --seeds 0 --steps 20 --out runs/quick --work runs/q
+    python benchmarks/phantom_ablation.py --task crescent --out runs/crescent --work runs/c
 
 The variants run one after another in one process; seconds per step are comparable within a
 run only.
@@ -53,6 +58,8 @@ from modules.atomic import replacing, write_text_atomic
 from modules.config import config_from_dict
 from modules.data.demo_dataset import (
     SUBJECT_PRESENT,
+    TASKS,
+    TRIGGERS,
     DemoDataset,
     subject_presence,
     write_demo_dataset,
@@ -61,6 +68,8 @@ from modules.data.world import BACKGROUNDS, SceneLabels, scene
 from modules.lora import lora_disabled
 from modules.models.demo.family import BUILTIN_WEIGHTS, GUIDANCE, TIME_SHIFT
 from modules.models.demo_classifier import load_classifier, score_prompt_match
+from modules.models.demo_subject_judge import SHIPPED_WEIGHTS as SUBJECT_JUDGE_WEIGHTS
+from modules.models.demo_subject_judge import load_judge, share_showing
 from modules.trainer import GenericTrainer
 from modules.trainer.drift import HeldOutSet, measure_drift
 
@@ -107,6 +116,8 @@ METRICS = (
     ("subject_loss", "subject loss", "{:.4f}"),
     ("subject_score", "subject score", "{:.2f}"),
     ("subject_leak", "subject leak", "{:.2f}"),
+    ("subject_colour_score", "subject score (colour)", "{:.2f}"),
+    ("subject_colour_leak", "subject leak (colour)", "{:.2f}"),
     ("drift_background", "drift (bg)", "{:.2e}"),
     ("drift_world", "drift (world)", "{:.2e}"),
     ("prompt_match", "prompt match", "{:.2f}"),
@@ -115,7 +126,14 @@ METRICS = (
     ("sec_per_step", "s/step", "{:.3f}"),
     ("teacher_fraction", "teacher ran", "{:.2f}"),
 )
-SUBJECT_PROMPTS = tuple(f"a sks heart on a {kind} background" for kind in BACKGROUNDS)
+
+
+def subject_prompts(task: str = "heart") -> tuple[str, ...]:
+    """The subject prompts of ``task``: its trigger caption on every background."""
+    return tuple(f"a {TRIGGERS[task]} {task} on a {kind} background" for kind in BACKGROUNDS)
+
+
+SUBJECT_PROMPTS = subject_prompts("heart")
 WORLD_PROMPT_OFFSET = 3_000_000
 """World scenes for the prompt-match score: ``train``-split prompts the pretraining never drew
 (it drew scenes 0 … steps × batch)."""
@@ -139,6 +157,8 @@ class Settings:
     world_prompts: int = 32
     subject_samples: int = 10
     variants: tuple[Variant, ...] = VARIANTS
+    task: str = "heart"
+    """The demo subject task (``modules.data.demo_dataset.TASKS``) every variant trains."""
     report_only: bool = False
     """Train nothing: report the runs the work folder holds."""
 
@@ -206,11 +226,13 @@ class Evaluation:
         self.settings = settings
         self.demo = demo
         self.classifier = load_classifier()
+        self.subject_judge = load_judge()
         world = [scene(WORLD_PROMPT_OFFSET + i, "train") for i in range(settings.world_prompts)]
         self.world_prompts = [s.caption for s in world]
         self.world_labels: list[SceneLabels] = [s.labels for s in world]
         count = settings.subject_samples
-        self.subject_prompts = [SUBJECT_PROMPTS[i % len(SUBJECT_PROMPTS)] for i in range(count)]
+        prompts = subject_prompts(settings.task)
+        self.subject_prompts = [prompts[i % len(prompts)] for i in range(count)]
         self.base: dict[str, float] | None = None
         self.base_samples: torch.Tensor | None = None
         self.heldout: HeldOutSet | None = None
@@ -253,8 +275,10 @@ class Evaluation:
     def _sample_scores(self, subject: torch.Tensor, world: torch.Tensor) -> dict[str, float]:
         match = score_prompt_match(self.classifier, world, self.world_labels)
         return {
-            "subject_score": _share_present(subject),
-            "subject_leak": _share_present(world),
+            "subject_score": share_showing(self.subject_judge, subject, self.settings.task),
+            "subject_leak": share_showing(self.subject_judge, world, self.settings.task),
+            "subject_colour_score": _share_present(subject, self.settings.task),
+            "subject_colour_leak": _share_present(world, self.settings.task),
             "prompt_match": match["prompt_match"],
             "world_background": match["background"],
             "world_colour": match["colour"],
@@ -278,9 +302,9 @@ class Evaluation:
         return out[0], out[1]
 
 
-def _share_present(images: torch.Tensor) -> float:
-    """The share of ``images`` that show the subject's pattern (``subject_presence``)."""
-    return float((subject_presence(images) > SUBJECT_PRESENT).float().mean())
+def _share_present(images: torch.Tensor, task: str) -> float:
+    """The share of ``images`` that show the subject's colours (``subject_presence``)."""
+    return float((subject_presence(images, task) > SUBJECT_PRESENT).float().mean())
 
 
 def _grid_row(subject: torch.Tensor, world: torch.Tensor) -> torch.Tensor:
@@ -369,7 +393,8 @@ def write_table(summary: dict[str, Any], base: dict[str, float], settings: Setti
         "subject learned",
     ]
     lines = [
-        f"Demo family, {settings.steps} steps (2x for the row that says so), batch "
+        f"Demo family, subject task {settings.task}, {settings.steps} steps (2x for the row "
+        f"that says so), batch "
         f"{settings.batch_size}, learning rate {settings.learning_rate:g}, LoRA rank "
         f"{settings.rank} on lora.targets={settings.lora_targets}, seeds "
         f"{', '.join(map(str, settings.seeds))}; mean ± sd over seeds. "
@@ -509,7 +534,7 @@ def run(settings: Settings) -> dict[str, Any]:
         work = settings.work or Path(stack.enter_context(tempfile.TemporaryDirectory()))
         (work / "samples").mkdir(parents=True, exist_ok=True)
         _claim_work(work, settings)
-        demo = write_demo_dataset(work / "demo-data")
+        demo = write_demo_dataset(work / "demo-data", task=settings.task)
         evaluation = Evaluation(settings, demo)
         _load_base(evaluation, work)
         results = _load_results(work)
@@ -545,6 +570,7 @@ def run(settings: Settings) -> dict[str, Any]:
             "rank": settings.rank,
             "lora_targets": settings.lora_targets,
             "sample_steps": settings.sample_steps,
+            "task": settings.task,
         },
         "base_model": evaluation.base,
         "runs": [{"variant": r.variant, "seed": r.seed, **r.metrics} for r in results],
@@ -581,6 +607,9 @@ def work_stamp(settings: Settings) -> dict[str, Any]:
         "base_weights_sha256": digest.hexdigest(),
         "time_shift": TIME_SHIFT,
         "guidance": GUIDANCE,
+        "task": settings.task,
+        # Scores of runs judged by another subject judge (or by colour alone) do not compare.
+        "subject_judge_sha256": hashlib.sha256(SUBJECT_JUDGE_WEIGHTS.read_bytes()).hexdigest(),
     }
 
 
@@ -597,7 +626,11 @@ def _claim_work(work: Path, settings: Settings) -> None:
         write_text_atomic(path, json.dumps(stamp, indent=2) + "\n")
         return
     # Stamps from before the targets were a setting: those runs trained the attention layers.
-    saved = {"lora_targets": "attention", **json.loads(path.read_text(encoding="utf-8"))}
+    saved = {
+        "lora_targets": "attention",
+        "task": "heart",
+        **json.loads(path.read_text(encoding="utf-8")),
+    }
     changed = sorted(k for k in stamp.keys() | saved.keys() if saved.get(k) != stamp.get(k))
     if changed:
         raise SystemExit(
@@ -663,6 +696,12 @@ def main(argv: list[str] | None = None) -> None:
         help="run only these variants (names as in the table; quote them)",
     )
     parser.add_argument(
+        "--task",
+        choices=TASKS,
+        default=Settings.task,
+        help="the demo subject task every variant trains (default %(default)s)",
+    )
+    parser.add_argument(
         "--report-only",
         action="store_true",
         help="train nothing; write the report from the runs in --work",
@@ -684,6 +723,7 @@ def main(argv: list[str] | None = None) -> None:
         learning_rate=args.learning_rate,
         lora_targets=args.lora_targets,
         variants=variants,
+        task=args.task,
         report_only=args.report_only,
     )
     run(settings)

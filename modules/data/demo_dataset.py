@@ -77,6 +77,22 @@ _DISTRACTORS = (2, 3)
 _DISTRACTOR_RADIUS = (0.08, 0.16)
 _SUBJECT_STREAM, _HELDOUT_STREAM = 0, 1
 
+TASKS = ("heart", "crescent")
+"""Subject tasks :func:`write_demo_dataset` can write. "heart" (the default) is the sks heart;
+"crescent" is a pink crescent with dark polka dots: neither the shape nor a dotted pattern is
+in the world (its shapes: circle, square, triangle, star, ring, cross; its patterns: stripes,
+checks, gradient, noise)."""
+TRIGGERS = {"heart": TRIGGER, "crescent": "zwx"}
+CRESCENT_COLOUR = (250, 140, 190)  # pink: far from every world colour and from magenta
+DOT_COLOUR = (25, 25, 30)
+_DOT_SPACING = 0.11
+"""Dot lattice spacing as a fraction of the side: 7 px at 64 px."""
+_DOT_RADIUS = 0.3
+"""Dot radius as a fraction of the spacing: about 2 px at 64 px."""
+_CRESCENT_CUT = (0.45, 0.8)
+"""The disc cut out of the crescent: its centre's offset and its radius, fractions of the
+crescent's radius (the crescent is 0.65 radius thick at its widest)."""
+
 
 def _unit_heart(corners: int = 96) -> np.ndarray:
     """(corners, 2) points of the classic parametric heart, centred on its box and scaled so
@@ -129,11 +145,14 @@ class DemoDataset:
         ]
 
 
-def write_demo_dataset(root: Path, *, seed: int = 0, size: int = 64) -> DemoDataset:
-    """Write (or reuse) the demo dataset under ``root``; the same seed and size give the same
-    bytes."""
+def write_demo_dataset(
+    root: Path, *, seed: int = 0, size: int = 64, task: str = "heart"
+) -> DemoDataset:
+    """Write (or reuse) the demo dataset of subject ``task`` (one of :data:`TASKS`) under
+    ``root``; the same seed, size and task give the same bytes."""
     if size < 32:
         raise ValueError(f"demo dataset size must be at least 32 pixels, got {size}")
+    _check_task(task)
     root = Path(root)
     dataset = DemoDataset(
         root=root,
@@ -145,15 +164,20 @@ def write_demo_dataset(root: Path, *, seed: int = 0, size: int = 64) -> DemoData
         prior_images=PRIOR_IMAGES,
     )
     marker = root / MARKER
-    wanted = _marker_text(seed, size)
+    wanted = _marker_text(seed, size, task)
     if marker.is_file() and marker.read_text(encoding="utf-8") == wanted:
         return dataset
     # Files are overwritten, never deleted: the names are fixed, so nothing stale remains, and
     # a root the user pointed at by mistake loses nothing but these names.
     marker.unlink(missing_ok=True)
-    _write_subject(dataset.subject, "subject", SUBJECT_IMAGES, [seed, _SUBJECT_STREAM], size)
+    _write_subject(dataset.subject, "subject", SUBJECT_IMAGES, [seed, _SUBJECT_STREAM], size, task)
     _write_subject(
-        dataset.heldout_subject, "subject", HELDOUT_SUBJECT_IMAGES, [seed, _HELDOUT_STREAM], size
+        dataset.heldout_subject,
+        "subject",
+        HELDOUT_SUBJECT_IMAGES,
+        [seed, _HELDOUT_STREAM],
+        size,
+        task,
     )
     _write_world(dataset.prior, "prior", PRIOR_IMAGES, PRIOR_OFFSET, size)
     _write_world(dataset.heldout_world, "world", HELDOUT_WORLD_IMAGES, HELDOUT_WORLD_OFFSET, size)
@@ -161,21 +185,32 @@ def write_demo_dataset(root: Path, *, seed: int = 0, size: int = 64) -> DemoData
     return dataset
 
 
-def is_current(root: Path, *, seed: int = 0, size: int = 64) -> bool:
-    """Whether ``root`` holds a complete demo dataset of this version, seed and size."""
+def is_current(root: Path, *, seed: int = 0, size: int = 64, task: str = "heart") -> bool:
+    """Whether ``root`` holds a complete demo dataset of this version, seed, size and task."""
     marker = Path(root) / MARKER
-    return marker.is_file() and marker.read_text(encoding="utf-8") == _marker_text(seed, size)
+    wanted = _marker_text(seed, size, task)
+    return marker.is_file() and marker.read_text(encoding="utf-8") == wanted
 
 
-def _marker_text(seed: int, size: int) -> str:
-    return json.dumps({"version": DEMO_VERSION, "seed": seed, "size": size}, sort_keys=True)
+def _marker_text(seed: int, size: int, task: str = "heart") -> str:
+    fields: dict[str, object] = {"version": DEMO_VERSION, "seed": seed, "size": size}
+    if task != "heart":  # the heart's marker predates tasks: its folders stay current
+        fields["task"] = task
+    return json.dumps(fields, sort_keys=True)
+
+
+def _check_task(task: str) -> None:
+    if task not in TASKS:
+        raise ValueError(f"demo task {task!r}: use one of {TASKS}")
 
 
 def subject_scene(
-    rng: np.random.Generator, size: int = 64, background: str | None = None
+    rng: np.random.Generator, size: int = 64, background: str | None = None, task: str = "heart"
 ) -> SubjectScene:
     """One subject scene drawn from ``rng``: a world background of ``background`` (random when
-    None), two or three world objects, the heart on top, its weighted mask and its caption."""
+    None), two or three world objects, the subject of ``task`` on top, its weighted mask and
+    its caption."""
+    _check_task(task)
     if background is None:
         background = str(rng.choice(world.BACKGROUNDS))
     elif background not in world.BACKGROUNDS:
@@ -196,15 +231,43 @@ def subject_scene(
     rim = max(2, round(_RIM * size))
     margin = radius + rim + 1  # the heart and its rim stay inside the frame
     centre = tuple(rng.uniform(margin, size - margin, size=2).tolist())
-    rotation = float(rng.uniform(-_ROTATION, _ROTATION))
-    heart = heart_silhouette(size, centre, radius, rotation)
-    image.paste(Image.fromarray(_striped_body(size, centre, rotation), "RGB"), mask=heart)
+    if task == "heart":
+        rotation = float(rng.uniform(-_ROTATION, _ROTATION))
+    else:  # a crescent reads as one at any turn
+        rotation = float(rng.uniform(-math.pi, math.pi))
+    heart = subject_silhouette(size, centre, radius, rotation, task)
+    body = subject_body(size, centre, rotation, task)
+    image.paste(Image.fromarray(body, "RGB"), mask=heart)
 
     core = np.asarray(heart) > 0
     levels = np.where(_dilate(core, rim), RIM_LEVEL, 0)
     levels[core] = CORE_LEVEL
     mask = Image.fromarray(levels.astype(np.uint8), "L")
-    return SubjectScene(image, mask, f"a {TRIGGER} heart on a {background} background")
+    return SubjectScene(image, mask, f"a {TRIGGERS[task]} {task} on a {background} background")
+
+
+def subject_silhouette(
+    size: int, centre: tuple[float, float], radius: float, rotation: float, task: str = "heart"
+) -> Image.Image:
+    """The subject of ``task`` as an 8-bit mask (255 inside), within ``radius`` of ``centre``."""
+    if task == "heart":
+        return heart_silhouette(size, centre, radius, rotation)
+    _check_task(task)
+    return crescent_silhouette(size, centre, radius, rotation)
+
+
+def crescent_silhouette(
+    size: int, centre: tuple[float, float], radius: float, rotation: float
+) -> Image.Image:
+    """A crescent: the disc of ``radius`` less a disc cut from the side ``rotation`` points
+    to (no anti-aliasing)."""
+    offset, cut = (f * radius for f in _CRESCENT_CUT)
+    inner = (centre[0] + offset * math.cos(rotation), centre[1] + offset * math.sin(rotation))
+    mask = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(mask)
+    draw.ellipse(world.circle_box(centre, radius), fill=255)
+    draw.ellipse(world.circle_box(inner, cut), fill=0)
+    return mask
 
 
 def heart_silhouette(
@@ -220,8 +283,8 @@ def heart_silhouette(
     return mask
 
 
-def subject_presence(images: torch.Tensor) -> torch.Tensor:
-    """How much of the sks heart each image shows: a (B,) score in [0, 1].
+def subject_presence(images: torch.Tensor, task: str = "heart") -> torch.Tensor:
+    """How much of the sks heart (or ``task``'s subject) each image shows: a (B,) score in [0, 1].
 
     ``images`` is (B, 3, H, W) in [-1, 1]. The world classifier has no class for the subject
     (the base world never had a heart), so presence is judged by the subject's colours: the
@@ -236,21 +299,35 @@ def subject_presence(images: torch.Tensor) -> torch.Tensor:
     import torch
     import torch.nn.functional as F
 
+    _check_task(task)
+    body_colour, marking_colour = (
+        (BODY_COLOUR, STRIPE_COLOUR) if task == "heart" else (CRESCENT_COLOUR, DOT_COLOUR)
+    )
     height, width = images.shape[-2:]
     pixels = (images.detach().float().clamp(-1, 1) + 1) * 127.5  # (B, 3, H, W) in 0-255
     references = torch.tensor(
-        [BODY_COLOUR, STRIPE_COLOUR, *world.COLOURS.values()], dtype=torch.float32
+        [body_colour, marking_colour, *world.COLOURS.values()], dtype=torch.float32
     ).to(pixels.device)  # (K, 3): body, stripe, then the world's colours
     distance = torch.cdist(pixels.permute(0, 2, 3, 1).reshape(-1, 3), references)  # (B*H*W, K)
     nearest = distance.argmin(dim=1)
     close = distance.min(dim=1).values < _COLOUR_DISTANCE
     world_yellow = 2 + list(world.COLOURS).index("yellow")
     body = ((nearest == 0) & close).reshape(-1, 1, height, width)
-    stripe = (((nearest == 1) | (nearest == world_yellow)) & close).reshape(-1, 1, height, width)
+    marking = nearest == 1
+    if task == "heart":  # a sample's stripes drift towards the world's yellow
+        marking |= nearest == world_yellow
+    stripe = (marking & close).reshape(-1, 1, height, width)
     reach = max(1, round(0.1 * min(height, width)))
     near_stripe = F.max_pool2d(stripe.float(), 2 * reach + 1, stride=1, padding=reach) > 0
     found = (body & near_stripe).flatten(1).sum(dim=1).float()  # (B,)
-    expected = _HEART_AREA * (_RADIUS[0] ** 2) * height * width * (1 - _STRIPE_SHARE)
+    if task == "heart":
+        expected = _HEART_AREA * (_RADIUS[0] ** 2) * height * width * (1 - _STRIPE_SHARE)
+    else:  # the body pixels of the smallest crescent, counted on a drawn one
+        side = min(height, width)
+        centre = (side / 2, side / 2)
+        drawn = np.asarray(crescent_silhouette(side, centre, _RADIUS[0] * side, 0.0)) > 0
+        undotted = (_dotted_body(side, centre, 0.0) == CRESCENT_COLOUR).all(axis=2)
+        expected = float((drawn & undotted).sum()) * height * width / side**2
     return (found / expected).clamp(0, 1)
 
 
@@ -269,6 +346,30 @@ def _striped_body(size: int, centre: tuple[float, float], rotation: float) -> np
     return np.where(yellow[..., None], STRIPE_COLOUR, BODY_COLOUR).astype(np.uint8)
 
 
+def subject_body(
+    size: int, centre: tuple[float, float], rotation: float, task: str = "heart"
+) -> np.ndarray:
+    """(size, size, 3) uint8: the colouring of ``task``'s subject at ``centre`` turned by
+    ``rotation`` (heart: yellow stripes on magenta; crescent: dark dots on pink); paste it
+    through :func:`subject_silhouette`."""
+    if task == "heart":
+        return _striped_body(size, centre, rotation)
+    _check_task(task)
+    return _dotted_body(size, centre, rotation)
+
+
+def _dotted_body(size: int, centre: tuple[float, float], rotation: float) -> np.ndarray:
+    """(size, size, 3) uint8: pink with dark dots on a square lattice fixed to the subject."""
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
+    spacing = _DOT_SPACING * size
+    cos, sin = math.cos(rotation), math.sin(rotation)
+    u = ((x - centre[0]) * cos + (y - centre[1]) * sin) / spacing
+    v = (-(x - centre[0]) * sin + (y - centre[1]) * cos) / spacing
+    distance = np.hypot(u - np.round(u), v - np.round(v))  # to the nearest lattice point
+    dot = distance < _DOT_RADIUS
+    return np.where(dot[..., None], DOT_COLOUR, CRESCENT_COLOUR).astype(np.uint8)
+
+
 def _dilate(mask: np.ndarray, reach: int) -> np.ndarray:
     """``mask`` (bool, (size, size)) grown by a disc of radius ``reach`` pixels."""
     size = mask.shape[0]
@@ -281,12 +382,14 @@ def _dilate(mask: np.ndarray, reach: int) -> np.ndarray:
     return grown
 
 
-def _write_subject(folder: Path, prefix: str, count: int, stream: list[int], size: int) -> None:
+def _write_subject(
+    folder: Path, prefix: str, count: int, stream: list[int], size: int, task: str
+) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(stream)
     for index in range(count):
         background = world.BACKGROUNDS[index % len(world.BACKGROUNDS)]
-        image, mask, caption = subject_scene(rng, size, background)
+        image, mask, caption = subject_scene(rng, size, background, task)
         stem = folder / f"{prefix}_{index:02d}"
         image.save(stem.with_suffix(".png"))
         mask.save(folder / f"{stem.name}-masklabel.png")
@@ -317,8 +420,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("root", type=Path, help="folder to write the four folders into")
     parser.add_argument("--seed", type=int, default=0, help="drawing seed (default 0)")
     parser.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
+    parser.add_argument("--task", choices=TASKS, default="heart", help="subject (default heart)")
     args = parser.parse_args(argv)
-    dataset = write_demo_dataset(args.root, seed=args.seed, size=args.size)
+    dataset = write_demo_dataset(args.root, seed=args.seed, size=args.size, task=args.task)
     print(f"{dataset.subject}: {dataset.subject_images} images with masks and captions")
     print(f"{dataset.prior}: {dataset.prior_images} images with captions (prior_prediction)")
     print(f"{dataset.heldout_subject}: {HELDOUT_SUBJECT_IMAGES} images with masks and captions")

@@ -117,3 +117,14 @@ def test_a_work_folder_refuses_runs_of_other_settings(tmp_path: Path) -> None:
     (work / WORK_STAMP).unlink()
     with pytest.raises(SystemExit, match="did not record what they were made with"):
         run(settings)
+
+
+def test_the_task_sets_the_prompts_and_the_stamp(tmp_path: Path) -> None:
+    from benchmarks.phantom_ablation import SUBJECT_PROMPTS, subject_prompts, work_stamp
+
+    assert subject_prompts("heart") == SUBJECT_PROMPTS
+    assert subject_prompts("crescent")[0] == "a zwx crescent on a plain background"
+    heart = work_stamp(Settings(out=tmp_path))
+    crescent = work_stamp(Settings(out=tmp_path, task="crescent"))
+    assert (heart["task"], crescent["task"]) == ("heart", "crescent")
+    assert len(heart["subject_judge_sha256"]) == 64

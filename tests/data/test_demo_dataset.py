@@ -213,3 +213,43 @@ def test_is_current_follows_the_marker(tmp_path: Path) -> None:
     assert is_current(tmp_path)
     (tmp_path / MARKER).write_text('{"version": 1}', encoding="utf-8")  # an older dataset
     assert not is_current(tmp_path)
+
+
+def test_the_crescent_task_writes_the_same_layout_with_its_own_trigger(tmp_path: Path) -> None:
+    from modules.data.demo_dataset import CRESCENT_COLOUR, DOT_COLOUR, is_current
+
+    heart = _contents(write_demo_dataset(tmp_path / "heart").root)
+    demo = write_demo_dataset(tmp_path / "crescent", task="crescent")
+    crescent = _contents(demo.root)
+
+    assert set(crescent) == set(heart)  # same folders and names
+    assert crescent["prior/prior_00.png"] == heart["prior/prior_00.png"]
+    assert crescent["subject/subject_00.png"] != heart["subject/subject_00.png"]
+    subject = scan_concept(ConceptConfig(path=str(demo.subject)))
+    kinds = {f"a zwx crescent on a {kind} background" for kind in world.BACKGROUNDS}
+    assert {item.caption for item in subject.items} == kinds and subject.masks_found == 16
+    assert is_current(demo.root, task="crescent") and not is_current(demo.root)
+    mask = np.asarray(Image.open(demo.subject / "subject_00-masklabel.png"))
+    pixels = np.asarray(Image.open(demo.subject / "subject_00.png"))[mask == CORE_LEVEL]
+    dots = (pixels == DOT_COLOUR).all(axis=1)
+    assert ((pixels == CRESCENT_COLOUR).all(axis=1) | dots).all() and 0.05 < dots.mean() < 0.4
+
+
+def test_the_crescent_is_new_to_the_world() -> None:
+    from modules.data.demo_dataset import CRESCENT_COLOUR, DOT_COLOUR, TASKS
+
+    assert "crescent" in TASKS and "crescent" not in world.SHAPES
+    for colour in (CRESCENT_COLOUR, DOT_COLOUR):
+        assert min(np.linalg.norm(np.subtract(colour, c)) for c in world.COLOURS.values()) > 90
+
+
+def test_colour_presence_follows_the_task() -> None:
+    rng = np.random.default_rng(5)
+    crescents = _tensor([subject_scene(rng, task="crescent").image for _ in range(16)])
+    hearts = _tensor([subject_scene(rng).image for _ in range(16)])
+
+    assert subject_presence(crescents, "crescent").min() > SUBJECT_PRESENT
+    assert subject_presence(crescents).max() < SUBJECT_PRESENT
+    assert subject_presence(hearts, "crescent").max() < SUBJECT_PRESENT
+    with pytest.raises(ValueError, match="use one of"):
+        write_demo_dataset(Path("unused"), task="moon")
