@@ -20,12 +20,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from modules.data.world import SceneLabels, WorldSpec
 from modules.models.base import eval_mode
+from modules.models.half_weights import read_half, save_half
 
 HEADS = ("background", "shape", "colour")
 SHIPPED_WEIGHTS = Path(__file__).with_name("demo_classifier.safetensors")
@@ -113,26 +112,19 @@ def score_prompt_match(
 
 def save_classifier(classifier: WorldClassifier, path: str | Path) -> None:
     """float16 safetensors; the vocabularies and width travel in the metadata."""
-    tensors = {
-        k: v.detach().to(torch.float16) if v.is_floating_point() else v.detach()
-        for k, v in classifier.state_dict().items()
-    }
-    metadata = {"vocab": json.dumps(classifier.vocab), "width": str(classifier.width)}
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+    save_half(
+        classifier, path, {"vocab": json.dumps(classifier.vocab), "width": str(classifier.width)}
+    )
 
 
 def load_classifier(path: str | Path | None = None) -> WorldClassifier:
     """Load a saved classifier (default: the shipped one) in eval mode, float32."""
-    path = Path(path) if path is not None else SHIPPED_WEIGHTS
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"classifier weights {path} not found; write them with "
-            "`python -m scripts.train_demo_classifier --out PATH`"
-        )
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-    if "vocab" not in metadata:
-        raise ValueError(f"{path} has no label vocabularies in its metadata; retrain it")
+    metadata, state = read_half(
+        path if path is not None else SHIPPED_WEIGHTS,
+        needs="vocab",
+        what="classifier",
+        script="scripts.train_demo_classifier",
+    )
     vocab = json.loads(metadata["vocab"])
     spec = WorldSpec(
         backgrounds=tuple(vocab["background"]),
@@ -140,6 +132,5 @@ def load_classifier(path: str | Path | None = None) -> WorldClassifier:
         colours=tuple(vocab["colour"]),
     )
     classifier = WorldClassifier(spec, width=int(metadata.get("width", 24)))
-    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
     classifier.load_state_dict(state)
     return classifier.eval()

@@ -22,11 +22,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from modules.models.base import eval_mode
+from modules.models.half_weights import read_half, save_half
 
 CLASSES = ("none", "heart", "crescent")
 SHIPPED_WEIGHTS = Path(__file__).with_name("demo_subject_judge.safetensors")
@@ -78,31 +77,22 @@ def share_showing(judge: SubjectJudge, images: Tensor, task: str = "heart") -> f
 
 def save_judge(judge: SubjectJudge, path: str | Path, trained_on: dict) -> None:
     """float16 safetensors; classes, width and ``trained_on`` (the run) in the metadata."""
-    tensors = {
-        k: (v.detach().to(torch.float16) if v.is_floating_point() else v.detach()).contiguous()
-        for k, v in judge.state_dict().items()
-    }
     metadata = {
         "classes": json.dumps(judge.classes),
         "width": str(judge.width),
         "trained_on": json.dumps(trained_on, sort_keys=True),
     }
-    save_file(tensors, str(path), metadata=metadata)
+    save_half(judge, path, metadata)
 
 
 def load_judge(path: str | Path | None = None) -> SubjectJudge:
     """Load a saved judge (default: the shipped one) in eval mode, float32."""
-    path = Path(path) if path is not None else SHIPPED_WEIGHTS
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"subject judge weights {path} not found; write them with "
-            "`python -m scripts.train_subject_judge --out PATH`"
-        )
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-    if "classes" not in metadata:
-        raise ValueError(f"{path} has no class names in its metadata; retrain it")
+    metadata, state = read_half(
+        path if path is not None else SHIPPED_WEIGHTS,
+        needs="classes",
+        what="subject judge",
+        script="scripts.train_subject_judge",
+    )
     judge = SubjectJudge(tuple(json.loads(metadata["classes"])), int(metadata["width"]))
-    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
     judge.load_state_dict(state)
     return judge.eval()
