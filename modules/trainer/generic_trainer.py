@@ -153,6 +153,7 @@ class GenericTrainer:
             if self.trackers is not None:
                 self.trackers.end()
             lock.release()
+        self.processes.close(finished_well=finished.error is None)
         self.events.put(finished)
         return finished
 

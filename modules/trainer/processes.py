@@ -57,3 +57,18 @@ class Processes:
         """The seed of this process's own torch generator (LoRA dropout): the run's seed on the
         main process, as a single-process run has it; a distinct one on each other process."""
         return seed if self.main else (seed * 1_000_003 + self.index) % 2**63
+
+    def close(self, finished_well: bool) -> None:
+        """End the process group before the process exits, as torch asks: left to the
+        interpreter's exit, the group's threads may still run when it is torn down, and the
+        process then aborts after its work is done. When every process finished well they meet
+        first, so none leaves while another still needs it; after an error, each leaves."""
+        if not torch.distributed.is_initialized():
+            return
+        try:
+            if finished_well:
+                torch.distributed.barrier()
+        except RuntimeError:
+            pass  # another process left after an error: nothing is waiting on this one
+        finally:
+            torch.distributed.destroy_process_group()
