@@ -94,10 +94,13 @@ class DriftData:
     readings: int = 0
 
     def add(self, reading: Any) -> None:
-        """Append one ``DriftMeasured`` (read by attribute name, so no trainer import)."""
+        """Append one ``DriftMeasured`` (read by attribute name, so no trainer import): its
+        clean-image averages, where every noise level weighs by what it does to the picture
+        (the velocity-space ones, which the lowest level outweighs, without them)."""
         self.readings += 1
+        shown = getattr(reading, "clean", None) or reading
         for key in DRIFT_SERIES:
-            value = getattr(reading, key)
+            value = getattr(shown, key)
             if value is not None:
                 self.steps[key].append(reading.step)
                 self.values[key].append(float(value))
@@ -230,7 +233,8 @@ class RunCharts(ctk.CTkFrame):
 
 
 class DriftCharts(ctk.CTkFrame):
-    """The drift meter: background and world drift (log axis), and the held-out subject loss.
+    """The drift meter: background and world drift (log axis), and the held-out subject loss,
+    each as a clean-image error (``DriftData.add``), every noise level weighing alike.
 
     Readings are rare (every ``drift.every`` steps), so each redraw is a full draw. The first
     reading comes before any training, where both drifts are exactly 0: a log axis cannot show
@@ -247,8 +251,8 @@ class DriftCharts(ctk.CTkFrame):
         grid = self.figure.add_gridspec(1, 2, width_ratios=(3, 2))
         self.drift_axes = self.figure.add_subplot(grid[0])
         self.subject_axes = self.figure.add_subplot(grid[1])
-        _style_axes(self.drift_axes, "drift from the base model", background, ink)
-        _style_axes(self.subject_axes, "held-out subject loss", background, ink)
+        _style_axes(self.drift_axes, "drift from the base (clean image)", background, ink)
+        _style_axes(self.subject_axes, "held-out subject loss (clean image)", background, ink)
         self.drift_axes.set_yscale("log")
         self.lines: dict[str, Any] = {}
         for key in DRIFT_SERIES:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from modules.trainer.events import (
     Command,
+    DriftBand,
     DriftMeasured,
     Event,
     FileSaved,
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Command",
+    "DriftBand",
     "DriftMeasured",
     "Event",
     "FileSaved",

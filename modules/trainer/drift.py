@@ -13,6 +13,18 @@ the weights:
 
 The base predictions are computed once, when the set is built (with the LoRA switched off, or
 before a LoRA exists), and cached. Still images only: the set is a yardstick, not training data.
+
+Two spaces, because an average over noise levels in the prediction's own space is not fair to
+them: every family here predicts the flow-matching velocity ``v = noise - x0`` from
+``x_t = (1 - t) x0 + t noise``, and a model that predicts the clean image turns it into a
+velocity by dividing by ``t``, so the lowest noise level's errors outweigh the rest (at
+``t = 0.05`` an error counts 400 times what it does at ``t = 1``). Each reading therefore has
+
+- the velocity-space averages (the original ones, kept under their keys);
+- ``clean``: the same three in clean-image space, where the clean image read from a velocity
+  is ``x_t - t v``, so an error of ``e`` in ``v`` is ``t e`` in the image and its square
+  ``t^2 e^2``: every noise level weighs by what it does to the picture;
+- ``bands``: the three per noise level measured (``drift.timesteps``), in clean-image space.
 """
 
 from __future__ import annotations
@@ -32,7 +44,7 @@ from modules.data.concept import DataError, scan_concept
 from modules.data.images import image_size, load_image, load_mask, mask_to_latent
 from modules.lora import lora_disabled
 from modules.models.base import LoadedModel, ModelFamily, eval_mode, select_text
-from modules.trainer.events import DriftMeasured
+from modules.trainer.events import DriftBand, DriftMeasured
 
 Autocast = Callable[[], contextlib.AbstractContextManager[Any]]
 DRIFT_TIMESTEPS = (0.25, 0.5, 0.75)
@@ -49,6 +61,11 @@ class DriftMetrics:
     """``mean((v - v_base)^2)`` over the subject images' latent cells where the mask is 0."""
     drift_world: float | None
     """``mean((v - v_base)^2)`` over every latent cell of the world images."""
+    clean: DriftBand | None = None
+    """The same three over every noise level, in clean-image space (each row's squared errors
+    times ``t^2``); its ``timestep`` is None."""
+    bands: tuple[DriftBand, ...] = ()
+    """The same three at each noise level measured, in clean-image space, lowest first."""
 
 
 @dataclass
@@ -57,6 +74,8 @@ class _Part:
 
     noisy: Tensor
     timesteps: Tensor
+    fractions: Tensor
+    """(rows,) the noise level of each row, 0..1 (``drift.timesteps``)."""
     target: Tensor
     text: dict[str, Tensor]
     weights: Tensor | None
@@ -124,7 +143,7 @@ class HeldOutSet:
             if masks is not None:
                 small = torch.stack([mask_to_latent(m, tuple(latents.shape[-2:])) for m in masks])
                 weights = small[index].to(device)  # (rows, 1, h, w)
-            part = _Part(noisy, steps, target, text, weights, base=torch.empty(0))
+            part = _Part(noisy, steps, fractions, target, text, weights, base=torch.empty(0))
             part.base = _predict(family, model, part, batch_size, autocast, base=True)
             parts.append(part)
         return cls(subject=parts[0], world=parts[1])
@@ -142,21 +161,60 @@ def measure_drift(
     """Measure the model as it is now (LoRA on) against the cached base predictions.
 
     In eval mode (the model's mode is restored after) and without gradients."""
-    subject_loss = drift_background = drift_world = None
+    subject = background = world = None
     if heldout.subject is not None:
         part = heldout.subject
         prediction = _predict(family, model, part, batch_size, autocast, base=False)
         weights = _broadcast(part.weights, prediction)
         error = (prediction - part.target.float()).pow(2)
-        subject_loss = float((error * weights).sum() / weights.sum().clamp(min=1e-12))
-        background = (weights == 0).float()
+        subject = _RowSums(error * weights, weights, part.fractions)
+        outside = (weights == 0).float()
         change = (prediction - part.base).pow(2)
-        drift_background = float((change * background).sum() / background.sum().clamp(min=1))
+        background = _RowSums(change * outside, outside, part.fractions)
     if heldout.world is not None:
         part = heldout.world
         prediction = _predict(family, model, part, batch_size, autocast, base=False)
-        drift_world = float((prediction - part.base).pow(2).mean())
-    return DriftMetrics(subject_loss, drift_background, drift_world)
+        change = (prediction - part.base).pow(2)
+        world = _RowSums(change, torch.ones_like(change), part.fractions)
+    measures = (subject, background, world)
+
+    def band(level: float | None, *, clean: bool) -> DriftBand:
+        values = [None if m is None else m.mean(level, clean=clean) for m in measures]
+        return DriftBand(level, *values)
+
+    levels = sorted({round(t, 6) for m in measures if m is not None for t in m.levels})
+    velocity = band(None, clean=False)
+    return DriftMetrics(
+        velocity.subject_loss,
+        velocity.drift_background,
+        velocity.drift_world,
+        clean=band(None, clean=True),
+        bands=tuple(band(level, clean=True) for level in levels),
+    )
+
+
+class _RowSums:
+    """One measure's numerator and denominator per row (an image at one noise level): its
+    value over some rows is the sum of their numerators over the sum of their denominators."""
+
+    def __init__(self, values: Tensor, weights: Tensor, fractions: Tensor) -> None:
+        self.numerator = values.flatten(1).sum(1)
+        self.denominator = weights.flatten(1).sum(1)
+        self.fractions = fractions.float().to(self.numerator.device)
+        self.levels = self.fractions.tolist()
+
+    def mean(self, level: float | None, *, clean: bool) -> float:
+        """The weighted mean over the rows at noise ``level`` (every row: None), in clean-image
+        space (each row's squared errors times ``t^2``) or the velocity's; 0 where the rows
+        hold no weight (a subject whose mask covers every cell has no background)."""
+        rows = torch.ones_like(self.fractions, dtype=torch.bool)
+        if level is not None:
+            rows = (self.fractions - level).abs() < 1e-6
+        scale = self.fractions.pow(2) if clean else torch.ones_like(self.fractions)
+        weight = self.denominator[rows].sum()
+        if weight <= 0:
+            return 0.0
+        return float((self.numerator[rows] * scale[rows]).sum() / weight)
 
 
 class DriftMeter:
@@ -209,17 +267,29 @@ class DriftMeter:
             drift_background=reading.drift_background,
             drift_world=reading.drift_world,
             seconds=time.perf_counter() - tick,
+            clean=reading.clean,
+            bands=reading.bands,
         )
 
     @staticmethod
     def row(reading: DriftMeasured) -> dict[str, float | None]:
-        """A reading's ``metrics.jsonl`` keys (the subject loss is the held-out set's)."""
-        return {
+        """A reading's ``metrics.jsonl`` keys (the subject loss is the held-out set's): the
+        velocity-space averages under their first names, the clean-image ones with ``_clean``,
+        and each noise level's with ``_t`` and the level (``drift_background_t0.25``)."""
+        row: dict[str, float | None] = {
             "heldout_subject_loss": reading.subject_loss,
             "drift_background": reading.drift_background,
             "drift_world": reading.drift_world,
             "drift_seconds": reading.seconds,
         }
+        for band in (reading.clean, *reading.bands):
+            if band is None:
+                continue
+            tail = "_clean" if band.timestep is None else f"_t{band.timestep:g}"
+            row[f"heldout_subject_loss{tail}"] = band.subject_loss
+            row[f"drift_background{tail}"] = band.drift_background
+            row[f"drift_world{tail}"] = band.drift_world
+        return row
 
 
 def _predict(

@@ -68,27 +68,57 @@ class SamplePair:
 
 
 @dataclass(frozen=True)
+class DriftBand:
+    """The drift meter's three measures at one noise level (``timestep``, 0..1), or over every
+    level (``timestep`` None), in clean-image space: each squared error times ``t^2``, so every
+    noise level weighs by what it does to the picture (``modules.trainer.drift``)."""
+
+    timestep: float | None
+    subject_loss: float | None
+    drift_background: float | None
+    drift_world: float | None
+
+
+@dataclass(frozen=True)
 class DriftMeasured:
     """The drift meter's reading (``modules.trainer.drift``); None for a part not configured.
-    ``seconds`` is the measurement's time, which the steps' timings leave out."""
+    ``seconds`` is the measurement's time, which the steps' timings leave out.
+
+    ``subject_loss`` and the drifts are velocity-space averages over every noise level, where
+    the lowest level outweighs the rest; ``clean`` is the same in clean-image space and
+    ``bands`` each level's, which the line and the Run tab's chart show."""
 
     step: int
     subject_loss: float | None
     drift_background: float | None
     drift_world: float | None
     seconds: float
+    clean: DriftBand | None = None
+    bands: tuple[DriftBand, ...] = ()
 
     def line(self) -> str:
-        """``drift @ step 100: background 1.23e-03, world 4.56e-04, held-out subject loss
-        0.1234``, the parts measured only: the CLI's line and the Run tab's log."""
+        """``drift @ step 100 (clean-image error): background 1.23e-03, world 4.56e-04,
+        held-out subject loss 0.0123; background by noise 0.25/0.5/0.75: 1.1e-03/1.2e-03/
+        1.4e-03``, the parts measured only: the CLI's line and the Run tab's log. Without the
+        clean-image reading (an older caller), the velocity-space one."""
+        shown = self.clean or DriftBand(
+            None, self.subject_loss, self.drift_background, self.drift_world
+        )
         parts = []
-        if self.drift_background is not None:
-            parts.append(f"background {self.drift_background:.2e}")
-        if self.drift_world is not None:
-            parts.append(f"world {self.drift_world:.2e}")
-        if self.subject_loss is not None:
-            parts.append(f"held-out subject loss {self.subject_loss:.4f}")
-        return f"drift @ step {self.step}: {', '.join(parts)}"
+        if shown.drift_background is not None:
+            parts.append(f"background {shown.drift_background:.2e}")
+        if shown.drift_world is not None:
+            parts.append(f"world {shown.drift_world:.2e}")
+        if shown.subject_loss is not None:
+            parts.append(f"held-out subject loss {shown.subject_loss:.4f}")
+        space = " (clean-image error)" if self.clean is not None else ""
+        line = f"drift @ step {self.step}{space}: {', '.join(parts)}"
+        key = "drift_background" if shown.drift_background is not None else "drift_world"
+        if len(self.bands) > 1 and getattr(shown, key) is not None:
+            levels = "/".join(f"{b.timestep:g}" for b in self.bands)
+            values = "/".join(f"{getattr(b, key):.1e}" for b in self.bands)
+            line += f"; {key.removeprefix('drift_')} by noise {levels}: {values}"
+        return line
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import pytest
 
 from app.charts import DRIFT_OFF_HINT, DriftData
 from modules.data.demo_dataset import write_demo_dataset
-from modules.trainer.events import DriftMeasured, Finished
+from modules.trainer.events import DriftBand, DriftMeasured, Finished
 from tests.app.driving import pump, settle
 
 pytestmark = pytest.mark.ui
@@ -59,6 +59,16 @@ def test_drift_data_keeps_a_point_per_measured_part():
     assert len(data) == 0 and data.steps["subject_loss"] == [] and data.values["drift_world"] == []
     data.add(SimpleNamespace(step=5, subject_loss=None, drift_background=None, drift_world=None))
     assert len(data) == 1 and all(steps == [] for steps in data.steps.values())
+
+
+def test_the_chart_shows_the_clean_image_averages_when_a_reading_has_them():
+    """The velocity-space averages are outweighed by the lowest noise level; the chart draws
+    the clean-image ones, where every level weighs by what it does to the picture."""
+    data = DriftData()
+    clean = DriftBand(None, subject_loss=0.02, drift_background=2e-4, drift_world=None)
+    data.add(DriftMeasured(7, 0.5, 1e-2, 3e-2, 0.1, clean=clean, bands=(clean,)))
+    assert data.values["subject_loss"] == [0.02] and data.values["drift_background"] == [2e-4]
+    assert data.values["drift_world"] == []
 
 
 def test_readings_from_the_queue_are_drawn_skipping_none_and_zero_drift(window):
@@ -151,4 +161,5 @@ def test_a_real_run_with_the_drift_meter_on_fills_the_chart(window, tmp_path):
     assert all(value > 0 for value in data.values["drift_background"][1:])
     assert plotted(panel, "drift_background")[0] == [3, 6]
     assert plotted(panel, "subject_loss")[0] == [0, 3, 6]
-    assert "drift @ step 6: background" in panel.log_text()
+    assert "drift @ step 6 (clean-image error): background" in panel.log_text()
+    assert "; background by noise 0.25/0.5/0.75: " in panel.log_text()

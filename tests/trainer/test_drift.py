@@ -14,9 +14,9 @@ from modules.config.schema import DriftConfig
 from modules.data.demo_dataset import write_demo_dataset
 from modules.lora import add_lora
 from modules.models.demo.family import DemoFamily, build_demo_model
-from modules.trainer import Command, DriftMeasured, GenericTrainer, StepMetrics
+from modules.trainer import Command, DriftBand, DriftMeasured, GenericTrainer, StepMetrics
 from modules.trainer import drift as drift_module
-from modules.trainer.drift import DRIFT_TIMESTEPS, HeldOutSet, measure_drift
+from modules.trainer.drift import DRIFT_TIMESTEPS, DriftMeter, HeldOutSet, measure_drift
 from tests.trainer.test_generic_trainer import make_config, run
 
 CPU = torch.device("cpu")
@@ -192,6 +192,41 @@ def test_subject_loss_and_background_drift_match_a_hand_computation(model_and_se
     )
 
 
+def test_each_noise_level_is_read_alone_and_in_clean_image_space(model_and_set):
+    """A velocity error e at noise t is an error t e in the clean image read from it: the bands
+    and the clean average weigh each row's squared errors by t^2; the velocity average does not,
+    so there its lowest level weighs most."""
+    family, model, heldout = model_and_set
+    _perturb_lora(model)
+    reading = measure_drift(family, model, heldout)
+    part = heldout.subject
+    model.denoiser.eval()
+    with torch.no_grad():
+        prediction = family.predict(model, part.noisy, part.timesteps, part.text).float()
+    model.denoiser.train()
+    weights = expected_weights().expand(prediction.shape)
+    background = weights == 0
+
+    assert [band.timestep for band in reading.bands] == list(DRIFT_TIMESTEPS)
+    for band in reading.bands:
+        rows = part.fractions == band.timestep
+        loss = ((prediction - part.target) ** 2 * weights)[rows].sum() / weights[rows].sum()
+        drift = ((prediction - part.base) ** 2)[rows][background[rows]].mean()
+        t2 = band.timestep**2
+        assert band.subject_loss == pytest.approx(t2 * float(loss), rel=1e-5)
+        assert band.drift_background == pytest.approx(t2 * float(drift), rel=1e-5)
+        assert band.drift_world > 0
+    # Every image weighs alike at each level, so the clean average is the bands' mean.
+    for key in ("subject_loss", "drift_background", "drift_world"):
+        bands = [getattr(band, key) for band in reading.bands]
+        assert getattr(reading.clean, key) == pytest.approx(sum(bands) / len(bands), rel=1e-5)
+        unscaled = [
+            value / band.timestep**2 for value, band in zip(bands, reading.bands, strict=True)
+        ]
+        assert getattr(reading, key) == pytest.approx(sum(unscaled) / len(unscaled), rel=1e-5)
+    assert reading.clean.timestep is None
+
+
 def test_the_base_is_the_model_without_its_lora_whenever_the_set_is_built(folders):
     """Built after the LoRA is added (and changed), the cached base is still the base model's."""
     family, subject = DemoFamily(), str(folders[0])
@@ -238,7 +273,12 @@ class TestTrainer:
         rows = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
         keys = ("heldout_subject_loss", "drift_background", "drift_world", "drift_seconds")
         # The baseline has a row of its own (no step ran); later readings join their step's row.
-        assert rows[0] == {"step": 0, **dict(zip(keys, _values(readings[0]), strict=True))}
+        assert rows[0] == {"step": 0, **DriftMeter.row(readings[0])}
+        assert dict(zip(keys, _values(readings[0]), strict=True)).items() <= rows[0].items()
+        for tail in ("_clean", "_t0.25", "_t0.5", "_t0.75"):
+            assert rows[0][f"heldout_subject_loss{tail}"] > 0
+            assert rows[0][f"drift_background{tail}"] == 0.0 == rows[0][f"drift_world{tail}"]
+        assert rows[-1]["drift_world_t0.75"] == readings[-1].bands[-1].drift_world > 0
         steps = rows[1:]
         assert [r["step"] for r in steps] == [1, 2, 3, 4]
         assert all("loss_total" in r for r in steps)
@@ -291,6 +331,13 @@ def test_cli_line_names_each_part():
     )
     no_world = DriftMeasured(100, 0.1234, 1.23e-3, None, 0.5)
     assert no_world.line() == "drift @ step 100: background 1.23e-03, held-out subject loss 0.1234"
+    bands = (DriftBand(0.25, 0.01, 1e-4, 2e-4), DriftBand(0.75, 0.03, 3e-4, 4e-4))
+    clean = DriftBand(None, 0.02, 2e-4, 3e-4)
+    event = DriftMeasured(100, 0.1234, 1.23e-3, 4.56e-4, 0.5, clean=clean, bands=bands)
+    assert event.line() == (
+        "drift @ step 100 (clean-image error): background 2.00e-04, world 3.00e-04, "
+        "held-out subject loss 0.0200; background by noise 0.25/0.75: 1.0e-04/3.0e-04"
+    )
 
 
 def test_drift_needs_a_folder_and_timesteps_inside_0_1():
