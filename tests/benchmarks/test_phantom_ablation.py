@@ -10,11 +10,14 @@ import pytest
 
 from benchmarks.phantom_ablation import (
     BASELINE,
+    GOAL,
+    HELDOUT_TIMESTEPS,
     VARIANTS,
     WORK_STAMP,
     Settings,
     _frontier_drift,
     goal_check,
+    goal_misses,
     run,
 )
 
@@ -39,7 +42,8 @@ def test_smoke_run_writes_table_plot_grids_and_results(tmp_path: Path) -> None:
         assert (settings.out / name).stat().st_size > 0, name
     table = (settings.out / "table.md").read_text(encoding="utf-8")
     assert f"| {BASELINE} |" in table and "| prior 1 |" in table
-    assert "Goal 1" in table and "Goal 2" in table
+    assert "Goal 1" in table and "Goal 2" in table and "Goal 3" in table
+    assert "| variant | drift (bg) @ 0.1 |" in table and "world prompt match" in table
     saved = json.loads((settings.out / "results.json").read_text(encoding="utf-8"))
     assert len(saved["runs"]) == 4  # two variants x two seeds
     by_variant = {r["variant"]: r for r in payload["runs"] if r["seed"] == 0}
@@ -48,6 +52,12 @@ def test_smoke_run_writes_table_plot_grids_and_results(tmp_path: Path) -> None:
     assert by_variant["prior 1"]["teacher_fraction"] == 1.0
     for run_metrics in payload["runs"]:
         assert run_metrics["drift_background"] >= 0 and run_metrics["subject_loss"] > 0
+        # Each noise level alone and the clean-image mean of them (every level alike).
+        levels = [run_metrics[f"subject_loss_t{t:g}"] for t in HELDOUT_TIMESTEPS]
+        assert run_metrics["subject_loss_clean"] == pytest.approx(sum(levels) / len(levels))
+    baseline, base_match = payload["summary"][BASELINE], payload["base_model"]["prompt_match"]
+    if base_match:  # the world prompt match as a share of the base model's
+        assert baseline["world_kept"] == pytest.approx(baseline["prompt_match"][0] / base_match)
     assert payload["summary"][BASELINE]["drift_reduction"] == pytest.approx(1.0)
 
 
@@ -60,27 +70,48 @@ def test_frontier_is_the_least_drift_at_no_more_subject_loss() -> None:
     assert _frontier_drift(points, 0.90) == 1.0
 
 
-def test_goal_check_reads_the_summary_it_is_given() -> None:
-    def stats(loss: float, drift: float, reduction: float, change: float) -> dict:
-        return {
-            "subject_loss": (loss, 0.0),
-            "drift_background": (drift, 0.0),
-            "drift_reduction": reduction,
-            "subject_loss_change": change,
-        }
+def _stats(loss: float, drift: float, reduction: float, change: float, **more) -> dict:
+    return {
+        "subject_loss_clean": (loss, 0.0),
+        "drift_background_clean": (drift, 0.0),
+        "drift_reduction": reduction,
+        "subject_loss_change": change,
+        **more,
+    }
 
+
+def test_goal_check_reads_the_summary_it_is_given() -> None:
     summary = {
-        BASELINE: stats(0.10, 3.0, 1.0, 0.0),
-        "unmasked": stats(0.09, 9.0, 0.33, -0.1),
-        "prior 1": stats(0.11, 0.9, 3.33, 0.1),
-        "prior 10": stats(0.20, 0.5, 6.0, 1.0),
+        BASELINE: _stats(0.10, 3.0, 1.0, 0.0),
+        "unmasked": _stats(0.09, 9.0, 0.33, -0.1),
+        "prior 1": _stats(0.11, 0.9, 3.33, 0.1),
+        "prior 10": _stats(0.20, 0.5, 6.0, 1.0),
     }
     chosen = tuple(v for v in VARIANTS if v.name in summary)
 
-    goal_one, goal_two = goal_check(summary, chosen)
+    goal_one, goal_two, goal_three = goal_check(summary, chosen)
 
     assert "met by prior 1." in goal_one
     assert "prior 1: on or below" in goal_two and "prior 10: on or below" in goal_two
+    # Without sample scores no variant can meet the second round's goal.
+    assert "not met by any variant" in goal_three
+
+
+def test_the_second_goal_needs_every_part_on_the_means() -> None:
+    scored = {"subject_score": (0.93, 0.05), "subject_leak": (0.0, 0.0), "world_kept": 0.95}
+    summary = {
+        BASELINE: _stats(0.10, 3.0, 1.0, 0.0, **scored),
+        "prior 10": _stats(0.20, 0.5, 6.0, 1.0, **scored),
+        "prior 3": _stats(0.15, 1.0, 3.0, 0.5, **{**scored, "subject_leak": (0.06, 0.01)}),
+    }
+    assert goal_misses(summary[BASELINE]) == ["drift_reduction"]
+    assert goal_misses(summary["prior 10"]) == []
+    assert goal_misses(summary["prior 3"]) == ["subject_leak"]
+    assert goal_misses({}) == list(GOAL)
+    chosen = tuple(v for v in VARIANTS if v.name in summary)
+    assert goal_check(summary, chosen)[2].endswith("met by prior 10.")
+    del summary["prior 10"]
+    assert "the nearest, " in goal_check(summary, chosen)[2]
 
 
 def test_a_work_folder_refuses_runs_of_other_settings(tmp_path: Path) -> None:
