@@ -97,6 +97,25 @@ class ConceptDataset(Dataset[Sample]):
     def mask_coverage(self) -> MaskCoverage:
         return self._coverage
 
+    def share_line(self) -> str | None:
+        """Each concept's share of the draws (its items times its repeats over all), with its
+        type and loss weight when they are not the default: how much a prior-prediction concept
+        counts, in one line. None for a single concept."""
+        if len(self._concepts) < 2:
+            return None
+        counts = [0] * len(self._concepts)
+        for _, number in self._index:
+            counts[number] += 1
+        total = max(1, sum(counts))
+        parts = []
+        for concept, count in zip(self._concepts, counts, strict=True):
+            notes = ["prior prediction"] if concept.type == "prior_prediction" else []
+            if concept.loss_weight != 1.0:
+                notes.append(f"loss weight {concept.loss_weight:g}")
+            named = Path(concept.path).name + (f" ({', '.join(notes)})" if notes else "")
+            parts.append(f"{named} {count} ({count / total:.0%})")
+        return "Share of the draws (items x repeats): " + ", ".join(parts)
+
     def latent_shapes(self) -> list[tuple[int, ...]]:
         """Each sample's latent shape, (C, h, w) or (C, F, h, w), from the cache files' headers:
         samples of one shape (one bucket and frame count) can share a batch."""

@@ -46,6 +46,9 @@ class PreparedData:
         lines = [f"{scan.folder}: {scan.describe()}" for scan in self.scans]
         if self.bucketed:
             lines.append(self.bucket_line())
+        share = self.dataset.share_line()
+        if share:
+            lines.append(share)
         warning = self.dataset.mask_coverage().warning()
         if warning:
             lines.append(warning)

@@ -1,4 +1,5 @@
-"""The prior levers' controls on the Prior preservation tab change the config."""
+"""The prior levers' controls change the config: the schedule and noise range on the Prior
+preservation tab, the prior concept's share and loss weight on the Concepts tab."""
 
 from tests.app.driving import settle
 
@@ -23,3 +24,18 @@ def test_an_empty_noise_range_marks_its_field_and_blocks_start(window):
     settle(window)
     assert window.form.row("prior.noise_min").message is None
     assert window.run_panel.start_button.cget("state") == "normal"
+
+
+def test_the_prior_concepts_share_and_loss_weight_controls_change_the_config(window):
+    """The prior-prediction concept's share of the draws is its repeats (items x repeats over
+    all); its loss weight multiplies its loss. Both are controls of its row on the Concepts tab."""
+    window.choose_preset("demo-prior-prediction (built-in)")
+    settle(window)
+    concepts = window.form.validation.config.data.concepts
+    index = next(i for i, c in enumerate(concepts) if c.type == "prior_prediction")
+    window.form.row(f"data.concepts.{index}.repeats").set(2)
+    window.form.row(f"data.concepts.{index}.loss_weight").set(3.0)
+    settle(window)
+    prior = window.form.validation.config.data.concepts[index]
+    assert (prior.type, prior.repeats, prior.loss_weight) == ("prior_prediction", 2, 3.0)
+    assert window.form.validation.config.data.concepts[1 - index].repeats == 1

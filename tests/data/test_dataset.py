@@ -59,6 +59,14 @@ def test_repeats_multiply_the_samples(concepts) -> None:
     assert weights == [2.0] * 6 + [1.0]
 
 
+def test_the_share_of_the_draws_is_items_times_repeats(concepts) -> None:
+    assert ConceptDataset(concepts).share_line() == (
+        "Share of the draws (items x repeats): subject (loss weight 2) 6 (86%), "
+        "prior (prior prediction) 1 (14%)"
+    )
+    assert ConceptDataset(concepts[:1]).share_line() is None
+
+
 def test_sample_fields(concepts) -> None:
     dataset = ConceptDataset(concepts)
 
