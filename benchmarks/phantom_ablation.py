@@ -28,9 +28,10 @@ then measured:
 Writes ``table.md``, ``results.json``, ``frontier.png`` and ``grids.png`` to ``--out``
 (default ``docs/ablation``):
 
-    python benchmarks/phantom_ablation.py                 # 3 seeds, every variant
+    python benchmarks/phantom_ablation.py      # 3 seeds: the heart, every variant, then the
+                                               # crescent, the variants it confirms (crescent/)
+    python benchmarks/phantom_ablation.py --task heart --variants "prior 1" "prior 3"
     python benchmarks/phantom_ablation.py --seeds 0 --steps 20 --out runs/quick --work runs/q
-    python benchmarks/phantom_ablation.py --task crescent --out runs/crescent --work runs/c
 
 The variants run one after another in one process; seconds per step are comparable within a
 run only.
@@ -918,7 +919,42 @@ def _load_base(evaluation: Evaluation, work: Path) -> None:
         evaluation.base_samples = torch.load(work / "samples" / "base.pt", weights_only=True)
 
 
-def main(argv: list[str] | None = None) -> None:
+CONFIRM_VARIANTS = (BASELINE, "prior 1", "prior concept, min weight 0.05")
+"""The variants the second task confirms, unchanged: the baseline, the first round's default
+and the best of the first task (``docs/ablation/table.md``)."""
+
+
+def plan(args: argparse.Namespace) -> list[Settings]:
+    """The benchmark's runs: the heart task with every variant (or ``--variants``) into
+    ``--out`` and ``--work``; with ``--task both`` (the default) then the crescent task with
+    :data:`CONFIRM_VARIANTS` (or ``--variants``) into ``OUT/crescent`` and ``WORK-crescent``."""
+    known = {v.name: v for v in VARIANTS}
+    chosen = tuple(known[name] for name in args.variants) if args.variants else None
+    tasks = ("heart", "crescent") if args.task == "both" else (args.task,)
+    settings = []
+    for task in tasks:
+        second = args.task == "both" and task == "crescent"
+        variants = chosen or (
+            tuple(known[name] for name in CONFIRM_VARIANTS) if second else VARIANTS
+        )
+        settings.append(
+            Settings(
+                out=args.out / "crescent" if second else args.out,
+                work=args.work.with_name(f"{args.work.name}-crescent") if second else args.work,
+                seeds=tuple(args.seeds),
+                steps=args.steps,
+                batch_size=args.batch_size,
+                learning_rate=args.learning_rate,
+                lora_targets=args.lora_targets,
+                variants=variants,
+                task=task,
+                report_only=args.report_only,
+            )
+        )
+    return settings
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("docs/ablation"))
     parser.add_argument(
@@ -945,9 +981,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--task",
-        choices=TASKS,
-        default=Settings.task,
-        help="the demo subject task every variant trains (default %(default)s)",
+        choices=(*TASKS, "both"),
+        default="both",
+        help="the demo subject task every variant trains; both (the default): the heart with "
+        "every variant, then the crescent with the variants it confirms",
     )
     parser.add_argument(
         "--report-only",
@@ -955,26 +992,16 @@ def main(argv: list[str] | None = None) -> None:
         help="train nothing; write the report from the runs in --work",
     )
     args = parser.parse_args(argv)
-    variants = VARIANTS
-    if args.variants:
-        known = {v.name: v for v in VARIANTS}
-        unknown = [name for name in args.variants if name not in known]
-        if unknown:
-            parser.error(f"unknown variant(s) {unknown}; known: {sorted(known)}")
-        variants = tuple(known[name] for name in args.variants)
-    settings = Settings(
-        out=args.out,
-        work=args.work,
-        seeds=tuple(args.seeds),
-        steps=args.steps,
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        lora_targets=args.lora_targets,
-        variants=variants,
-        task=args.task,
-        report_only=args.report_only,
-    )
-    run(settings)
+    known = {v.name for v in VARIANTS}
+    unknown = [name for name in args.variants or () if name not in known]
+    if unknown:
+        parser.error(f"unknown variant(s) {unknown}; known: {sorted(known)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    for settings in plan(parse_args(argv)):
+        run(settings)
 
 
 if __name__ == "__main__":

@@ -159,3 +159,20 @@ def test_the_task_sets_the_prompts_and_the_stamp(tmp_path: Path) -> None:
     crescent = work_stamp(Settings(out=tmp_path, task="crescent"))
     assert (heart["task"], crescent["task"]) == ("heart", "crescent")
     assert len(heart["subject_judge_sha256"]) == 64
+
+
+def test_one_command_plans_both_tasks_and_variants_runs_a_part(tmp_path: Path) -> None:
+    from benchmarks.phantom_ablation import CONFIRM_VARIANTS, parse_args, plan
+
+    out, work = tmp_path / "out", tmp_path / "work"
+    heart, crescent = plan(parse_args(["--out", str(out), "--work", str(work)]))
+    assert (heart.task, heart.out, heart.work, heart.variants) == ("heart", out, work, VARIANTS)
+    assert (crescent.task, crescent.out) == ("crescent", out / "crescent")
+    assert crescent.work == tmp_path / "work-crescent"
+    assert [v.name for v in crescent.variants] == list(CONFIRM_VARIANTS)
+    assert heart.seeds == crescent.seeds == (0, 1, 2)
+
+    (only,) = plan(parse_args(["--task", "heart", "--variants", "prior 1", "--seeds", "0"]))
+    assert [v.name for v in only.variants] == ["prior 1"] and only.seeds == (0,)
+    with pytest.raises(SystemExit):
+        parse_args(["--variants", "no such variant"])
