@@ -340,7 +340,6 @@ class GenericTrainer:
         while self.step < config.steps:
             tick = time.perf_counter()
             result = self.optimizer_step()
-            self.step += 1
             elapsed = time.perf_counter() - tick
             # Smoothed step time for a steady ETA; the first step (warm-up) is not representative.
             sec_per_step = elapsed if self.step <= 2 else 0.9 * sec_per_step + 0.1 * elapsed
@@ -358,7 +357,9 @@ class GenericTrainer:
 
     def optimizer_step(self) -> StepResult:
         """One optimizer step over ``gradient_accumulation`` batches (after ``setup``). On
-        several processes the gradients are averaged once, after the last batch."""
+        several processes the gradients are averaged once, after the last batch. The step
+        counter advances with it, as the learning-rate schedule does, so the prior schedule
+        follows a caller that takes the steps itself (the benchmarks)."""
         accumulation = self.config.training.gradient_accumulation
         self.backups.mark_step_start()
         results = []
@@ -385,6 +386,7 @@ class GenericTrainer:
         # One norm over every LoRA weight: a single number to check, so cheap at every step.
         if not torch.isfinite(torch.nn.utils.get_total_norm([p.detach() for p in self.params])):
             raise TrainingError(self._nan_message("the LoRA weights became non-finite"))
+        self.step += 1
         return replace(_mean_result(results), lr=lr)
 
     def _train_step(self, batch: Batch) -> StepResult:

@@ -33,6 +33,23 @@ def test_a_warmup_starts_without_the_teacher_and_reaches_the_weight(demo_root, t
     assert all(r["teacher_fraction"] == 1 and r["loss_prior"] > 0 for r in got[1:])
 
 
+def test_the_schedule_follows_a_caller_that_takes_the_steps_itself(demo_root, tmp_path):  # noqa: F811
+    """A benchmark calls ``optimizer_step`` in its own loop: the step counter, and with it the
+    scheduled weight, advance as in a run."""
+    config = make_config(
+        demo_root,
+        tmp_path,
+        prior={"weight": 2.0, "schedule": "warmup", "schedule_share": 0.5},
+        training={"steps": 5},
+    )
+    trainer = GenericTrainer(config)
+    trainer.setup()
+    fractions = [trainer.optimizer_step().teacher_fraction for _ in range(3)]
+    assert trainer.step == 3
+    assert fractions == [0, 1, 1]
+    assert trainer.prior_weight() == 2.0
+
+
 def test_outside_the_noise_range_the_teacher_is_skipped_and_the_prior_term_is_zero(
     demo_root,  # noqa: F811
     tmp_path,
