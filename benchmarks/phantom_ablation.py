@@ -72,7 +72,7 @@ from modules.models.demo_classifier import load_classifier, score_prompt_match
 from modules.models.demo_subject_judge import SHIPPED_WEIGHTS as SUBJECT_JUDGE_WEIGHTS
 from modules.models.demo_subject_judge import load_judge, share_showing
 from modules.trainer import GenericTrainer
-from modules.trainer.drift import DriftMetrics, HeldOutSet, measure_drift
+from modules.trainer.drift import DriftMetrics, HeldOutSet, measure_drift, reading_keys
 
 BASELINE = "masked, min weight 0.05"
 
@@ -402,18 +402,7 @@ class Evaluation:
 def _heldout_metrics(reading: DriftMetrics) -> dict[str, float]:
     """A drift reading's keys: velocity space under the first round's names, clean-image space
     with ``_clean``, and each noise level's with ``_t`` and the level."""
-    metrics = {
-        "subject_loss": float(reading.subject_loss),
-        "drift_background": float(reading.drift_background),
-        "drift_world": float(reading.drift_world),
-    }
-    for band in (reading.clean, *reading.bands):
-        assert band is not None
-        tail = "_clean" if band.timestep is None else f"_t{band.timestep:g}"
-        metrics[f"subject_loss{tail}"] = float(band.subject_loss)
-        metrics[f"drift_background{tail}"] = float(band.drift_background)
-        metrics[f"drift_world{tail}"] = float(band.drift_world)
-    return metrics
+    return {key: float(value) for key, value in reading_keys(reading, "subject_loss").items()}
 
 
 def _share_present(images: torch.Tensor, task: str) -> float:

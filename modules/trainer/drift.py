@@ -273,23 +273,27 @@ class DriftMeter:
 
     @staticmethod
     def row(reading: DriftMeasured) -> dict[str, float | None]:
-        """A reading's ``metrics.jsonl`` keys (the subject loss is the held-out set's): the
-        velocity-space averages under their first names, the clean-image ones with ``_clean``,
-        and each noise level's with ``_t`` and the level (``drift_background_t0.25``)."""
-        row: dict[str, float | None] = {
-            "heldout_subject_loss": reading.subject_loss,
-            "drift_background": reading.drift_background,
-            "drift_world": reading.drift_world,
-            "drift_seconds": reading.seconds,
-        }
-        for band in (reading.clean, *reading.bands):
-            if band is None:
-                continue
-            tail = "_clean" if band.timestep is None else f"_t{band.timestep:g}"
-            row[f"heldout_subject_loss{tail}"] = band.subject_loss
-            row[f"drift_background{tail}"] = band.drift_background
-            row[f"drift_world{tail}"] = band.drift_world
-        return row
+        """A reading's ``metrics.jsonl`` keys (the subject loss is the held-out set's)."""
+        return {**reading_keys(reading, "heldout_subject_loss"), "drift_seconds": reading.seconds}
+
+
+def reading_keys(reading: DriftMetrics | DriftMeasured, subject: str) -> dict[str, float | None]:
+    """A reading as flat keys: the velocity-space averages as ``subject`` (the subject loss's
+    name), ``drift_background`` and ``drift_world``; the clean-image ones with ``_clean``; each
+    noise level's with ``_t`` and the level (``drift_background_t0.25``)."""
+    keys: dict[str, float | None] = {
+        subject: reading.subject_loss,
+        "drift_background": reading.drift_background,
+        "drift_world": reading.drift_world,
+    }
+    for band in (reading.clean, *reading.bands):
+        if band is None:
+            continue
+        tail = "_clean" if band.timestep is None else f"_t{band.timestep:g}"
+        keys[f"{subject}{tail}"] = band.subject_loss
+        keys[f"drift_background{tail}"] = band.drift_background
+        keys[f"drift_world{tail}"] = band.drift_world
+    return keys
 
 
 def _predict(
