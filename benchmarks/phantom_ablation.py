@@ -171,6 +171,15 @@ VARIANTS = (
         why="the two best-protecting levers together, the masked prior on layout steps only",
     ),
     Variant(
+        "prior concept 1/3 + prior 3, warm-up 0.5",
+        {"prior": {"weight": 3.0, "schedule": "warmup", "schedule_share": 0.5}},
+        prior=True,
+        prior_concept=True,
+        concepts={"subject": {"repeats": 2}},
+        why="the two best balances of the first seed together: the world concept at a third "
+        "of the draws, the masked prior warming up",
+    ),
+    Variant(
         "prior concept, min weight 0.05, lr/2, 2x steps",
         {"mask": {"min_weight": 0.05}},
         prior=True,
@@ -908,9 +917,15 @@ def _load_base(evaluation: Evaluation, work: Path) -> None:
         evaluation.base_samples = torch.load(work / "samples" / "base.pt", weights_only=True)
 
 
-CONFIRM_VARIANTS = (BASELINE, "prior 1", "prior concept, min weight 0.05")
-"""The variants the second task confirms, unchanged: the baseline, the first round's default
-and the best of the first task (``docs/ablation/table.md``)."""
+CONFIRM_VARIANTS = (
+    BASELINE,
+    "prior 1",
+    "prior 3, warm-up 0.5",
+    "prior concept 1/3, min weight 0.05",
+    "prior concept 1/3 + prior 3, warm-up 0.5",
+)
+"""The variants the second task confirms, unchanged: the baseline, the first round's
+recommended prior weight, and the best balances of the first task (``docs/ablation/table.md``)."""
 
 
 def plan(args: argparse.Namespace) -> list[Settings]:
