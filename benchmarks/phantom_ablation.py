@@ -921,7 +921,6 @@ CONFIRM_VARIANTS = (
     BASELINE,
     "prior 1",
     "prior 3, warm-up 0.5",
-    "prior concept 1/3, min weight 0.05",
     "prior concept 1/3 + prior 3, warm-up 0.5",
 )
 """The variants the second task confirms, unchanged: the baseline, the first round's
