@@ -55,8 +55,10 @@ def test_square_crop_gives_the_recorded_losses(name, buckets, tmp_path):
     assert len(losses) == STEPS
     for step, (now, before) in enumerate(zip(losses, recorded, strict=True), start=1):
         for key in KEYS:
-            # Float32 on the CPU: equal on one machine; another CPU may round differently.
-            assert now[key] == pytest.approx(before[key], rel=1e-5, abs=1e-8), (step, key)
+            # Float32 on the CPU: equal on one machine; another CPU rounds differently (a few
+            # 1e-6 at the first step, growing to about 5e-5 by the fifth on one measured pair),
+            # far below what another batch order or crop would change (percents).
+            assert now[key] == pytest.approx(before[key], rel=2e-4, abs=1e-8), (step, key)
 
 
 if __name__ == "__main__":
