@@ -47,7 +47,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +90,18 @@ class Variant:
     learning_rate_factor: float = 1.0
     why: str = ""
     """Why the lever was tried (the table's notes)."""
+
+
+BEST_BALANCE = Variant(
+    "prior concept 1/3 + prior 3, warm-up 0.5",
+    {"prior": {"weight": 3.0, "schedule": "warmup", "schedule_share": 0.5}},
+    prior=True,
+    prior_concept=True,
+    concepts={"subject": {"repeats": 2}},
+    why="the two best balances of the first seed together: the world concept at a third "
+    "of the draws, the masked prior warming up",
+)
+"""The second round's best balance, which the third round varies."""
 
 
 VARIANTS = (
@@ -170,15 +182,7 @@ VARIANTS = (
         prior_concept=True,
         why="the two best-protecting levers together, the masked prior on layout steps only",
     ),
-    Variant(
-        "prior concept 1/3 + prior 3, warm-up 0.5",
-        {"prior": {"weight": 3.0, "schedule": "warmup", "schedule_share": 0.5}},
-        prior=True,
-        prior_concept=True,
-        concepts={"subject": {"repeats": 2}},
-        why="the two best balances of the first seed together: the world concept at a third "
-        "of the draws, the masked prior warming up",
-    ),
+    BEST_BALANCE,
     Variant(
         "prior concept, min weight 0.05, lr/2, 2x steps",
         {"mask": {"min_weight": 0.05}},
@@ -189,21 +193,16 @@ VARIANTS = (
         why="every variant loses world prompt match: a gentler learning rate, as long a run",
     ),
     # The third round: the second round's best world-keepers, each with what the subject missed.
-    Variant(
-        "prior concept 1/3 + prior 3, decay 0.5",
-        {"prior": {"weight": 3.0, "schedule": "decay", "schedule_share": 0.5}},
-        prior=True,
-        prior_concept=True,
-        concepts={"subject": {"repeats": 2}},
+    replace(
+        BEST_BALANCE,
+        name="prior concept 1/3 + prior 3, decay 0.5",
+        overrides={"prior": {"weight": 3.0, "schedule": "decay", "schedule_share": 0.5}},
         why="the decay alone drew the subject most often but let the world go once the prior "
         "let go: the world concept holds the world through the whole run",
     ),
-    Variant(
-        "prior concept 1/3 + prior 3, warm-up 0.5, lr/2, 2x steps",
-        {"prior": {"weight": 3.0, "schedule": "warmup", "schedule_share": 0.5}},
-        prior=True,
-        prior_concept=True,
-        concepts={"subject": {"repeats": 2}},
+    replace(
+        BEST_BALANCE,
+        name="prior concept 1/3 + prior 3, warm-up 0.5, lr/2, 2x steps",
         steps_factor=2,
         learning_rate_factor=0.5,
         why="the two variants that kept most of the world (80 %) together: the best balance, "
