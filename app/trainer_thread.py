@@ -109,9 +109,11 @@ class TrainerThread:
             engine_import.load("modules.cli.main", "modules.trainer.generic_trainer")
             from modules.cli.main import ensure_demo_data
             from modules.trainer import GenericTrainer
+            from modules.trainer.events import StatusMessage
 
             # The demo presets point at demo-data/, written on first use (as the CLI does).
-            ensure_demo_data(config)
+            for warning in ensure_demo_data(config):
+                events.put(StatusMessage(warning, "warning"))
         except (ImportError, RuntimeError, OSError) as error:
             # diffusers and transformers report a failed lazy import as RuntimeError.
             events.put(WorkerFailed(f"could not start training: {error}"))

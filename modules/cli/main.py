@@ -85,19 +85,42 @@ def resolve_config(preset: str, overrides: list[str], run_dir: str | None) -> Tr
     return config
 
 
-def ensure_demo_data(config: TrainConfig) -> None:
-    """Write (or bring up to date) the demo dataset when a concept points into it.
+def ensure_demo_data(config: TrainConfig) -> list[str]:
+    """Write (or bring up to date) the demo dataset when a concept or a held-out folder of the
+    drift meter points into it; the warnings to show (one line each).
 
-    The dataset's ``.complete`` marker records its version: a current folder is left as it is
-    at the cost of one file read; a missing, half-written or older one is written again."""
+    A demo preset started with your own concepts keeps its drift meter's demo folders: they are
+    written too, so the run starts, and a warning says that the demo's held-out subject is not
+    yours. The dataset's ``.complete`` marker records its version: a current folder is left as
+    it is at the cost of one file read; a missing, half-written or older one is written again."""
     from modules.data.demo_dataset import is_current, write_demo_dataset
 
-    for concept in config.data.concepts:
-        path = Path(concept.path).resolve()
-        if path.is_relative_to(DEMO_DATA_ROOT) and not is_current(DEMO_DATA_ROOT):
-            print(f"Writing the demo dataset to {DEMO_DATA_ROOT}")
-            write_demo_dataset(DEMO_DATA_ROOT)
-            return
+    named = [(f"data.concepts[{i}].path", c.path) for i, c in enumerate(config.data.concepts)]
+    if config.drift.every:
+        named += [
+            (f"drift.{name}", path)
+            for name, path in (
+                ("subject_path", config.drift.subject_path),
+                ("world_path", config.drift.world_path),
+            )
+            if path
+        ]
+    inside = [name for name, path in named if _in_demo_data(path)]
+    if inside and not is_current(DEMO_DATA_ROOT):
+        print(f"Writing the demo dataset to {DEMO_DATA_ROOT} (named by {', '.join(inside)})")
+        write_demo_dataset(DEMO_DATA_ROOT)
+    own_concepts = not any(name.startswith("data.") for name in inside)
+    if own_concepts and "drift.subject_path" in inside:
+        return [
+            f"drift.subject_path={config.drift.subject_path} is the demo dataset's held-out "
+            "subject, not your concepts': its held-out subject loss says nothing about your "
+            "LoRA; set drift.subject_path to held-out images of your subject, or leave it empty"
+        ]
+    return []
+
+
+def _in_demo_data(path: str) -> bool:
+    return Path(path).expanduser().resolve().is_relative_to(DEMO_DATA_ROOT)
 
 
 def _print_event(event: Event, bar: tqdm | None) -> tqdm | None:
@@ -158,7 +181,8 @@ def signal_name(signum: int) -> str:
 def train(config: TrainConfig, resume: str | None = None) -> int:
     from modules.trainer import Command, Finished, GenericTrainer
 
-    ensure_demo_data(config)
+    for warning in ensure_demo_data(config):
+        print(f"warning: {warning}")
     events: queue.Queue[Event] = queue.Queue()
     commands: queue.Queue[Command] = queue.Queue()
     trainer = GenericTrainer(config, events, commands, resume=resume)
@@ -300,13 +324,13 @@ def check(config: TrainConfig, preset: str) -> int:
     from modules.data.concept import DataError
     from modules.trainer.preflight import preflight
 
-    ensure_demo_data(config)
+    demo_warnings = ensure_demo_data(config)
     try:
         found = preflight(config, create_run_dir=False)
     except (ConfigError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
-    for warning in [*config_warnings(config), *found.notes]:
+    for warning in [*demo_warnings, *config_warnings(config), *found.notes]:
         print(f"warning: {warning}")
     if found.buckets:
         print(found.buckets)
