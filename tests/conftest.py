@@ -2,6 +2,9 @@ import pytest
 import torch
 
 from modules.models.demo.family import DemoFamily, build_demo_model
+from tests.flux1.tiny_flux1 import build_tiny_flux1
+from tests.flux2.tiny_flux2 import build_tiny_flux2
+from tests.qwen_image.tiny_qwen_image import build_tiny_qwen_image
 from tests.wan.tiny_wan import build_tiny_wan
 
 
@@ -41,3 +44,21 @@ def tiny_wan_a14b(tmp_path_factory):
 def tiny_wan_ti2v(tmp_path_factory):
     """A tiny WAN 2.2 TI2V 5B folder: 48-channel VAE with 16x spatial compression."""
     return build_tiny_wan(tmp_path_factory.mktemp("wan") / "ti2v", ti2v=True, seed=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux1(tmp_path_factory):
+    """A tiny FLUX.1 dev folder as ``FluxPipeline.save_pretrained`` writes it (read-only)."""
+    return build_tiny_flux1(tmp_path_factory.mktemp("flux1") / "dev")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux2(tmp_path_factory):
+    """A tiny FLUX.2 klein folder (``Flux2KleinPipeline``, Qwen3 text encoder; read-only)."""
+    return build_tiny_flux2(tmp_path_factory.mktemp("flux2") / "klein")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_image(tmp_path_factory):
+    """A tiny Qwen-Image folder (``QwenImagePipeline``; read-only)."""
+    return build_tiny_qwen_image(tmp_path_factory.mktemp("qwen_image") / "tiny")

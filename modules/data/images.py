@@ -149,14 +149,21 @@ def load_mask_with_notes(
     compared as stored in the files, even when a huge JPEG mask was decoded at a reduced scale.
     """
     mask, stored = _open(path, "mask", _size(size))
-    if stored != tuple(image_size):
+    check_mask_size(path, stored, image_size)
+    planes = _mask_planes(mask)
+    return _weights_to_tensor(_weights(planes), _size(size)), _notes(planes)
+
+
+def check_mask_size(path: Path, stored: tuple[int, int], image_size: tuple[int, int]) -> None:
+    """A DataError naming the mask when its size (as shown) is not its image's: it was drawn
+    on another version of the image and would be misaligned. The pre-flight checks this from
+    the headers before a run loads its model."""
+    if tuple(stored) != tuple(image_size):
         width, height = image_size
         raise DataError(
             f"mask '{path}' is {stored[0]}×{stored[1]} but its image is "
             f"{width}×{height}: re-export the mask at {width}×{height}"
         )
-    planes = _mask_planes(mask)
-    return _weights_to_tensor(_weights(planes), _size(size)), _notes(planes)
 
 
 def mask_image_to_tensor(mask: Image.Image, size: SizeLike) -> Tensor:

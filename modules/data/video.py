@@ -105,13 +105,7 @@ def load_clip_mask(
     ``mask`` is a mask video, a folder of mask frames (one per clip frame) or one still mask.
     """
     if mask.is_dir() or mask.suffix.lower() in VIDEO_EXTENSIONS:
-        mask_info = clip_info(mask, "mask")
-        if mask_info.frames != info.frames:
-            raise DataError(
-                f"mask '{mask}' has {mask_info.frames} frames but its clip '{clip.name}' has "
-                f"{info.frames}: re-export the mask with one frame per clip frame"
-            )
-        _check_size(mask, mask_info.size, clip, info.size)
+        check_clip_mask(mask, clip, info)
         images = _read_frames(mask, indices, "mask")
         if mask.is_dir():  # frame folders may mix sizes; each mask frame must match
             for image in images:
@@ -153,6 +147,24 @@ def reduce_frames(mask: Tensor, latent_frames: int) -> Tensor:
     k = (frames - 1) // (latent_frames - 1)
     rest = mask[:, 1:].unflatten(1, (latent_frames - 1, k)).mean(dim=2)  # (1, F'-1, h, w)
     return torch.cat([mask[:, :1], rest], dim=1)  # (1, F', h, w)
+
+
+def check_clip_mask(mask: Path, clip: Path, info: ClipInfo) -> None:
+    """A DataError naming a mask video or mask frame folder whose frame count or frame size
+    (read from its header or first frame) is not its clip's; the pre-flight checks this before
+    a run loads its model. A still mask image is checked by :func:`check_still_mask`."""
+    mask_info = clip_info(mask, "mask")
+    if mask_info.frames != info.frames:
+        raise DataError(
+            f"mask '{mask}' has {mask_info.frames} frames but its clip '{clip.name}' has "
+            f"{info.frames}: re-export the mask with one frame per clip frame"
+        )
+    _check_size(mask, mask_info.size, clip, info.size)
+
+
+def check_still_mask(mask: Path, size: tuple[int, int], clip: Path, info: ClipInfo) -> None:
+    """A DataError naming a still mask image of ``size`` that is not its clip's frame size."""
+    _check_size(mask, size, clip, info.size)
 
 
 def _check_size(mask: Path, size: tuple[int, int], clip: Path, clip_size: tuple[int, int]) -> None:

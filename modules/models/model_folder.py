@@ -13,29 +13,20 @@ from typing import Any
 import torch
 
 from modules.models.base import LoadedModel, ModelLoadError
+from modules.models.folder_check import FolderProblem, check_folder
+from modules.models.registry import family_spec
 
 
-def check_model_folder(path: str, *, family: str, parts: tuple[str, ...], example: str) -> Path:
-    """The folder at ``path`` holding every one of ``parts`` (subfolders); a ModelLoadError
-    naming ``model.path`` and the fix otherwise. ``example``: what to download, in words."""
-    listed = ", ".join(f"{part}/" for part in parts)
-    if not path:
-        raise ModelLoadError(
-            f"model.path: the {family} family has no built-in weights; set model.path to a "
-            f"local diffusers folder ({listed})"
-        )
-    folder = Path(path).expanduser()
-    if not folder.is_dir():
-        raise ModelLoadError(
-            f"model.path: folder {folder} not found; point model.path at a diffusers folder "
-            f"(e.g. {example})"
-        )
-    missing = [part for part in parts if not (folder / part).is_dir()]
-    if missing:
-        raise ModelLoadError(
-            f"model.path: {folder} has no {', '.join(f'{m}/' for m in missing)} subfolder; a "
-            f"{family} diffusers folder holds {listed} (e.g. {example})"
-        )
+def check_model_folder(path: str, family: str, options: Any = None) -> Path:
+    """The folder at ``path``, read as a ``family`` model folder before anything is built
+    (:mod:`modules.models.folder_check`: its parts, another family's or variant's folder, the
+    family's own checks with its ``options``); a ModelLoadError naming the field and the fix
+    otherwise."""
+    try:
+        folder = check_folder(family_spec(family), path, options)
+    except FolderProblem as problem:
+        raise ModelLoadError(str(problem)) from None
+    assert folder is not None  # an empty path is refused by families that need one
     return folder
 
 

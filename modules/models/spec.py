@@ -65,6 +65,22 @@ class LatentGrid:
 
 
 @dataclass(frozen=True)
+class FolderKind:
+    """A model folder a family trains, as its JSON files say: ``model_index.json``'s pipeline
+    class and each part's config type. Read before anything is built, so another family's or
+    another variant's folder is refused by name (:mod:`modules.models.folder_check`)."""
+
+    title: str
+    """The model as messages name it ("FLUX.2 klein")."""
+    pipeline: str
+    """``_class_name`` in ``model_index.json``."""
+    parts: Mapping[str, tuple[str, ...]]
+    """Subfolder → the types its ``config.json`` may name: a diffusers ``_class_name``, a
+    transformers class in ``architectures`` or its ``model_type``. A part listed here but not
+    in the folder is not checked (``transformer_2`` exists only in some folders)."""
+
+
+@dataclass(frozen=True)
 class FamilySpec:
     name: str
     title: str
@@ -83,13 +99,42 @@ class FamilySpec:
     """False for a family with built-in weights (``model.path`` may be empty)."""
     grid_from_folder: Callable[[Path], LatentGrid | None] | None = field(default=None, repr=False)
     """Reads the grid from a model folder's JSON files (no torch); None: always ``grid``."""
+    label: str = ""
+    """The models' name in messages ("FLUX.2"); empty: the family's name."""
+    folders: tuple[FolderKind, ...] = ()
+    """The diffusers folders the family trains; empty: a family with a layout of its own."""
+    parts: tuple[str, ...] = ()
+    """The subfolders ``model.path`` must hold."""
+    example: str = ""
+    """A folder to point ``model.path`` at, in words ("a download of ...")."""
+    not_trained: Mapping[str, str] = field(default_factory=dict)
+    """Pipeline classes of the family's models that it does not train → why, in words."""
+    folder_check: Callable[[Path, Mapping[str, Any], Any], str | None] | None = field(
+        default=None, repr=False
+    )
+    """What else the family refuses in a folder, from its JSON files and listing and the
+    family's options (``model.<family>``): (folder, model_index.json or {}, options) → the
+    message, or None. Runs after the checks of :mod:`modules.models.folder_check`."""
+    denoiser_targets: Callable[[str], tuple[str, Mapping[str, tuple[str, ...]]]] | None = field(
+        default=None, repr=False
+    )
+    """For a family whose denoiser depends on the folder: ``model.path`` → (the denoiser's
+    class name, its ``lora.targets`` presets), from the folder alone; None: ``lora_targets``."""
+    comfyui_check: Callable[[str], str | None] | None = field(default=None, repr=False)
+    """Why the LoRA of the model at ``model.path`` cannot be saved in the ComfyUI layout
+    (``output.format=comfyui``), from its folder alone; None: it can."""
 
     def latent_grid(self, path: str = "") -> LatentGrid:
         """The grid of the model at ``path`` (a folder), or the usual one."""
         if path and self.grid_from_folder is not None:
             folder = Path(path).expanduser()
             if folder.is_dir():
-                found = self.grid_from_folder(folder)
+                try:
+                    found = self.grid_from_folder(folder)
+                except (TypeError, ValueError, KeyError, IndexError):
+                    # Another family's configs (FLUX.1's int patch_size read as WAN's list):
+                    # the folder check names that folder; a preview keeps the usual grid.
+                    found = None
                 if found is not None:
                     return found
         return self.grid

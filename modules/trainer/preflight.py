@@ -1,9 +1,12 @@
 """Every check a run makes before it loads the model, shared by ``train`` and ``check``.
 
 A config that passes validation can still be unable to train: no concepts, a concept folder
-that is missing or holds no images, a run folder that is a file or cannot be written. Those stop
-here, in ``check`` as in ``train``, with a message naming the field or file and the fix. What
-is allowed but worth knowing (files skipped, captions missing, images upscaled) is collected as
+that is missing or holds no images, a run folder that is a file or cannot be written, a
+``model.path`` that is missing, a file or another family's folder (read from its JSON files:
+:mod:`modules.models.folder_check`), a mask whose size is not its image's, a tracker whose
+``logs`` folder cannot be made. Those stop here, in ``check`` as in ``train``, with a message
+naming the field or file and the fix, before the model loads or anything is cached. What is
+allowed but worth knowing (files skipped, captions missing, images upscaled) is collected as
 notes, said once at the start of a run.
 """
 
@@ -17,6 +20,7 @@ from pathlib import Path
 from modules.config import ConfigError, TrainConfig
 from modules.data.buckets import Size, crop_box, data_buckets, histogram_text, place
 from modules.data.concept import (
+    IMAGE_EXTENSIONS,
     ConceptItem,
     ConceptScan,
     DataError,
@@ -24,6 +28,7 @@ from modules.data.concept import (
     name_list,
     scan_concept,
 )
+from modules.models.folder_check import model_folder_problem
 from modules.models.registry import family_spec
 from modules.trainer.run_folder import check_run_folder
 
@@ -47,10 +52,16 @@ def preflight(config: TrainConfig, *, create_run_dir: bool) -> Preflight:
     if not config.data.concepts:
         raise ConfigError("data.concepts: no concepts; add at least one image folder")
     check_run_folder(Path(config.output.run_dir), create=create_run_dir)
+    model = _model_problem(config)
     problems = [
+        *model,
         *_missing_paths(config),
-        *_resolution_problem(config),
+        # The grid is read from the model folder's configs: only from a folder of the family.
+        *([] if model else _resolution_problem(config)),
+        *([] if model else _targets_problem(config)),
+        *_format_problem(config),
         *_tracker_problem(config),
+        *_logs_problem(config),
         *_init_from_problem(config),
     ]
     scans = []
@@ -67,6 +78,14 @@ def preflight(config: TrainConfig, *, create_run_dir: bool) -> Preflight:
         notes += _caption_notes(scan, concept.caption.default)
     per_scan = [[_source_size(item) for item in scan.items] for scan in scans]
     items = [item for scan in scans for item in scan.items]
+    mask_problems = [
+        problem
+        for scan, sizes in zip(scans, per_scan, strict=True)
+        for item, size in zip(scan.items, sizes, strict=True)
+        if (problem := _mask_problem(item, size))
+    ]
+    if mask_problems:
+        raise ConfigError("\n".join(mask_problems))
     sources = [size for sizes in per_scan for size in sizes]
     grid = family_spec(config.model.family).latent_grid(config.model.path)
     try:
@@ -134,16 +153,79 @@ def _resolution_problem(config: TrainConfig) -> list[str]:
     return problems
 
 
+def _model_problem(config: TrainConfig) -> list[str]:
+    """``model.path`` empty where the family has no built-in model, missing, a file, or not a
+    folder of the family (another family's, another variant's, parts missing or mixed), read
+    from its JSON files alone: what the family's ``load`` would refuse, before anything loads."""
+    model = config.model
+    problem = model_folder_problem(model.family, model.path, getattr(model, model.family, None))
+    return [problem] if problem else []
+
+
+def _targets_problem(config: TrainConfig) -> list[str]:
+    """``lora.targets`` naming a preset the folder's denoiser does not have (a family whose
+    denoiser depends on the folder; the config checked the family's presets already)."""
+    targets = family_spec(config.model.family).denoiser_targets
+    if targets is None:
+        return []
+    denoiser, presets = targets(config.model.path)
+    if config.lora.targets in presets:
+        return []
+    return [
+        f"lora.targets={config.lora.targets}: this model's denoiser ({denoiser}) has no such "
+        f"preset; choose one of {', '.join(presets)}"
+    ]
+
+
+def _format_problem(config: TrainConfig) -> list[str]:
+    """``output.format=comfyui`` for a model whose LoRA has no ComfyUI layout here."""
+    check = family_spec(config.model.family).comfyui_check
+    if config.output.format != "comfyui" or check is None:
+        return []
+    problem = check(config.model.path)
+    return [problem] if problem else []
+
+
+def _logs_problem(config: TrainConfig) -> list[str]:
+    """A tracker writes under ``RUN_DIR/logs``: a file (or anything else but a folder) there
+    would stop the run when the tracker starts."""
+    log_with = config.output.log_with
+    logs = Path(config.output.run_dir).expanduser() / "logs"
+    if log_with == "none" or not (logs.exists() or logs.is_symlink()) or logs.is_dir():
+        return []
+    what = "a file, not a folder" if logs.is_file() else "not a folder"
+    return [
+        f"output.log_with={log_with}: {logs} is {what}, and the tracker writes its logs there; "
+        "move or delete that file, or set output.log_with=none"
+    ]
+
+
+def _mask_problem(item: ConceptItem, source: Size | None) -> str | None:
+    """A mask whose size (or frame count) is not its image's or clip's, or whose header
+    cannot be read, as the encoding would refuse it; read from the headers. An unreadable
+    image is left to the encoding, which names it with the fix."""
+    from modules.data.images import check_mask_size, image_size
+    from modules.data.video import check_clip_mask, check_still_mask, clip_info
+
+    mask = item.mask
+    if mask is None or source is None:
+        return None
+    try:
+        if not item.clip:
+            check_mask_size(mask, image_size(mask), source)
+        elif mask.suffix.lower() in IMAGE_EXTENSIONS and not mask.is_dir():
+            check_still_mask(mask, image_size(mask), item.image, clip_info(item.image))
+        else:
+            check_clip_mask(mask, item.image, clip_info(item.image))
+    except DataError as error:
+        return str(error)
+    return None
+
+
 def _missing_paths(config: TrainConfig) -> list[str]:
-    """The model and held-out paths that are set but not there."""
+    """The family options' files and the held-out paths that are set but not there."""
     model, drift = config.model, config.drift
     problems = []
-    built_in = not family_spec(model.family).needs_path
-    if model.path and not Path(model.path).expanduser().exists():
-        problems.append(
-            f"model.path: '{model.path}' does not exist: give the folder (or file) of the base "
-            "model" + (", or leave it empty for the built-in one" if built_in else "")
-        )
     options = getattr(model, model.family, None)
     for name, field in type(options).model_fields.items() if options is not None else ():
         value, extra = getattr(options, name), field.json_schema_extra

@@ -102,13 +102,11 @@ def test_a_family_s_file_option_is_checked_before_loading(tmp_path):
         preflight(config, create_run_dir=False)
 
 
-def test_the_resolution_must_fit_the_family_s_grid(tmp_path):
+def test_the_resolution_must_fit_the_family_s_grid(tmp_path, tiny_wan_ti2v):
     """WAN TI2V 5B's grid (16 px cells, 2x2 patches) read from the folder, before loading."""
-    (tmp_path / "vae").mkdir()
-    (tmp_path / "vae" / "config.json").write_text('{"scale_factor_spatial": 16}')
     config = TrainConfig.model_validate(
         {
-            "model": {"family": "wan", "path": str(tmp_path)},
+            "model": {"family": "wan", "path": str(tiny_wan_ti2v)},
             "data": {
                 "concepts": [{"path": str(tmp_path)}],
                 "resolution": 48,

@@ -63,7 +63,7 @@ def test_a_missing_subfolder_is_named(tmp_path, tiny_wan, missing):
 def test_an_empty_or_wrong_path_is_named(tmp_path):
     with pytest.raises(ModelLoadError, match="no built-in weights; set model.path"):
         WanFamily().load("", dtype=F32, device=CPU)
-    with pytest.raises(ModelLoadError, match="nowhere not found"):
+    with pytest.raises(ModelLoadError, match="nowhere. does not exist"):
         load(tmp_path / "nowhere")
 
 

@@ -29,13 +29,20 @@ from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
 from modules.lora import check_comfyui_supported
 from modules.lora.comfyui import to_comfyui
-from modules.models.base import ComfyConverter, LoadedModel, ModelLoadError, TextEncoding
-from modules.models.demo import CODEC_FACTOR, TRANSFORMER_LORA_TARGETS, UNET_LORA_TARGETS
+from modules.models.base import ComfyConverter, LoadedModel, TextEncoding
+from modules.models.demo import (
+    ARCHITECTURES,
+    BUILTIN_WEIGHTS,
+    CODEC_FACTOR,
+    TRANSFORMER_LORA_TARGETS,
+    UNET_LORA_TARGETS,
+)
 from modules.models.flow_matching import (
     FlowMatching,
     euler_sample,
     logit_normal_timesteps,
 )
+from modules.models.model_folder import check_model_folder
 from modules.models.spec import FamilyOptions
 
 LATENT_CHANNELS = 3 * CODEC_FACTOR**2
@@ -55,7 +62,6 @@ logit-normal steps put 8 % of the training there, and the velocity error of a cl
 prediction (weighed by 1/t^2) gives each of them about a sixtieth of the weight of a t = 0.1
 step. Shifted by 3, 39 % of the steps lie above t = 0.8 and the 1/t^2 weighting spreads the
 gradient about evenly over t = 0.1 … 0.9."""
-BUILTIN_WEIGHTS = Path(__file__).parent.with_name("demo_weights")
 
 TRANSFORMER_CONFIG = {
     "patch_size": (1, 2, 2),
@@ -84,8 +90,6 @@ UNET_CONFIG = {
 }
 """Latents of 16 × 16, 8 × 8 and 4 × 4, where a 3 × 3 convolution spans a whole object;
 cross-attention to the caption at the two lower levels. 5.3M parameters, 10.7 MB in float16."""
-ARCHITECTURES = {"wan": "transformer", "unet": "unet"}
-"""Denoiser architecture → the subfolder of a demo model folder that holds it."""
 TEXT_ENCODER_CONFIG = {
     "vocab_size": 384,  # ByT5: 256 bytes + 3 specials + 125 sentinels
     "d_model": 64,
@@ -276,25 +280,8 @@ class DemoFamily(FlowMatching):
 
 
 def _load_folder(folder: Path, dtype: torch.dtype) -> LoadedModel:
-    if not folder.is_dir():
-        raise ModelLoadError(
-            f"model.path: folder {folder} not found; point model.path at a demo model folder "
-            "(transformer/ or unet/, text_encoder/, tokenizer/) or leave it empty for the "
-            "built-in model"
-        )
+    check_model_folder(str(folder), "demo")
     found = [name for name in ARCHITECTURES.values() if (folder / name).is_dir()]
-    if len(found) > 1:
-        raise ModelLoadError(
-            f"model.path: {folder} holds both transformer/ and unet/; a demo model folder holds "
-            "one denoiser: move the other one out"
-        )
-    missing = [] if found else ["transformer (or unet)"]
-    missing += [p for p in ("text_encoder", "tokenizer") if not (folder / p).is_dir()]
-    if missing:
-        raise ModelLoadError(
-            f"model.path: {folder} has no {', '.join(missing)} subfolder; a demo model folder "
-            "holds transformer/ or unet/, text_encoder/ and tokenizer/"
-        )
     model_class = UNet2DConditionModel if found[0] == "unet" else WanTransformer3DModel
     denoiser = model_class.from_pretrained(
         folder / found[0], torch_dtype=dtype, local_files_only=True

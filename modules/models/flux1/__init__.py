@@ -13,6 +13,7 @@ from modules.models.spec import (
     FILE_FIELD,
     FamilyOptions,
     FamilySpec,
+    FolderKind,
     LatentGrid,
     fp8_base_field,
     read_json,
@@ -96,4 +97,28 @@ SPEC = FamilySpec(
     grid=LatentGrid(pixels_per_cell=8, pixel_multiple=16),
     options=Flux1Options,
     grid_from_folder=_grid,
+    label="FLUX.1",
+    folders=(
+        FolderKind(
+            title="FLUX.1",
+            pipeline="FluxPipeline",
+            parts={
+                "transformer": ("FluxTransformer2DModel",),
+                "vae": ("AutoencoderKL",),
+                "text_encoder": ("CLIPTextModel", "clip_text_model"),
+                "text_encoder_2": ("T5EncoderModel", "t5"),
+            },
+        ),
+    ),
+    parts=(
+        *("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"),
+        "scheduler",
+    ),
+    example="a download of black-forest-labs/FLUX.1-dev",
+    not_trained={
+        # Same parts as dev, but trained to take an input image (fill, control, editing).
+        "FluxFillPipeline": "a FLUX.1 Fill folder, an inpainting model",
+        "FluxControlPipeline": "a FLUX.1 Canny or Depth folder, a control model",
+        "FluxKontextPipeline": "a FLUX.1 Kontext folder, an image-editing model",
+    },
 )

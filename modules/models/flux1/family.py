@@ -54,16 +54,6 @@ from modules.models.model_folder import (
 )
 from modules.models.packing import pack, unpack
 
-REQUIRED_PARTS = (
-    "transformer",
-    "vae",
-    "text_encoder",
-    "tokenizer",
-    "text_encoder_2",
-    "tokenizer_2",
-    "scheduler",
-)
-
 
 class Flux1Family(ShiftedByTokens):
     """FLUX.1 dev / schnell text-to-image, with its options (``model.flux1``)."""
@@ -92,12 +82,7 @@ class Flux1Family(ShiftedByTokens):
     # ---------------------------------------------------------------------------------- load
 
     def load(self, path: str, *, dtype: torch.dtype, device: torch.device) -> LoadedModel:
-        folder = check_model_folder(
-            path,
-            family="flux1",
-            parts=REQUIRED_PARTS,
-            example="a download of black-forest-labs/FLUX.1-dev",
-        )
+        folder = check_model_folder(path, "flux1", self.options)
         denoiser = self._load_transformer(folder, dtype)
         if self.options.fp8_base:
             store_in_fp8(denoiser, dtype)

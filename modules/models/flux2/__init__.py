@@ -13,6 +13,7 @@ from modules.models.spec import (
     FILE_FIELD,
     FamilyOptions,
     FamilySpec,
+    FolderKind,
     LatentGrid,
     fp8_base_field,
     read_json,
@@ -118,4 +119,27 @@ SPEC = FamilySpec(
     grid=LatentGrid(pixels_per_cell=16, pixel_multiple=16),
     options=Flux2Options,
     grid_from_folder=_grid,
+    label="FLUX.2",
+    folders=(
+        FolderKind(
+            title="FLUX.2 dev",
+            pipeline="Flux2Pipeline",
+            parts={
+                "transformer": ("Flux2Transformer2DModel",),
+                "vae": ("AutoencoderKLFlux2",),
+                "text_encoder": ("Mistral3ForConditionalGeneration", "mistral3"),
+            },
+        ),
+        FolderKind(
+            title="FLUX.2 klein",
+            pipeline="Flux2KleinPipeline",
+            parts={
+                "transformer": ("Flux2Transformer2DModel",),
+                "vae": ("AutoencoderKLFlux2",),
+                "text_encoder": ("Qwen3ForCausalLM", "qwen3"),
+            },
+        ),
+    ),
+    parts=("transformer", "vae", "text_encoder", "tokenizer", "scheduler"),
+    example="a download of black-forest-labs/FLUX.2-klein-4B or FLUX.2-dev",
 )

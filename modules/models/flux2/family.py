@@ -80,7 +80,6 @@ from modules.models.model_folder import (
     text_encoder_dtype,
 )
 
-REQUIRED_PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 TRAINING_MU_STEPS = 200
 """The step count whose ``compute_empirical_mu`` shifts the training timesteps (see above)."""
 HIDDEN_LAYERS = {"dev": (10, 20, 30), "klein": (9, 18, 27)}
@@ -129,12 +128,7 @@ class Flux2Family(ShiftedByTokens):
     # ---------------------------------------------------------------------------------- load
 
     def load(self, path: str, *, dtype: torch.dtype, device: torch.device) -> LoadedModel:
-        folder = check_model_folder(
-            path,
-            family="flux2",
-            parts=REQUIRED_PARTS,
-            example="a download of black-forest-labs/FLUX.2-klein-4B or FLUX.2-dev",
-        )
+        folder = check_model_folder(path, "flux2", self.options)
         index = read_model_json(folder / "model_index.json") or {}
         scheduler = read_model_json(folder / "scheduler" / "scheduler_config.json") or {}
         vae_config = read_model_json(folder / "vae" / "config.json") or {}

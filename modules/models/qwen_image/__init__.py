@@ -13,6 +13,7 @@ from modules.models.spec import (
     FILE_FIELD,
     FamilyOptions,
     FamilySpec,
+    FolderKind,
     LatentGrid,
     fp8_base_field,
     read_json,
@@ -92,4 +93,22 @@ SPEC = FamilySpec(
     grid=LatentGrid(pixels_per_cell=8, pixel_multiple=16),
     options=QwenImageOptions,
     grid_from_folder=_grid,
+    label="Qwen-Image",
+    folders=(
+        FolderKind(
+            title="Qwen-Image",
+            pipeline="QwenImagePipeline",
+            parts={
+                "transformer": ("QwenImageTransformer2DModel",),
+                "vae": ("AutoencoderKLQwenImage",),
+                "text_encoder": ("Qwen2_5_VLForConditionalGeneration", "qwen2_5_vl"),
+            },
+        ),
+    ),
+    parts=("transformer", "vae", "text_encoder", "tokenizer", "scheduler"),
+    example="a download of Qwen/Qwen-Image",
+    not_trained={
+        "QwenImageEditPipeline": "a Qwen-Image-Edit folder, an image-editing model",
+        "QwenImageEditPlusPipeline": "a Qwen-Image-Edit-2509 folder, an image-editing model",
+    },
 )

@@ -58,8 +58,6 @@ from modules.models.model_folder import (
 from modules.models.packing import pack, unpack
 from modules.models.qwen_image import LORA_TARGETS, QwenImageOptions
 
-REQUIRED_PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
-EXAMPLE_FOLDER = "a download of Qwen/Qwen-Image"
 # QwenImagePipeline's prompt template and the number of its leading tokens it drops (the
 # system prefix, up to the user's prompt); the tokenizer reads at most 1024 + those.
 PROMPT_TEMPLATE = (
@@ -100,9 +98,7 @@ class QwenImageFamily(ShiftedByTokens):
     def load(self, path: str, *, dtype: torch.dtype, device: torch.device) -> LoadedModel:
         """The transformer to train, on the CPU until ``release_encoders``; the VAE and the
         text encoder load on first use."""
-        folder = check_model_folder(
-            path, family="qwen_image", parts=REQUIRED_PARTS, example=EXAMPLE_FOLDER
-        )
+        folder = check_model_folder(path, "qwen_image", self.options)
         denoiser = self._load_transformer(folder, dtype)
         if self.options.fp8_base:
             store_in_fp8(denoiser, dtype)

@@ -5,8 +5,9 @@ The code is in :mod:`modules.models.wan.family`, imported only when the family i
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -14,6 +15,7 @@ from modules.models.spec import (
     FILE_FIELD,
     FamilyOptions,
     FamilySpec,
+    FolderKind,
     LatentGrid,
     fp8_base_field,
     read_json,
@@ -76,6 +78,44 @@ def _grid(folder: Path) -> LatentGrid | None:
     return LatentGrid(pixels_per_cell=scale, pixel_multiple=scale * int(patch))
 
 
+def _folder_problem(folder: Path, index: Mapping[str, Any], options: Any) -> str | None:
+    """The experts the folder has against ``model.wan.expert``, and an image-to-video
+    transformer (more input channels than the VAE has latent channels)."""
+    expert = getattr(options, "expert", "auto")
+    listed = (index.get("transformer_2") or [None])[0] is not None
+    has_second = (folder / "transformer_2").is_dir()
+    if listed and not has_second:
+        return (
+            f"model.path: {folder}/model_index.json lists transformer_2 but the folder has no "
+            "transformer_2/ subfolder: complete the download of the model"
+        )
+    if not has_second and expert != "auto":
+        return (
+            f"model.wan.expert={expert}: {folder} has one transformer (no transformer_2/), so "
+            "there is no expert to choose; set model.wan.expert=auto"
+        )
+    if has_second and expert == "auto":
+        return (
+            f"model.wan.expert: {folder} is a WAN 2.2 A14B model with two experts "
+            "(transformer/ for high noise, transformer_2/ for low noise); set "
+            "model.wan.expert=high_noise or model.wan.expert=low_noise (one LoRA per expert)"
+        )
+    transformer = read_json(folder / "transformer" / "config.json") or {}
+    vae = read_json(folder / "vae" / "config.json") or {}
+    return image_to_video_problem(folder, transformer.get("in_channels"), vae.get("z_dim", 16))
+
+
+def image_to_video_problem(folder: Path, in_channels: Any, z_dim: Any) -> str | None:
+    """A transformer reading more channels than the VAE's latents (the image's too)."""
+    if in_channels is None or in_channels == z_dim:
+        return None
+    return (
+        f"model.path: {folder} is an image-to-video WAN model (transformer in_channels "
+        f"{in_channels}, VAE latent channels {z_dim}); this version trains text-to-video "
+        "models: WAN 2.1 T2V, WAN 2.2 T2V A14B and TI2V 5B"
+    )
+
+
 SPEC = FamilySpec(
     name="wan",
     title="WAN 2.1 / 2.2 text-to-video (1.3B, 14B, 2.2 A14B, 2.2 TI2V 5B)",
@@ -85,4 +125,24 @@ SPEC = FamilySpec(
     options=WanOptions,
     video=True,
     grid_from_folder=_grid,
+    label="WAN",
+    folders=(
+        FolderKind(
+            title="WAN",
+            pipeline="WanPipeline",
+            parts={
+                "transformer": ("WanTransformer3DModel",),
+                "transformer_2": ("WanTransformer3DModel",),
+                "vae": ("AutoencoderKLWan",),
+                "text_encoder": ("UMT5EncoderModel", "umt5"),
+            },
+        ),
+    ),
+    parts=("transformer", "vae", "text_encoder", "tokenizer"),
+    example="a download of Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+    not_trained={
+        "WanImageToVideoPipeline": "a WAN image-to-video folder",
+        "WanVACEPipeline": "a WAN VACE folder, a video-editing model",
+    },
+    folder_check=_folder_problem,
 )

@@ -61,7 +61,7 @@ from modules.models.model_folder import (
     store_in_fp8,
     text_encoder_dtype,
 )
-from modules.models.wan import LORA_TARGETS, WanOptions
+from modules.models.wan import LORA_TARGETS, WanOptions, image_to_video_problem
 
 DEFAULT_FLOW_SHIFT = 3.0
 """WAN's flow shift for 480p; 5.0 suits 720p (``model.wan.flow_shift``)."""
@@ -72,8 +72,6 @@ TEXT_TOKENS = 512
 SAMPLE_GUIDANCE = 5.0
 """Classifier-free guidance scale of the training samples (the WAN pipeline's default)."""
 """The uniform draw is kept off the exact ends, as in ``sample_flow_timesteps``."""
-REQUIRED_PARTS = ("transformer", "vae", "text_encoder", "tokenizer")
-EXAMPLE_FOLDER = "a download of Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 
 
 class WanFamily(FlowMatching):
@@ -106,9 +104,7 @@ class WanFamily(FlowMatching):
     def load(self, path: str, *, dtype: torch.dtype, device: torch.device) -> LoadedModel:
         """The transformer to train, on the CPU until ``release_encoders``; the encoders load
         on first use."""
-        folder = check_model_folder(
-            path, family="wan", parts=REQUIRED_PARTS, example=EXAMPLE_FOLDER
-        )
+        folder = check_model_folder(path, "wan", self.options)
         index = read_model_json(folder / "model_index.json") or {}
         vae_config = read_model_json(folder / "vae" / "config.json") or {}
         subfolder, other = self._choose_expert(folder, index)
@@ -132,28 +128,11 @@ class WanFamily(FlowMatching):
         return LoadedModel(denoiser=denoiser, identity=identity, parts=parts)
 
     def _choose_expert(self, folder: Path, index: dict[str, Any]) -> tuple[str, str | None]:
-        """The transformer subfolder to train and the other expert's (None without one)."""
+        """The transformer subfolder to train and the other expert's (None without one).
+        ``check_model_folder`` has refused an expert the folder does not have."""
         expert = self.options.expert
-        listed = (index.get("transformer_2") or [None])[0] is not None
-        has_second = (folder / "transformer_2").is_dir()
-        if listed and not has_second:
-            raise ModelLoadError(
-                f"model.path: {folder}/model_index.json lists transformer_2 but the folder has "
-                "no transformer_2/ subfolder: complete the download of the model"
-            )
-        if not has_second:
-            if expert != "auto":
-                raise ModelLoadError(
-                    f"model.wan.expert={expert}: {folder} has one transformer (no transformer_2/), "
-                    "so there is no expert to choose; set model.wan.expert=auto"
-                )
+        if not (folder / "transformer_2").is_dir():
             return "transformer", None
-        if expert == "auto":
-            raise ModelLoadError(
-                f"model.wan.expert: {folder} is a WAN 2.2 A14B model with two experts "
-                "(transformer/ for high noise, transformer_2/ for low noise); set "
-                "model.wan.expert=high_noise or model.wan.expert=low_noise (one LoRA per expert)"
-            )
         boundary = float(index.get("boundary_ratio") or DEFAULT_BOUNDARY)
         self.boundary = boundary
         if expert == "high_noise":
@@ -425,13 +404,13 @@ def _clean_prompt(text: str) -> str:
 def _check_text_to_video(
     folder: Path, denoiser: WanTransformer3DModel, vae_config: dict[str, Any]
 ) -> None:
-    channels, z_dim = denoiser.config.in_channels, vae_config.get("z_dim", 16)
-    if channels != z_dim:
-        raise ModelLoadError(
-            f"model.path: {folder} is an image-to-video WAN model (transformer in_channels "
-            f"{channels}, VAE latent channels {z_dim}); this version trains text-to-video "
-            "models: WAN 2.1 T2V, WAN 2.2 T2V A14B and TI2V 5B"
-        )
+    """The loaded transformer (a ``transformer_file`` too) against the VAE: the folder's
+    config was checked before loading, a single file's weights are checked here."""
+    problem = image_to_video_problem(
+        folder, denoiser.config.in_channels, vae_config.get("z_dim", 16)
+    )
+    if problem:
+        raise ModelLoadError(problem)
 
 
 def _encoders_identity(folder: Path, text_dtype: torch.dtype) -> str:
