@@ -4,9 +4,11 @@
         [--preset P] [--face N] [--body N] [--hair N] [--model FILE.onnx] [--margin F]
 
 Tier levels come from the preset's ``mask.tiers`` (the defaults without one), then
-``--face/--body/--hair``. Exit status: 0 done (images without a person are reported, not an
-error), 1 some item failed, 2 the folder, the preset or the models could not be used, 130 when
-Ctrl-C stopped it (every mask written so far is complete).
+``--face/--body/--hair``. The summary counts each image and clip once (written, kept, with
+nothing found, failed). Exit status: 0 done (images without a person are reported, not an
+error), 1 some item failed, 2 the folder, the preset or the models could not be used (a folder
+that cannot be written is refused before anything is detected), 130 when Ctrl-C stopped it
+(every mask written so far is complete).
 """
 
 from __future__ import annotations
@@ -108,5 +110,7 @@ def run(args: argparse.Namespace) -> int:
     sought = "person" if args.mode == "tiers" else "subject"
     for path in summary.no_person:
         print(f"no {sought} found: {path}")
+    for path in summary.kept_unfound:
+        print(f"no {sought} found, its mask kept: {path}")
     print(summary.line(sought))
     return EXIT_FAILED if summary.failed else EXIT_OK

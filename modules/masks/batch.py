@@ -8,6 +8,13 @@
 - ``"never"``: write masks for the items without one; existing masks are not even read;
 - ``"all"``: replace every mask.
 
+Every item is counted once: ``written + kept + no_person + failed`` is the number of images
+and clips (less ``not_done`` when cancelled). Under ``"all"``, an existing mask of an item in
+which nothing is found is left as it was and counted as kept.
+
+Masks are written next to their images, so a folder that cannot be written (read-only, full)
+is refused before anything is detected, when some item would get a mask.
+
 Clips get one mask per frame, each frame's the median of its own and its neighbours' (a
 temporal median of three keeps the exact tier levels and removes one-frame flicker). A clip in
 which no frame shows a person is reported like an image without one.
@@ -15,7 +22,9 @@ which no frame shows a person is reported like an image without one.
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,7 +36,14 @@ import numpy as np
 from PIL import Image
 
 from modules.config.schema import ConceptConfig, MaskTiersConfig
-from modules.data.concept import VIDEO_EXTENSIONS, ConceptItem, list_frames, scan_concept
+from modules.data.concept import (
+    MASK_SUFFIX,
+    VIDEO_EXTENSIONS,
+    ConceptItem,
+    DataError,
+    list_frames,
+    scan_concept,
+)
 from modules.masks.generated import GeneratedMask
 from modules.masks.mask_files import (
     clip_fps,
@@ -52,16 +68,28 @@ class MaskSummary:
     written: list[Path]
     """Masks written (the mask files or folders)."""
     kept: list[Path]
-    """Existing masks left as they were."""
+    """Existing masks left as they were (with ``overwrite`` "all": those of the items in which
+    nothing was found, listed in ``kept_unfound``)."""
     no_person: list[Path]
-    """Images and clips in which nothing was found (no person; in subject mode, no subject):
-    they got no mask."""
+    """Images and clips in which nothing was found (no person; in subject mode, no subject)
+    and that had no mask: they got none."""
     failed: list[tuple[Path, str]]
     """Images and clips that could not be read or written, with the reason."""
     cancelled: bool
     """Stopped by ``cancel`` before every item was done."""
     removed_leftovers: list[Path] = field(default_factory=list)
     """Temporary files an interrupted earlier run had left, removed at the start."""
+    kept_unfound: list[Path] = field(default_factory=list)
+    """Images and clips in which nothing was found whose existing mask was kept (counted in
+    ``kept``; only with ``overwrite`` "all")."""
+    total: int = 0
+    """Images and clips in the folder."""
+
+    @property
+    def not_done(self) -> int:
+        """Items a cancel left untouched: the four counts and this add up to ``total``."""
+        done = len(self.written) + len(self.kept) + len(self.no_person) + len(self.failed)
+        return max(self.total - done, 0)
 
     def line(self, sought: str = "person") -> str:
         """One line for a terminal or a status bar; ``sought``: "person" or "subject"."""
@@ -72,7 +100,9 @@ class MaskSummary:
         if self.failed:
             text += " (" + "; ".join(f"{path.name}: {why}" for path, why in self.failed[:3])
             text += "; ...)" if len(self.failed) > 3 else ")"
-        return text + (" - cancelled" if self.cancelled else "")
+        if self.cancelled:
+            text += f" - cancelled, {self.not_done} not done"
+        return text
 
 
 def masks_for_concept(
@@ -95,8 +125,9 @@ def masks_for_concept(
     each side) inside the picture's edges. ``on_progress(done, total, item)`` is called after
     each item; ``cancel`` is checked between items and between a clip's frames.
 
-    Raises ``modules.data.concept.DataError`` when the folder is missing or has no images, and
-    ``MaskModelsMissing`` when the person models have not been fetched.
+    Raises ``modules.data.concept.DataError`` when the folder is missing, has no images, or
+    cannot be written while some item would get a mask (checked before anything is detected),
+    and ``MaskModelsMissing`` when the person models have not been fetched.
     """
     if overwrite not in ("never", "missing", "all"):
         raise ValueError(f"overwrite must be never, missing or all, not {overwrite!r}")
@@ -105,6 +136,8 @@ def masks_for_concept(
     folder = Path(folder)
     tiers = tiers or MaskTiersConfig()
     scan = scan_concept(ConceptConfig(path=str(folder)))
+    if overwrite == "all" or any(item.mask is None for item in scan.items):
+        check_writable(folder)
     leftovers = remove_leftovers(folder)
 
     def generate(image: np.ndarray) -> GeneratedMask:
@@ -116,6 +149,7 @@ def masks_for_concept(
     written: list[Path] = []
     kept: list[Path] = []
     nothing: list[Path] = []
+    kept_unfound: list[Path] = []
     failed: list[tuple[Path, str]] = []
     cancelled = False
     total = len(scan.items)
@@ -140,12 +174,16 @@ def masks_for_concept(
             try:
                 outcome = _make(item, generate, target, cancel)
             except _READ_ERRORS as error:
-                failed.append((item.image, str(error)))
+                why = str(error) if existing is None else f"{error}; its mask was kept"
+                failed.append((item.image, why))
             else:
                 if outcome == "cancelled":
                     cancelled = True
                     break
-                if outcome == "nothing":
+                if outcome == "nothing" and existing is not None:
+                    kept.append(existing)  # "all" found nothing to replace it with
+                    kept_unfound.append(item.image)
+                elif outcome == "nothing":
                     nothing.append(item.image)
                 else:
                     written.append(target)
@@ -160,7 +198,38 @@ def masks_for_concept(
         failed=failed,
         cancelled=cancelled,
         removed_leftovers=leftovers,
+        kept_unfound=kept_unfound,
+        total=total,
     )
+
+
+def check_writable(folder: Path) -> None:
+    """Raise ``DataError`` naming ``folder`` and the fix when no mask can be written there.
+
+    ``os.access`` answers for permissions, but not for every case (root writes past them, a
+    full disk or a quota refuses what permissions allow), so a small hidden file is written and
+    removed too. Its name is one ``remove_leftovers`` clears should the process die meanwhile.
+    """
+    reason = None if os.access(folder, os.W_OK | os.X_OK) else "permission denied"
+    if reason is None:
+        try:
+            handle, name = tempfile.mkstemp(
+                dir=folder, prefix=f".write-check{MASK_SUFFIX}.", suffix=".tmp"
+            )
+            try:
+                os.write(handle, b"mask")
+                os.fsync(handle)
+            finally:
+                os.close(handle)
+                os.unlink(name)
+        except OSError as error:
+            reason = error.strerror or str(error)
+    if reason is not None:
+        raise DataError(
+            f"concept folder '{folder}' cannot be written ({reason}): masks are written next "
+            "to their images; make the folder writable (or free space) and run again, or copy "
+            "the concept to a folder you can write"
+        )
 
 
 def _make(

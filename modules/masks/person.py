@@ -2,9 +2,10 @@
 
 Stages, on a working copy whose long side is at most ``WORK_SIDE`` pixels:
 
-1. segmentation: MediaPipe's selfie segmenter gives each pixel's chance of being a person;
-2. faces: BlazeFace (short range, then full range when that finds none) gives face boxes and
+1. faces: BlazeFace (short range, then full range when that finds none) gives face boxes and
    eye positions; for each face the face mesh (468 landmarks) is run on an upright crop;
+2. segmentation: MediaPipe's selfie segmenter gives each pixel's chance of being a person, in
+   each face's person box (a few face heights around it), not in the whole picture;
 3. hair: the head region around each face (an ellipse reaching above the forehead, cut at the
    chin), within the person, less the face and skin-coloured pixels, is the first guess;
    ``cv2.grabCut`` on that region refines it by colour, the face's pixels teaching it skin.
@@ -12,11 +13,13 @@ Stages, on a working copy whose long side is at most ``WORK_SIDE`` pixels:
 The face tier is the mesh's outline and a band above it (the mesh stops below the hairline)
 where GrabCut found no hair: the forehead.
 
-The body tier is every person pixel in a connected region that holds a face. A face is what
-says a person is there: the segmenter alone also answers for cats and coffee cups, so an image
-without a face (a person seen from behind, too small, or no person) is reported as "no person
-found" and gets no mask. The tier map is made at the working size and resized to the image's
-with nearest-neighbour sampling, so it holds exactly the configured levels and 0.
+The body tier is, in each face's person box, the person pixels in a connected region that
+holds that face. A face is what says a person is there: the segmenter alone also answers for
+cats, coffee cups, flags, sky and grass, more so the smaller the people are in the picture, so
+body comes only from around the faces found, and an image without a face (a person seen from
+behind, too small, or no person) is reported as "no person found" and gets no mask. The tier
+map is made at the working size and resized to the image's with nearest-neighbour sampling, so
+it holds exactly the configured levels and 0.
 """
 
 from __future__ import annotations
@@ -48,6 +51,11 @@ MESH_SCORE = 0.5
 """Least face-mesh presence for the crop to count as a face."""
 MAX_FACES = 4
 PERSON_PROBABILITY = 0.5
+BODY_REACH = (3.0, 2.0, 8.0)
+"""How far a person's body may reach from their face, in face heights (the face mesh's top of
+the forehead to its chin, about 19 cm on an adult): to each side of the chin (arms, what they
+hold: the astronaut's helmet reaches 2.7), above it (the head) and below it (a standing adult's
+feet lie about 8 below the chin)."""
 NO_PERSON = "no person found"
 # Face-mesh landmarks used for the face's axis: the top of the forehead and the chin.
 _TOP, _CHIN = 10, 152
@@ -82,18 +90,77 @@ def generate_tiers(image: np.ndarray, tiers: MaskTiersConfig) -> GeneratedMask:
     background 0; ``found`` False (and no mask) when no person's face is found."""
     height, width = _check_image(image)
     work = _working_copy(image)
-    person = segment_person(work)
     faces = find_faces(work)
     if not faces:
         return GeneratedMask(mask=None, found=False, note=NO_PERSON)
+    person, body = people(work, faces)
     face, hair = face_and_hair(work, person, faces)
-    body = _regions_with_faces(person, face)
     levels = np.zeros(work.shape[:2], np.uint8)
     levels[body] = tiers.body
     levels[hair] = tiers.hair
     levels[face] = tiers.face
     mask = cv2.resize(levels, (width, height), interpolation=cv2.INTER_NEAREST)
     return GeneratedMask(mask=mask, found=True, note="")
+
+
+def people(work: np.ndarray, faces: list[_Face]) -> tuple[np.ndarray, np.ndarray]:
+    """Bool (H, W) person and body regions of the working copy, from the found faces only.
+
+    The segmenter runs on each face's person box (:func:`person_box`), turned upright and
+    framed as the selfies it was trained on, never on the whole picture: on a wide picture or a
+    montage it answers for flags, sky and props beside the people, at a resolution too coarse
+    to tell them apart.
+    ``person`` is every pixel a box's segmentation gives a person (hair is sought there);
+    ``body`` only the pieces of it that hold that box's face, within the box.
+    """
+    shape = work.shape[:2]
+    person = np.zeros(shape, bool)
+    body = np.zeros(shape, bool)
+    for one in faces:
+        edges = person_box(shape, one)
+        if edges is None:
+            continue
+        top, bottom, left, right = edges
+        box = (slice(top, bottom), slice(left, right))
+        turns = _quarter_turns(one)  # the segmenter knows people upright
+        upright = np.ascontiguousarray(np.rot90(work[box], turns))
+        found = np.rot90(segment_person(upright), -turns)
+        mesh = _fill(shape, cv2.convexHull(one.landmarks.astype(np.float32)))[box]
+        person[box] |= found
+        body[box] |= _connected_to(mesh, found) | (found & mesh)
+    return person, body
+
+
+def person_box(shape: tuple[int, int], face: _Face) -> tuple[int, int, int, int] | None:
+    """(top, bottom, left, right) on the working copy: where the body of the person with this
+    face may lie, cut at the picture's edges (None when nothing of it is in the picture).
+
+    ``BODY_REACH`` face heights to each side of the chin, above it and below it, "below" being
+    the quarter turn nearest the face's own down: a person lying down reaches sideways. The box
+    stays upright: turned with a tilted head, its corners would reach into what lies beside.
+    """
+    side, above, below = (reach * face.height for reach in BODY_REACH)
+    down = np.array(_DOWN[_quarter_turns(face)], np.float64)
+    across = np.array([-down[1], down[0]])
+    chin = face.landmarks[_CHIN]
+    corners = np.array(
+        [chin + x * across + y * down for x in (-side, side) for y in (-above, below)]
+    )  # (4, 2) x, y
+    (left, top), (right, bottom) = corners.min(axis=0), corners.max(axis=0)
+    top, bottom = max(0, math.floor(top)), min(shape[0], math.ceil(bottom))
+    left, right = max(0, math.floor(left)), min(shape[1], math.ceil(right))
+    return (top, bottom, left, right) if bottom - top > 1 and right - left > 1 else None
+
+
+_DOWN = ((0, 1), (-1, 0), (0, -1), (1, 0))
+"""The body's direction (x, y) from the chin for 0-3 quarter turns of the face."""
+
+
+def _quarter_turns(face: _Face) -> int:
+    """How many quarter turns anticlockwise (``np.rot90``) set this face upright, its tilt
+    rounded to the nearest quarter turn."""
+    down = -face.up
+    return int(np.argmax([float(down @ np.array(way)) for way in _DOWN]))
 
 
 def segment_person(work: np.ndarray) -> np.ndarray:
@@ -321,12 +388,6 @@ def _connected_to(seed: np.ndarray, region: np.ndarray) -> np.ndarray:
     count, labels = cv2.connectedComponents(region.astype(np.uint8))
     touching = np.unique(labels[grown & region])
     return np.isin(labels, touching[touching > 0]) if count > 1 else np.zeros_like(region)
-
-
-def _regions_with_faces(person: np.ndarray, face: np.ndarray) -> np.ndarray:
-    """The person pixels in connected regions that hold a face (the segmenter's answers for
-    objects elsewhere in the picture are dropped)."""
-    return _connected_to(face, person) | (person & face)
 
 
 def _refine_hair(

@@ -2,6 +2,7 @@
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -15,14 +16,20 @@ from PIL import Image
 from modules.config.schema import ConceptConfig
 from modules.data.concept import scan_concept
 from tests.masks.photos import photo, require_models
+from tests.masks.unwritable import unwritable
 
 REPO = Path(__file__).resolve().parents[2]
 COMMAND = [sys.executable, "-m", "modules.cli", "masks"]
 
 
-def cli(*args, timeout=120):
+def cli(*args, timeout=120, **options):
     return subprocess.run(
-        [*COMMAND, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=timeout
+        [*COMMAND, *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **options,
     )
 
 
@@ -56,6 +63,8 @@ def test_the_overwrite_policies(tmp_path):
     astronauts(tmp_path, 3)
     Image.fromarray(np.full((256, 256), 7, np.uint8)).save(tmp_path / "a000-masklabel.png")
     (tmp_path / "a001-masklabel.png").write_bytes(b"not a png")
+    # Painted by hand: no person is found in it, so even "all" has nothing to replace it with.
+    Image.fromarray(np.full((400, 600), 128, np.uint8)).save(tmp_path / "coffee-masklabel.png")
     before = snapshot(tmp_path)
 
     assert cli(tmp_path, "--overwrite", "never").returncode == 0
@@ -72,9 +81,37 @@ def test_the_overwrite_policies(tmp_path):
     assert after["a002-masklabel.png"] == third
 
     result = cli(tmp_path, "--overwrite", "all", "--body", "100")
-    assert "3 written, 0 kept" in result.stdout
+    assert result.stdout.strip().endswith("3 written, 1 kept, 0 with no person found, 0 failed")
+    assert f"no person found, its mask kept: {tmp_path / 'coffee.jpg'}" in result.stdout
+    assert snapshot(tmp_path)["coffee-masklabel.png"] == before["coffee-masklabel.png"]
     replaced = np.asarray(Image.open(tmp_path / "a000-masklabel.png"))
     assert 100 in replaced and 7 not in replaced
+
+
+def test_a_read_only_folder_is_refused_up_front(tmp_path):
+    require_models()
+    astronauts(tmp_path, 2)
+    with unwritable(tmp_path):
+        result = cli(tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"error: concept folder '{tmp_path}' cannot be written" in result.stderr
+    assert "no person found" not in result.stdout  # nothing was detected
+    assert not list(tmp_path.glob("*-masklabel*"))
+
+
+def full_disk() -> None:
+    """In the child: no file may grow past 0 bytes, as on a full disk (root included)."""
+    resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+
+def test_a_full_folder_is_refused_up_front(tmp_path):
+    require_models()
+    astronauts(tmp_path, 2)
+    result = cli(tmp_path, preexec_fn=full_disk)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"concept folder '{tmp_path}' cannot be written (File too large)" in result.stderr
+    assert "no person found" not in result.stdout and "failed:" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a000.jpg", "a001.jpg", "coffee.jpg"]
 
 
 def test_tier_levels_come_from_a_preset_then_the_command_line(tmp_path):

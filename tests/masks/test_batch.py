@@ -10,11 +10,12 @@ import pytest
 from PIL import Image
 
 from modules.config.schema import ConceptConfig, MaskTiersConfig
-from modules.data.concept import scan_concept
+from modules.data.concept import DataError, scan_concept
 from modules.data.video import clip_info, load_clip_mask
 from modules.masks import masks_for_concept
 from modules.masks.model_files import check_models
 from tests.masks.photos import REPO, photo, require_models
+from tests.masks.unwritable import unwritable
 
 TIERS = (0, 80, 128, 255)
 
@@ -105,6 +106,52 @@ def test_leftovers_of_an_interrupted_run_are_removed(concept):
         ".walk-masklabel.x1.tmp",
     ]
     assert sorted(p.name for p in concept.iterdir() if p.name.startswith(".")) == [".notes.txt"]
+
+
+def counted(summary) -> int:
+    return len(summary.written) + len(summary.kept) + len(summary.no_person) + len(summary.failed)
+
+
+@pytest.mark.parametrize("overwrite", ["never", "missing", "all"])
+def test_every_item_is_counted_once_and_a_kept_hand_mask_as_kept(concept, overwrite):
+    """A hand-painted mask of an image in which no person is found (a person seen from behind,
+    painted as the README advises) is left as it was by "all", and counted as kept."""
+    hand = save(concept / "coffee-masklabel.png", np.full((400, 600), 128, np.uint8)).read_bytes()
+    summary = masks_for_concept(concept, overwrite=overwrite)
+    assert (concept / "coffee-masklabel.png").read_bytes() == hand
+    assert "coffee-masklabel.png" in [p.name for p in summary.kept]
+    assert summary.no_person == []
+    assert counted(summary) == 4  # the images
+    if overwrite == "all":
+        assert [p.name for p in summary.kept_unfound] == ["coffee.jpg"]
+        assert summary.line().startswith("3 written, 1 kept, 0 with no person found, 0 failed")
+
+
+def test_a_cancelled_batch_says_how_many_it_left(concept):
+    cancel = threading.Event()
+    summary = masks_for_concept(concept, on_progress=lambda *_: cancel.set(), cancel=cancel)
+    assert summary.cancelled and counted(summary) == 1
+    assert summary.total == 4 and summary.not_done == 3
+    assert summary.line().endswith("- cancelled, 3 not done")
+
+
+def test_a_folder_that_cannot_be_written_is_refused_before_anything_is_detected(concept):
+    seen = []
+    with unwritable(concept), pytest.raises(DataError) as refused:
+        masks_for_concept(concept, on_progress=lambda done, total, item: seen.append(item))
+    assert seen == []  # refused up front, not item after item
+    assert f"'{concept}' cannot be written" in str(refused.value)
+    assert "make the folder writable" in str(refused.value)
+    assert not list(concept.glob(".*"))  # the write check left nothing behind
+
+
+def test_an_unwritable_folder_whose_masks_are_all_there_is_only_read(concept):
+    for name in ("astro", "broken"):
+        save(concept / f"{name}-masklabel.png", np.full((256, 256), 200, np.uint8))
+    save(concept / "coffee-masklabel.png", np.full((400, 600), 128, np.uint8))
+    with unwritable(concept):
+        summary = masks_for_concept(concept)
+    assert len(summary.kept) == 4 and summary.written == summary.failed == []
 
 
 def moving_astronaut(frames: int) -> list[np.ndarray]:

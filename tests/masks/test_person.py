@@ -71,6 +71,71 @@ def test_a_large_image_gets_a_mask_of_its_own_size():
     assert mask[int(125 * 1000 / 512), int(225 * 1200 / 512)] == 255  # the nose
 
 
+def tile(rows: list[list[str]], side: int = 512) -> np.ndarray:
+    """A montage of scikit-image photographs, each scaled to a ``side`` square; a name ending
+    in ``~`` is mirrored."""
+    import cv2
+
+    def one(name: str) -> np.ndarray:
+        pixels = cv2.resize(photo(name.rstrip("~")), (side, side), interpolation=cv2.INTER_AREA)
+        return pixels[:, ::-1] if name.endswith("~") else pixels
+
+    return np.concatenate([np.concatenate([one(name) for name in row], axis=1) for row in rows])
+
+
+def body_shares(mask: np.ndarray, rows: int, cols: int) -> list[list[float]]:
+    """The body tier's share of each tile of a montage."""
+    tiles = [np.hsplit(band, cols) for band in np.vsplit(mask, rows)]
+    return [[round(float((t == 128).mean()), 3) for t in band] for band in tiles]
+
+
+@pytest.mark.parametrize(
+    ("rows", "people"),
+    [
+        # Two astronauts under a coffee cup and a rocket's sky: both found.
+        ([["coffee", "rocket"], ["astronaut", "astronaut~"]], [[False, False], [True, True]]),
+        # Beside a coffee cup: the mirrored astronaut's face is too small to be found there.
+        ([["astronaut", "coffee", "astronaut~"]], [[True, False, False]]),
+        # The cameraman in profile is not found at half size; the cat is no person.
+        ([["astronaut", "camera"]], [[True, False]]),
+        ([["astronaut", "chelsea", "astronaut"]], [[True, False, True]]),
+    ],
+)
+def test_in_a_montage_only_the_people_found_get_a_body(rows, people):
+    """The segmenter, asked about a whole montage, answers "person" for the coffee cup, the
+    rocket's sky, the grass and the flags beside the people: body comes only from each found
+    face's own surroundings."""
+    require_models()
+    result = generate_tiers(tile(rows), MaskTiersConfig())
+    shares = body_shares(result.mask, len(rows), len(rows[0]))
+    for band, found_band in zip(shares, people, strict=True):
+        for share, found in zip(band, found_band, strict=True):
+            if found:  # as the astronaut alone: about half the picture
+                assert 0.35 < share < 0.60, shares
+            else:
+                assert share < 0.01, shares
+
+
+def test_a_montage_of_people_found_has_each_ones_face_and_hair():
+    require_models()
+    mask = generate_tiers(tile([["astronaut", "chelsea", "astronaut"]]), MaskTiersConfig()).mask
+    left, cat, right = np.hsplit(mask, 3)
+    for astronaut in (left, right):
+        assert levels_at(astronaut, FACE[:1]) == [255] and levels_at(astronaut, HAIR[:1]) == [80]
+        assert 0.02 < float((astronaut == 255).mean()) < 0.06
+    assert not np.isin(cat, (80, 255)).any()  # the cat's face is no person's
+
+
+@pytest.mark.parametrize("turns", [1, 3])
+def test_a_person_lying_on_their_side_gets_their_body_and_not_the_wall(turns):
+    """The segmenter knows people upright: lying down, it is asked about them turned upright."""
+    require_models()
+    turned = np.ascontiguousarray(np.rot90(photo("astronaut"), turns))
+    mask = np.rot90(generate_tiers(turned, MaskTiersConfig()).mask, -turns)
+    assert levels_at(mask, FACE[:1] + BODY) == [255] + [128] * len(BODY)
+    assert levels_at(mask, BACKGROUND) == [0] * len(BACKGROUND)
+
+
 def test_a_non_rgb_array_is_refused_with_the_shape_it_had():
     with pytest.raises(ValueError, match=r"expected an RGB image .*\(4, 4\)"):
         generate_tiers(np.zeros((4, 4), np.uint8), MaskTiersConfig())
