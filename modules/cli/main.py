@@ -212,6 +212,15 @@ def train(config: TrainConfig, resume: str | None = None) -> int:
             try:
                 event = events.get(timeout=0.2)
             except queue.Empty:
+                if not worker.is_alive() and events.empty():
+                    # The trainer always ends with Finished; should its thread die without it,
+                    # say so instead of waiting forever.
+                    finished = Finished(
+                        step=trainer.step,
+                        lora_path=trainer.last_saved,
+                        error="the trainer stopped without reporting its end (see above)",
+                        error_kind="training",
+                    )
                 continue
             if isinstance(event, Finished):
                 finished = event

@@ -47,7 +47,7 @@ from modules.loss import LossBreakdown, masked_prior_loss, process_masks
 from modules.loss.prior_levers import in_noise_range, prior_weight_at
 from modules.models import LoadedModel, ModelFamily, ModelLoadError, get_family, select_text
 from modules.models.registry import family_spec
-from modules.trainer.backups import Backups, TrainingState
+from modules.trainer.backups import Backups, TrainingState, choose_backup
 from modules.trainer.banner import banner_lines
 from modules.trainer.batch_stream import make_batches
 from modules.trainer.drift import DriftMeter
@@ -63,8 +63,14 @@ from modules.trainer.notes import caption_length_notes, device_notes
 from modules.trainer.optimizer import make_optimizer, make_scheduler
 from modules.trainer.precision import Precision
 from modules.trainer.preflight import Preflight, preflight
-from modules.trainer.processes import Processes
-from modules.trainer.run_folder import MetricsLog, RunLock, keep_previous_run, os_error_reason
+from modules.trainer.processes import Processes, lost_peer, peer_reason
+from modules.trainer.run_folder import (
+    MetricsLog,
+    RunLock,
+    continue_run,
+    keep_previous_run,
+    os_error_reason,
+)
 from modules.trainer.sampling import Samples, sample_size
 from modules.trainer.saving import LoraSaver, TrainingError
 from modules.trainer.trackers import Trackers
@@ -122,11 +128,26 @@ class GenericTrainer:
     # ----------------------------------------------------------------------------- entry point
 
     def run(self) -> Finished:
-        """Train to the end (or until stopped). Always emits and returns a ``Finished`` event.
+        """Train to the end (or until stopped). Always emits and returns a ``Finished`` event
+        and releases the run folder, whatever fails, the cleanup included: a front end waits
+        for that event.
 
         The error is said once, in ``Finished`` (the front end shows it); an unexpected one
         also sends its traceback as a status line first."""
         lock = RunLock(self.run_dir)
+        finished: Finished | None = None
+        try:
+            finished = self._run(lock)
+        finally:
+            if finished is None:  # only a BaseException (SystemExit, ...) leaves _run without one
+                finished = self._failed("the trainer was interrupted", "training")
+            try:
+                self._clean_up(lock, finished)
+            finally:
+                self.events.put(finished)
+        return finished
+
+    def _run(self, lock: RunLock) -> Finished:
         trained = False
         try:
             self.preflight = preflight(self.config, create_run_dir=True)
@@ -137,25 +158,71 @@ class GenericTrainer:
             stopped = self._train()
             if self.processes.main:
                 self.saver.save_final(self.denoiser, self.step)
-            finished = Finished(step=self.step, lora_path=self.last_saved, stopped=stopped)
+            return Finished(step=self.step, lora_path=self.last_saved, stopped=stopped)
         except (ConfigError, DataError, ModelLoadError) as error:
             # Before training: nothing was trained and the run folder is as it was.
-            kind = "training" if trained else "config"
-            finished = self._failed(str(error), kind)
+            return self._failed(str(error), "training" if trained else "config")
         except TrainingError as error:
-            finished = self._failed(str(error), "training")
+            return self._failed(str(error), "training")
         except Exception as error:
+            if self.processes.several and lost_peer(error):
+                return self._failed(self._peer_lost(error, lock), "training")
             self._status(traceback.format_exc().rstrip(), "warning")
-            finished = self._failed(
-                f"unexpected error: {type(error).__name__}: {error}", "training"
-            )
-        finally:
-            if self.trackers is not None:
-                self.trackers.end()
-            lock.release()
-        self.processes.close(finished_well=finished.error is None)
-        self.events.put(finished)
-        return finished
+            return self._failed(f"unexpected error: {type(error).__name__}: {error}", "training")
+
+    def _clean_up(self, lock: RunLock, finished: Finished) -> None:
+        """Close the trackers, release the run folder, end the process group: each step on its
+        own, so that one failing skips none of the others (it is said, as a warning)."""
+        steps = (
+            ("close the trackers", self.trackers.end if self.trackers else lambda: None),
+            ("release the run folder's lock", lock.release),
+            ("end the process group", lambda: self.processes.close(finished.error is None)),
+        )
+        for what, step in steps:
+            try:
+                step()
+            except Exception as error:  # cleanup must reach the end whatever it meets
+                reason = f"{type(error).__name__}: {error}"
+                self._status(f"warning: could not {what} ({reason})", "warning")
+
+    def _peer_lost(self, error: Exception, lock: RunLock) -> str:
+        """Another process of the run ended (killed, crashed, out of memory) and every step needs
+        all of them: this one stops too. The weights are still those of the last whole step
+        (a step changes them only after its last collective), so the process that owns the run
+        folder saves them: the main one, or, when it was the one that ended, the first survivor
+        to take the folder's lock. The message names the backup ``--resume latest`` takes."""
+        text = f"step {self.step + 1}: another process of this run ended ({peer_reason(error)})"
+        text += "; every step needs all of them, so this one stops too. "
+        owner = self.processes.main
+        if not owner:
+            try:
+                lock.acquire()  # free only when the main process has ended
+                owner = True
+            except ConfigError:
+                pass
+        if not owner:
+            text += f"The main process saves the LoRA of step {self.step}. "
+        elif self.saver is None or self.step == 0:
+            text += "No step was trained: no LoRA is saved. "
+        elif self.saver.save(self.denoiser, self.saver.final_path, self.step):
+            text += f"The LoRA of step {self.step} is saved to {self.saver.final_path}. "
+        else:
+            text += f"The LoRA of step {self.step} could not be saved (see the warning above). "
+        return text + self._resume_hint()
+
+    def _resume_hint(self) -> str:
+        """How to go on after a run ended early: the backup ``--resume latest`` continues from."""
+        try:
+            folder, state, _ = choose_backup(self.run_dir, "latest", lambda _text, _level: None)
+        except ConfigError:
+            text = "There is no backup to continue from (output.backup_every makes them)"
+            if self.last_saved is not None:
+                text += f"; a new run can start from the LoRA with lora.init_from={self.last_saved}"
+            return text + "."
+        return (
+            f"To continue, run the same command with --resume latest: it continues from "
+            f"{folder} (step {int(state['step'])})."
+        )
 
     def _failed(self, error: str, kind: str) -> Finished:
         return Finished(step=self.step, lora_path=self.last_saved, error=error, error_kind=kind)
@@ -171,9 +238,9 @@ class GenericTrainer:
         config, main = self.config, self.processes.main
         if self.preflight is None:
             self.preflight = preflight(config, create_run_dir=True)
-        backup = self.backups.to_resume(self.resume)
+        backup = self.backups.to_resume(self.resume, self.preflight.scans)
         self.accelerator = _new_accelerator(config, self.run_dir / "logs")
-        self.trackers = Trackers(self.accelerator, config)
+        self.trackers = Trackers(self.accelerator, config, self._status)
         self.device = self.accelerator.device
         self.precision = Precision(config.training.mixed_precision, self.device)
         self.family: ModelFamily = get_family(config.model)
@@ -286,11 +353,13 @@ class GenericTrainer:
                 f"samples each, {config.training.batch_size * self.processes.count} per batch"
             )
         if backup is not None:
-            folder, saved = backup
-            self.step = self.state.restore(saved, self.processes.index, self.processes.count)
-            self._status(f"Resuming from {folder} at step {self.step}")
-            if main:
-                self.metrics.resume(self.step)
+            self.step = self.state.restore(backup.state, self.processes.index, self.processes.count)
+            self._status(f"Resuming from {backup.folder} at step {self.step}")
+            if main:  # the run folder becomes the backup's run, up to its step
+                for line in continue_run(self.run_dir, backup.folder, self.step, self.metrics):
+                    self._status(line)
+            if main and config.output.log_with == "wandb":
+                self._status("wandb: the resumed steps are logged as a new wandb run")
         elif main:
             # Every check has passed: only now is an earlier run's work moved aside.
             kept = keep_previous_run(self.run_dir)

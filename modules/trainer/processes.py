@@ -6,10 +6,15 @@ run is the run one process would make at N times the batch size, up to float rou
 process still sees distinct samples and noise. The gradients are averaged by DDP; the main
 process alone fills the cache first, writes the run folder (metrics, LoRA files, backups,
 samples) and runs the drift meter.
+
+A process that dies (killed, crashed) breaks the next exchange of the others: their backend
+raises at once (gloo: "Connection reset by peer"), :func:`lost_peer` recognises it, and the
+trainer saves the LoRA and names the backup to resume from instead of a traceback.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -72,3 +77,32 @@ class Processes:
             pass  # another process left after an error: nothing is waiting on this one
         finally:
             torch.distributed.destroy_process_group()
+
+
+_BACKENDS = ("gloo", "nccl", "c10d")
+_GONE = ("connection", "closed", "reset by peer", "broken pipe", "timed out", "timeout")
+"""How the backends say that the other end went away (gloo: "Read error ...: Connection reset
+by peer", "Connection closed by peer", "Timed out waiting ... for recv operation")."""
+
+
+def lost_peer(error: BaseException) -> bool:
+    """Whether ``error`` is a collective operation that failed because another process of the
+    group ended or stopped answering: torch's network error, and the RuntimeError the backends
+    raise from a collective or from DDP's gradient average inside ``backward`` (which shows no
+    torch.distributed frame, only the backend's message)."""
+    if isinstance(error, torch.distributed.DistNetworkError):
+        return True
+    text = str(error).lower()
+    return (
+        isinstance(error, RuntimeError)
+        and any(name in text for name in _BACKENDS)
+        and any(word in text for word in _GONE)
+    )
+
+
+def peer_reason(error: BaseException) -> str:
+    """The backend's reason in a few words: ``Read error [127.0.0.1]:39097: Connection reset by
+    peer``, without its source location and its advice for torch's developers."""
+    line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    line = re.sub(r"^\[[^\]]*\]\s*", "", line)  # "[.../gloo/transport/tcp/pair.cc:537] "
+    return line.split(". ")[0].rstrip(".")

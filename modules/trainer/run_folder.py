@@ -10,6 +10,11 @@ where a new run overwrites an earlier run's files.
 - :func:`keep_previous_run` moves an earlier run's files (whatever its ``output.name``) to
   ``previous/<date-time>/``; the trainer calls it once the new run has passed every check and is
   about to train, so a run that fails early leaves the folder as it was.
+- :func:`continue_run` makes the folder the run a backup belongs to, up to the backup's step,
+  when a run resumes: the rows and TensorBoard events of the steps after it are dropped, and a
+  backup of another run (an earlier one kept in ``previous/``, another folder) moves the
+  folder's own run aside first and brings its run's history along, so no file ever mixes
+  two runs.
 - :class:`MetricsLog` appends ``metrics.jsonl`` rows; a row that cannot be written (a full disk)
   is kept in memory and written with the next one.
 """
@@ -21,11 +26,13 @@ import errno
 import json
 import os
 import socket
+import struct
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from modules.atomic import write_bytes_atomic, write_text_atomic
 from modules.config import ConfigError
 
 LOCK_NAME = ".maskprior-run.lock"
@@ -33,6 +40,8 @@ PREVIOUS = "previous"
 METRICS = "metrics.jsonl"
 SAMPLES = "samples"
 BACKUPS = "backups"
+LOGS = "logs"
+"""The trackers' folder (TensorBoard's event files, ``logs/<output.name>/``)."""
 
 try:  # POSIX; elsewhere the folder is not locked (see RunLock)
     import fcntl
@@ -120,8 +129,12 @@ def earlier_run_files(run_dir: Path) -> list[Path]:
     """The files an earlier run left in ``run_dir``, whatever its ``output.name``: its LoRAs
     (``.safetensors`` files this program wrote, read from their header), resolved configs
     (``NAME.json`` files with ``schema_version`` and ``output.name`` NAME), ``metrics.jsonl``,
-    ``samples/`` and ``backups/``. Anything else in the folder is the user's and stays there."""
+    ``samples/``, ``backups/`` and ``logs/``. Anything else in the folder is the user's and
+    stays there."""
     found = [run_dir / name for name in (METRICS, SAMPLES, BACKUPS) if (run_dir / name).exists()]
+    logs = run_dir / LOGS  # a file of that name is not ours (the preflight names it)
+    if logs.is_dir() and any(path.is_file() for path in logs.rglob("*")):
+        found.append(logs)
     for path in sorted(run_dir.iterdir()):
         if not path.is_file() or path.name.startswith("."):
             continue
@@ -184,15 +197,18 @@ class MetricsLog:
     def start(self) -> None:
         self.path.write_text("", encoding="utf-8")
 
-    def resume(self, step: int) -> None:
-        """Continue the file of a resumed run: the rows after ``step`` (trained after the
-        backup it resumes from) are dropped."""
-        if not self.path.exists():
+    def resume(self, step: int, source: Path | None = None) -> int:
+        """Continue the file of a resumed run (``source``: another run folder's file to continue,
+        for a backup of another run): the rows after ``step`` (trained after the backup it
+        resumes from) are dropped. Returns the rows kept."""
+        source = source or self.path
+        if not source.exists():
             self.start()
-            return
-        rows = [line for line in self.path.read_text(encoding="utf-8").splitlines() if line]
-        kept = [row for row in rows if json.loads(row).get("step", 0) <= step]
-        self.path.write_text("".join(row + "\n" for row in kept), encoding="utf-8")
+            return 0
+        rows = [line for line in source.read_text(encoding="utf-8").splitlines() if line]
+        kept = [row for row in rows if _row_step(row) <= step]
+        write_text_atomic(self.path, "".join(row + "\n" for row in kept))
+        return len(kept)
 
     def append(self, row: dict[str, Any]) -> OSError | None:
         """Write ``row`` (and any rows held back); the error when it could not, else None."""
@@ -212,6 +228,101 @@ class MetricsLog:
     @property
     def pending(self) -> int:
         return len(self._pending)
+
+
+def _row_step(row: str) -> float:
+    try:
+        return float(json.loads(row).get("step", 0))
+    except (ValueError, AttributeError, TypeError):  # a line cut short by a crash: dropped
+        return float("inf")
+
+
+def continue_run(run_dir: Path, backup: Path, step: int, metrics: MetricsLog) -> list[str]:
+    """Make ``run_dir`` hold the run ``backup`` belongs to, as it was at ``step``, before a
+    resumed run trains; returns what to say.
+
+    The backup's run is the folder above its ``backups/``. When that is ``run_dir`` itself,
+    its ``metrics.jsonl`` rows and TensorBoard events after ``step`` are dropped. Otherwise (a
+    backup of an earlier run, kept in ``previous/``, or of another folder) the files of the
+    run in ``run_dir`` are moved to ``previous/`` first, as a new run does, and the backup's
+    run's rows and events up to ``step`` are copied in: every file then holds one run."""
+    source = backup.parent.parent
+    if backup.parent.name == BACKUPS and _same_folder(source, run_dir):
+        metrics.resume(step)
+        dropped = trim_events(run_dir / LOGS, step)
+        return [f"TensorBoard: dropped the {dropped} events after step {step}"] if dropped else []
+    said = []
+    kept = keep_previous_run(run_dir)
+    if kept is not None:
+        said.append(f"The run folder held another run than the backup's: moved its files to {kept}")
+    rows = metrics.resume(step, source / METRICS)
+    events = copy_events(source / LOGS, run_dir / LOGS, step) if (source / LOGS).is_dir() else 0
+    said.append(
+        f"Continuing the run of {source} in {run_dir}: its {rows} metrics.jsonl rows"
+        + (f" and {events} TensorBoard events" if events else "")
+        + f" up to step {step} copied; its samples and LoRA files stay there"
+    )
+    return said
+
+
+def _same_folder(one: Path, other: Path) -> bool:
+    try:
+        return one.resolve() == other.resolve() or one.samefile(other)
+    except OSError:
+        return False
+
+
+def _event_files(logs: Path) -> list[Path]:
+    return sorted(p for p in logs.rglob("*tfevents*") if p.is_file()) if logs.is_dir() else []
+
+
+def trim_events(logs: Path, step: int) -> int:
+    """Drop the TensorBoard events after ``step`` from the event files under ``logs`` (each
+    rewritten atomically); returns how many were dropped."""
+    dropped = 0
+    for path in _event_files(logs):
+        records, later = _read_events(path, step)
+        if later:
+            write_bytes_atomic(path, b"".join(records))
+            dropped += later
+    return dropped
+
+
+def copy_events(source: Path, target: Path, step: int) -> int:
+    """Copy the TensorBoard events up to ``step`` of the event files under ``source`` to the
+    same places under ``target``; returns how many were copied."""
+    copied = 0
+    for path in _event_files(source):
+        records, _ = _read_events(path, step)
+        write_bytes_atomic(target / path.relative_to(source), b"".join(records))
+        copied += len(records)
+    return copied
+
+
+def _read_events(path: Path, step: int) -> tuple[list[bytes], int]:
+    """An event file's records (whole, checksums and all) up to ``step``, and how many came
+    after it. A record cut short (a killed run) ends the file."""
+    from google.protobuf.message import DecodeError
+    from tensorboard.compat.proto.event_pb2 import Event
+
+    data = path.read_bytes()
+    kept, later, at = [], 0, 0
+    while at + 12 <= len(data):
+        # A record: length (u64), its checksum (u32), the Event, the Event's checksum (u32).
+        (length,) = struct.unpack("<Q", data[at : at + 8])
+        end = at + 12 + length + 4
+        if end > len(data):
+            break
+        try:
+            event_step = Event.FromString(data[at + 12 : at + 12 + length]).step
+        except DecodeError:  # a damaged record ends the file
+            break
+        if event_step <= step:
+            kept.append(data[at:end])
+        else:
+            later += 1
+        at = end
+    return kept, later
 
 
 def os_error_reason(error: OSError) -> str:

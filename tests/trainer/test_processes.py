@@ -1,14 +1,18 @@
 """Training on several processes: 2 CPU processes (gloo) at batch 2 each train the LoRA one
 process trains at batch 4, with the teacher on both, one metrics.jsonl written once, and the
-main process alone writing the run folder."""
+main process alone writing the run folder; when one process dies the other saves the LoRA and
+names the backup to continue from."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 
+import psutil
 import pytest
 import torch
 from PIL import Image
@@ -18,7 +22,7 @@ from modules.config import config_from_dict
 from modules.data.demo_dataset import write_demo_dataset
 from modules.trainer import GenericTrainer
 from modules.trainer.backups import backups, read_backup
-from modules.trainer.processes import Processes
+from modules.trainer.processes import Processes, lost_peer, peer_reason
 from tests.trained_lora import REPO
 
 COMPARED = ("loss_total", "loss_target", "loss_prior", "teacher_fraction", "lr")
@@ -40,6 +44,18 @@ def test_a_batch_smaller_than_the_processes_is_repeated_until_each_has_one():
 def test_only_the_main_process_keeps_the_runs_seed():
     seeds = {Processes(index, 3).seed(7) for index in range(3)}
     assert Processes(0, 3).seed(7) == 7 and len(seeds) == 3
+
+
+def test_a_peer_that_went_away_is_told_from_other_errors():
+    gone = RuntimeError(
+        "[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error "
+        "[127.0.0.1]:39097: Connection reset by peer. This is typically caused by a remote "
+        "worker hanging or bugs in the application."
+    )
+    assert lost_peer(gone)
+    assert peer_reason(gone) == "Read error [127.0.0.1]:39097: Connection reset by peer"
+    assert not lost_peer(RuntimeError("gloo does not support this dtype"))
+    assert not lost_peer(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
 
 
 @pytest.fixture(scope="module")
@@ -149,5 +165,60 @@ def test_a_backup_of_two_processes_is_not_resumed_on_one(data):
     if not backups(root / "two"):
         pytest.skip("needs the two-process run above")
     preset = json.loads(write_preset(root, demo, "two", batch_size=2).read_text())
+    preset["training"]["steps"] = 6  # above the backup's step 4, as a resume needs
     finished = GenericTrainer(config_from_dict(preset), resume="latest").run()
     assert "written by a run on 2 process(es) and this one has 1" in finished.error
+
+
+@pytest.mark.slow
+def test_when_a_process_dies_the_other_saves_the_lora_and_names_the_backup(data, tmp_path):
+    root, demo = data
+    preset = json.loads(write_preset(root, demo, "dies", batch_size=2).read_text())
+    preset["training"]["steps"] = 100_000
+    preset["drift"] = {"every": 0}
+    path = tmp_path / "dies.json"
+    path.write_text(json.dumps(preset))
+    run_dir = root / "dies"
+    logs = tmp_path / "logs"  # each process's output in its own files
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
+    launch += ["2", "--log-dir", str(logs), "--redirects", "3"]
+    launcher = subprocess.Popen(
+        [*launch, "-m", "modules.cli", "train", str(path)],
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not (run_dir / "metrics.jsonl").exists() or len(rows(run_dir)) < 3:
+            assert launcher.poll() is None and time.monotonic() < deadline, "no step 3"
+            time.sleep(0.5)
+        (peer,) = [
+            child
+            for child in psutil.Process(launcher.pid).children()
+            if child.environ().get("RANK") == "1"
+        ]
+        peer.kill()
+        killed = time.monotonic()
+        launcher.wait(timeout=120)
+        ended = time.monotonic() - killed
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode != 0 and ended < 60, ended
+    (stdout,) = logs.rglob("0/stdout.log")
+    (stderr,) = logs.rglob("0/stderr.log")
+    said = stdout.read_text() + stderr.read_text()
+    assert "Traceback" not in said and "unexpected error" not in said, said[-3000:]
+    (error,) = [line for line in said.splitlines() if line.startswith("error: ")]
+    saved = re.search(r"The LoRA of step (\d+) is saved to (\S+)\. ", error)
+    assert saved and "another process of this run ended (" in error, error
+    step, lora = int(saved[1]), saved[2]
+    assert lora == str(run_dir / "lora.safetensors") and step == rows(run_dir)[-1]["step"]
+    assert any("lora_B" in key for key in load_file(lora))
+    newest = backups(run_dir)[-1]
+    assert error.endswith(
+        f"run the same command with --resume latest: it continues from {newest} "
+        f"(step {read_backup(newest)[0]['step']})."
+    ), error
