@@ -8,9 +8,12 @@ milliseconds, so the run panel asks for it at most a few times a second, not per
 
 from __future__ import annotations
 
+import json
 import math
 import tkinter as tk
 from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import customtkinter as ctk
@@ -42,6 +45,13 @@ DRIFT_COLOURS = {
     "drift_world": "#f0b35a",
     "subject_loss": "#3cdc5a",
 }
+LEGEND_TITLES = {"loss": "thin: raw, thick: smoothed"}
+_DRIFT_ROW_KEYS = {
+    "subject_loss": "heldout_subject_loss",
+    "drift_background": "drift_background",
+    "drift_world": "drift_world",
+}
+"""A drift reading's fields → their ``metrics.jsonl`` keys (``modules.trainer.drift``)."""
 DRIFT_OFF_HINT = "Drift meter off: set drift.every and a held-out folder (Sampling tab)"
 
 
@@ -114,16 +124,90 @@ class DriftData:
         return self.readings
 
 
+def read_history(path: Path, until: int) -> tuple[list[Any], list[Any]]:
+    """A run's points from its ``metrics.jsonl`` (``path``) up to step ``until``, as
+    ``ChartData.add`` and ``DriftData.add`` take them: (the steps' loss rows, the drift
+    readings), in step order.
+
+    Rows after ``until`` are of steps a resume from that step discards. A row whose step does
+    not follow the one before it starts the steps again from there (a resume the file was not
+    cut back for): the earlier rows from that step on are dropped. A line that does not read
+    (the last line of a run that was killed while writing it) is skipped."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return [], []
+    points: list[Any] = []
+    readings: list[Any] = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        step = row.get("step") if isinstance(row, dict) else None
+        if not isinstance(step, int) or step > until:
+            continue
+        values = {key: row.get(key) for key in SERIES}
+        if all(isinstance(value, int | float) for value in values.values()):
+            if points and step <= points[-1].step:
+                # The steps start again here: what the earlier rows said from here on is gone.
+                points = [point for point in points if point.step < step]
+                readings = [earlier for earlier in readings if earlier.step < step]
+            points.append(SimpleNamespace(step=step, **values))
+        reading = _drift_reading(row, step)
+        if reading is not None:
+            readings = [earlier for earlier in readings if earlier.step < step]
+            readings.append(reading)
+    return points, readings
+
+
+def _drift_reading(row: dict[str, Any], step: int) -> Any:
+    """A ``metrics.jsonl`` row's drift reading (``DriftMeasured``'s fields), None without one."""
+    velocity = {key: row.get(name) for key, name in _DRIFT_ROW_KEYS.items()}
+    clean = {key: row.get(f"{name}_clean") for key, name in _DRIFT_ROW_KEYS.items()}
+    if all(value is None for value in (*velocity.values(), *clean.values())):
+        return None
+    has_clean = any(value is not None for value in clean.values())
+    return SimpleNamespace(
+        step=step, **velocity, clean=SimpleNamespace(**clean) if has_clean else None
+    )
+
+
+class _ShownCanvas(FigureCanvasTkAgg):
+    """A figure canvas that draws only while it can be seen: a chart on a hidden tab is not
+    drawn (a draw costs a good part of a second) for each size the window passes through,
+    but once, when it comes into view."""
+
+    def __init__(self, figure: Figure, master: tk.Misc) -> None:
+        super().__init__(figure, master=master)
+        self.pending = False
+        self.get_tk_widget().bind("<Visibility>", self._shown, add="+")
+
+    def draw(self) -> None:
+        if not self.get_tk_widget().winfo_viewable():
+            self.pending = True
+            return
+        self.pending = False
+        super().draw()
+
+    def _shown(self, _event: tk.Event) -> None:
+        if self.pending:
+            self.draw()
+
+
 def nice_ceiling(value: float) -> float:
     """The smallest of 1, 2, 5 times a power of ten that is at least ``value`` (> 0)."""
     power = 10.0 ** math.floor(math.log10(value))
     return next(power * factor for factor in (1, 2, 5, 10) if power * factor >= value)
 
 
-def _style_axes(axes: Any, ylabel: str, background: str, ink: str) -> None:
+def _style_axes(axes: Any, ylabel: str, background: str, ink: str, title: str = "") -> None:
     axes.set_facecolor(background)
+    # A short y label, which fits beside the shortest chart; what it measures in the title.
     axes.set_ylabel(ylabel, color=ink, fontsize=9)
-    axes.set_xlabel("step", color=ink, fontsize=9)
+    if title:
+        axes.set_title(title, color=ink, fontsize=9, loc="left")
+    # No "step" label under the axis: the steps' numbers say it, in less height.
     axes.tick_params(colors=ink, labelsize=8)
     axes.grid(True, alpha=0.2)
     for spine in axes.spines.values():
@@ -140,16 +224,19 @@ class RunCharts(ctk.CTkFrame):
         self.data = data
         dark = ctk.get_appearance_mode() == "Dark"
         background, ink = ("#242424", "#dddddd") if dark else ("#f2f2f2", "#222222")
-        self.figure = Figure(figsize=(9.6, 3.1), dpi=100, facecolor=background)
+        # Laid out again at every size (constrained), so no label is cut as the chart shrinks.
+        self.figure = Figure(
+            figsize=(9.6, 3.1), dpi=100, facecolor=background, layout="constrained"
+        )
         self.loss_axes = self.figure.add_subplot(1, 2, 1)
         self.weight_axes = self.figure.add_subplot(1, 2, 2)
         self.raw_lines: dict[str, Any] = {}
         self.smooth_lines: dict[str, Any] = {}
-        for axes, title, names in (
-            (self.loss_axes, "loss (thin: raw, thick: smoothed)", LOSSES),
-            (self.weight_axes, "weight mean / share of batch", WEIGHTS),
+        for axes, ylabel, names in (
+            (self.loss_axes, "loss", LOSSES),
+            (self.weight_axes, "mean / share", WEIGHTS),
         ):
-            _style_axes(axes, title, background, ink)
+            _style_axes(axes, ylabel, background, ink)
             for key, label in names.items():
                 colour = COLOURS[key]
                 if axes is self.loss_axes:
@@ -167,14 +254,23 @@ class RunCharts(ctk.CTkFrame):
                 )
             # Above the plot, so the legend never hides the newest points.
             legend = axes.legend(
-                loc="lower center", bbox_to_anchor=(0.5, 1.0), ncols=3, fontsize=9, frameon=False
+                loc="lower center",
+                bbox_to_anchor=(0.5, 1.0),
+                # Two columns of the longer weight labels: the legend fits the narrowest chart.
+                ncols=3 if axes is self.loss_axes else 2,
+                fontsize=8,
+                columnspacing=1.2,
+                handlelength=1.6,
+                frameon=False,
+                title=LEGEND_TITLES.get(ylabel),
+                title_fontsize=8,
             )
+            legend.get_title().set_color(ink)  # the title is an empty text when None
             for text in legend.get_texts():
                 text.set_color(ink)
         self.weight_axes.set_ylim(-0.03, 1.03)
         self._set_limits(right=10, loss=(0.0, 1.0))
-        self.figure.tight_layout(pad=1.2)
-        self.canvas = FigureCanvasTkAgg(self.figure, master=self)
+        self.canvas = _ShownCanvas(self.figure, master=self)
         self.canvas.get_tk_widget().pack(fill="both", expand=True)
         self._background: Any = None
         # Any full draw (first show, resize, new limits) refreshes the saved background.
@@ -247,12 +343,14 @@ class DriftCharts(ctk.CTkFrame):
         self._span = 10
         dark = ctk.get_appearance_mode() == "Dark"
         background, ink = ("#242424", "#dddddd") if dark else ("#f2f2f2", "#222222")
-        self.figure = Figure(figsize=(9.6, 2.2), dpi=100, facecolor=background)
+        self.figure = Figure(
+            figsize=(9.6, 2.2), dpi=100, facecolor=background, layout="constrained"
+        )
         grid = self.figure.add_gridspec(1, 2, width_ratios=(3, 2))
         self.drift_axes = self.figure.add_subplot(grid[0])
         self.subject_axes = self.figure.add_subplot(grid[1])
-        _style_axes(self.drift_axes, "drift from the base (clean image)", background, ink)
-        _style_axes(self.subject_axes, "held-out subject loss (clean image)", background, ink)
+        _style_axes(self.drift_axes, "drift", background, ink, "drift from the base")
+        _style_axes(self.subject_axes, "loss", background, ink, "held-out subject loss")
         self.drift_axes.set_yscale("log")
         self.lines: dict[str, Any] = {}
         for key in DRIFT_SERIES:
@@ -260,12 +358,20 @@ class DriftCharts(ctk.CTkFrame):
             (self.lines[key],) = axes.plot(
                 [], [], color=DRIFT_COLOURS[key], lw=1.5, marker="o", ms=3, label=DRIFT.get(key)
             )
-        legend = self.drift_axes.legend(loc="upper left", fontsize=8, frameon=False)
+        # On the title's line, right: above the readings, in no extra height.
+        legend = self.drift_axes.legend(
+            loc="lower right",
+            bbox_to_anchor=(1.0, 1.0),
+            ncols=2,
+            fontsize=8,
+            frameon=False,
+            borderaxespad=0.1,
+            handlelength=1.6,
+        )
         for text in legend.get_texts():
             text.set_color(ink)
         self._set_limits()
-        self.figure.tight_layout(pad=1.0)
-        self.canvas = FigureCanvasTkAgg(self.figure, master=self)
+        self.canvas = _ShownCanvas(self.figure, master=self)
         self.canvas.get_tk_widget().pack(fill="both", expand=True)
         self.hint = ctk.CTkLabel(self, text=DRIFT_OFF_HINT, fg_color=background, corner_radius=6)
 

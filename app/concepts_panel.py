@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from app import dialogs, engine_import
 from app.field_specs import section_specs
 from app.field_widgets import FieldRow, OnChange, SectionForm
+from app.layout import follow_width
 from app.style import ERROR_COLOUR, MUTED_COLOUR, heading_font
 from modules.config.presets import merge_overlay
 from modules.config.schema import CaptionConfig, ConceptConfig
@@ -97,7 +98,22 @@ class ConceptCard(ctk.CTkFrame):
             self, CaptionConfig, caption_spec.path, on_change, title=caption_spec.title
         )
         self.caption_form.grid(row=3, column=1, sticky="nw", padx=(30, 10), pady=(0, 10))
+        self.columnconfigure(1, weight=1)  # the header spans the card, stacked or not
+        self.stacked = False
+        """Whether the captions sit under the other fields (a narrow window), not beside them."""
+        tk.Misc.bind(self, "<Configure>", self._reflow, add="+")
+        follow_width(self.buckets, self, pad=24)
         self._load(values)
+
+    def _reflow(self, event: tk.Event) -> None:
+        needed = self.form.winfo_reqwidth() + self.caption_form.winfo_reqwidth() + 60
+        stacked = event.width < needed
+        if stacked != self.stacked:
+            self.stacked = stacked
+            if stacked:
+                self.caption_form.grid(row=5, column=0, columnspan=2, padx=10, pady=(0, 10))
+            else:
+                self.caption_form.grid(row=3, column=1, columnspan=1, padx=(30, 10), pady=(0, 10))
 
     def _field_rows(self) -> list[FieldRow]:
         return [*self.form.all_rows(), *self.caption_form.all_rows()]

@@ -21,6 +21,12 @@ def ask_yes_no(parent: tk.Misc, title: str, message: str) -> bool:
     return bool(messagebox.askyesno(title, message, parent=parent))
 
 
+def ask_yes_no_cancel(parent: tk.Misc, title: str, message: str) -> bool | None:
+    """True (yes), False (no) or None (cancel: the window or Escape closed too)."""
+    answer = messagebox.askyesnocancel(title, message, parent=parent)
+    return None if answer is None else bool(answer)
+
+
 def ask_text(parent: tk.Misc, title: str, prompt: str) -> str | None:
     answer = ctk.CTkInputDialog(title=title, text=prompt).get_input()
     return answer.strip() if answer and answer.strip() else None

@@ -18,10 +18,12 @@ from app.concepts_panel import ConceptsPanel
 from app.config_form import ConfigForm, Validation
 from app.field_specs import section_specs
 from app.field_widgets import FieldRow, SectionForm
+from app.layout import FitScrollFrame, FlowFrame, elide, window_size
 from app.masks_tab import MasksTab
 from app.preview_maps import PreviewSettings, settings_from_values
 from app.run_panel import RunPanel
 from app.style import MUTED_COLOUR
+from app.tooltip import Tooltip
 from app.trainer_thread import TrainerThread
 from app.user_store import PresetEntry, UserStore
 from app.weight_preview import PreviewImage, WeightPreview
@@ -46,14 +48,15 @@ lands on the Model tab (family options are its likely kind), so no field is ever
 TOP_BAR_FIELDS = {"model": ("family",)}
 LIST_EDITORS = {"data": ("concepts",)}
 DEFAULT_PRESET = "demo-prior"
+TAB_FONT_SIZES = (13, 12, 11, 10)
+"""The tab names' font sizes, largest first: the first whose names fit the window is used."""
 
 
 class MainWindow(ctk.CTk):
     def __init__(self, store: UserStore | None = None, preset: Path | None = None) -> None:
         super().__init__()
         self.title(TITLE)
-        self.geometry("1560x960")
-        self.minsize(1100, 700)
+        self.fit_to_screen()
         self.store = store if store is not None else UserStore()
         self.trainer = TrainerThread()
         self.form = ConfigForm(self)
@@ -75,21 +78,35 @@ class MainWindow(ctk.CTk):
 
     # -------------------------------------------------------------------------------- build
 
+    def fit_to_screen(self) -> None:
+        """Open at a size the screen holds (less room for the window frame and a taskbar)."""
+        size = window_size(
+            self.winfo_screenwidth(), self.winfo_screenheight(), self._get_window_scaling()
+        )
+        self.minsize(size.min_width, size.min_height)
+        self.geometry(size.geometry())
+
     def _build_top_bar(self) -> None:
         bar = ctk.CTkFrame(self, corner_radius=0)
         bar.grid(row=0, column=0, sticky="ew")
-        ctk.CTkLabel(bar, text="Preset").pack(side="left", padx=(12, 6), pady=8)
+        bar.columnconfigure(0, weight=1)
+        # The controls wrap onto a second line in a narrow window rather than leave it.
+        self.top_controls = controls = FlowFrame(bar)
+        controls.grid(row=0, column=0, sticky="ew", padx=12, pady=(8, 6))
+        controls.add(ctk.CTkLabel(controls, text="Preset"))
         self.preset_menu = ctk.CTkOptionMenu(
-            bar, values=[""], width=260, command=self.choose_preset, dynamic_resizing=False
+            controls, values=[""], width=260, command=self.choose_preset, dynamic_resizing=False
         )
-        self.preset_menu.pack(side="left")
-        self.load_button = ctk.CTkButton(bar, text="Load…", width=80, command=self.load_dialog)
-        self.save_button = ctk.CTkButton(bar, text="Save", width=80, command=self.save)
-        self.save_as_button = ctk.CTkButton(bar, text="Save as…", width=90, command=self.save_as)
+        controls.add(self.preset_menu)
+        self.load_button = ctk.CTkButton(controls, text="Load…", width=80, command=self.load_dialog)
+        self.save_button = ctk.CTkButton(controls, text="Save", width=80, command=self.save)
+        self.save_as_button = ctk.CTkButton(
+            controls, text="Save as…", width=90, command=self.save_as
+        )
         for button in (self.load_button, self.save_button, self.save_as_button):
-            button.pack(side="left", padx=(8, 0))
-        family_frame = ctk.CTkFrame(bar, fg_color="transparent")
-        family_frame.pack(side="left", padx=(30, 0))
+            controls.add(button)
+        family_frame = ctk.CTkFrame(controls, fg_color="transparent")
+        controls.add(family_frame, space_before=22)
         self.top_rows: list[FieldRow] = []
         for section, names in TOP_BAR_FIELDS.items():
             model = TrainConfig.model_fields[section].annotation
@@ -99,19 +116,36 @@ class MainWindow(ctk.CTk):
                     row = FieldRow(family_frame, spec, 0, self.form.changed, column=column)
                     self.top_rows.append(row)
         self.form.add_rows(self.top_rows)
+        # The preset's description: one line under the controls, cut to the window's width;
+        # the whole text on hover.
         self.preset_label = ctk.CTkLabel(
             bar,
             text="",
             text_color=MUTED_COLOUR,
             anchor="w",
             justify="left",
-            wraplength=640,
             font=ctk.CTkFont(size=12),
         )
-        self.preset_label.pack(side="left", padx=20)
+        self.preset_label.grid(row=1, column=0, sticky="ew", padx=14, pady=(0, 6))
+        self.preset_tooltip = Tooltip(self.preset_label, "")
+        tk.Misc.bind(bar, "<Configure>", lambda _e: self._show_description(), add="+")
         self._refresh_preset_menu()
 
+    def _show_description(self) -> None:
+        text = self.preset_description or ""
+        self.preset_tooltip.text = text
+        if not text:
+            self.preset_label.grid_remove()
+            return
+        room = self.preset_label.master.winfo_width() - 28
+        font = self.preset_label.cget("font")
+        shown = elide(text, font, self.preset_label._reverse_widget_scaling(room))
+        if self.preset_label.cget("text") != shown:
+            self.preset_label.configure(text=shown)
+        self.preset_label.grid()
+
     def _build_tabs(self) -> None:
+        self._tab_font = ctk.CTkFont(size=TAB_FONT_SIZES[0])
         self.tabs = ctk.CTkTabview(self, anchor="nw", command=self._tab_shown)
         self.tabs.grid(row=1, column=0, sticky="nsew", padx=8, pady=(0, 8))
         self.section_forms: dict[str, SectionForm] = {}
@@ -123,14 +157,24 @@ class MainWindow(ctk.CTk):
             tab.columnconfigure(0, weight=1)
             tab.rowconfigure(0, weight=1)
             if name == "Run":
+                # Below its minimum size the tab scrolls, rather than squeeze the charts.
+                self.run_pane = FitScrollFrame(tab, RunPanel.MINIMUM)
+                self.run_pane.grid(row=0, column=0, sticky="nsew")
                 self.run_panel = RunPanel(
-                    tab, self.trainer, self._config_for_run, before_start=self._before_start
+                    self.run_pane.inner,
+                    self.trainer,
+                    self._config_for_run,
+                    before_start=self._before_start,
                 )
-                self.run_panel.grid(row=0, column=0, sticky="nsew", padx=4, pady=4)
+                _fill(self.run_pane.inner, self.run_panel)
                 continue
             if name == "Masks":
-                self.masks = MasksTab(tab, self.form.values, self._preview_settings)
-                self.masks.grid(row=0, column=0, sticky="nsew", padx=4, pady=4)
+                self.masks_pane = FitScrollFrame(tab, MasksTab.MINIMUM)
+                self.masks_pane.grid(row=0, column=0, sticky="nsew")
+                self.masks = MasksTab(
+                    self.masks_pane.inner, self.form.values, self._preview_settings
+                )
+                _fill(self.masks_pane.inner, self.masks)
                 continue
             if name == "Model":
                 sections = sections + extra
@@ -159,6 +203,20 @@ class MainWindow(ctk.CTk):
                 preview.pack(anchor="w", fill="x", pady=(12, 0))
                 self.previews.append(preview)
         self.run_panel.on_run_end(self._run_ended)
+        tk.Misc.bind(self.tabs, "<Configure>", lambda _e: self._fit_tab_names(), add="+")
+
+    def _fit_tab_names(self) -> None:
+        """A smaller font for the tab names where the window is too narrow for all of them."""
+        names = self.tabs._segmented_button  # customtkinter offers no other way to it
+        if names.cget("font") is not self._tab_font:
+            names.configure(font=self._tab_font)
+        room = self.tabs.winfo_width() - 16
+        for size in TAB_FONT_SIZES:
+            if self._tab_font.cget("size") != size:
+                self._tab_font.configure(size=size)
+                names.update_idletasks()
+            if names.winfo_reqwidth() <= room:
+                return
 
     def _tab_shown(self) -> None:
         if self.tabs.get() == "Masks":
@@ -226,7 +284,7 @@ class MainWindow(ctk.CTk):
         else:
             name = f"{path.stem} (built-in)" if self.store.is_builtin(path) else path.stem
         self.preset_menu.set(name)
-        self.preset_label.configure(text=self.preset_description or "")
+        self._show_description()
         self.title(f"{TITLE} — {name}")
 
     def save(self) -> None:
@@ -385,3 +443,9 @@ class MainWindow(ctk.CTk):
         for pending in self.tk.splitlist(self.tk.call("after", "info")):
             self.tk.call("after", "cancel", pending)
         super().destroy()
+
+
+def _fill(parent: tk.Misc, child: tk.Misc) -> None:
+    parent.rowconfigure(0, weight=1)
+    parent.columnconfigure(0, weight=1)
+    child.grid(row=0, column=0, sticky="nsew", padx=4, pady=4)

@@ -24,9 +24,10 @@ import numpy as np
 from PIL import Image, ImageTk
 
 from app import dialogs
+from app.layout import FlowFrame, follow_width
 from app.mask_layer import MaskLayer
 from app.preview_maps import PreviewMaps, PreviewSettings, compute_maps, load_source, upscale
-from app.style import ERROR_COLOUR, MUTED_COLOUR
+from app.style import ERROR_COLOUR, MUTED_COLOUR, WARNING_COLOUR
 from modules.data.concept import DataError, scan_concept
 
 TIER_COLOURS = {"face": (255, 200, 40), "body": (60, 160, 255), "hair": (200, 90, 255)}
@@ -34,9 +35,14 @@ BRUSHES = ("face", "body", "hair", "erase", "value")
 ZOOMS = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
 PREVIEW_DELAY_MS = 150
 PREVIEW_SIDE = 220
+UNSAVED = " *"
+"""After the mask's name while it has edits not saved."""
 
 
 class MasksTab(ctk.CTkFrame):
+    MINIMUM = (560, 420)
+    """The least size (logical pixels) that leaves the canvas room; below it the tab scrolls."""
+
     def __init__(
         self,
         master: tk.Misc,
@@ -49,6 +55,9 @@ class MasksTab(ctk.CTkFrame):
         self.image_path: Path | None = None
         self.pixels: np.ndarray | None = None
         self.zoom = 1.0
+        self.fitted = True
+        """Whether the zoom follows the canvas's size (fits the image to it): until the user
+        zooms, and again after Fit."""
         self.brush = "body"
         self.maps: PreviewMaps | None = None
         self._stroke: list[tuple[float, float]] = []
@@ -66,33 +75,40 @@ class MasksTab(ctk.CTkFrame):
     def _build(self) -> None:
         self.columnconfigure(0, weight=1)
         self.rowconfigure(3, weight=1)
-        top = ctk.CTkFrame(self, fg_color="transparent")
+        # Each row of controls wraps onto further lines in a narrow window.
+        top = FlowFrame(self)
         top.grid(row=0, column=0, columnspan=2, sticky="ew", pady=(0, 4))
         self.concept_menu = ctk.CTkOptionMenu(top, values=[""], command=self.choose_concept)
-        self.concept_menu.pack(side="left", padx=4)
+        top.add(self.concept_menu)
         self.image_menu = ctk.CTkOptionMenu(top, values=[""], command=self._choose_image_name)
-        self.image_menu.pack(side="left", padx=4)
-        ctk.CTkButton(top, text="Reload concepts", width=120, command=self.refresh).pack(
-            side="left", padx=4
-        )
+        top.add(self.image_menu)
+        top.add(ctk.CTkButton(top, text="Reload concepts", width=120, command=self.refresh))
         self.save_button = ctk.CTkButton(top, text="Save", width=80, command=self.save)
-        self.save_button.pack(side="left", padx=4)
+        top.add(self.save_button)
+        self.mask_name = ctk.CTkLabel(top, text="", anchor="w")
+        """The mask being edited, ``*`` after its name while it has unsaved edits."""
+        top.add(self.mask_name)
         self.status = ctk.CTkLabel(top, text="", text_color=MUTED_COLOUR, anchor="w")
-        self.status.pack(side="left", padx=8, fill="x", expand=True)
+        self.status.configure(justify="left")
+        top.add(self.status)
+        follow_width(self.status, top, pad=8)
 
-        tools = ctk.CTkFrame(self, fg_color="transparent")
+        self.tools = tools = FlowFrame(self, gap=4)
         tools.grid(row=1, column=0, columnspan=2, sticky="ew", pady=2)
         self.brush_buttons = ctk.CTkSegmentedButton(tools, values=list(BRUSHES))
         self.brush_buttons.configure(command=self.choose_brush)
         self.brush_buttons.set(self.brush)
-        self.brush_buttons.pack(side="left", padx=4)
+        tools.add(self.brush_buttons)
         self.value_entry = ctk.CTkEntry(tools, width=52)
         self.value_entry.insert(0, "200")
-        self.value_entry.pack(side="left", padx=2)
-        ctk.CTkLabel(tools, text="size").pack(side="left", padx=(10, 2))
-        self.size_slider = ctk.CTkSlider(tools, from_=1, to=100, width=140)
+        tools.add(self.value_entry)
+        size = ctk.CTkFrame(tools, fg_color="transparent")
+        ctk.CTkLabel(size, text="size").pack(side="left", padx=(0, 4))
+        self.size_slider = ctk.CTkSlider(size, from_=1, to=100, width=140)
         self.size_slider.set(12)
         self.size_slider.pack(side="left")
+        tools.add(size, space_before=6)
+        self.tool_buttons: dict[str, ctk.CTkButton] = {}
         for text, command in (
             ("Fill region", lambda: self._fill_mode(True)),
             ("Fill all", self.fill_all),
@@ -100,36 +116,42 @@ class MasksTab(ctk.CTkFrame):
             ("Redo", self.redo),
             ("−", lambda: self.set_zoom(-1)),
             ("+", lambda: self.set_zoom(1)),
+            ("Fit", self.fit),
         ):
-            ctk.CTkButton(tools, text=text, width=64, command=command).pack(side="left", padx=2)
+            self.tool_buttons[text] = button = ctk.CTkButton(
+                tools, text=text, width=48 if len(text) < 4 else 64, command=command
+            )
+            tools.add(button)
         self.grey = ctk.CTkCheckBox(tools, text="grey levels", command=self.redraw)
-        self.grey.pack(side="left", padx=8)
+        tools.add(self.grey, space_before=6)
 
-        generate = ctk.CTkFrame(self, fg_color="transparent")
+        generate = FlowFrame(self)
         generate.grid(row=2, column=0, columnspan=2, sticky="ew", pady=2)
         self.mode_menu = ctk.CTkOptionMenu(generate, values=["tiers", "subject"], width=100)
-        self.mode_menu.pack(side="left", padx=4)
+        generate.add(self.mode_menu)
         self.overwrite_menu = ctk.CTkOptionMenu(
             generate, values=["missing", "never", "all"], width=100
         )
-        self.overwrite_menu.pack(side="left", padx=4)
+        generate.add(self.overwrite_menu)
         self.generate_image_button = ctk.CTkButton(
             generate, text="Generate this image", command=self.generate_image
         )
-        self.generate_image_button.pack(side="left", padx=4)
+        generate.add(self.generate_image_button)
         self.generate_concept_button = ctk.CTkButton(
             generate, text="Generate the concept", command=self.generate_concept
         )
-        self.generate_concept_button.pack(side="left", padx=4)
+        generate.add(self.generate_concept_button)
         self.cancel_button = ctk.CTkButton(
             generate, text="Cancel", width=80, command=self._cancel.set, state="disabled"
         )
-        self.cancel_button.pack(side="left", padx=4)
-        self.progress = ctk.CTkLabel(generate, text="", anchor="w")
-        self.progress.pack(side="left", padx=8)
+        generate.add(self.cancel_button)
+        self.progress = ctk.CTkLabel(generate, text="", anchor="w", justify="left")
+        generate.add(self.progress)
+        follow_width(self.progress, generate, pad=8)
 
         self.canvas = tk.Canvas(self, background="#202020", highlightthickness=0)
         self.canvas.grid(row=3, column=0, sticky="nsew")
+        self.canvas.bind("<Configure>", lambda _e: self._fit_again(), add="+")
         side = ctk.CTkFrame(self, fg_color="transparent")
         side.grid(row=3, column=1, sticky="n", padx=8)
         ctk.CTkLabel(side, text="target m (green) and prior p (magenta)").pack(anchor="w")
@@ -217,17 +239,24 @@ class MasksTab(ctk.CTkFrame):
             self._say(str(error), error=True)
             return False
         self.image_path, self.box = item.image, None
-        self._say(f"{item.image.name}: mask {self.layer.path.name}")
-        self.redraw()
+        self._say("" if item.mask else f"no mask yet: Save writes {self.layer.path.name}")
+        self.fit()
         self.schedule_preview()
         return True
 
     def leave(self) -> bool:
-        """Whether the current mask may be left: not edited, or saved or dropped as asked."""
+        """Whether the current mask may be left: not edited, or saved or dropped as asked
+        (Cancel: stay with it, edits kept)."""
         if self.layer is None or not self.layer.dirty:
             return True
-        question = f"Save the edited mask {self.layer.path.name}? (No: drop the edits)"
-        if dialogs.ask_yes_no(self, "Unsaved mask", question):
+        question = (
+            f"Save the edited mask {self.layer.path.name}?\n\n"
+            "Yes: save it. No: drop the edits. Cancel: go on editing."
+        )
+        answer = dialogs.ask_yes_no_cancel(self, "Unsaved mask", question)
+        if answer is None:
+            return False
+        if answer:
             return self.save()
         self.layer = None
         return True
@@ -241,7 +270,19 @@ class MasksTab(ctk.CTkFrame):
             self._say(f"could not save {self.layer.path} ({error}); the file is as it was", True)
             return False
         self._say(f"saved {path}")
+        self._show_name()
         return True
+
+    def _show_name(self) -> None:
+        """The mask's name, marked while it has unsaved edits."""
+        if self.layer is None:
+            self.mask_name.configure(text="")
+            return
+        edited = self.layer.dirty
+        self.mask_name.configure(
+            text=self.layer.path.name + (UNSAVED if edited else ""),
+            text_color=WARNING_COLOUR if edited else MUTED_COLOUR,
+        )
 
     # ------------------------------------------------------------------------------ editing
 
@@ -328,8 +369,34 @@ class MasksTab(ctk.CTkFrame):
         self.schedule_preview()
 
     def set_zoom(self, direction: int) -> None:
-        index = min(range(len(ZOOMS)), key=lambda i: abs(ZOOMS[i] - self.zoom))
-        self.zoom = ZOOMS[max(0, min(len(ZOOMS) - 1, index + direction))]
+        """The next zoom step in or out (``direction`` +1, -1) from the current zoom."""
+        if direction > 0:
+            self.zoom_to(next((z for z in ZOOMS if z > self.zoom * 1.001), ZOOMS[-1]))
+        else:
+            self.zoom_to(next((z for z in reversed(ZOOMS) if z < self.zoom / 1.001), ZOOMS[0]))
+
+    def zoom_to(self, zoom: float) -> None:
+        """Show the image at ``zoom`` (screen pixels per image pixel), no longer fitted."""
+        self.fitted = False
+        self.zoom = zoom
+        self.redraw()
+
+    def fit(self) -> None:
+        """The whole image in view, as large as the canvas holds (and again as it resizes)."""
+        self.fitted = True
+        self.canvas.xview_moveto(0)
+        self.canvas.yview_moveto(0)
+        self._fit_again()
+
+    def _fit_again(self) -> None:
+        if not self.fitted or self.layer is None:
+            self.redraw()
+            return
+        height, width = self.layer.levels.shape
+        room_width, room_height = self.canvas.winfo_width(), self.canvas.winfo_height()
+        if room_width > 1 and room_height > 1:
+            # Not past the largest zoom step: a tiny image stays a picture, not a few blocks.
+            self.zoom = min(room_width / width, room_height / height, ZOOMS[-1])
         self.redraw()
 
     # ------------------------------------------------------------------------------ drawing
@@ -354,6 +421,7 @@ class MasksTab(ctk.CTkFrame):
 
     def redraw(self) -> None:
         self.canvas.delete("all")
+        self._show_name()
         shown = self.shown()
         if shown is None:
             return

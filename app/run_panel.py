@@ -18,8 +18,9 @@ import customtkinter as ctk
 from PIL import Image
 
 from app import dialogs
-from app.charts import ChartData, DriftCharts, DriftData, RunCharts
+from app.charts import ChartData, DriftCharts, DriftData, RunCharts, read_history
 from app.config_form import Validation
+from app.layout import FlowFrame, follow_width
 from app.style import ERROR_COLOUR, MUTED_COLOUR, OK_COLOUR, WARNING_COLOUR, mono_font
 from app.trainer_thread import TrainerThread, WorkerFailed
 
@@ -40,12 +41,33 @@ def format_duration(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
 
 
+ROWS = {3: (4, 150), 4: (3, 120), 5: (2, 64)}
+"""Row → (share of the spare height, least height): the charts, the drift charts, the log."""
+
 NO_BACKUP = "no backup"
 BACKUPS = "backups"
 """The run folder's backups (``output.backup_every``), listed for Resume."""
+BACKUP_WRITTEN = "Backup: "
+"""How the trainer's message on a backup it has written begins."""
+METRICS = "metrics.jsonl"
+
+
+class BackupMenu(ctk.CTkOptionMenu):
+    """An option menu that reads its choices again (``before_open``) each time it opens."""
+
+    def __init__(self, master: tk.Misc, before_open: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(master, **kwargs)
+        self._before_open = before_open
+
+    def _open_dropdown_menu(self) -> None:
+        self._before_open()
+        super()._open_dropdown_menu()
 
 
 class RunPanel(ctk.CTkFrame):
+    MINIMUM = (900, 450)
+    """The least size (logical pixels) at which every part reads; below it the tab scrolls."""
+
     def __init__(
         self,
         parent: tk.Misc,
@@ -61,6 +83,8 @@ class RunPanel(ctk.CTkFrame):
         self.state = "idle"  # "idle" | "running" | "stopping"
         self.blockers: list[str] = []
         self._run_dir: Path | None = None
+        self._backup_chosen: str | None = None
+        """The backup the user chose in the menu; None: the newest."""
         self.chart_data = ChartData()
         self.drift_data = DriftData()
         self.last_saved: Path | None = None
@@ -75,7 +99,10 @@ class RunPanel(ctk.CTkFrame):
         self._sample_step = -1
         self._sample_images: list[ctk.CTkImage] = []
         self.columnconfigure(0, weight=1)
-        self.rowconfigure(5, weight=1)
+        # The charts and the log share the height the controls leave, each down to a least
+        # height that still reads (the tab scrolls below RunPanel.MINIMUM).
+        for row, (weight, least) in ROWS.items():
+            self.rowconfigure(row, weight=weight, minsize=least)
         self._build_controls()
         self._build_progress()
         self.charts = RunCharts(self, self.chart_data)
@@ -83,7 +110,7 @@ class RunPanel(ctk.CTkFrame):
         self.drift_charts = DriftCharts(self, self.drift_data)
         self.drift_charts.grid(row=4, column=0, sticky="nsew", padx=(0, 8), pady=(6, 6))
         self._build_samples()
-        self.log_view = ctk.CTkTextbox(self, font=mono_font(12), wrap="none", height=180)
+        self.log_view = ctk.CTkTextbox(self, font=mono_font(12), wrap="none", height=120)
         self.log_view.grid(row=5, column=0, columnspan=2, sticky="nsew")
         self.log_view.tag_config("warning", foreground=WARNING_COLOUR[1])
         self.log_view.tag_config("error", foreground=ERROR_COLOUR[1])
@@ -93,7 +120,7 @@ class RunPanel(ctk.CTkFrame):
     # -------------------------------------------------------------------------------- build
 
     def _build_controls(self) -> None:
-        bar = ctk.CTkFrame(self, fg_color="transparent")
+        bar = FlowFrame(self)
         bar.grid(row=0, column=0, columnspan=2, sticky="ew")
         self.start_button = ctk.CTkButton(bar, text="Start", width=100, command=self.start)
         self.stop_button = ctk.CTkButton(bar, text="Stop", width=90, command=self.stop)
@@ -102,17 +129,27 @@ class RunPanel(ctk.CTkFrame):
             bar, text="Sample now", width=110, command=self.sample_now
         )
         for button in (self.start_button, self.stop_button, self.save_button, self.sample_button):
-            button.pack(side="left", padx=(0, 8))
+            bar.add(button)
         self.resume_button = ctk.CTkButton(bar, text="Resume", width=90, command=self.resume)
-        self.resume_button.pack(side="left", padx=(16, 4))
-        self.backup_menu = ctk.CTkOptionMenu(bar, values=[NO_BACKUP], width=150)
-        self.backup_menu.pack(side="left", padx=(0, 8))
+        bar.add(self.resume_button, space_before=8)
+        # The run folder's backups, read again each time the menu opens and on each backup
+        # the running trainer writes.
+        self.backup_menu = BackupMenu(
+            bar,
+            values=[NO_BACKUP],
+            width=150,
+            before_open=self.refresh_backups,
+            command=self._choose_backup,
+        )
+        bar.add(self.backup_menu)
         self.state_label = ctk.CTkLabel(bar, text="", text_color=MUTED_COLOUR)
-        self.state_label.pack(side="left", padx=8)
+        bar.add(self.state_label)
         self.problems = ctk.CTkLabel(
             self, text="", anchor="w", justify="left", text_color=ERROR_COLOUR, wraplength=1300
         )
         self.problems.grid(row=1, column=0, columnspan=2, sticky="w", pady=(4, 0))
+        self.problems.grid_remove()  # shown while there is a problem to show
+        follow_width(self.problems, self)
 
     def _build_progress(self) -> None:
         frame = ctk.CTkFrame(self, fg_color="transparent")
@@ -121,15 +158,26 @@ class RunPanel(ctk.CTkFrame):
         self.progress = ctk.CTkProgressBar(frame, width=360)
         self.progress.set(0)
         self.progress.grid(row=0, column=0, sticky="w", padx=(0, 12))
-        self.progress_text = ctk.CTkLabel(frame, text="", anchor="w", font=mono_font(12))
+        # One line each (20 px, not customtkinter's 28), so the charts keep the height.
+        self.progress_text = ctk.CTkLabel(
+            frame, text="", anchor="w", justify="left", font=mono_font(12), height=20
+        )
         self.progress_text.grid(row=0, column=1, sticky="w")
-        self.latest_text = ctk.CTkLabel(frame, text="", anchor="w", font=mono_font(12))
+        self.latest_text = ctk.CTkLabel(
+            frame, text="", anchor="w", justify="left", font=mono_font(12), height=20
+        )
         self.latest_text.grid(row=1, column=0, columnspan=2, sticky="w")
-        self.saved_text = ctk.CTkLabel(frame, text="", anchor="w", text_color=MUTED_COLOUR)
+        self.saved_text = ctk.CTkLabel(
+            frame, text="", anchor="w", justify="left", text_color=MUTED_COLOUR, height=20
+        )
         self.saved_text.grid(row=2, column=0, columnspan=2, sticky="w")
+        for label in (self.latest_text, self.saved_text):
+            follow_width(label, frame)
+        follow_width(self.progress_text, frame, pad=self.progress.winfo_reqwidth() + 12)
 
     def _build_samples(self) -> None:
-        self.samples_frame = ctk.CTkFrame(self)
+        # Scrolls when the charts beside it are shorter than the samples of every prompt.
+        self.samples_frame = ctk.CTkScrollableFrame(self, width=2 * SAMPLE_PX + 24)
         self.samples_frame.grid(row=3, column=1, rowspan=2, sticky="nsew", pady=(6, 6))
         self.samples_title = ctk.CTkLabel(self.samples_frame, text="Latest samples")
         self.samples_title.grid(row=0, column=0, columnspan=2, padx=8, pady=(6, 2))
@@ -153,6 +201,10 @@ class RunPanel(ctk.CTkFrame):
         lines += [f"⚠ {line}" for line in validation.warnings]
         colour = ERROR_COLOUR if self.blockers else WARNING_COLOUR
         self.problems.configure(text="\n".join(lines), text_color=colour)
+        if lines:
+            self.problems.grid()
+        else:
+            self.problems.grid_remove()
         if self.state == "idle" and not self.drift_data and validation.config is not None:
             # A finished run's readings stay in view; an empty chart says whether it will fill.
             self.drift_charts.show_hint(not validation.config.drift.every)
@@ -166,18 +218,37 @@ class RunPanel(ctk.CTkFrame):
             return
         self.start(resume=str(Path(config.output.run_dir) / BACKUPS / choice))
 
+    def _show_history(self, backup: Path, total_steps: int) -> None:
+        """The charts of a resumed run from its first step: the run folder's ``metrics.jsonl``
+        up to the backup's step (the rows after it are of steps the resume discards)."""
+        try:
+            step = int(backup.name.removeprefix("step"))
+        except ValueError:
+            return  # not a backup folder's name: the trainer says why
+        points, readings = read_history(backup.parent.parent / METRICS, step)
+        for point in points:
+            self.chart_data.add(point)
+        for reading in readings:
+            self.drift_data.add(reading)
+        if points:
+            self.progress.set(min(1.0, step / max(1, total_steps)))
+            self.log(f"The charts show steps 1-{step} from {backup.parent.parent / METRICS}")
+
     def start(self, resume: str | None = None) -> None:
         config = self._config()
         if self.state != "idle" or config is None or self.blockers:
             return
         self._before_start(config)
+        self._backup_chosen = None
         self.chart_data.clear()
-        self.charts.redraw()
         self.drift_data.clear()
         self.drift_charts.set_span(config.training.steps)
-        self.drift_charts.redraw()
-        self.drift_charts.show_hint(not config.drift.every)
         self.progress.set(0)
+        if resume is not None:
+            self._show_history(Path(resume), config.training.steps)
+        self.charts.redraw()
+        self.drift_charts.redraw()
+        self.drift_charts.show_hint(not config.drift.every and not self.drift_data)
         self.progress_text.configure(text="")
         self.latest_text.configure(text="")
         self._sec_per_step = None
@@ -223,11 +294,7 @@ class RunPanel(ctk.CTkFrame):
         idle = self.state == "idle"
         can_start = idle and not self.blockers
         self.start_button.configure(state="normal" if can_start else "disabled")
-        found = self._backups() if idle else []
-        self.backup_menu.configure(values=found or [NO_BACKUP])
-        if self.backup_menu.get() not in found:
-            self.backup_menu.set(found[-1] if found else NO_BACKUP)
-        self.resume_button.configure(state="normal" if can_start and found else "disabled")
+        self.refresh_backups()
         running = "normal" if self.state == "running" else "disabled"
         for button in (self.save_button, self.sample_button):
             button.configure(state=running)
@@ -242,6 +309,21 @@ class RunPanel(ctk.CTkFrame):
         if idle and self.blockers:
             text = "Fix the marked fields to start"
         self.state_label.configure(text=text)
+
+    def refresh_backups(self) -> None:
+        """List the run folder's backups (the one the user chose, else the newest);
+        Resume is on when idle with one to resume from."""
+        found = self._backups()
+        self.backup_menu.configure(values=found or [NO_BACKUP])
+        if self._backup_chosen in found:
+            self.backup_menu.set(self._backup_chosen)
+        else:
+            self.backup_menu.set(found[-1] if found else NO_BACKUP)
+        can_resume = self.state == "idle" and not self.blockers and found
+        self.resume_button.configure(state="normal" if can_resume else "disabled")
+
+    def _choose_backup(self, name: str) -> None:
+        self._backup_chosen = name
 
     def _backups(self) -> list[str]:
         """The backups in the config's run folder (``stepNNNNNN``), oldest first."""
@@ -285,6 +367,8 @@ class RunPanel(ctk.CTkFrame):
             self._step(event)
         elif isinstance(event, StatusMessage):
             self.log(event.text, "warning" if event.level == "warning" else None)
+            if event.text.startswith(BACKUP_WRITTEN):
+                self.refresh_backups()
         elif isinstance(event, FileSaved):
             self.last_saved = Path(event.path)
             self.saved_text.configure(text=f"Last saved: {event.path} (step {event.step})")

@@ -39,6 +39,8 @@ class Dialogs:
     errors: list[tuple[str, str]] = field(default_factory=list)
     questions: list[str] = field(default_factory=list)
     yes: bool = True
+    cancel: bool = False
+    """A yes/no/cancel question is answered Cancel (else as ``yes`` says)."""
     text: str | None = None
     directory: Path | None = None
     preset: Path | None = None
@@ -52,10 +54,15 @@ def answers(monkeypatch: pytest.MonkeyPatch) -> Dialogs:
         answered.questions.append(message)
         return answered.yes
 
+    def ask_yes_no_cancel(_parent: Any, _title: str, message: str) -> bool | None:
+        answered.questions.append(message)
+        return None if answered.cancel else answered.yes
+
     monkeypatch.setattr(
         dialogs, "show_error", lambda _p, title, message: answered.errors.append((title, message))
     )
     monkeypatch.setattr(dialogs, "ask_yes_no", ask_yes_no)
+    monkeypatch.setattr(dialogs, "ask_yes_no_cancel", ask_yes_no_cancel)
     monkeypatch.setattr(dialogs, "ask_text", lambda *_args: answered.text)
     monkeypatch.setattr(dialogs, "ask_directory", lambda *_args: answered.directory)
     monkeypatch.setattr(dialogs, "ask_open_preset", lambda *_args: answered.preset)
@@ -100,6 +107,54 @@ def open_window(
 @pytest.fixture
 def window(open_window: Callable[..., Any]) -> Any:
     return open_window()
+
+
+@pytest.fixture(scope="session")
+def screens(display: str) -> Iterator[dict[tuple[int, int], str]]:
+    """Xvfb displays of other screen sizes, started as tests ask for them and kept to the end
+    of the session: Tk ends the process when a display it has used goes away."""
+    started: list[VirtualDisplay] = []
+
+    class Displays(dict):
+        def __missing__(self, size: tuple[int, int]) -> str:
+            virtual = VirtualDisplay(f"{size[0]}x{size[1]}x24")
+            started.append(virtual)
+            self[size] = virtual.start()
+            return self[size]
+
+    yield Displays()
+    for virtual in started:
+        virtual.stop()
+
+
+@pytest.fixture
+def open_on_screen(
+    screens: dict[tuple[int, int], str],
+    home: Path,
+    answers: Dialogs,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[Callable[[int, int], Any]]:
+    """Opens the real main window on a display of its own, ``width`` x ``height`` pixels (an
+    Xvfb screen of that size): the window sizes itself from the screen it opens on."""
+    import customtkinter as ctk
+
+    from app.main_window import MainWindow
+
+    monkeypatch.chdir(REPO)
+    ctk.set_appearance_mode("dark")
+    windows: list[Any] = []
+
+    def opener(width: int, height: int, **kwargs: Any) -> Any:
+        monkeypatch.setenv("DISPLAY", screens[(width, height)])
+        window = MainWindow(**kwargs)
+        windows.append(window)
+        window.update()
+        return window
+
+    yield opener
+    for window in windows:
+        if not window.closed:
+            window.destroy()
 
 
 @pytest.fixture

@@ -1,10 +1,11 @@
 """Chart data and smoothing (no display needed)."""
 
+import json
 from types import SimpleNamespace
 
 import pytest
 
-from app.charts import SERIES, ChartData, nice_ceiling, smooth
+from app.charts import SERIES, ChartData, nice_ceiling, read_history, smooth
 
 
 def test_smoothing_is_unbiased_from_the_first_point():
@@ -46,3 +47,35 @@ def test_chart_data_smooths_point_by_point_like_smooth():
 )
 def test_nice_ceiling(value, expected):
     assert nice_ceiling(value) == expected
+
+
+def test_history_is_the_run_up_to_the_backup_s_step_each_step_once(tmp_path):
+    def row(step: int, value: float, **more: float) -> str:
+        return json.dumps({"step": step, **dict.fromkeys(SERIES, value), **more})
+
+    lines = [
+        json.dumps({"step": 0, "drift_background": 0.0, "heldout_subject_loss": 0.5}),
+        row(1, 1.0),
+        row(2, 2.0),
+        row(3, 3.0, drift_background=0.1),
+        # A resume from step 1 whose file was not cut back: its steps replace 2 and 3.
+        row(2, 20.0),
+        row(3, 30.0),
+        json.dumps({"step": 3, "drift_world": 0.2}),  # the stop's own drift row
+        row(4, 40.0),
+        '{"step": 5, "loss_tot',  # the last line of a run killed while writing it
+    ]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    points, readings = read_history(path, until=3)
+    assert [p.step for p in points] == [1, 2, 3]
+    assert [p.loss_prior for p in points] == [1.0, 20.0, 30.0]
+    assert [(r.step, r.drift_background, r.drift_world) for r in readings] == [
+        (0, 0.0, None),
+        (3, None, 0.2),
+    ]
+    assert read_history(tmp_path / "missing.jsonl", until=3) == ([], [])
+    data = ChartData()
+    for point in points:
+        data.add(point)
+    assert data.values["teacher_fraction"] == [1.0, 20.0, 30.0]

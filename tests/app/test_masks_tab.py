@@ -1,5 +1,6 @@
 """The Masks tab in the real window: paint with a tier brush, undo, paint again, save; the
-preview follows the edited mask; leaving asks; zoom; Generate in the background."""
+preview follows the edited mask; unsaved edits are marked; leaving asks (Cancel stays); zoom and
+fit to the view; Generate in the background."""
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ def masks(window, tmp_path):
     tab = window.masks
     tab.choose_concept(str(folder))
     tab.open_image("a.png", ask=False)
+    tab.zoom_to(1.0)  # canvas pixels are image pixels in these tests
     settle(window)
     return tab
 
@@ -73,6 +75,7 @@ def test_leaving_an_edited_mask_asks(window, masks, answers):
     assert tab.open_image("b.png")
     assert answers.questions and "a-masklabel.png" in answers.questions[-1]
     assert not (tab.image_path.parent / "a-masklabel.png").exists()
+    tab.zoom_to(1.0)  # opened fitted to the view
     stroke(tab, [(5, 5), (20, 5)])
     answers.yes = True  # save them
     assert tab.open_image("a.png")
@@ -103,3 +106,61 @@ def test_generate_for_this_image_runs_in_the_background(window, masks):
     levels = tab.layer.levels
     assert levels[40, 50] == 255 and levels[2, 2] == 0  # the red block in, a corner out
     assert tab.layer.dirty and tab.layer.can_undo  # an edit, not saved
+
+
+def test_unsaved_edits_are_marked_until_saved(window, masks):
+    tab = masks
+    assert tab.mask_name.cget("text") == "a-masklabel.png"
+    stroke(tab, [(10, 10), (30, 10)])
+    assert tab.mask_name.cget("text") == "a-masklabel.png *"
+    tab.save()
+    assert tab.mask_name.cget("text") == "a-masklabel.png"
+    tab.undo()  # back to the empty mask, which is not the saved one
+    assert tab.mask_name.cget("text").endswith(" *")
+    tab.redo()  # the saved mask again
+    assert not tab.mask_name.cget("text").endswith(" *")
+
+
+def test_cancel_keeps_the_edited_mask_and_stays(window, masks, answers):
+    tab = masks
+    stroke(tab, [(5, 5), (20, 5)])
+    edited = tab.layer.levels.copy()
+    answers.cancel = True
+    assert not tab.open_image("b.png")
+    assert "Cancel" in answers.questions[-1]
+    assert tab.image_path.name == "a.png" and tab.image_menu.get() == "a.png"
+    assert tab.layer.dirty and (tab.layer.levels == edited).all()
+    assert not (tab.image_path.parent / "a-masklabel.png").exists()
+    window.close()  # closing the window asks too, and Cancel keeps it open
+    assert not window.closed and tab.layer.dirty
+    answers.cancel = False
+    answers.yes = True
+    assert tab.open_image("b.png")
+    assert (np.asarray(Image.open(tab.image_path.parent / "a-masklabel.png")) == edited).all()
+
+
+def test_the_canvas_fits_the_image_to_the_view(window, masks):
+    tab = masks
+    folder = tab.image_path.parent
+    Image.new("RGB", (1600, 1200), (30, 90, 200)).save(folder / "large.png")
+    tab.choose_concept(str(folder))
+    assert tab.open_image("large.png", ask=False)
+    settle(window)
+    room = tab.canvas.winfo_width(), tab.canvas.winfo_height()
+    assert room[0] < 1600 and room[1] < 1200  # a photo larger than the view
+    x0, y0, x1, y1 = tab.canvas.bbox("all")
+    assert x1 - x0 <= room[0] and y1 - y0 <= room[1]  # all of it in view ...
+    assert max((x1 - x0) / room[0], (y1 - y0) / room[1]) > 0.98  # ... as large as it fits
+    # Painting where the canvas shows image pixel (800, 600) paints that pixel.
+    tab.choose_brush("face")
+    tab.size_slider.set(2)
+    stroke(tab, [(round(800 * tab.zoom), round(600 * tab.zoom))])
+    assert tab.layer.levels[600, 800] == window.form.validation.config.mask.tiers.face
+    # Zooming leaves the fit; Fit comes back to it, and a small image is enlarged to the view.
+    tab.set_zoom(1)
+    assert not tab.fitted and tab.canvas.bbox("all")[2] > room[0]
+    tab.tool_buttons["Fit"].invoke()
+    assert tab.fitted and tab.canvas.bbox("all")[2] <= room[0]
+    assert tab.open_image("b.png", ask=False)  # 96 x 80
+    settle(window)
+    assert tab.zoom > 1 and tab.canvas.bbox("all")[3] <= room[1]

@@ -121,12 +121,23 @@ def test_resume_lists_the_run_folder_s_backups_and_continues_from_one(window, tm
     assert panel.last_end.error is None
     assert panel.backup_menu.cget("values") == ["step000002", "step000004"]
     assert panel.backup_menu.get() == "step000004"
+    first = {row["step"]: row for row in read_rows(run_dir)}
     window.form.row("training.steps").set(6)
     settle(window)
     assert panel.resume_button.cget("state") == "normal"
+    panel.backup_menu.set("step000002")  # steps 3 and 4 are trained again
     panel.resume_button.invoke()
     pump(window, lambda: panel.state == "idle", RUN_TIMEOUT, "the resumed run")
     assert panel.last_end.error is None and panel.last_end.step == 6
     assert "Resuming from" in panel.log_text()
-    steps = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [s for s in steps if s] == [1, 2, 3, 4, 5, 6]
+    rows = read_rows(run_dir)
+    assert [row["step"] for row in rows if row["step"]] == [1, 2, 3, 4, 5, 6]
+    # The charts show the run from step 1: steps 1-2 from before the resume, then the new ones.
+    assert panel.chart_data.steps == [1, 2, 3, 4, 5, 6]
+    losses = panel.chart_data.values["loss_total"]
+    assert losses[:2] == [first[1]["loss_total"], first[2]["loss_total"]]
+    assert losses == [row["loss_total"] for row in rows if "loss_total" in row]
+
+
+def read_rows(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
