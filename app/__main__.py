@@ -9,6 +9,8 @@ from typing import Any
 
 import customtkinter as ctk
 
+from modules.signals import POLITE_SIGNALS
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m app", description="MaskPrior Trainer")
@@ -35,9 +37,8 @@ def close_on_signals(window: Any) -> None:
     def handler(signum: int, _frame: object) -> None:
         window.after(0, window.close_for_signal, signum)
 
-    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), handler)
+    for signum in POLITE_SIGNALS:
+        signal.signal(signum, handler)
 
 
 if __name__ == "__main__":

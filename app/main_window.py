@@ -270,7 +270,7 @@ class MainWindow(ctk.CTk):
     def _write_demo_data(self, config: TrainConfig) -> None:
         # A demo preset points at demo-data/, written on first use: writing it now (a fraction
         # of a second, once) gives the concept counts and the preview something to show.
-        from modules.cli.main import ensure_demo_data
+        from modules.demo.data_folder import ensure_demo_data
 
         try:
             ensure_demo_data(config)
@@ -415,7 +415,7 @@ class MainWindow(ctk.CTk):
         """A polite signal: stop the run (the trainer saves the LoRA) and close, not asking."""
         if self.signalled:
             return
-        from modules.cli.main import signal_name
+        from modules.signals import signal_name
 
         self.signalled = signum
         self.run_panel.log(

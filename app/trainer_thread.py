@@ -106,8 +106,8 @@ class TrainerThread:
         resume: str | None = None,
     ) -> None:
         try:
-            engine_import.load("modules.cli.main", "modules.trainer.generic_trainer")
-            from modules.cli.main import ensure_demo_data
+            engine_import.load("modules.demo.data_folder", "modules.trainer.generic_trainer")
+            from modules.demo.data_folder import ensure_demo_data
             from modules.trainer import GenericTrainer
             from modules.trainer.events import StatusMessage
 

@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from modules.config import config_from_dict
-from modules.data.demo_dataset import write_demo_dataset
+from modules.demo.dataset import write_demo_dataset
 from modules.trainer import GenericTrainer
 
 
@@ -59,7 +59,7 @@ def main() -> None:
         trainer = make_trainer(Path(tmp), args.batch)
         for _ in range(3):  # warm-up
             trainer.optimizer_step()
-        tensors = [p.detach() for p in trainer.params]
+        tensors = [p.detach() for p in trainer.built.params]
         steps, checks = [], []
         for _ in range(args.rounds):
             sync()

@@ -1,6 +1,6 @@
 """The phantom-limb ablation: what masked prior preservation buys against background drift.
 
-Every variant trains a LoRA on the demo LoRA task (``modules.data.demo_dataset``: the "sks
+Every variant trains a LoRA on the demo LoRA task (``modules.demo.dataset``: the "sks
 heart", or with ``--task crescent`` the "zwx crescent", a shape and pattern the pretrained demo
 base model never saw, on cluttered backgrounds with weighted masks) with the same data, steps,
 batch, learning rate and seeds; only the masked-training settings change. Each trained LoRA is
@@ -10,7 +10,7 @@ then measured:
   and clutter), at fixed noise and timesteps (``modules.trainer.drift``);
 - ``subject score``: share of samples of "a sks heart on a ... background" prompts (or the
   ``--task crescent`` subject's, "a zwx crescent on a ... background") that the
-  subject judge (``modules.models.demo_subject_judge``, trained on the subject's renderings at
+  subject judge (``modules.demo.subject_judge``, trained on the subject's renderings at
   any size) reads as the subject; ``subject score (colour)`` is the older colour-area test
   (``subject_presence``), which calls a small subject absent;
 - ``drift (bg)``: mean squared difference between the LoRA's and the base model's predictions
@@ -57,7 +57,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from modules.atomic import replacing, write_text_atomic
 from modules.config import config_from_dict
-from modules.data.demo_dataset import (
+from modules.demo.classifier import load_classifier, score_prompt_match
+from modules.demo.dataset import (
     SUBJECT_PRESENT,
     TASKS,
     TRIGGERS,
@@ -65,12 +66,11 @@ from modules.data.demo_dataset import (
     subject_presence,
     write_demo_dataset,
 )
-from modules.data.world import BACKGROUNDS, SceneLabels, scene
+from modules.demo.subject_judge import SHIPPED_WEIGHTS as SUBJECT_JUDGE_WEIGHTS
+from modules.demo.subject_judge import load_judge, share_showing
+from modules.demo.world import BACKGROUNDS, SceneLabels, scene
 from modules.lora import lora_disabled
 from modules.models.demo.family import BUILTIN_WEIGHTS, GUIDANCE, TIME_SHIFT
-from modules.models.demo_classifier import load_classifier, score_prompt_match
-from modules.models.demo_subject_judge import SHIPPED_WEIGHTS as SUBJECT_JUDGE_WEIGHTS
-from modules.models.demo_subject_judge import load_judge, share_showing
 from modules.trainer import GenericTrainer
 from modules.trainer.drift import DriftMetrics, HeldOutSet, measure_drift, reading_keys
 
@@ -285,7 +285,7 @@ class Settings:
     subject score moved by 0.1 a sample and its sd over seeds reached 0.32."""
     variants: tuple[Variant, ...] = VARIANTS
     task: str = "heart"
-    """The demo subject task (``modules.data.demo_dataset.TASKS``) every variant trains."""
+    """The demo subject task (``modules.demo.dataset.TASKS``) every variant trains."""
     report_only: bool = False
     """Train nothing: report the runs the work folder holds."""
 
@@ -342,7 +342,7 @@ def run_variant(
         result = trainer.optimizer_step()
         seconds.append(time.perf_counter() - tick)
         teacher.append(result.teacher_fraction)
-    trainer.model.denoiser.eval()
+    trainer.built.model.denoiser.eval()
     metrics, samples = evaluation.measure(trainer)
     metrics["sec_per_step"] = statistics.median(seconds)
     metrics["teacher_fraction"] = statistics.mean(teacher)
@@ -369,7 +369,7 @@ class Evaluation:
         """Built at the first measurement and kept: every run starts from the same base."""
 
     def measure(self, trainer: GenericTrainer) -> tuple[dict[str, float], torch.Tensor]:
-        family, model = trainer.family, trainer.model
+        family, model = trainer.built.family, trainer.built.model
         if self.heldout is None:
             self.heldout = HeldOutSet.build(
                 family,
@@ -380,7 +380,7 @@ class Evaluation:
                 timesteps=list(HELDOUT_TIMESTEPS),
                 seed=0,
                 max_images=8,
-                device=trainer.device,
+                device=trainer.built.device,
             )
         heldout = self.heldout
         subject, world = self._samples(trainer)
@@ -414,7 +414,7 @@ class Evaluation:
 
     @torch.no_grad()
     def _samples(self, trainer: GenericTrainer) -> tuple[torch.Tensor, torch.Tensor]:
-        family, model = trainer.family, trainer.model
+        family, model = trainer.built.family, trainer.built.model
         out = []
         for prompts in (self.subject_prompts, self.world_prompts):
             text = family.encode_prompts(model, prompts)

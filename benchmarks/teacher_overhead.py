@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from modules.config import config_from_dict
-from modules.data.demo_dataset import write_demo_dataset
+from modules.demo.dataset import write_demo_dataset
 from modules.lora import lora_disabled
 from modules.trainer import GenericTrainer
 
@@ -65,12 +65,13 @@ def make_trainer(name: str, root: Path, batch: int, resolution: int) -> GenericT
 
 def time_teacher_parts(trainer: GenericTrainer, repeats: int) -> dict[str, float]:
     """Seconds per step of the teacher's switch (ours and diffusers'), and of its forward."""
-    denoiser, family, model = trainer.model.denoiser, trainer.family, trainer.model
-    batch = next(trainer.batches)
-    latents = batch.latents.to(trainer.device)
-    text = {k: v.to(trainer.device) for k, v in batch.text.items()}
+    family, model = trainer.built.family, trainer.built.model
+    denoiser = model.denoiser
+    batch = next(trainer.built.batches)
+    latents = batch.latents.to(trainer.built.device)
+    text = {k: v.to(trainer.built.device) for k, v in batch.text.items()}
     timesteps = family.sample_timesteps(
-        latents.shape, generator=torch.Generator().manual_seed(0), device=trainer.device
+        latents.shape, generator=torch.Generator().manual_seed(0), device=trainer.built.device
     )
     noisy, _ = family.noisy_input_and_target(latents, torch.randn_like(latents), timesteps)
 
@@ -83,7 +84,7 @@ def time_teacher_parts(trainer: GenericTrainer, repeats: int) -> dict[str, float
         denoiser.enable_adapters()
 
     def forward() -> None:
-        with torch.no_grad(), trainer.precision.autocast(), lora_disabled(denoiser):
+        with torch.no_grad(), trainer.built.precision.autocast(), lora_disabled(denoiser):
             family.predict(model, noisy, timesteps, text)
 
     found = {}

@@ -8,7 +8,7 @@
 built-in model's) or ``wan`` (the earlier built-in model's transformer). ``--stop-step`` ends
 a run early on its whole ``--steps`` learning-rate schedule and exports it as finished.
 
-Flow matching on ``train`` scenes of ``modules.data.world``, drawn on the fly: step ``k`` sees
+Flow matching on ``train`` scenes of ``modules.demo.world``, drawn on the fly: step ``k`` sees
 scenes ``k * batch_size`` onwards, and its noise, timesteps and caption dropout come from a
 generator seeded by ``(seed, k)``, so a run is a pure function of its settings and a resumed
 run continues exactly where the stopped one would have gone.
@@ -56,7 +56,13 @@ from torch import Tensor
 from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
 from modules.atomic import replacing, write_text_atomic
-from modules.data.world import Scene, SceneLabels, scene
+from modules.demo.classifier import (
+    SHIPPED_WEIGHTS,
+    images_to_tensor,
+    load_classifier,
+    score_prompt_match,
+)
+from modules.demo.world import Scene, SceneLabels, scene
 from modules.models.base import LoadedModel, TextEncoding
 from modules.models.demo.family import (
     ARCHITECTURES,
@@ -65,14 +71,9 @@ from modules.models.demo.family import (
     TRANSFORMER_CONFIG,
     UNET_CONFIG,
     DemoFamily,
+    DemoParts,
     build_demo_model,
     save_demo_model,
-)
-from modules.models.demo_classifier import (
-    SHIPPED_WEIGHTS,
-    images_to_tensor,
-    load_classifier,
-    score_prompt_match,
 )
 
 TINY_TRANSFORMER = {
@@ -192,7 +193,7 @@ def _setup(run: PretrainRun, trim_log: bool = True) -> _State:
 def _build_model(run: PretrainRun) -> LoadedModel:
     model = _build_cpu_model(run)
     model.denoiser.to(run.device)
-    model.parts["text_encoder"].to(run.device)
+    model.parts.text_encoder.to(run.device)
     return model
 
 
@@ -210,15 +211,15 @@ def _build_cpu_model(run: PretrainRun) -> LoadedModel:
         model = LoadedModel(
             denoiser=tiny,
             identity="demo-tiny",
-            parts={
-                "text_encoder": T5EncoderModel(T5Config(**TEXT_ENCODER_CONFIG)),
-                "tokenizer": ByT5Tokenizer(),
-            },
+            parts=DemoParts(
+                text_encoder=T5EncoderModel(T5Config(**TEXT_ENCODER_CONFIG)),
+                tokenizer=ByT5Tokenizer(),
+            ),
         )
     model.denoiser.train()
     # Dropout stays off in the text encoder (eval mode): the model is far too small and
     # briefly trained to overfit, and eval mode keeps the encoding the family will compute.
-    model.parts["text_encoder"].eval()
+    model.parts.text_encoder.eval()
     return model
 
 
@@ -226,7 +227,7 @@ def _trainable(model: LoadedModel) -> dict[str, torch.nn.Parameter]:
     """Every weight of both networks, named with a prefix so the EMA can be keyed by name
     (``transformer.`` for the denoiser, whichever its architecture)."""
     params = {f"transformer.{k}": p for k, p in model.denoiser.named_parameters()}
-    encoder = model.parts["text_encoder"]
+    encoder = model.parts.text_encoder
     params |= {f"text_encoder.{k}": p for k, p in encoder.named_parameters()}
     for p in params.values():
         p.requires_grad_(True)
@@ -344,14 +345,14 @@ def _train_step(
 def encode_captions(model: LoadedModel, captions: list[str]) -> TextEncoding:
     """The demo family's prompt encoding with gradients (the family's own is no-grad, since
     LoRA training never trains the text encoder). A test keeps the two equal."""
-    tokens = model.parts["tokenizer"](
+    tokens = model.parts.tokenizer(
         captions,
         padding="max_length",
         max_length=MAX_PROMPT_BYTES,
         truncation=True,
         return_tensors="pt",
     )
-    encoder = model.parts["text_encoder"]
+    encoder = model.parts.text_encoder
     device = next(encoder.parameters()).device
     mask = tokens.attention_mask.to(device)
     hidden = encoder(input_ids=tokens.input_ids.to(device), attention_mask=mask).last_hidden_state
@@ -397,7 +398,7 @@ def _save_checkpoint(run: PretrainRun, state: _State) -> None:
         "step": state.step,
         "elapsed": state.elapsed,
         "transformer": state.model.denoiser.state_dict(),
-        "text_encoder": state.model.parts["text_encoder"].state_dict(),
+        "text_encoder": state.model.parts.text_encoder.state_dict(),
         "optimizer": state.optimizer.state_dict(),
         "ema": state.ema,
     }
@@ -417,7 +418,7 @@ def _load_checkpoint(run: PretrainRun, state: _State, path: Path) -> None:
                 "a new run"
             )
     state.model.denoiser.load_state_dict(payload["transformer"])
-    state.model.parts["text_encoder"].load_state_dict(payload["text_encoder"])
+    state.model.parts.text_encoder.load_state_dict(payload["text_encoder"])
     state.optimizer.load_state_dict(payload["optimizer"])
     state.ema = payload["ema"]
     state.step, state.elapsed = payload["step"], payload["elapsed"]
@@ -463,7 +464,7 @@ def _export(run: PretrainRun, state: _State, into: Path) -> LoadedModel:
     weights = state.ema if run.ema_decay > 0 else _named_weights(state.model)
     for prefix, module in (
         ("transformer.", model.denoiser),
-        ("text_encoder.", model.parts["text_encoder"]),
+        ("text_encoder.", model.parts.text_encoder),
     ):
         own = {k.removeprefix(prefix): v for k, v in weights.items() if k.startswith(prefix)}
         module.load_state_dict(own, strict=False)  # parameters only; buffers are not trained

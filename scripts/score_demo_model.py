@@ -27,15 +27,15 @@ from PIL import Image
 from torch import Tensor
 
 from modules.atomic import replacing, write_text_atomic
-from modules.data.world import Scene, scene
-from modules.models.base import LoadedModel
-from modules.models.demo.family import GUIDANCE, DemoFamily
-from modules.models.demo_classifier import (
+from modules.demo.classifier import (
     WorldClassifier,
     images_to_tensor,
     load_classifier,
     score_prompt_match,
 )
+from modules.demo.world import Scene, scene
+from modules.models.base import LoadedModel
+from modules.models.demo.family import GUIDANCE, DemoFamily
 
 NEW_SCENES = 100_000_000
 """First ``train``-split index of the "new scenes": pretraining draws scenes in order from 0

@@ -1,6 +1,6 @@
 """Train the world classifier that scores the demo model's samples (a few minutes on a CPU).
 
-    python -m scripts.train_demo_classifier --out modules/models/demo_classifier.safetensors
+    python -m scripts.train_demo_classifier --out modules/demo/classifier.safetensors
 
 Scenes come from the world's ``judge`` split, drawn on the fly (no two steps see the same
 image); accuracy is reported on the ``heldout`` split, whose main objects are the held-out
@@ -18,8 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from modules.data.world import Split, WorldSpec, scene
-from modules.models.demo_classifier import (
+from modules.demo.classifier import (
     HEADS,
     WorldClassifier,
     images_to_tensor,
@@ -27,6 +26,7 @@ from modules.models.demo_classifier import (
     save_classifier,
     score_prompt_match,
 )
+from modules.demo.world import Split, WorldSpec, scene
 
 
 @dataclass(frozen=True)

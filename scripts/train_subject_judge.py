@@ -1,10 +1,10 @@
 """Train the subject judge that scores the phantom-limb ablation's samples (minutes on a CPU).
 
-    python -m scripts.train_subject_judge --out modules/models/demo_subject_judge.safetensors
+    python -m scripts.train_subject_judge --out modules/demo/subject_judge.safetensors
 
 Examples are drawn on the fly from the generator's own drawing code (no two steps see the same
 image): a quarter show the sks heart, a quarter the zwx crescent (the two subject tasks of
-``modules.data.demo_dataset``), half neither (world scenes, cluttered backgrounds, and near
+``modules.demo.dataset``), half neither (world scenes, cluttered backgrounds, and near
 misses: the subjects' colours as blobs, world shapes or the other subject in a subject's
 pattern, a subject's shape in flat colours). Example ``i`` of a stream is drawn from a
 generator seeded by ``(seed, stream, i)``; training uses stream 0 and the reported accuracy
@@ -25,9 +25,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from modules.data import demo_dataset, world
-from modules.models.demo_classifier import images_to_tensor
-from modules.models.demo_subject_judge import CLASSES, SubjectJudge, judge_subject, save_judge
+from modules.demo import dataset as demo_dataset
+from modules.demo import world
+from modules.demo.classifier import images_to_tensor
+from modules.demo.subject_judge import CLASSES, SubjectJudge, judge_subject, save_judge
 
 TRAIN_STREAM, HELDOUT_STREAM = 0, 1
 RADIUS = (0.1, 0.3)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from modules.config import config_from_dict
-from modules.data.demo_dataset import write_demo_dataset
+from modules.demo.dataset import write_demo_dataset
 from modules.trainer import GenericTrainer
 
 
@@ -40,7 +40,7 @@ def train_in_process(root: Path, model: dict[str, Any]) -> tuple[torch.nn.Module
     trainer = GenericTrainer(config)
     finished = trainer.run()
     assert finished.error is None, finished.error
-    denoiser = trainer.model.denoiser
+    denoiser = trainer.built.model.denoiser
     return denoiser.eval(), root / "run" / "lora.safetensors"
 
 

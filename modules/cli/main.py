@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, TextIO
 
 from modules.cli import masks_command
 from modules.config import ConfigError, TrainConfig, apply_overrides, config_warnings, load_preset
+from modules.demo.data_folder import DEMO_DATA_ROOT, ensure_demo_data
+from modules.signals import POLITE_SIGNALS, signal_name
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -35,16 +37,7 @@ if TYPE_CHECKING:
 # The training stack (torch, diffusers) is imported inside the commands that need it, so that
 # `check` and a bad config answer in a fraction of a second.
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEMO_DATA_ROOT = REPO_ROOT / "demo-data"
-
 EXIT_OK, EXIT_TRAINING_ERROR, EXIT_CONFIG_ERROR = 0, 1, 2
-POLITE_SIGNALS = tuple(
-    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
-)
-"""Signals that ask a process to end: Ctrl-C, a job scheduler or container stop, a closed
-terminal. The first stops after the current step and saves; a second Ctrl-C quits without
-saving (a second SIGTERM or SIGHUP does not)."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -85,44 +78,6 @@ def resolve_config(preset: str, overrides: list[str], run_dir: str | None) -> Tr
     return config
 
 
-def ensure_demo_data(config: TrainConfig) -> list[str]:
-    """Write (or bring up to date) the demo dataset when a concept or a held-out folder of the
-    drift meter points into it; the warnings to show (one line each).
-
-    A demo preset started with your own concepts keeps its drift meter's demo folders: they are
-    written too, so the run starts, and a warning says that the demo's held-out subject is not
-    yours. The dataset's ``.complete`` marker records its version: a current folder is left as
-    it is at the cost of one file read; a missing, half-written or older one is written again."""
-    from modules.data.demo_dataset import is_current, write_demo_dataset
-
-    named = [(f"data.concepts[{i}].path", c.path) for i, c in enumerate(config.data.concepts)]
-    if config.drift.every:
-        named += [
-            (f"drift.{name}", path)
-            for name, path in (
-                ("subject_path", config.drift.subject_path),
-                ("world_path", config.drift.world_path),
-            )
-            if path
-        ]
-    inside = [name for name, path in named if _in_demo_data(path)]
-    if inside and not is_current(DEMO_DATA_ROOT):
-        print(f"Writing the demo dataset to {DEMO_DATA_ROOT} (named by {', '.join(inside)})")
-        write_demo_dataset(DEMO_DATA_ROOT)
-    own_concepts = not any(name.startswith("data.") for name in inside)
-    if own_concepts and "drift.subject_path" in inside:
-        return [
-            f"drift.subject_path={config.drift.subject_path} is the demo dataset's held-out "
-            "subject, not your concepts': its held-out subject loss says nothing about your "
-            "LoRA; set drift.subject_path to held-out images of your subject, or leave it empty"
-        ]
-    return []
-
-
-def _in_demo_data(path: str) -> bool:
-    return Path(path).expanduser().resolve().is_relative_to(DEMO_DATA_ROOT)
-
-
 def _print_event(event: Event, bar: tqdm | None) -> tqdm | None:
     """Print one event; the progress bar appears with the first step, under the banner."""
     from tqdm import tqdm
@@ -152,7 +107,9 @@ def _print_event(event: Event, bar: tqdm | None) -> tqdm | None:
 
 
 class _Signals:
-    """The polite signals, turned into requests the main loop reads (a handler only records)."""
+    """The polite signals, turned into requests the main loop reads (a handler only records).
+    The first stops after the current step and saves; a second Ctrl-C quits without saving (a
+    second SIGTERM or SIGHUP does not)."""
 
     def __init__(self) -> None:
         self.received: list[int] = []
@@ -171,11 +128,6 @@ class _Signals:
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-def signal_name(signum: int) -> str:
-    """How a message names a signal: Ctrl-C for SIGINT, else its name."""
-    return "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
 
 
 def train(config: TrainConfig, resume: str | None = None) -> int:
@@ -310,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     _guard_output()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     if args.command == "demo-data":
-        from modules.data.demo_dataset import write_demo_dataset
+        from modules.demo.dataset import write_demo_dataset
 
         write_demo_dataset(Path(args.root))
         print(f"demo dataset in {args.root}")

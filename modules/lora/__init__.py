@@ -3,7 +3,6 @@
 from modules.lora.lora import (
     NonFiniteLoraError,
     add_lora,
-    check_comfyui_supported,
     load_lora,
     lora_disabled,
     lora_prefix,
@@ -14,7 +13,6 @@ from modules.lora.lora import (
 __all__ = [
     "NonFiniteLoraError",
     "add_lora",
-    "check_comfyui_supported",
     "load_lora",
     "lora_disabled",
     "lora_prefix",

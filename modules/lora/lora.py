@@ -5,8 +5,9 @@ A LoRA adds to a frozen linear layer ``W`` the low-rank update ``(alpha / r) * B
 model at step 0. Switching the adapter off (``lora_disabled``) removes the update exactly: the
 teacher then *is* the base model, which is what masked prior preservation needs.
 
-Files are saved in the diffusers layout or, for WAN transformers, in ComfyUI's layout
-(:mod:`modules.lora.comfyui`); :func:`load_lora` reads both.
+Files are saved in the diffusers layout or in the layout ComfyUI loads for the family (the
+family's ``comfyui_converter``, e.g. :mod:`modules.models.wan.comfyui`); :func:`load_lora` reads
+the diffusers layout, and the others through the family's diffusers loader (``lora_loader``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from diffusers.loaders import WanLoraLoaderMixin
 from diffusers.models.modeling_utils import ModelMixin
 from peft import LoraConfig as PeftLoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -29,7 +29,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from modules.atomic import replacing
-from modules.lora.comfyui import is_comfyui_layout, to_comfyui
 
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # the key diffusers reads rank/alpha from
 PREFIX = "transformer"
@@ -138,12 +137,16 @@ def save_lora(
 
     ``layout="diffusers"``: the metadata carries what diffusers needs to rebuild the adapter
     (``lora_adapter_metadata``: rank, alpha, target modules). ``layout="comfyui"``: the
-    family's ComfyUI names from ``comfyui`` (its ``comfyui_converter``; WAN's module names with
-    a per-module ``alpha`` tensor when not given) and no adapter metadata (diffusers would apply
-    alpha twice after converting). Both carry, for people, the rank, alpha, family, layout and
-    the whole resolved training config.
+    family's ComfyUI names from ``comfyui`` (its ``comfyui_converter``, which this layout
+    needs) and no adapter metadata (diffusers would apply alpha twice after converting). Both
+    carry, for people, the rank, alpha, family, layout and the whole resolved training config.
     """
     path = Path(path)
+    if layout == "comfyui" and comfyui is None:
+        raise ValueError(
+            "save_lora: layout='comfyui' needs the family's converter (comfyui=, the family's "
+            "comfyui_converter)"
+        )
     peft_config = denoiser.peft_config["default"]
     state = lora_state_dict(denoiser)
     broken = [name for name, tensor in state.items() if not torch.isfinite(tensor).all()]
@@ -161,10 +164,7 @@ def save_lora(
         "maskprior.alpha": str(peft_config.lora_alpha),
         "maskprior.config": config_json,
     }
-    if layout == "comfyui":
-        if comfyui is None:
-            check_comfyui_supported(denoiser)
-            comfyui = to_comfyui
+    if layout == "comfyui" and comfyui is not None:
         state = comfyui(state, peft_config.lora_alpha)
     else:
         metadata[ADAPTER_METADATA_KEY] = json.dumps(_adapter_metadata(denoiser), sort_keys=True)
@@ -173,34 +173,39 @@ def save_lora(
     return path
 
 
-def check_comfyui_supported(denoiser: ModelMixin) -> None:
-    """The ComfyUI layout is WAN's; a ValueError naming the field for any other denoiser."""
-    if lora_prefix(denoiser) != PREFIX:
-        raise ValueError(
-            f"output.format=comfyui: the ComfyUI layout here is WAN's, and this model's denoiser "
-            f"is a {type(denoiser).__name__}; set output.format=diffusers"
-        )
+def load_lora(
+    denoiser: ModelMixin,
+    path: str | os.PathLike[str],
+    adapter_name: str = "default",
+    *,
+    loader: type | None = None,
+) -> None:
+    """Load a saved LoRA file into ``denoiser`` through diffusers' own LoRA loading.
 
-
-def load_lora(denoiser: ModelMixin, path: str | os.PathLike[str], adapter_name: str = "default"):
-    """Load a saved LoRA file into ``denoiser`` through diffusers' own LoRA loader.
-
-    A ComfyUI-layout file goes through diffusers' conversion of non-diffusers WAN LoRAs, which
-    folds each module's alpha / rank into the weights.
+    A diffusers-layout file (keys under the denoiser's prefix) loads as it is. A file in another
+    layout (e.g. ComfyUI's) is converted by ``loader``, the family's diffusers LoRA loader
+    (``family.lora_loader(model)``), whose ``lora_state_dict`` folds each module's alpha / rank
+    into the weights, as the family's pipeline does.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: LoRA file not found")
+    prefix = lora_prefix(denoiser)
     with safe_open(str(path), framework="pt") as file:
         keys = list(file.keys())
-    if is_comfyui_layout(keys):
-        state = WanLoraLoaderMixin.lora_state_dict(str(path))
-        denoiser.load_lora_adapter(state, prefix=PREFIX, adapter_name=adapter_name)
+    if all(key.startswith(f"{prefix}.") for key in keys):
+        denoiser.load_lora_adapter(
+            str(path.parent),
+            weight_name=path.name,
+            prefix=prefix,
+            adapter_name=adapter_name,
+            local_files_only=True,
+        )
         return
-    denoiser.load_lora_adapter(
-        str(path.parent),
-        weight_name=path.name,
-        prefix=lora_prefix(denoiser),
-        adapter_name=adapter_name,
-        local_files_only=True,
-    )
+    if loader is None:
+        raise ValueError(
+            f"{path}: not a diffusers-layout LoRA of this {type(denoiser).__name__} (keys "
+            f"outside '{prefix}.'); load it with the family's LoRA loader (loader=)"
+        )
+    state = loader.lora_state_dict(str(path))
+    denoiser.load_lora_adapter(state, prefix=prefix, adapter_name=adapter_name)

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -42,18 +42,25 @@ embeddings, attention masks, size ids, guidance), every tensor batch-first, so t
 teacher's subset of the batch is ``t[index]`` for every entry (:func:`select_text`)."""
 
 
+PartsT = TypeVar("PartsT")
+"""A family's own parts: a small dataclass it declares (``WanParts``, ``DemoParts``, ...)."""
+
+
 class ModelLoadError(ValueError):
     """A base model that cannot be loaded. The message names the path and the fix."""
 
 
 @dataclass
-class LoadedModel:
+class LoadedModel(Generic[PartsT]):
     """A loaded base model: the denoiser the LoRA attaches to, plus the family's other parts."""
 
     denoiser: torch.nn.Module
     identity: str
     """Stable description of the weights (path or built-in name), part of the cache key."""
-    parts: dict[str, Any] = field(default_factory=dict)
+    parts: PartsT = None  # type: ignore[assignment]
+    """Everything else the family keeps (encoders, VAE, device, ...), typed by the family:
+    ``LoadedModel[WanParts]``. Only the family reads it; None for a family that keeps
+    nothing else (a stand-in family in the tests)."""
     wrapper: torch.nn.Module | None = None
     """The denoiser inside the trainer's data-parallel wrapper, set on the copy the student's
     forward uses when training on several processes; None everywhere else."""

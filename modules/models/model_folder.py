@@ -1,12 +1,14 @@
 """What every family that loads a local diffusers folder does the same way: check the folder's
 parts, read its JSON files, stamp the files a cache depends on, keep a frozen base in float8,
-and move the denoiser to the training device once the encoders are gone."""
+keep what it loads beside the denoiser in a :class:`FolderParts` of its own, and move the
+denoiser to the training device once the encoders are gone."""
 
 from __future__ import annotations
 
 import gc
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,25 @@ import torch
 from modules.models.base import LoadedModel, ModelLoadError
 from modules.models.folder_check import FolderProblem, check_folder
 from modules.models.registry import family_spec
+
+
+@dataclass(kw_only=True)
+class FolderParts:
+    """What every family that loads a local diffusers folder keeps beside its denoiser; each
+    family's own parts (``WanParts``, ``Flux1Parts``, ...) add its encoders to these."""
+
+    folder: Path
+    """The model folder, read when a part loads on first use."""
+    device: torch.device
+    """The training device: the denoiser moves there once the text encoders are freed."""
+    dtype: torch.dtype
+    """The base model's dtype (the text encoders: :func:`text_encoder_dtype` of it)."""
+    vae_config: dict[str, Any]
+    """The VAE's ``config.json`` (latent statistics, scale factors), read without the VAE."""
+    vae: Any = None
+    """The VAE, loaded on first use; dropped by ``release_encoders`` unless samples decode."""
+    released: bool = False
+    """Whether ``release_encoders`` ran (the text encoders are gone)."""
 
 
 def check_model_folder(path: str, family: str, options: Any = None) -> Path:
@@ -56,10 +77,10 @@ def files_stamp(folder: Path, parts: tuple[str, ...]) -> str:
     )
 
 
-def denoiser_on_device(model: LoadedModel) -> None:
-    """Move the denoiser to ``model.parts["device"]`` (families keep it on the CPU until the
+def denoiser_on_device(model: LoadedModel[FolderParts]) -> None:
+    """Move the denoiser to ``model.parts.device`` (families keep it on the CPU until the
     text encoders are freed, so the two never share the GPU)."""
-    device = model.parts["device"]
+    device = model.parts.device
     if next(model.denoiser.parameters()).device != device:
         model.denoiser.to(device)
 
@@ -73,15 +94,14 @@ def store_in_fp8(denoiser: torch.nn.Module, compute_dtype: torch.dtype) -> None:
     )
 
 
-def free_encoders(model: LoadedModel, encoders: str, *, keep_decoder: bool) -> None:
-    """Drop ``model.parts[encoders]`` (the text encoders) and, unless samples are decoded,
-    ``model.parts["vae"]``, free their memory, and move the denoiser to the training device: a
-    family's ``release_encoders`` once the cache is filled."""
+def free_encoders(model: LoadedModel[FolderParts], *, keep_decoder: bool) -> None:
+    """After the family dropped its text encoders: drop ``model.parts.vae`` unless samples are
+    decoded, free their memory, and move the denoiser to the training device (a family's
+    ``release_encoders`` once the cache is filled)."""
     parts = model.parts
-    parts[encoders] = None
     if not keep_decoder:
-        parts["vae"] = None
-    parts["released"] = True
+        parts.vae = None
+    parts.released = True
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -129,13 +149,12 @@ def load_frozen(model_class: Any, folder: Path, device: torch.device, **options:
     return loaded.eval().requires_grad_(False).to(device)
 
 
-def frozen_vae(model: LoadedModel, vae_class: Any) -> Any:
-    """The folder's VAE in float32, loaded on first use and kept in ``model.parts["vae"]``."""
-    parts = model.parts
-    if parts["vae"] is None:
-        folder, device = parts["folder"] / "vae", parts["device"]
-        parts["vae"] = load_frozen(vae_class, folder, device, torch_dtype=torch.float32)
-    return parts["vae"]
+def frozen_vae(parts: FolderParts, vae_class: Any) -> Any:
+    """The folder's VAE in float32, loaded on first use and kept in ``parts.vae``."""
+    if parts.vae is None:
+        folder = parts.folder / "vae"
+        parts.vae = load_frozen(vae_class, folder, parts.device, torch_dtype=torch.float32)
+    return parts.vae
 
 
 def text_encoder_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -24,9 +24,9 @@ import pickle
 import random
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate.utils import gather_object
@@ -39,6 +39,9 @@ from modules.trainer.batch_stream import BatchStream
 from modules.trainer.fingerprint import dataset_changes, dataset_print
 from modules.trainer.processes import Processes
 from modules.trainer.run_folder import os_error_reason
+
+if TYPE_CHECKING:
+    from modules.trainer.between_steps import BetweenSteps
 
 BACKUPS = "backups"
 STATE = "state.pt"
@@ -105,6 +108,8 @@ class TrainingState:
     """Noise, timesteps and caption dropout."""
     mask_rng: random.Random
     scaler: torch.amp.GradScaler | None = None
+    parts: list[BetweenSteps] = field(default_factory=list)
+    """The between-steps parts; a backup holds the state of those that have one."""
 
     def shared_random(self) -> dict[str, Any]:
         """The random state every process holds alike (the data order and its place, the noise
@@ -122,6 +127,8 @@ class TrainingState:
         process's own generators (:func:`process_random`), the main process's first."""
         lora = get_peft_model_state_dict(self.denoiser)
         main = processes[0]
+        parts = {part.name: part.state() for part in self.parts}
+        parts = {name: state for name, state in parts.items() if state is not None}
         return {
             "step": step,
             "lora": {key: value.detach().cpu() for key, value in lora.items()},
@@ -136,6 +143,7 @@ class TrainingState:
                 "mask": shared["mask"],
             },
             "processes": processes,
+            **({"parts": parts} if parts else {}),
         }
 
     def restore(self, state: dict[str, Any], index: int, count: int) -> int:
@@ -160,6 +168,9 @@ class TrainingState:
             torch.cuda.set_rng_state_all(own["cuda"])
         self.generator.set_state(rng["noise"])
         self.mask_rng.setstate(rng["mask"])
+        for part in self.parts:
+            if part.name in state.get("parts", {}):
+                part.restore(state["parts"][part.name])
         return int(state["step"])
 
 
@@ -257,6 +268,22 @@ class Backups:
             return None
         self._status(f"Backup: {folder}", "info")
         return folder
+
+
+def resume_hint(run_dir: Path, last_saved: Path | None) -> str:
+    """How to go on after a run ended early: the backup ``--resume latest`` continues from, or
+    the LoRA ``last_saved`` a new run can start from."""
+    try:
+        folder, state, _ = choose_backup(run_dir, "latest", lambda _text, _level: None)
+    except ConfigError:
+        text = "There is no backup to continue from (output.backup_every makes them)"
+        if last_saved is not None:
+            text += f"; a new run can start from the LoRA with lora.init_from={last_saved}"
+        return text + "."
+    return (
+        f"To continue, run the same command with --resume latest: it continues from "
+        f"{folder} (step {int(state['step'])})."
+    )
 
 
 def process_random() -> dict[str, Any]:

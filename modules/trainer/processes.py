@@ -10,16 +10,64 @@ samples) and runs the drift meter.
 A process that dies (killed, crashed) breaks the next exchange of the others: their backend
 raises at once (gloo: "Connection reset by peer"), :func:`lost_peer` recognises it, and the
 trainer saves the LoRA and names the backup to resume from instead of a traceback.
+
+The step (:mod:`modules.trainer.step`) knows nothing of this: :meth:`Processes.split` gives it
+this process's share of the batch and its draws, and :meth:`Share.place` puts its per-sample
+losses back into the whole batch's, at 0 for the other processes' samples.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
+from typing import Any, Generic, TypeVar
 
 import torch
-from accelerate import PartialState
+from accelerate import Accelerator, PartialState
 from accelerate.utils import parse_flag_from_env
+
+from modules.loss import LossBreakdown
+
+_SUMMED = ("total", "target", "prior")
+"""The loss parts each process computes a part of (the weight means it has whole)."""
+
+Items = TypeVar("Items")
+"""A dataclass of per-sample values, batch-first: tensors, dicts of them (the text), or None."""
+Draws = TypeVar("Draws")
+
+
+def take(items: Items, index: torch.Tensor | slice) -> Items:
+    """The samples ``index`` of ``items``, in that order."""
+    taken: dict[str, Any] = {}
+    for part in fields(items):  # type: ignore[arg-type]
+        value = getattr(items, part.name)
+        if isinstance(value, dict):
+            taken[part.name] = {key: tensor[index] for key, tensor in value.items()}
+        else:
+            taken[part.name] = None if value is None else value[index]
+    return replace(items, **taken)  # type: ignore[type-var]
+
+
+@dataclass(frozen=True)
+class Share(Generic[Items, Draws]):
+    """This process's share of a batch (all of it on one process)."""
+
+    batch: Items
+    draws: Draws
+    whole: Draws
+    """The whole batch's draws (repeated, when padded): the loss normalises over its masks."""
+    part: slice
+    """This process's samples in the whole batch."""
+    size: int
+    """The whole batch's size (padded: one sample at least for every process)."""
+
+    def place(self, values: torch.Tensor | None) -> torch.Tensor | None:
+        """Per-sample ``values`` of this share placed in the whole batch, the others at 0."""
+        if values is None or values.shape[0] == self.size:
+            return values
+        whole = values.new_zeros((self.size, *values.shape[1:]))
+        whole[self.part] = values
+        return whole
 
 
 @dataclass(frozen=True)
@@ -57,6 +105,24 @@ class Processes:
         base, extra = divmod(size, self.count)
         start = self.index * base + min(self.index, extra)
         return slice(start, start + base + (1 if self.index < extra else 0))
+
+    def split(self, batch: Items, draws: Draws, size: int) -> Share[Items, Draws]:
+        """This process's share of ``batch`` (``size`` samples) and of its ``draws``; a batch
+        with fewer samples than processes first repeats each sample, with its draws."""
+        pad = self.padded(size)
+        if pad is not None:
+            batch, draws, size = take(batch, pad), take(draws, pad), len(pad)
+        part = self.share(size)
+        return Share(take(batch, part), take(draws, part), draws, part, size)
+
+    def whole_loss(self, loss: LossBreakdown, accelerator: Accelerator) -> LossBreakdown:
+        """Every process's part of the loss summed into the whole batch's, on each (for the log
+        and the NaN check, which every process then makes alike)."""
+        if not self.several:
+            return loss
+        parts = torch.stack([getattr(loss, name).detach().float() for name in _SUMMED])
+        summed = accelerator.reduce(parts, reduction="sum")
+        return replace(loss, **dict(zip(_SUMMED, summed.unbind(), strict=True)))
 
     def seed(self, seed: int) -> int:
         """The seed of this process's own torch generator (LoRA dropout): the run's seed on the

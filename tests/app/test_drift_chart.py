@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 from app.charts import DRIFT_OFF_HINT, DriftData
-from modules.data.demo_dataset import write_demo_dataset
+from modules.demo.dataset import write_demo_dataset
 from modules.trainer.events import DriftBand, DriftMeasured, Finished
 from tests.app.driving import pump, settle
 

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from modules.config import load_preset
-from modules.data.demo_dataset import SUBJECT_PRESENT, TRIGGER, subject_presence
+from modules.demo.dataset import SUBJECT_PRESENT, TRIGGER, subject_presence
 from tests.cli.test_cli import REPO, cli
 
 pytestmark = pytest.mark.slow

@@ -10,8 +10,8 @@ from torch.utils.data import DataLoader
 from modules.config.schema import CaptionConfig, ConceptConfig
 from modules.data.concept import scan_concept
 from modules.data.dataset import Batch, ConceptDataset, MaskCoverage, collate
-from modules.data.demo_dataset import write_demo_dataset
 from modules.data.latent_cache import CachedItem, build_cache
+from modules.demo.dataset import write_demo_dataset
 from tests.data.stand_ins import PROMPT_LENGTH, StandInEncoders
 
 

@@ -36,7 +36,8 @@ def _saved_lora(tmp_path, architecture, targets, layout="diffusers", rank=4, alp
             if "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
     path = tmp_path / f"{architecture}-{layout}.safetensors"
-    save_lora(model.denoiser, path, family="demo", config_json="{}", layout=layout)
+    comfyui = FAMILY.comfyui_converter(model) if layout == "comfyui" else None
+    save_lora(model.denoiser, path, family="demo", config_json="{}", layout=layout, comfyui=comfyui)
     return path, _predict(model, _inputs(model))
 
 

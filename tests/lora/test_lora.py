@@ -120,8 +120,16 @@ def test_a_unet_lora_is_saved_under_diffusers_unet_prefix_and_loads_back(
     load_lora(fresh.denoiser, path)
     assert torch.allclose(_predict(demo_family, fresh, demo_inputs), student, atol=1e-6)
     with pytest.raises(ValueError, match="output.format=comfyui: .* UNet2DConditionModel"):
+        demo_family.comfyui_converter(model)
+
+
+def test_the_comfyui_layout_needs_the_family_s_converter(tmp_path, demo_model):
+    """The shared LoRA code knows no family's ComfyUI names: without the converter the layout
+    is refused and nothing is written."""
+    _lora_model(demo_model)
+    with pytest.raises(ValueError, match="layout='comfyui' needs the family's converter"):
         save_lora(
-            model.denoiser,
+            demo_model.denoiser,
             tmp_path / "c.safetensors",
             family="demo",
             config_json="{}",

@@ -46,7 +46,7 @@ def test_load_reads_the_folder_and_defers_the_encoders(tiny_wan):
     family, model = load(tiny_wan)
     reference = WanTransformer3DModel.from_pretrained(tiny_wan / "transformer")
     assert same_weights(model.denoiser, reference)
-    assert model.parts["text_encoder"] is None and model.parts["vae"] is None  # lazy
+    assert model.parts.text_encoder is None and model.parts.vae is None  # lazy
     assert SPEC.latent_grid(str(tiny_wan)) == LatentGrid(pixels_per_cell=8, pixel_multiple=16)
     assert family.timestep_range == (0.0, 1.0)
     assert model.identity.startswith("wan:") and "transformer" not in model.identity
@@ -120,12 +120,12 @@ def test_prompts_match_the_wan_pipeline(tiny_wan):
 
 def test_prompt_token_counts_need_only_the_tokenizer(tiny_wan):
     family, model = load(tiny_wan)
-    assert model.parts["text_encoder"] is None  # deferred: a cached run never loads it
+    assert model.parts.text_encoder is None  # deferred: a cached run never loads it
     prompts = ["a photo of sks heart", "word " * 600]
     counts, limit = family.prompt_token_counts(model, prompts)
     assert limit == TEXT_TOKENS
     assert counts[0] < 20 and counts[1] > TEXT_TOKENS
-    assert model.parts["text_encoder"] is None
+    assert model.parts.text_encoder is None
     mask = family.encode_prompts(model, prompts[:1])["embeds"].abs().sum(-1) > 0
     assert counts[0] == int(mask.sum())  # the same tokens the encoder sees
 
@@ -201,15 +201,15 @@ def test_release_keeps_only_the_decoder_and_samples_with_guidance(tiny_wan):
     text = family.encode_prompts(model, ["a photo of sks heart", "a dog"])
     family.release_encoders(model, keep_decoder=True)
     parts = model.parts
-    assert parts["text_encoder"] is None and parts["tokenizer"] is None
-    assert parts["vae"].encoder is None and parts["vae"].decoder is not None
-    assert parts["negative"]["embeds"].shape[0] == 1  # "" for classifier-free guidance
+    assert parts.text_encoder is None and parts.tokenizer is None and parts.released
+    assert parts.vae.encoder is None and parts.vae.decoder is not None
+    assert parts.negative["embeds"].shape[0] == 1  # "" for classifier-free guidance
     images = family.sample(
         model, text, size=(32, 32), steps=2, generator=torch.Generator().manual_seed(0)
     )
     assert images.shape == (2, 3, 32, 32) and images.abs().max() <= 1
     family.release_encoders(model, keep_decoder=False)
-    assert parts["vae"] is None
+    assert parts.vae is None
 
 
 def test_a14b_samples_switch_to_the_other_expert_below_the_boundary(tiny_wan_a14b):
@@ -217,9 +217,10 @@ def test_a14b_samples_switch_to_the_other_expert_below_the_boundary(tiny_wan_a14
     text = family.encode_prompts(model, ["a photo of sks heart"])
     family.release_encoders(model, keep_decoder=True)
     assert family._expert_for(model, 0.9) is model.denoiser
-    assert model.parts["other_expert"] == "transformer_2"  # not loaded while training
+    assert model.parts.other_subfolder == "transformer_2"
+    assert model.parts.other_expert is None  # not loaded while training
     family.sample(model, text, size=(32, 32), steps=3, generator=torch.Generator().manual_seed(0))
-    other = model.parts["other_expert"]
+    other = model.parts.other_expert
     assert isinstance(other, WanTransformer3DModel) and family._expert_for(model, 0.5) is other
     assert same_weights(
         other, WanTransformer3DModel.from_pretrained(tiny_wan_a14b / "transformer_2")

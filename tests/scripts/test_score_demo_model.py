@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import json
 
+from modules.demo.classifier import load_classifier
 from modules.models.demo.family import build_demo_model
-from modules.models.demo_classifier import load_classifier
 from scripts.score_demo_model import GRID_GAP, GRID_PROMPTS, GRID_SCALE, main, markdown, score
 
 

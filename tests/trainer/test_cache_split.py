@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from modules.config import config_from_dict
-from modules.data.demo_dataset import write_demo_dataset
 from modules.data.images import image_size, load_mask, mask_to_latent
+from modules.demo.dataset import write_demo_dataset
 from modules.trainer import GenericTrainer, StatusMessage
 
 pytestmark = pytest.mark.slow
@@ -63,7 +63,7 @@ def test_an_edited_mask_is_trained_on_without_encoding_an_image(concept, tmp_pat
     assert "latents 16 reused, 0 encoded" in line and "masks 15 reused, 1 made" in line
     assert not any(text.startswith("Caching latents") for text in texts)
     expected = mask_to_latent(load_mask(mask_file, image_size(image), 64), (16, 16))
-    samples = [trainer.dataset[i] for i in range(len(trainer.dataset))]
+    samples = [trainer.built.dataset[i] for i in range(len(trainer.built.dataset))]
     found = [s["mask"] for s in samples if torch.equal(s["mask"], expected)]
     assert found, "the new mask is the one the dataset trains on"
 

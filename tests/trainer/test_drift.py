@@ -11,7 +11,7 @@ from PIL import Image
 
 from modules.config import ConfigError, config_from_dict
 from modules.config.schema import DriftConfig
-from modules.data.demo_dataset import write_demo_dataset
+from modules.demo.dataset import write_demo_dataset
 from modules.lora import add_lora
 from modules.models.demo.family import DemoFamily, build_demo_model
 from modules.trainer import Command, DriftBand, DriftMeasured, GenericTrainer, StepMetrics

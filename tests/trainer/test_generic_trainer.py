@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from modules.config import TrainConfig, config_from_dict
-from modules.data.demo_dataset import write_demo_dataset
+from modules.demo.dataset import write_demo_dataset
 from modules.lora import load_lora
 from modules.models.demo.family import DemoFamily, build_demo_model, save_demo_model
 from modules.trainer import (
@@ -82,7 +82,7 @@ def test_prior_run_logs_both_terms_and_saves_a_lora_that_reloads(demo_root, tmp_
     assert (tmp_path / "run/lora.json").is_file()
 
     # The saved file, loaded into a fresh base through diffusers, reproduces the trained model.
-    family, trained = trainer.family, trainer.model
+    family, trained = trainer.built.family, trainer.built.model
     generator = torch.Generator().manual_seed(0)
     noisy = torch.randn(2, 48, 8, 8, generator=generator)
     timesteps = torch.tensor([0.2, 0.9])
@@ -249,14 +249,14 @@ def test_memory_options_bf16_checkpointing_and_accumulation(demo_root, tmp_path,
     trainer = GenericTrainer(config)
     finished = trainer.run()
     assert finished.error is None
-    denoiser = trainer.model.denoiser
+    denoiser = trainer.built.model.denoiser
     to_q = next(m for n, m in denoiser.named_modules() if n.endswith("attn1.to_q"))
     assert to_q.base_layer.weight.dtype == torch.bfloat16
     if architecture == "wan":  # its norms are kept in float32, as diffusers does
         assert denoiser.blocks[0].norm2.weight.dtype == torch.float32
-    lora = [p for n, p in trainer.model.denoiser.named_parameters() if "lora_" in n]
+    lora = [p for n, p in trainer.built.model.denoiser.named_parameters() if "lora_" in n]
     assert lora and all(p.dtype == torch.float32 for p in lora)
-    assert trainer.model.denoiser.is_gradient_checkpointing
+    assert trainer.built.model.denoiser.is_gradient_checkpointing
     lines = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 3 and all(x["loss_total"] == x["loss_total"] for x in lines)  # no NaN
     assert lines[0]["lr"] == 0 and lines[1]["lr"] == 1e-3 > lines[2]["lr"]  # warm-up, cosine

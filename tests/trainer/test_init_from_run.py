@@ -48,11 +48,11 @@ def test_the_run_starts_from_the_file_with_a_fresh_optimizer(demo_root, first_lo
         if isinstance(event, StatusMessage):
             said.append(event.text)
     assert any(text.startswith(f"LoRA starts from {first_lora}") for text in said)
-    assert trainer.optimizer.state_dict()["state"] == {}  # fresh: no moments yet
+    assert trainer.built.optimizer.state_dict()["state"] == {}  # fresh: no moments yet
     expected = builtin_base()
     load_lora(expected.denoiser, first_lora)
-    trainer.denoiser.eval()
-    got = _prediction(trainer.model)
+    trainer.built.denoiser.eval()
+    got = _prediction(trainer.built.model)
     assert torch.allclose(got, _prediction(expected), atol=1e-5)
     assert not torch.allclose(got, _prediction(builtin_base()), atol=1e-4)
 

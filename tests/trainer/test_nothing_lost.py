@@ -11,7 +11,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from modules.config import config_from_dict
-from modules.data.demo_dataset import write_demo_dataset
+from modules.demo.dataset import write_demo_dataset
 from modules.trainer import FileSaved, GenericTrainer, StatusMessage
 from modules.trainer import saving as trainer_module
 from tests.trainer.test_generic_trainer import run
@@ -90,7 +90,7 @@ def test_an_infinite_gradient_stops_before_the_step_that_would_break_the_weights
         result = original(self, batch)
         calls["n"] += 1
         if calls["n"] == 2:  # the loss stays finite; its gradient does not
-            self.params[0].register_hook(lambda grad: grad * float("inf"))
+            self.built.params[0].register_hook(lambda grad: grad * float("inf"))
         return result
 
     monkeypatch.setattr(GenericTrainer, "_train_step", infinite_gradient)

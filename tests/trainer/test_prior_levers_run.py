@@ -63,14 +63,14 @@ def test_outside_the_noise_range_the_teacher_is_skipped_and_the_prior_term_is_ze
     trainer = GenericTrainer(config)
     trainer.setup()
     # The same draws the step makes: which samples' timesteps are in the range.
-    state, data = trainer.generator.get_state(), trainer.batches.state()
-    batch = next(trainer.batches)
-    trainer.batches.restore(data)
-    torch.randn(batch.latents.shape, generator=trainer.generator)
-    t = trainer.family.sample_timesteps(
-        batch.latents.shape, generator=trainer.generator, device=trainer.device
+    state, data = trainer.built.generator.get_state(), trainer.built.batches.state()
+    batch = next(trainer.built.batches)
+    trainer.built.batches.restore(data)
+    torch.randn(batch.latents.shape, generator=trainer.built.generator)
+    t = trainer.built.family.sample_timesteps(
+        batch.latents.shape, generator=trainer.built.generator, device=trainer.built.device
     )
-    trainer.generator.set_state(state)
+    trainer.built.generator.set_state(state)
     expected = float((t >= 0.5).float().mean())
     result = trainer.optimizer_step()
     assert result.teacher_fraction == expected

@@ -19,7 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from modules.config import config_from_dict
-from modules.data.demo_dataset import write_demo_dataset
+from modules.demo.dataset import write_demo_dataset
 from modules.trainer import GenericTrainer
 from modules.trainer.backups import backups, read_backup
 from modules.trainer.processes import Processes, lost_peer, peer_reason

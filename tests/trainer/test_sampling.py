@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from modules.data.demo_dataset import write_demo_dataset
+from modules.demo.dataset import write_demo_dataset
 from modules.lora import lora_disabled
 from modules.models.demo.family import DemoFamily
 from modules.trainer import GenericTrainer, SamplePair, SampleSaved
@@ -92,9 +92,9 @@ def test_the_base_is_sampled_once_and_shown_beside_each_lora_sample(
         assert pair.base_path == samples / f"base/0{PROMPTS.index(pair.prompt)}.png"
 
     # The cached base is what the base model samples now, after training: it never changes.
-    trainer.model.denoiser.eval()
-    with lora_disabled(trainer.model.denoiser):
-        fresh = trainer.samples.generate(trainer.samples.text)
+    trainer.built.model.denoiser.eval()
+    with lora_disabled(trainer.built.model.denoiser):
+        fresh = trainer.built.samples.generate(trainer.built.samples.text)
     for index, image in enumerate(fresh):
         assert np.array_equal(np.asarray(to_pil(image)), pixels(samples / f"base/0{index}.png"))
     # ... and after four steps at a high learning rate the LoRA's samples are not the base's.

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from modules.config import config_from_dict, load_preset
-from modules.data.demo_dataset import write_demo_dataset
+from modules.demo.dataset import write_demo_dataset
 from modules.trainer import GenericTrainer
 
 REPO = Path(__file__).resolve().parents[2]

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def demo_root(tmp_path_factory):
-    from modules.data.demo_dataset import write_demo_dataset
+    from modules.demo.dataset import write_demo_dataset
 
     return write_demo_dataset(tmp_path_factory.mktemp("demo-data"), size=64).root
 

@@ -58,14 +58,17 @@ def _denoiser_targets(path: str) -> tuple[str, Mapping[str, tuple[str, ...]]]:
     return "UNet2DConditionModel", UNET_LORA_TARGETS
 
 
+UNET_HAS_NO_COMFYUI = (
+    "output.format=comfyui: the ComfyUI layout here is WAN's, and this model's denoiser is "
+    "a UNet2DConditionModel; set output.format=diffusers"
+)
+
+
 def _comfyui_problem(path: str) -> str | None:
     """The ComfyUI layout here is WAN's: a demo transformer has it, the UNet not."""
     if _denoiser_targets(path)[0] == "WanTransformer3DModel":
         return None
-    return (
-        "output.format=comfyui: the ComfyUI layout here is WAN's, and this model's denoiser is "
-        "a UNet2DConditionModel; set output.format=diffusers"
-    )
+    return UNET_HAS_NO_COMFYUI
 
 
 SPEC = FamilySpec(
@@ -87,5 +90,6 @@ __all__ = [
     "CODEC_FACTOR",
     "SPEC",
     "TRANSFORMER_LORA_TARGETS",
+    "UNET_HAS_NO_COMFYUI",
     "UNET_LORA_TARGETS",
 ]

@@ -18,6 +18,7 @@ On disk the model is a folder with ``transformer/`` or ``unet/`` (diffusers ``sa
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,14 +28,13 @@ from diffusers.loaders import StableDiffusionLoraLoaderMixin, WanLoraLoaderMixin
 from torch import Tensor
 from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
-from modules.lora import check_comfyui_supported
-from modules.lora.comfyui import to_comfyui
 from modules.models.base import ComfyConverter, LoadedModel, TextEncoding
 from modules.models.demo import (
     ARCHITECTURES,
     BUILTIN_WEIGHTS,
     CODEC_FACTOR,
     TRANSFORMER_LORA_TARGETS,
+    UNET_HAS_NO_COMFYUI,
     UNET_LORA_TARGETS,
 )
 from modules.models.flow_matching import (
@@ -44,6 +44,7 @@ from modules.models.flow_matching import (
 )
 from modules.models.model_folder import check_model_folder
 from modules.models.spec import FamilyOptions
+from modules.models.wan.comfyui import to_comfyui
 
 LATENT_CHANNELS = 3 * CODEC_FACTOR**2
 MAX_PROMPT_BYTES = 96
@@ -101,7 +102,18 @@ TEXT_ENCODER_CONFIG = {
 }
 
 
-def build_demo_model(seed: int = 0, architecture: str = "unet") -> LoadedModel:
+@dataclass
+class DemoParts:
+    """What the demo model keeps beside its denoiser (no VAE: the codec has no weights)."""
+
+    text_encoder: T5EncoderModel
+    tokenizer: ByT5Tokenizer
+
+
+DemoModel = LoadedModel[DemoParts]
+
+
+def build_demo_model(seed: int = 0, architecture: str = "unet") -> DemoModel:
     """Random demo weights of ``architecture`` ("wan" or "unet"), deterministic in ``seed``."""
     if architecture not in ARCHITECTURES:
         raise ValueError(f"architecture: {architecture!r} is not one of {sorted(ARCHITECTURES)}")
@@ -115,16 +127,16 @@ def build_demo_model(seed: int = 0, architecture: str = "unet") -> LoadedModel:
     return LoadedModel(
         denoiser=denoiser,
         identity=f"demo-random-seed{seed}",
-        parts={"text_encoder": text_encoder.eval(), "tokenizer": ByT5Tokenizer()},
+        parts=DemoParts(text_encoder=text_encoder.eval(), tokenizer=ByT5Tokenizer()),
     )
 
 
-def save_demo_model(model: LoadedModel, directory: str | Path) -> None:
+def save_demo_model(model: DemoModel, directory: str | Path) -> None:
     """Write the model in the on-disk layout :meth:`DemoFamily.load` reads."""
     directory = Path(directory)
     model.denoiser.save_pretrained(directory / ARCHITECTURES[demo_architecture(model.denoiser)])
-    model.parts["text_encoder"].save_pretrained(directory / "text_encoder")
-    model.parts["tokenizer"].save_pretrained(directory / "tokenizer")
+    model.parts.text_encoder.save_pretrained(directory / "text_encoder")
+    model.parts.tokenizer.save_pretrained(directory / "tokenizer")
 
 
 def demo_architecture(denoiser: torch.nn.Module) -> str:
@@ -141,7 +153,7 @@ class DemoFamily(FlowMatching):
     def __init__(self, options: FamilyOptions | None = None) -> None:
         self.options = options
 
-    def load(self, path: str, *, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+    def load(self, path: str, *, dtype: torch.dtype, device: torch.device) -> DemoModel:
         if not path and not BUILTIN_WEIGHTS.is_dir():
             model = build_demo_model()
         else:
@@ -150,7 +162,7 @@ class DemoFamily(FlowMatching):
         if next(model.denoiser.parameters()).dtype != dtype:
             _cast_keeping_fp32_modules(model.denoiser, dtype)
         model.denoiser.to(device=device)
-        model.parts["text_encoder"].to(device=device)
+        model.parts.text_encoder.to(device=device)
         return model
 
     def lora_targets(self, model: LoadedModel) -> dict[str, list[str]]:
@@ -166,7 +178,8 @@ class DemoFamily(FlowMatching):
 
     def comfyui_converter(self, model: LoadedModel) -> ComfyConverter:
         """A demo transformer is a WAN transformer: WAN's ComfyUI names. A UNet has none here."""
-        check_comfyui_supported(model.denoiser)
+        if demo_architecture(model.denoiser) == "unet":
+            raise ValueError(UNET_HAS_NO_COMFYUI)
         return to_comfyui
 
     def encode_images(self, model: LoadedModel, images: Tensor) -> Tensor:
@@ -179,15 +192,15 @@ class DemoFamily(FlowMatching):
         return F.pixel_shuffle(latents, CODEC_FACTOR).clamp(-1, 1)
 
     @torch.no_grad()
-    def encode_prompts(self, model: LoadedModel, prompts: list[str]) -> TextEncoding:
-        tokens = model.parts["tokenizer"](
+    def encode_prompts(self, model: DemoModel, prompts: list[str]) -> TextEncoding:
+        tokens = model.parts.tokenizer(
             prompts,
             padding="max_length",
             max_length=MAX_PROMPT_BYTES,
             truncation=True,
             return_tensors="pt",
         )
-        encoder = model.parts["text_encoder"]
+        encoder = model.parts.text_encoder
         device = next(encoder.parameters()).device
         mask = tokens.attention_mask.to(device)
         hidden = encoder(input_ids=tokens.input_ids.to(device), attention_mask=mask)
@@ -195,8 +208,8 @@ class DemoFamily(FlowMatching):
         embeds = hidden.last_hidden_state * mask.unsqueeze(-1)
         return {"embeds": embeds.float()}
 
-    def prompt_token_counts(self, model: LoadedModel, prompts: list[str]) -> tuple[list[int], int]:
-        ids = model.parts["tokenizer"](prompts, add_special_tokens=True).input_ids
+    def prompt_token_counts(self, model: DemoModel, prompts: list[str]) -> tuple[list[int], int]:
+        ids = model.parts.tokenizer(prompts, add_special_tokens=True).input_ids
         return [len(row) for row in ids], MAX_PROMPT_BYTES
 
     def sample_timesteps(
@@ -279,7 +292,7 @@ class DemoFamily(FlowMatching):
         return self.decode_latents(model, latents)
 
 
-def _load_folder(folder: Path, dtype: torch.dtype) -> LoadedModel:
+def _load_folder(folder: Path, dtype: torch.dtype) -> DemoModel:
     check_model_folder(str(folder), "demo")
     found = [name for name in ARCHITECTURES.values() if (folder / name).is_dir()]
     model_class = UNet2DConditionModel if found[0] == "unet" else WanTransformer3DModel
@@ -291,7 +304,7 @@ def _load_folder(folder: Path, dtype: torch.dtype) -> LoadedModel:
     return LoadedModel(
         denoiser=denoiser,
         identity=_folder_identity(folder),
-        parts={"text_encoder": text_encoder.eval(), "tokenizer": tokenizer},
+        parts=DemoParts(text_encoder=text_encoder.eval(), tokenizer=tokenizer),
     )
 
 

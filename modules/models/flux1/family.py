@@ -28,6 +28,7 @@ Everything is read with ``local_files_only``. As ``FluxPipeline`` does:
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ from modules.models.base import ComfyConverter, LoadedModel, TextEncoding
 from modules.models.flow_matching import ScheduleShift, ShiftedByTokens
 from modules.models.flux1 import LORA_TARGETS, Flux1Options
 from modules.models.model_folder import (
+    FolderParts,
     check_model_folder,
     denoiser_on_device,
     files_stamp,
@@ -53,6 +55,19 @@ from modules.models.model_folder import (
     text_encoder_dtype,
 )
 from modules.models.packing import pack, unpack
+
+
+@dataclass(kw_only=True)
+class Flux1Parts(FolderParts):
+    """What a loaded FLUX.1 keeps beside its transformer (the folder, device, dtype and VAE of
+    :class:`FolderParts`)."""
+
+    encoders: tuple[Any, CLIPTextModel, Any, T5EncoderModel] | None = None
+    """CLIP's tokenizer and encoder, T5's tokenizer and encoder: loaded on first use, freed by
+    ``release_encoders``."""
+
+
+Flux1Model = LoadedModel[Flux1Parts]
 
 
 class Flux1Family(ShiftedByTokens):
@@ -81,7 +96,7 @@ class Flux1Family(ShiftedByTokens):
 
     # ---------------------------------------------------------------------------------- load
 
-    def load(self, path: str, *, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+    def load(self, path: str, *, dtype: torch.dtype, device: torch.device) -> Flux1Model:
         folder = check_model_folder(path, "flux1", self.options)
         denoiser = self._load_transformer(folder, dtype)
         if self.options.fp8_base:
@@ -89,15 +104,12 @@ class Flux1Family(ShiftedByTokens):
         self.guided = bool(denoiser.config.guidance_embeds)
         scheduler = read_model_json(folder / "scheduler" / "scheduler_config.json") or {}
         self.shift = ScheduleShift.from_scheduler_config(scheduler)
-        parts: dict[str, Any] = {
-            "folder": folder,
-            "device": torch.device(device),
-            "dtype": dtype,
-            "vae_config": read_model_json(folder / "vae" / "config.json") or {},
-            "vae": None,
-            "encoders": None,
-            "released": False,
-        }
+        parts = Flux1Parts(
+            folder=folder,
+            device=torch.device(device),
+            dtype=dtype,
+            vae_config=read_model_json(folder / "vae" / "config.json") or {},
+        )
         identity = _identity(folder, dtype, self.text_tokens)
         return LoadedModel(denoiser=denoiser, identity=identity, parts=parts)
 
@@ -118,24 +130,24 @@ class Flux1Family(ShiftedByTokens):
     # ------------------------------------------------------------------------------ encoders
 
     @torch.no_grad()
-    def encode_images(self, model: LoadedModel, images: Tensor) -> Tensor:
+    def encode_images(self, model: Flux1Model, images: Tensor) -> Tensor:
         """(B, 3, H, W) in [-1, 1] → (B, 16, H/8, W/8)."""
         vae = self._vae(model)
         param = next(vae.parameters())
         latents = vae.encode(images.to(param.device, param.dtype)).latent_dist.mode()
-        config = model.parts["vae_config"]
+        config = model.parts.vae_config
         return ((latents - config["shift_factor"]) * config["scaling_factor"]).float()
 
     @torch.no_grad()
-    def decode_latents(self, model: LoadedModel, latents: Tensor) -> Tensor:
+    def decode_latents(self, model: Flux1Model, latents: Tensor) -> Tensor:
         vae = self._vae(model)
         param = next(vae.parameters())
-        config = model.parts["vae_config"]
+        config = model.parts.vae_config
         latents = latents / config["scaling_factor"] + config["shift_factor"]
         return vae.decode(latents.to(param.device, param.dtype)).sample.float().clamp(-1, 1)
 
     @torch.no_grad()
-    def encode_prompts(self, model: LoadedModel, prompts: list[str]) -> TextEncoding:
+    def encode_prompts(self, model: Flux1Model, prompts: list[str]) -> TextEncoding:
         """``{"embeds": (B, L, D) T5, "pooled": (B, D') CLIP}``, L = ``text_tokens``."""
         clip_tokenizer, clip, t5_tokenizer, t5 = self._encoders(model)
         device = next(clip.parameters()).device
@@ -157,21 +169,22 @@ class Flux1Family(ShiftedByTokens):
         embeds = t5(t5_ids.to(next(t5.parameters()).device))[0]
         return {"embeds": embeds.float(), "pooled": pooled.float()}
 
-    def prompt_token_counts(self, model: LoadedModel, prompts: list[str]) -> tuple[list[int], int]:
+    def prompt_token_counts(self, model: Flux1Model, prompts: list[str]) -> tuple[list[int], int]:
         tokenizer = AutoTokenizer.from_pretrained(
-            model.parts["folder"] / "tokenizer_2", local_files_only=True
+            model.parts.folder / "tokenizer_2", local_files_only=True
         )
         return [len(ids) for ids in tokenizer(prompts).input_ids], self.text_tokens
 
-    def release_encoders(self, model: LoadedModel, *, keep_decoder: bool) -> None:
+    def release_encoders(self, model: Flux1Model, *, keep_decoder: bool) -> None:
         """Free both text encoders (and the VAE unless samples are decoded), then move the
         transformer to the training device."""
-        free_encoders(model, "encoders", keep_decoder=keep_decoder)
+        model.parts.encoders = None
+        free_encoders(model, keep_decoder=keep_decoder)
 
-    def _encoders(self, model: LoadedModel) -> tuple[Any, CLIPTextModel, Any, T5EncoderModel]:
+    def _encoders(self, model: Flux1Model) -> tuple[Any, CLIPTextModel, Any, T5EncoderModel]:
         parts = model.parts
-        if parts["encoders"] is None:
-            folder, dtype = parts["folder"], parts["dtype"]
+        if parts.encoders is None:
+            folder, dtype = parts.folder, parts.dtype
             # T5 overflows in float16: bfloat16 then, as for WAN's UMT5.
             t5_dtype = text_encoder_dtype(dtype)
             loaded = []
@@ -183,30 +196,28 @@ class Flux1Family(ShiftedByTokens):
                     AutoTokenizer.from_pretrained(folder / tokenizer, local_files_only=True)
                 )
                 loaded.append(
-                    load_frozen(
-                        encoder_class, folder / encoder, parts["device"], dtype=encoder_dtype
-                    )
+                    load_frozen(encoder_class, folder / encoder, parts.device, dtype=encoder_dtype)
                 )
-            parts["encoders"] = tuple(loaded)
-        return parts["encoders"]
+            parts.encoders = tuple(loaded)
+        return parts.encoders
 
-    def _vae(self, model: LoadedModel) -> AutoencoderKL:
-        return frozen_vae(model, AutoencoderKL)
+    def _vae(self, model: Flux1Model) -> AutoencoderKL:
+        return frozen_vae(model.parts, AutoencoderKL)
 
     # ---------------------------------------------------------------------------- training
 
     def predict(
-        self, model: LoadedModel, noisy: Tensor, timesteps: Tensor, text: TextEncoding
+        self, model: Flux1Model, noisy: Tensor, timesteps: Tensor, text: TextEncoding
     ) -> Tensor:
         """The velocity (B, 16, h, w) for noisy latents of the same shape."""
         return self._velocity(model, noisy, timesteps, text, self.options.guidance)
 
     def _velocity(
-        self, model: LoadedModel, noisy: Tensor, t: Tensor, text: TextEncoding, guidance: float
+        self, model: Flux1Model, noisy: Tensor, t: Tensor, text: TextEncoding, guidance: float
     ) -> Tensor:
         denoiser_on_device(model)
         batch, channels, height, width = noisy.shape
-        dtype = model.parts["dtype"]
+        dtype = model.parts.dtype
         tokens = pack(noisy).to(dtype)  # (B, h/2 * w/2, 4C)
         embeds = text["embeds"].to(dtype)
         out = model.runner(
@@ -228,7 +239,7 @@ class Flux1Family(ShiftedByTokens):
     @torch.no_grad()
     def sample(
         self,
-        model: LoadedModel,
+        model: Flux1Model,
         text: TextEncoding,
         *,
         size: tuple[int, int],
@@ -238,9 +249,9 @@ class Flux1Family(ShiftedByTokens):
         """Euler over the pipeline's schedule (``linspace(1, 1/steps)`` shifted by the folder's
         rule), with dev's embedded ``sample_guidance``."""
         denoiser_on_device(model)
-        device = model.parts["device"]
+        device = model.parts.device
         batch = text["embeds"].shape[0]
-        scale = 2 ** (len(model.parts["vae_config"].get("block_out_channels") or [0] * 4) - 1)
+        scale = 2 ** (len(model.parts.vae_config.get("block_out_channels") or [0] * 4) - 1)
         channels = model.denoiser.config.in_channels // 4
         x = torch.randn(batch, channels, size[1] // scale, size[0] // scale, generator=generator)
         x = x.to(device)

@@ -53,6 +53,7 @@ guidance embedding). Everything is read with ``local_files_only``. As the pipeli
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,7 @@ from modules.models.base import ComfyConverter, LoadedModel, TextEncoding
 from modules.models.flow_matching import ScheduleShift, ShiftedByTokens
 from modules.models.flux2 import LORA_TARGETS, SINGLE_BLOCK_OUT, Flux2Options
 from modules.models.model_folder import (
+    FolderParts,
     check_model_folder,
     denoiser_on_device,
     files_stamp,
@@ -84,6 +86,21 @@ TRAINING_MU_STEPS = 200
 """The step count whose ``compute_empirical_mu`` shifts the training timesteps (see above)."""
 HIDDEN_LAYERS = {"dev": (10, 20, 30), "klein": (9, 18, 27)}
 """The text encoder hidden states the pipelines stack (``text_encoder_out_layers``)."""
+
+
+@dataclass(kw_only=True)
+class Flux2Parts(FolderParts):
+    """What a loaded FLUX.2 keeps beside its transformer (the folder, device, dtype and VAE of
+    :class:`FolderParts`)."""
+
+    encoders: tuple[Any, torch.nn.Module] | None = None
+    """The tokenizer and the text encoder (Mistral 3 or Qwen3): loaded on first use, freed by
+    ``release_encoders``."""
+    negative: Tensor | None = None
+    """The empty prompt's embeds (1, L, 3 D), the klein base's negative for the samples."""
+
+
+Flux2Model = LoadedModel[Flux2Parts]
 
 
 class Flux2Family(ShiftedByTokens):
@@ -127,7 +144,7 @@ class Flux2Family(ShiftedByTokens):
 
     # ---------------------------------------------------------------------------------- load
 
-    def load(self, path: str, *, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+    def load(self, path: str, *, dtype: torch.dtype, device: torch.device) -> Flux2Model:
         folder = check_model_folder(path, "flux2", self.options)
         index = read_model_json(folder / "model_index.json") or {}
         scheduler = read_model_json(folder / "scheduler" / "scheduler_config.json") or {}
@@ -140,16 +157,9 @@ class Flux2Family(ShiftedByTokens):
         if self.options.fp8_base:
             store_in_fp8(denoiser, dtype)
         self.shift = ScheduleShift.from_scheduler_config(scheduler)
-        parts: dict[str, Any] = {
-            "folder": folder,
-            "device": torch.device(device),
-            "dtype": dtype,
-            "vae_config": vae_config,
-            "vae": None,
-            "encoders": None,
-            "negative": None,
-            "released": False,
-        }
+        parts = Flux2Parts(
+            folder=folder, device=torch.device(device), dtype=dtype, vae_config=vae_config
+        )
         identity = _identity(folder, dtype, self.options.text_tokens)
         return LoadedModel(denoiser=denoiser, identity=identity, parts=parts)
 
@@ -171,7 +181,7 @@ class Flux2Family(ShiftedByTokens):
     # ------------------------------------------------------------------------------ encoders
 
     @torch.no_grad()
-    def encode_images(self, model: LoadedModel, images: Tensor) -> Tensor:
+    def encode_images(self, model: Flux2Model, images: Tensor) -> Tensor:
         """(B, 3, H, W) in [-1, 1] → normalised patchified latents (B, 128, H/16, W/16)."""
         vae = self._vae(model)
         param = next(vae.parameters())
@@ -180,7 +190,7 @@ class Flux2Family(ShiftedByTokens):
         return ((patchify(latents) - mean) / std).float()
 
     @torch.no_grad()
-    def decode_latents(self, model: LoadedModel, latents: Tensor) -> Tensor:
+    def decode_latents(self, model: Flux2Model, latents: Tensor) -> Tensor:
         vae = self._vae(model)
         param = next(vae.parameters())
         mean, std = _latent_statistics(vae)
@@ -188,15 +198,15 @@ class Flux2Family(ShiftedByTokens):
         return vae.decode(latents).sample.float().clamp(-1, 1)
 
     @torch.no_grad()
-    def encode_prompts(self, model: LoadedModel, prompts: list[str]) -> TextEncoding:
+    def encode_prompts(self, model: Flux2Model, prompts: list[str]) -> TextEncoding:
         """``{"embeds": (B, L, 3 D)}``, L = ``text_tokens``, in the text encoder's dtype (as
         the pipeline returns them). For the klein base the empty prompt's encoding is kept
         too, the samples' negative prompt."""
-        if self.cfg and model.parts["negative"] is None:
-            model.parts["negative"] = self._embed(model, [""])
+        if self.cfg and model.parts.negative is None:
+            model.parts.negative = self._embed(model, [""])
         return {"embeds": self._embed(model, prompts)}
 
-    def _embed(self, model: LoadedModel, prompts: list[str]) -> Tensor:
+    def _embed(self, model: Flux2Model, prompts: list[str]) -> Tensor:
         tokenizer, encoder = self._encoders(model)
         inputs = self._tokenize(tokenizer, prompts)
         device = next(encoder.parameters()).device
@@ -239,30 +249,29 @@ class Flux2Family(ShiftedByTokens):
         ]
         return tokenizer(texts, **options)
 
-    def prompt_token_counts(self, model: LoadedModel, prompts: list[str]) -> tuple[list[int], int]:
+    def prompt_token_counts(self, model: Flux2Model, prompts: list[str]) -> tuple[list[int], int]:
         """Tokens with the chat template around each prompt (dev: the system message too)."""
-        tokenizer = _tokenizer(model.parts["folder"])
+        tokenizer = _tokenizer(model.parts.folder)
         ids = self._tokenize(tokenizer, prompts, padding=False)["input_ids"]
         return [len(row) for row in ids], self.options.text_tokens
 
-    def release_encoders(self, model: LoadedModel, *, keep_decoder: bool) -> None:
+    def release_encoders(self, model: Flux2Model, *, keep_decoder: bool) -> None:
         """Free the text encoder (and the VAE unless samples are decoded), then move the
         transformer to the training device."""
-        free_encoders(model, "encoders", keep_decoder=keep_decoder)
+        model.parts.encoders = None
+        free_encoders(model, keep_decoder=keep_decoder)
 
-    def _encoders(self, model: LoadedModel) -> tuple[Any, torch.nn.Module]:
+    def _encoders(self, model: Flux2Model) -> tuple[Any, torch.nn.Module]:
         parts = model.parts
-        if parts["encoders"] is None:
-            folder, dtype = parts["folder"], text_encoder_dtype(parts["dtype"])
+        if parts.encoders is None:
+            folder, dtype = parts.folder, text_encoder_dtype(parts.dtype)
             encoder_class = Qwen3ForCausalLM if self.klein else Mistral3ForConditionalGeneration
-            encoder = load_frozen(
-                encoder_class, folder / "text_encoder", parts["device"], dtype=dtype
-            )
-            parts["encoders"] = (_tokenizer(folder), encoder)
-        return parts["encoders"]
+            encoder = load_frozen(encoder_class, folder / "text_encoder", parts.device, dtype=dtype)
+            parts.encoders = (_tokenizer(folder), encoder)
+        return parts.encoders
 
-    def _vae(self, model: LoadedModel) -> AutoencoderKLFlux2:
-        return frozen_vae(model, AutoencoderKLFlux2)
+    def _vae(self, model: Flux2Model) -> AutoencoderKLFlux2:
+        return frozen_vae(model.parts, AutoencoderKLFlux2)
 
     # ---------------------------------------------------------------------------- training
 
@@ -272,17 +281,17 @@ class Flux2Family(ShiftedByTokens):
         return compute_empirical_mu(image_seq_len=_tokens(shape), num_steps=TRAINING_MU_STEPS)
 
     def predict(
-        self, model: LoadedModel, noisy: Tensor, timesteps: Tensor, text: TextEncoding
+        self, model: Flux2Model, noisy: Tensor, timesteps: Tensor, text: TextEncoding
     ) -> Tensor:
         """The velocity (B, 128, h, w) for noisy latents of the same shape."""
         return self._velocity(model, noisy, timesteps, text["embeds"], self.options.guidance)
 
     def _velocity(
-        self, model: LoadedModel, noisy: Tensor, t: Tensor, embeds: Tensor, guidance: float
+        self, model: Flux2Model, noisy: Tensor, t: Tensor, embeds: Tensor, guidance: float
     ) -> Tensor:
         denoiser_on_device(model)
         batch, _, rows, columns = noisy.shape
-        dtype, device = model.parts["dtype"], noisy.device
+        dtype, device = model.parts.dtype, noisy.device
         out = model.runner(
             hidden_states=pack(noisy).to(dtype),  # (B, h * w, 128)
             encoder_hidden_states=embeds.to(device, dtype),
@@ -297,7 +306,7 @@ class Flux2Family(ShiftedByTokens):
     @torch.no_grad()
     def sample(
         self,
-        model: LoadedModel,
+        model: Flux2Model,
         text: TextEncoding,
         *,
         size: tuple[int, int],
@@ -308,7 +317,7 @@ class Flux2Family(ShiftedByTokens):
         ``mu`` for this size and step count), with dev's embedded ``sample_guidance``, the
         klein base's classifier-free guidance, or neither (distilled klein)."""
         denoiser_on_device(model)
-        device = model.parts["device"]
+        device = model.parts.device
         embeds = text["embeds"]
         batch, cell = embeds.shape[0], _pixels_per_cell(model)
         shape = (batch, model.denoiser.config.in_channels, size[1] // cell, size[0] // cell)
@@ -328,11 +337,11 @@ class Flux2Family(ShiftedByTokens):
             x = x + (after - now) * v
         return self.decode_latents(model, x)
 
-    def _negative(self, model: LoadedModel, batch: int) -> Tensor:
+    def _negative(self, model: Flux2Model, batch: int) -> Tensor:
         """The empty prompt's encoding (the pipeline's negative prompt), once per sample."""
-        if model.parts["negative"] is None:
-            model.parts["negative"] = self._embed(model, [""])
-        return model.parts["negative"].expand(batch, -1, -1)
+        if model.parts.negative is None:
+            model.parts.negative = self._embed(model, [""])
+        return model.parts.negative.expand(batch, -1, -1)
 
 
 def patchify(latents: Tensor) -> Tensor:
@@ -380,8 +389,8 @@ def _tokens(shape: torch.Size) -> int:
     return int(shape[-2]) * int(shape[-1])
 
 
-def _pixels_per_cell(model: LoadedModel) -> int:
-    blocks = model.parts["vae_config"].get("block_out_channels") or [0] * 4
+def _pixels_per_cell(model: Flux2Model) -> int:
+    blocks = model.parts.vae_config.get("block_out_channels") or [0] * 4
     return 2 ** (len(blocks) - 1) * 2
 
 

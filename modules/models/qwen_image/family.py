@@ -31,6 +31,7 @@ Everything is read with ``local_files_only``. As ``QwenImagePipeline`` does:
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 from modules.models.base import ComfyConverter, LoadedModel, TextEncoding
 from modules.models.flow_matching import ScheduleShift, ShiftedByTokens
 from modules.models.model_folder import (
+    FolderParts,
     check_model_folder,
     denoiser_on_device,
     files_stamp,
@@ -71,6 +73,20 @@ SINGLE_FILE_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 COMFYUI_PREFIX = "diffusion_model."
 
 
+@dataclass(kw_only=True)
+class QwenImageParts(FolderParts):
+    """What a loaded Qwen-Image keeps beside its transformer (the folder, device, dtype and VAE
+    of :class:`FolderParts`)."""
+
+    encoder: tuple[Any, Qwen2_5_VLForConditionalGeneration] | None = None
+    """The tokenizer and the text encoder: loaded on first use, freed by ``release_encoders``."""
+    negative: TextEncoding | None = None
+    """``negative_prompt`` encoded before the text encoder is freed, for guided samples."""
+
+
+QwenImageModel = LoadedModel[QwenImageParts]
+
+
 class QwenImageFamily(ShiftedByTokens):
     """Qwen-Image text-to-image, with its options (``model.qwen_image``)."""
 
@@ -95,7 +111,7 @@ class QwenImageFamily(ShiftedByTokens):
 
     # ---------------------------------------------------------------------------------- load
 
-    def load(self, path: str, *, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+    def load(self, path: str, *, dtype: torch.dtype, device: torch.device) -> QwenImageModel:
         """The transformer to train, on the CPU until ``release_encoders``; the VAE and the
         text encoder load on first use."""
         folder = check_model_folder(path, "qwen_image", self.options)
@@ -105,16 +121,9 @@ class QwenImageFamily(ShiftedByTokens):
         scheduler = read_model_json(folder / "scheduler" / "scheduler_config.json") or {}
         self.shift = ScheduleShift.from_scheduler_config(scheduler)
         vae_config = read_model_json(folder / "vae" / "config.json") or {}
-        parts: dict[str, Any] = {
-            "folder": folder,
-            "device": torch.device(device),
-            "dtype": dtype,
-            "vae_config": vae_config,
-            "vae": None,
-            "encoder": None,
-            "negative": None,
-            "released": False,
-        }
+        parts = QwenImageParts(
+            folder=folder, device=torch.device(device), dtype=dtype, vae_config=vae_config
+        )
         return LoadedModel(denoiser=denoiser, identity=self._identity(folder, dtype), parts=parts)
 
     def _load_transformer(self, folder: Path, dtype: torch.dtype) -> QwenImageTransformer2DModel:
@@ -137,7 +146,7 @@ class QwenImageFamily(ShiftedByTokens):
     # ------------------------------------------------------------------------------ encoders
 
     @torch.no_grad()
-    def encode_images(self, model: LoadedModel, images: Tensor) -> Tensor:
+    def encode_images(self, model: QwenImageModel, images: Tensor) -> Tensor:
         """(B, 3, H, W) in [-1, 1] → normalised latents (B, 16, H/8, W/8)."""
         vae = self._vae(model)
         param = next(vae.parameters())
@@ -147,7 +156,7 @@ class QwenImageFamily(ShiftedByTokens):
         return ((latents - mean) / std).float()
 
     @torch.no_grad()
-    def decode_latents(self, model: LoadedModel, latents: Tensor) -> Tensor:
+    def decode_latents(self, model: QwenImageModel, latents: Tensor) -> Tensor:
         vae = self._vae(model)
         param = next(vae.parameters())
         mean, std = self._latent_statistics(model, latents)
@@ -155,15 +164,15 @@ class QwenImageFamily(ShiftedByTokens):
         return vae.decode(frames).sample[:, :, 0].float().clamp(-1, 1)
 
     @staticmethod
-    def _latent_statistics(model: LoadedModel, like: Tensor) -> tuple[Tensor, Tensor]:
-        config = model.parts["vae_config"]
+    def _latent_statistics(model: QwenImageModel, like: Tensor) -> tuple[Tensor, Tensor]:
+        config = model.parts.vae_config
         shape = (1, -1, 1, 1)
         mean = torch.tensor(config["latents_mean"], device=like.device).view(shape)
         std = torch.tensor(config["latents_std"], device=like.device).view(shape)
         return mean.to(like.dtype), std.to(like.dtype)
 
     @torch.no_grad()
-    def encode_prompts(self, model: LoadedModel, prompts: list[str]) -> TextEncoding:
+    def encode_prompts(self, model: QwenImageModel, prompts: list[str]) -> TextEncoding:
         """``{"embeds": (B, L, D), "mask": (B, L)}``: each prompt's hidden states after the
         template's prefix, zero-padded to the longest, with 1 where a token is real."""
         tokenizer, encoder = self._encoder(model)
@@ -192,45 +201,48 @@ class QwenImageFamily(ShiftedByTokens):
             mask[index, : row.shape[0]] = 1
         return {"embeds": embeds.float(), "mask": mask}
 
-    def prompt_token_counts(self, model: LoadedModel, prompts: list[str]) -> tuple[list[int], int]:
+    def prompt_token_counts(
+        self, model: QwenImageModel, prompts: list[str]
+    ) -> tuple[list[int], int]:
         """Tokens after the template's prefix (the caption and the template's 5 closing
         tokens), and how many the transformer reads."""
         tokenizer = AutoTokenizer.from_pretrained(
-            model.parts["folder"] / "tokenizer", local_files_only=True
+            model.parts.folder / "tokenizer", local_files_only=True
         )
         ids = tokenizer([PROMPT_TEMPLATE.format(prompt) for prompt in prompts]).input_ids
         return [len(row) - TEMPLATE_TOKENS for row in ids], self.options.text_tokens
 
-    def release_encoders(self, model: LoadedModel, *, keep_decoder: bool) -> None:
+    def release_encoders(self, model: QwenImageModel, *, keep_decoder: bool) -> None:
         """Free the text encoder (and the VAE unless samples are decoded), then move the
         transformer to the training device. For guided samples the negative prompt is
         encoded first."""
         parts = model.parts
-        if keep_decoder and self.options.sample_cfg > 1 and parts["negative"] is None:
-            parts["negative"] = self.encode_prompts(model, [self.options.negative_prompt])
-        free_encoders(model, "encoder", keep_decoder=keep_decoder)
+        if keep_decoder and self.options.sample_cfg > 1 and parts.negative is None:
+            parts.negative = self.encode_prompts(model, [self.options.negative_prompt])
+        parts.encoder = None
+        free_encoders(model, keep_decoder=keep_decoder)
 
-    def _encoder(self, model: LoadedModel) -> tuple[Any, Qwen2_5_VLForConditionalGeneration]:
+    def _encoder(self, model: QwenImageModel) -> tuple[Any, Qwen2_5_VLForConditionalGeneration]:
         parts = model.parts
-        if parts["encoder"] is None:
-            folder = parts["folder"]
+        if parts.encoder is None:
+            folder = parts.folder
             tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
             encoder = load_frozen(
                 Qwen2_5_VLForConditionalGeneration,
                 folder / "text_encoder",
-                parts["device"],
-                dtype=text_encoder_dtype(parts["dtype"]),
+                parts.device,
+                dtype=text_encoder_dtype(parts.dtype),
             )
-            parts["encoder"] = (tokenizer, encoder)
-        return parts["encoder"]
+            parts.encoder = (tokenizer, encoder)
+        return parts.encoder
 
-    def _vae(self, model: LoadedModel) -> AutoencoderKLQwenImage:
-        return frozen_vae(model, AutoencoderKLQwenImage)
+    def _vae(self, model: QwenImageModel) -> AutoencoderKLQwenImage:
+        return frozen_vae(model.parts, AutoencoderKLQwenImage)
 
     # ---------------------------------------------------------------------------- training
 
     def predict(
-        self, model: LoadedModel, noisy: Tensor, timesteps: Tensor, text: TextEncoding
+        self, model: QwenImageModel, noisy: Tensor, timesteps: Tensor, text: TextEncoding
     ) -> Tensor:
         """The velocity (B, 16, h, w) for noisy latents of the same shape."""
         _, channels, height, width = noisy.shape
@@ -239,7 +251,7 @@ class QwenImageFamily(ShiftedByTokens):
 
     def _velocity_tokens(
         self,
-        model: LoadedModel,
+        model: QwenImageModel,
         tokens: Tensor,
         t: Tensor,
         text: TextEncoding,
@@ -248,7 +260,7 @@ class QwenImageFamily(ShiftedByTokens):
     ) -> Tensor:
         """One transformer call on packed tokens (B, h/2 * w/2, 64)."""
         denoiser_on_device(model)
-        dtype = model.parts["dtype"]
+        dtype = model.parts.dtype
         mask = text["mask"]
         return model.runner(
             hidden_states=tokens.to(dtype),
@@ -266,7 +278,7 @@ class QwenImageFamily(ShiftedByTokens):
     @torch.no_grad()
     def sample(
         self,
-        model: LoadedModel,
+        model: QwenImageModel,
         text: TextEncoding,
         *,
         size: tuple[int, int],
@@ -276,9 +288,9 @@ class QwenImageFamily(ShiftedByTokens):
         """Euler over the pipeline's schedule (``linspace(1, 1/steps)``, shifted for the
         image's token count and stretched to ``shift_terminal``), with true CFG."""
         denoiser_on_device(model)
-        device = model.parts["device"]
+        device = model.parts.device
         batch = text["embeds"].shape[0]
-        scale = _vae_scale(model.parts["vae_config"])
+        scale = _vae_scale(model.parts.vae_config)
         rows, columns = size[1] // scale, size[0] // scale
         channels = model.denoiser.config.out_channels
         latents = torch.randn(batch, channels, rows, columns, generator=generator).to(device)
@@ -300,8 +312,8 @@ class QwenImageFamily(ShiftedByTokens):
             tokens = tokens + (after - now) * v
         return self.decode_latents(model, unpack(tokens, channels, rows, columns))
 
-    def _negative(self, model: LoadedModel, batch: int) -> TextEncoding | None:
-        negative = model.parts["negative"]
+    def _negative(self, model: QwenImageModel, batch: int) -> TextEncoding | None:
+        negative = model.parts.negative
         if self.options.sample_cfg <= 1 or negative is None:
             return None
         return {key: value.expand(batch, *value.shape[1:]) for key, value in negative.items()}

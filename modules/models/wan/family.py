@@ -39,6 +39,7 @@ from __future__ import annotations
 import gc
 import html
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +50,10 @@ from torch import Tensor
 from transformers import AutoTokenizer, UMT5EncoderModel
 
 from modules.config import ConfigError
-from modules.lora.comfyui import to_comfyui
 from modules.models.base import ComfyConverter, LoadedModel, ModelLoadError, TextEncoding
 from modules.models.flow_matching import T_MAX, T_MIN, FlowMatching, euler_sample, shift_timesteps
 from modules.models.model_folder import (
+    FolderParts,
     check_model_folder,
     denoiser_on_device,
     files_stamp,
@@ -62,6 +63,7 @@ from modules.models.model_folder import (
     text_encoder_dtype,
 )
 from modules.models.wan import LORA_TARGETS, WanOptions, image_to_video_problem
+from modules.models.wan.comfyui import to_comfyui
 
 DEFAULT_FLOW_SHIFT = 3.0
 """WAN's flow shift for 480p; 5.0 suits 720p (``model.wan.flow_shift``)."""
@@ -72,6 +74,25 @@ TEXT_TOKENS = 512
 SAMPLE_GUIDANCE = 5.0
 """Classifier-free guidance scale of the training samples (the WAN pipeline's default)."""
 """The uniform draw is kept off the exact ends, as in ``sample_flow_timesteps``."""
+
+
+@dataclass(kw_only=True)
+class WanParts(FolderParts):
+    """What a loaded WAN keeps beside the transformer it trains (the folder, device, dtype and
+    VAE of :class:`FolderParts`)."""
+
+    other_subfolder: str | None = None
+    """2.2 A14B: the subfolder of the expert that is not trained (None for one transformer)."""
+    other_expert: WanTransformer3DModel | None = None
+    """That expert, loaded on the first sample that needs it (training never does)."""
+    text_encoder: UMT5EncoderModel | None = None
+    """Loaded on first use with its tokenizer, freed by ``release_encoders``."""
+    tokenizer: Any = None
+    negative: TextEncoding | None = None
+    """The empty prompt encoded before the text encoder is freed: the samples' negative."""
+
+
+WanModel = LoadedModel[WanParts]
 
 
 class WanFamily(FlowMatching):
@@ -96,12 +117,12 @@ class WanFamily(FlowMatching):
         return WanLoraLoaderMixin
 
     def comfyui_converter(self, model: LoadedModel) -> ComfyConverter:
-        """The original WAN module names with a per-module alpha (``modules.lora.comfyui``)."""
+        """The original WAN module names with a per-module alpha (:mod:`.comfyui`)."""
         return to_comfyui
 
     # ---------------------------------------------------------------------------------- load
 
-    def load(self, path: str, *, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+    def load(self, path: str, *, dtype: torch.dtype, device: torch.device) -> WanModel:
         """The transformer to train, on the CPU until ``release_encoders``; the encoders load
         on first use."""
         folder = check_model_folder(path, "wan", self.options)
@@ -112,18 +133,13 @@ class WanFamily(FlowMatching):
         _check_text_to_video(folder, denoiser, vae_config)
         if self.options.fp8_base:
             store_in_fp8(denoiser, dtype)
-        parts: dict[str, Any] = {
-            "folder": folder,
-            "device": torch.device(device),
-            "dtype": dtype,
-            "vae_config": vae_config,
-            "other_expert": other,  # 2.2 A14B: subfolder of the expert that is not trained
-            "vae": None,
-            "text_encoder": None,
-            "tokenizer": None,
-            "negative": None,
-            "released": False,
-        }
+        parts = WanParts(
+            folder=folder,
+            device=torch.device(device),
+            dtype=dtype,
+            vae_config=vae_config,
+            other_subfolder=other,
+        )
         identity = _encoders_identity(folder, text_encoder_dtype(dtype))
         return LoadedModel(denoiser=denoiser, identity=identity, parts=parts)
 
@@ -173,7 +189,7 @@ class WanFamily(FlowMatching):
     # ------------------------------------------------------------------------------ encoders
 
     @torch.no_grad()
-    def encode_images(self, model: LoadedModel, images: Tensor) -> Tensor:
+    def encode_images(self, model: WanModel, images: Tensor) -> Tensor:
         """(B, 3, H, W) images or (B, 3, F, H, W) videos in [-1, 1] → (B, C, F', h, w)."""
         vae = self._vae(model, encoder=True)
         video = images.unsqueeze(2) if images.dim() == 4 else images  # image → 1-frame video
@@ -186,21 +202,21 @@ class WanFamily(FlowMatching):
             )
         param = next(vae.parameters())
         latents = vae.encode(video.to(param.device, param.dtype)).latent_dist.mode()
-        mean, std = _latent_stats(model.parts["vae_config"], latents)
+        mean, std = _latent_stats(model.parts.vae_config, latents)
         return ((latents - mean) / std).float()
 
     @torch.no_grad()
-    def decode_latents(self, model: LoadedModel, latents: Tensor) -> Tensor:
+    def decode_latents(self, model: WanModel, latents: Tensor) -> Tensor:
         """(B, C, F', h, w) → (B, 3, H, W) for one latent frame, else (B, 3, F, H, W); [-1, 1]."""
         vae = self._vae(model, encoder=False)
         param = next(vae.parameters())
-        mean, std = _latent_stats(model.parts["vae_config"], latents)
+        mean, std = _latent_stats(model.parts.vae_config, latents)
         frames = vae.decode((latents * std + mean).to(param.device, param.dtype)).sample
         frames = frames.float().clamp(-1, 1)
         return frames[:, :, 0] if latents.shape[2] == 1 else frames
 
     @torch.no_grad()
-    def encode_prompts(self, model: LoadedModel, prompts: list[str]) -> TextEncoding:
+    def encode_prompts(self, model: WanModel, prompts: list[str]) -> TextEncoding:
         """``{"embeds": (B, L, D)}``: padding zeroed, L = the longest prompt's token count."""
         tokenizer, encoder = self._text_encoder(model)
         tokens = tokenizer(
@@ -220,67 +236,67 @@ class WanFamily(FlowMatching):
         length = max(int(mask.sum(dim=1).max()), 1)
         return {"embeds": hidden[:, :length].contiguous()}  # (B, L, D)
 
-    def prompt_token_counts(self, model: LoadedModel, prompts: list[str]) -> tuple[list[int], int]:
+    def prompt_token_counts(self, model: WanModel, prompts: list[str]) -> tuple[list[int], int]:
         """Counted with the tokenizer alone: a run whose captions are all cached never loads
         the text encoder."""
         parts = model.parts
-        tokenizer = parts["tokenizer"]
+        tokenizer = parts.tokenizer
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(
-                parts["folder"] / "tokenizer", local_files_only=True
+                parts.folder / "tokenizer", local_files_only=True
             )
         ids = tokenizer([_clean_prompt(p) for p in prompts], add_special_tokens=True).input_ids
         return [len(row) for row in ids], TEXT_TOKENS
 
-    def release_encoders(self, model: LoadedModel, *, keep_decoder: bool) -> None:
+    def release_encoders(self, model: WanModel, *, keep_decoder: bool) -> None:
         """Free the text encoder and the VAE (its decoder stays for samples), then move the
         transformer to the training device. For samples, the empty prompt (the negative of
         classifier-free guidance) is encoded first."""
         parts = model.parts
-        if keep_decoder and parts["negative"] is None:
-            parts["negative"] = self.encode_prompts(model, [""])
-        parts["text_encoder"] = parts["tokenizer"] = None
-        vae = parts["vae"]
+        if keep_decoder and parts.negative is None:
+            parts.negative = self.encode_prompts(model, [""])
+        parts.text_encoder = parts.tokenizer = None
+        vae = parts.vae
         if vae is not None and keep_decoder:
             vae.encoder = vae.quant_conv = None  # decoding needs post_quant_conv and decoder
         elif vae is not None:
-            parts["vae"] = None
-        parts["released"] = True
+            parts.vae = None
+        parts.released = True
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         denoiser_on_device(model)
 
-    def _text_encoder(self, model: LoadedModel) -> tuple[Any, UMT5EncoderModel]:
+    def _text_encoder(self, model: WanModel) -> tuple[Any, UMT5EncoderModel]:
         parts = model.parts
-        if parts["text_encoder"] is None:
-            folder = parts["folder"]
-            parts["tokenizer"] = AutoTokenizer.from_pretrained(
+        if parts.text_encoder is None:
+            folder = parts.folder
+            parts.tokenizer = AutoTokenizer.from_pretrained(
                 folder / "tokenizer", local_files_only=True
             )
-            dtype = text_encoder_dtype(parts["dtype"])
-            parts["text_encoder"] = load_frozen(
-                UMT5EncoderModel, folder / "text_encoder", parts["device"], dtype=dtype
+            dtype = text_encoder_dtype(parts.dtype)
+            parts.text_encoder = load_frozen(
+                UMT5EncoderModel, folder / "text_encoder", parts.device, dtype=dtype
             )
-        return parts["tokenizer"], parts["text_encoder"]
+        return parts.tokenizer, parts.text_encoder
 
-    def _vae(self, model: LoadedModel, *, encoder: bool) -> AutoencoderKLWan:
+    def _vae(self, model: WanModel, *, encoder: bool) -> AutoencoderKLWan:
         parts = model.parts
-        vae = parts["vae"]
+        vae = parts.vae
         if vae is None or (encoder and vae.encoder is None):
             # float32 as the WAN pipelines run it: the VAE is small and only encodes once.
             vae = AutoencoderKLWan.from_pretrained(
-                parts["folder"] / "vae", torch_dtype=torch.float32, local_files_only=True
+                parts.folder / "vae", torch_dtype=torch.float32, local_files_only=True
             )
-            vae = vae.eval().requires_grad_(False).to(parts["device"])
-            if parts["released"] and not encoder:
+            vae = vae.eval().requires_grad_(False).to(parts.device)
+            if parts.released and not encoder:
                 vae.encoder = vae.quant_conv = None
-            parts["vae"] = vae
+            parts.vae = vae
         return vae
 
-    def _pixel_multiple(self, model: LoadedModel) -> int:
+    def _pixel_multiple(self, model: WanModel) -> int:
         """Frame sides must be multiples of the VAE factor times the transformer's patch."""
-        vae = model.parts["vae_config"]
+        vae = model.parts.vae_config
         return int(vae.get("scale_factor_spatial") or 8) * model.denoiser.config.patch_size[1]
 
     # ---------------------------------------------------------------------------- training
@@ -296,16 +312,16 @@ class WanFamily(FlowMatching):
         return shift_timesteps(u, self.flow_shift).to(device)
 
     def predict(
-        self, model: LoadedModel, noisy: Tensor, timesteps: Tensor, text: TextEncoding
+        self, model: WanModel, noisy: Tensor, timesteps: Tensor, text: TextEncoding
     ) -> Tensor:
         """The velocity (B, C, F', h, w) for noisy latents of the same shape."""
         denoiser_on_device(model)
-        return _forward(model.runner, model.parts["dtype"], noisy, timesteps, text["embeds"])
+        return _forward(model.runner, model.parts.dtype, noisy, timesteps, text["embeds"])
 
     @torch.no_grad()
     def sample(
         self,
-        model: LoadedModel,
+        model: WanModel,
         text: TextEncoding,
         *,
         size: tuple[int, int],
@@ -321,15 +337,15 @@ class WanFamily(FlowMatching):
         parts = model.parts
         embeds = text["embeds"]
         batch = embeds.shape[0]
-        vae = parts["vae_config"]
+        vae = parts.vae_config
         scale = int(vae.get("scale_factor_spatial") or 8)
         latent_frames = (frames - 1) // int(vae.get("scale_factor_temporal") or 4) + 1
         channels = model.denoiser.config.in_channels
         shape = (batch, channels, latent_frames, size[1] // scale, size[0] // scale)
         noise = torch.randn(shape, generator=generator)
-        negative = parts["negative"]
+        negative = parts.negative
         uncond = None if negative is None else negative["embeds"].expand(batch, -1, -1)
-        dtype = parts["dtype"]
+        dtype = parts.dtype
 
         def velocity(x: Tensor, t: Tensor) -> Tensor:
             denoiser = self._expert_for(model, float(t[0]))
@@ -339,12 +355,10 @@ class WanFamily(FlowMatching):
             free = _forward(denoiser, dtype, x, t, uncond).float()
             return free + SAMPLE_GUIDANCE * (cond - free)
 
-        latents = euler_sample(
-            velocity, noise.to(parts["device"]), steps=steps, shift=self.flow_shift
-        )
+        latents = euler_sample(velocity, noise.to(parts.device), steps=steps, shift=self.flow_shift)
         return self.decode_latents(model, latents)
 
-    def _expert_for(self, model: LoadedModel, t: float) -> torch.nn.Module:
+    def _expert_for(self, model: WanModel, t: float) -> torch.nn.Module:
         """The transformer the pipeline would use at shifted time ``t``."""
         if self.boundary is None:
             return model.denoiser
@@ -352,17 +366,18 @@ class WanFamily(FlowMatching):
         if (t >= self.boundary) == trained_high:
             return model.denoiser
         parts = model.parts
-        if not isinstance(parts["other_expert"], torch.nn.Module):
+        if parts.other_expert is None:
             # Loaded on the first sample only: training itself never needs the other expert.
+            assert parts.other_subfolder is not None  # a boundary comes with a second expert
             other = WanTransformer3DModel.from_pretrained(
-                parts["folder"] / parts["other_expert"],
-                torch_dtype=parts["dtype"],
+                parts.folder / parts.other_subfolder,
+                torch_dtype=parts.dtype,
                 local_files_only=True,
             )
             if self.options.fp8_base:
-                store_in_fp8(other, parts["dtype"])
-            parts["other_expert"] = other.eval().requires_grad_(False).to(parts["device"])
-        return parts["other_expert"]
+                store_in_fp8(other, parts.dtype)
+            parts.other_expert = other.eval().requires_grad_(False).to(parts.device)
+        return parts.other_expert
 
 
 def _forward(

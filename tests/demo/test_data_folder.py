@@ -9,6 +9,8 @@ from PIL import Image
 
 from modules.cli import main as cli_main
 from modules.config import apply_overrides, load_preset
+from modules.demo import data_folder
+from modules.demo.data_folder import ensure_demo_data
 from tests.cli.test_cli import REPO
 
 
@@ -16,7 +18,7 @@ from tests.cli.test_cli import REPO
 def own_data(tmp_path, monkeypatch):
     """Work in an empty folder whose demo-data/ was never written, with one image of ours."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(cli_main, "DEMO_DATA_ROOT", tmp_path / "demo-data")
+    monkeypatch.setattr(data_folder, "DEMO_DATA_ROOT", tmp_path / "demo-data")
     folder = tmp_path / "mine"
     folder.mkdir()
     pixels = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
@@ -55,12 +57,12 @@ def test_check_writes_the_drift_meters_demo_folders_and_says_they_are_not_yours(
 
 def test_the_demo_concepts_write_the_dataset_without_the_warning(own_data, tmp_path, capsys):
     config = load_preset(REPO / "presets/demo-prior.json")
-    assert cli_main.ensure_demo_data(config) == []
+    assert ensure_demo_data(config) == []
     assert (tmp_path / "demo-data" / "subject").is_dir()
     assert "named by data.concepts[0].path" in capsys.readouterr().out
 
 
 def test_a_drift_meter_that_is_off_writes_nothing(own_data, tmp_path):
     config = apply_overrides(demo_preset_with(own_data, tmp_path), ["drift.every=0"])
-    assert cli_main.ensure_demo_data(config) == []
+    assert ensure_demo_data(config) == []
     assert not (tmp_path / "demo-data").exists()

@@ -3,14 +3,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from modules.data.world import WorldSpec, scene
-from modules.models.demo_classifier import (
+from modules.demo.classifier import (
     WorldClassifier,
     images_to_tensor,
     load_classifier,
     save_classifier,
     score_prompt_match,
 )
+from modules.demo.world import WorldSpec, scene
 from scripts.train_demo_classifier import ClassifierRun, evaluate, train_classifier
 
 

@@ -13,8 +13,9 @@ ComfyUI reads WAN LoRAs named after the original WAN implementation, with alpha 
     diffusion_model.blocks.0.self_attn.q.alpha              (0-d tensor)
 
 Both apply ``W + (alpha / rank) * up @ down``, so the tensors are the same; only names change.
-The demo family's transformer is a WAN transformer too, so its LoRAs convert the same way; a
-UNet demo model has no ComfyUI layout here (``modules.lora.check_comfyui_supported``).
+diffusers reads this layout back through ``WanLoraLoaderMixin.lora_state_dict`` (the family's
+``lora_loader``). The demo family's transformer is a WAN transformer too, so its LoRAs convert
+the same way; a UNet demo model has no ComfyUI layout here.
 """
 
 from __future__ import annotations
@@ -85,7 +86,3 @@ def to_comfyui(state: dict[str, Tensor], alpha: float) -> dict[str, Tensor]:
         converted[f"{COMFYUI_PREFIX}{module}.{_PARAMS[param]}"] = value
         converted[f"{COMFYUI_PREFIX}{module}.alpha"] = torch.tensor(float(alpha))
     return converted
-
-
-def is_comfyui_layout(keys: list[str]) -> bool:
-    return any(key.startswith(COMFYUI_PREFIX) for key in keys)

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from modules.data.world import (
+from modules.demo.world import (
     BACKGROUNDS,
     COLOURS,
     HELD_OUT_PAIRS,

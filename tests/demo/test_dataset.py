@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 
 from modules.config.schema import ConceptConfig
-from modules.data import world
 from modules.data.concept import scan_concept
-from modules.data.demo_dataset import (
+from modules.demo import world
+from modules.demo.dataset import (
     BODY_COLOUR,
     CORE_LEVEL,
     HELDOUT_SUBJECT_IMAGES,
@@ -206,7 +206,7 @@ def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
 
 
 def test_is_current_follows_the_marker(tmp_path: Path) -> None:
-    from modules.data.demo_dataset import is_current
+    from modules.demo.dataset import is_current
 
     assert not is_current(tmp_path)
     write_demo_dataset(tmp_path)
@@ -216,7 +216,7 @@ def test_is_current_follows_the_marker(tmp_path: Path) -> None:
 
 
 def test_the_crescent_task_writes_the_same_layout_with_its_own_trigger(tmp_path: Path) -> None:
-    from modules.data.demo_dataset import CRESCENT_COLOUR, DOT_COLOUR, is_current
+    from modules.demo.dataset import CRESCENT_COLOUR, DOT_COLOUR, is_current
 
     heart = _contents(write_demo_dataset(tmp_path / "heart").root)
     demo = write_demo_dataset(tmp_path / "crescent", task="crescent")
@@ -236,7 +236,7 @@ def test_the_crescent_task_writes_the_same_layout_with_its_own_trigger(tmp_path:
 
 
 def test_the_crescent_is_new_to_the_world() -> None:
-    from modules.data.demo_dataset import CRESCENT_COLOUR, DOT_COLOUR, TASKS
+    from modules.demo.dataset import CRESCENT_COLOUR, DOT_COLOUR, TASKS
 
     assert "crescent" in TASKS and "crescent" not in world.SHAPES
     for colour in (CRESCENT_COLOUR, DOT_COLOUR):

@@ -1,6 +1,6 @@
 """The demo LoRA task: a new subject, the "sks heart", drawn in the synthetic world's look.
 
-The demo base model is pretrained on :mod:`modules.data.world`, whose scenes never hold a heart
+The demo base model is pretrained on :mod:`modules.demo.world`, whose scenes never hold a heart
 nor the subject's colours. The subject is a heart with a magenta body and diagonal yellow
 stripes (wide enough to see at 64 px), on cluttered world backgrounds: a world background plus
 two or three world objects (training pairs only) drawn under it. The caption names only the
@@ -22,7 +22,7 @@ Folders under the root (:func:`write_demo_dataset`):
 :func:`subject_scene` draws one subject scene in memory and :func:`subject_presence` scores
 generated images for the subject.
 
-Run ``python -m modules.data.demo_dataset ROOT`` to write it. Writing is idempotent: a
+Run ``python -m modules.demo.dataset ROOT`` to write it. Writing is idempotent: a
 ``.complete`` marker, written last, records the version, seed and size; a folder without a
 matching marker (e.g. half written) is regenerated.
 """
@@ -40,7 +40,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from modules.config.schema import ConceptConfig
-from modules.data import world
+from modules.demo import world
 
 if TYPE_CHECKING:
     import torch
@@ -413,7 +413,7 @@ def _write_caption(stem: Path, caption: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m modules.data.demo_dataset",
+        prog="python -m modules.demo.dataset",
         description="Write the demo dataset: the sks heart subject with masks, base-world prior "
         "scenes, and held-out subject and world scenes.",
     )

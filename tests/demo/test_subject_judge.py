@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from modules.data.demo_dataset import subject_scene
-from modules.models.demo_classifier import images_to_tensor
-from modules.models.demo_subject_judge import (
+from modules.demo.classifier import images_to_tensor
+from modules.demo.dataset import subject_scene
+from modules.demo.subject_judge import (
     CLASSES,
     SubjectJudge,
     judge_subject,
@@ -44,7 +44,7 @@ def test_shipped_judge_sees_each_dataset_subject_as_its_own(task: str) -> None:
 def test_shipped_judge_metadata_names_what_it_was_trained_on() -> None:
     from safetensors import safe_open
 
-    from modules.models.demo_subject_judge import SHIPPED_WEIGHTS
+    from modules.demo.subject_judge import SHIPPED_WEIGHTS
 
     with safe_open(str(SHIPPED_WEIGHTS), framework="pt") as handle:
         trained_on = json.loads(handle.metadata()["trained_on"])
@@ -55,7 +55,7 @@ def test_shipped_judge_metadata_names_what_it_was_trained_on() -> None:
 
 @pytest.mark.slow
 def test_base_model_samples_of_world_prompts_show_no_subject() -> None:
-    from modules.data.world import scene
+    from modules.demo.world import scene
     from modules.models.demo.family import DemoFamily
 
     family = DemoFamily()

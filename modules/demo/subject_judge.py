@@ -4,7 +4,7 @@ A small CNN trained on the subject's own renderings (``scripts.train_subject_jud
 striped heart at sizes from well below the smallest the dataset draws up to its largest, at any
 position and tilt, on the world's backgrounds and clutter, against world scenes and near misses
 (a subject's colours in blobs, its pattern on other shapes, its shape in flat colours). Unlike
-the colour-area test (``modules.data.demo_dataset.subject_presence``) it judges pattern and
+the colour-area test (``modules.demo.dataset.subject_presence``) it judges pattern and
 shape, so a small but correct subject counts as present.
 
 Classes are ``("none", "heart", "crescent")``: one class per subject task plus "none", in one
@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from modules.demo.half_weights import read_half, save_half
 from modules.models.base import eval_mode
-from modules.models.half_weights import read_half, save_half
 
 CLASSES = ("none", "heart", "crescent")
-SHIPPED_WEIGHTS = Path(__file__).with_name("demo_subject_judge.safetensors")
+SHIPPED_WEIGHTS = Path(__file__).with_name("subject_judge.safetensors")
 _INPUT_SIZE = 64
 
 

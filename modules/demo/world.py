@@ -18,7 +18,7 @@ Main object: the largest (by drawn radius; the generator keeps the two radii at 
 apart, so "largest" is never a close call). It is first in the labels and in the caption.
 
 The drawing helpers are public (:func:`draw_background`, :func:`silhouette` and the shapes'
-corners): the demo LoRA dataset (``modules.data.demo_dataset``) draws its backgrounds and
+corners): the demo LoRA dataset (``modules.demo.dataset``) draws its backgrounds and
 distractors with them, so the task data and the base world share one look.
 """
 

@@ -1,6 +1,6 @@
 """The ComfyUI (native WAN) layout: names, alpha, and the round trip through diffusers' own
 conversion of non-diffusers WAN LoRAs. The demo family's transformer is a WAN transformer, so it
-stands in for WAN here (tests/wan repeats the round trip on a trained WAN LoRA)."""
+stands in for WAN here (test_wan_cli.py repeats the round trip on a trained WAN LoRA)."""
 
 import pytest
 import torch
@@ -9,8 +9,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from modules.lora import add_lora, load_lora, lora_state_dict, save_lora
-from modules.lora.comfyui import original_module_name, to_comfyui
 from modules.models.demo.family import build_demo_model
+from modules.models.wan.comfyui import original_module_name, to_comfyui
 
 
 @pytest.fixture
@@ -61,7 +61,12 @@ def test_diffusers_conversion_gives_back_the_diffusers_tensors(tmp_path, demo_mo
     denoiser = _trained_lora(demo_model, rank=4, alpha=alpha).denoiser
     save_lora(denoiser, tmp_path / "d.safetensors", family="demo", config_json="{}")
     path = save_lora(
-        denoiser, tmp_path / "c.safetensors", family="demo", config_json="{}", layout="comfyui"
+        denoiser,
+        tmp_path / "c.safetensors",
+        family="demo",
+        config_json="{}",
+        layout="comfyui",
+        comfyui=to_comfyui,
     )
     with safe_open(str(path), "pt") as handle:
         assert "lora_adapter_metadata" not in handle.metadata()  # else alpha would apply twice
@@ -84,10 +89,17 @@ def test_load_lora_reads_the_comfyui_layout(tmp_path, demo_family, demo_model, d
     with torch.no_grad():
         student = demo_family.predict(demo_model, noisy, timesteps, text)
     path = save_lora(
-        denoiser, tmp_path / "c.safetensors", family="demo", config_json="{}", layout="comfyui"
+        denoiser,
+        tmp_path / "c.safetensors",
+        family="demo",
+        config_json="{}",
+        layout="comfyui",
+        comfyui=demo_family.comfyui_converter(demo_model),
     )
     fresh = build_demo_model(seed=0, architecture="wan")
-    load_lora(fresh.denoiser, path)
+    with pytest.raises(ValueError, match="load it with the family's LoRA loader"):
+        load_lora(fresh.denoiser, path)  # the shared code knows no family's layout
+    load_lora(fresh.denoiser, path, loader=demo_family.lora_loader(fresh))
     with torch.no_grad():
         loaded = demo_family.predict(fresh, noisy, timesteps, text)
     assert torch.allclose(loaded, student, atol=1e-5)

@@ -1,6 +1,6 @@
 """The world classifier: an objective prompt-match score for the demo model's samples.
 
-A small CNN trained on the synthetic world (``modules.data.world``, ``judge`` split) with three
+A small CNN trained on the synthetic world (``modules.demo.world``, ``judge`` split) with three
 heads: the background kind, and the shape and colour of the main (largest) object. A sample
 generated for a scene's caption matches the prompt on an attribute when the classifier reads
 that attribute back; the prompt-match score is the fraction of samples that match on all three.
@@ -22,12 +22,12 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from modules.data.world import SceneLabels, WorldSpec
+from modules.demo.half_weights import read_half, save_half
+from modules.demo.world import SceneLabels, WorldSpec
 from modules.models.base import eval_mode
-from modules.models.half_weights import read_half, save_half
 
 HEADS = ("background", "shape", "colour")
-SHIPPED_WEIGHTS = Path(__file__).with_name("demo_classifier.safetensors")
+SHIPPED_WEIGHTS = Path(__file__).with_name("classifier.safetensors")
 _INPUT_SIZE = 64
 
 
