@@ -171,7 +171,10 @@ def test_the_draws_come_in_the_recorded_order(model):
         ]
     for name, expected in RECORDED.items():
         for row, want in zip(got[name], expected, strict=True):
-            assert row == pytest.approx(want, rel=1e-6, abs=1e-9), name
+            # The rounding of another thread count or CPU (the prior term, a difference of two
+            # near-equal predictions, moved 6e-6 relative between 1 and 2 threads); a draw out
+            # of order moves every term by far more.
+            assert row == pytest.approx(want, rel=1e-4, abs=1e-9), name
 
 
 def test_two_processes_shares_add_up_to_the_one_process_loss(model):
