@@ -166,6 +166,31 @@ def test_resuming_an_earlier_runs_backup_keeps_the_newer_run_and_mixes_none(demo
     assert all(torch.equal(found[key], value) for key, value in expected.items())
 
 
+def test_resuming_another_folders_backup_into_a_new_folder_leaves_that_folder_alone(
+    demo, run_a, tmp_path
+):
+    """The second way to resume a backup that is not the run folder's own: into a new folder
+    (``--run-dir NEW --resume BACKUP``). The new folder holds that run continued; the folder the
+    backup came from is not touched."""
+    a, root = run_a
+    source = tmp_path / "source"
+    copy_run(a, source)
+    before = {p: p.read_bytes() for p in source.rglob("*") if p.is_file()}
+
+    run = tmp_path / "new"
+    resumed = config(demo, root, "A", 4, run_dir=run)
+    backup = source / "backups" / "step000002"
+    finished = GenericTrainer(resumed, resume=str(backup)).run()
+    assert finished.error is None, finished.error
+    assert [row["step"] for row in rows(run)] == [row["step"] for row in rows(a)]
+    assert rows(run) == rows(a)
+    expected, found = load_file(a / "lora.safetensors"), load_file(run / "lora.safetensors")
+    assert all(torch.equal(found[key], value) for key, value in expected.items())
+    assert not (run / "previous").exists()  # nothing was there to move aside
+    after = {p: p.read_bytes() for p in source.rglob("*") if p.is_file()}
+    assert after == before
+
+
 def test_resuming_from_a_backup_drops_the_later_tensorboard_events(demo, run_a, tmp_path):
     a, root = run_a
     run = tmp_path / "run"
