@@ -13,7 +13,7 @@ notes, said once at the start of a run.
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,10 +171,16 @@ def _targets_problem(config: TrainConfig) -> list[str]:
     denoiser, presets = targets(config.model.path)
     if config.lora.targets in presets:
         return []
-    return [
-        f"lora.targets={config.lora.targets}: this model's denoiser ({denoiser}) has no such "
-        f"preset; choose one of {', '.join(presets)}"
-    ]
+    return [unknown_targets(config.lora.targets, denoiser, presets)]
+
+
+def unknown_targets(targets: str, denoiser: str, presets: Iterable[str]) -> str:
+    """``lora.targets`` naming a preset the model's ``denoiser`` (its class name) lacks: said
+    here from the folder's files, and by the run once the model has loaded."""
+    return (
+        f"lora.targets={targets}: this model's denoiser ({denoiser}) has no such preset; "
+        f"choose one of {', '.join(presets)}"
+    )
 
 
 def _format_problem(config: TrainConfig) -> list[str]:

@@ -37,7 +37,7 @@ from modules.trainer.events import Command, Event
 from modules.trainer.notes import caption_length_notes, device_notes
 from modules.trainer.optimizer import make_optimizer, make_scheduler
 from modules.trainer.precision import Precision
-from modules.trainer.preflight import Preflight
+from modules.trainer.preflight import Preflight, unknown_targets
 from modules.trainer.processes import Processes
 from modules.trainer.run_folder import MetricsLog, continue_run, keep_previous_run
 from modules.trainer.sampling import Samples, sample_size
@@ -259,11 +259,8 @@ def new_accelerator(config: TrainConfig, logs: Path) -> Accelerator:
 def _lora_targets(config: TrainConfig, family: ModelFamily, model: LoadedModel) -> list[str]:
     available = family.lora_targets(model)
     if config.lora.targets not in available:
-        raise ConfigError(
-            f"lora.targets={config.lora.targets}: this model's denoiser "
-            f"({type(model.denoiser).__name__}) has no such preset; choose one of "
-            f"{', '.join(available)}"
-        )
+        denoiser = type(model.denoiser).__name__
+        raise ConfigError(unknown_targets(config.lora.targets, denoiser, available))
     return available[config.lora.targets]
 
 
