@@ -455,12 +455,7 @@ class MasksTab(ctk.CTkFrame):
         with Image.open(self.image_path) as image:
             size = settings.training_size(image.size)
         source = load_source(self.image_path, edited, size, settings.pixels_per_cell)
-        self.maps = compute_maps(
-            source,
-            gamma=settings.gamma,
-            min_weight=settings.min_weight,
-            threshold=settings.threshold,
-        )
+        self.maps = compute_maps(source, settings.weighting())
         self._show_maps(source.image, self.maps)
 
     def _show_maps(self, image: np.ndarray, maps: PreviewMaps) -> None:

@@ -2,7 +2,8 @@
 
 An image and its mask go through the engine's own loaders (``load_image``, ``load_mask``: same
 bucket, crop and resize as the latent cache), the mask is shrunk to the latent grid with
-``mask_to_latent`` and turned into the target map m and the prior map p by ``process_masks``.
+``mask_to_latent`` and turned into the target map m and the prior map p by the run's own
+``Weighting`` (built from the same ``mask`` and ``prior`` sections the trainer reads).
 So what the preview shows is what the loss uses, cell for cell.
 
 No Tk here (tested without a display). torch is imported inside the functions: importing
@@ -126,18 +127,14 @@ def mask_levels(mask: np.ndarray) -> tuple[tuple[float, float], ...]:
     return tuple(sorted(main, key=lambda level: -level[0]))
 
 
-def compute_maps(
-    source: PreviewSource, *, gamma: float, min_weight: float, threshold: float | None
-) -> PreviewMaps:
-    """m and p of the image's latent mask, and of each tier level, via ``process_masks``."""
+def compute_maps(source: PreviewSource, weighting: Any) -> PreviewMaps:
+    """m and p of the image's latent mask, and of each tier level, made by ``weighting`` (a
+    ``modules.loss.Weighting``: :meth:`PreviewSettings.weighting`)."""
     import torch
 
-    from modules.loss.masked_loss import process_masks
-
-    settings = {"gamma": gamma, "min_weight": min_weight, "prior_threshold": threshold}
-    weights = process_masks(torch.from_numpy(source.latent_mask), **settings)
+    weights = weighting.maps(torch.from_numpy(source.latent_mask))
     raw = torch.tensor([level for level, _ in source.levels], dtype=torch.float32)
-    tiers = process_masks(raw, **settings)
+    tiers = weighting.maps(raw)
     rows = tuple(
         LevelRow(raw=level, target=float(m), prior=float(p), share=share)
         for (level, share), m, p in zip(source.levels, tiers.target, tiers.prior, strict=True)
@@ -170,18 +167,35 @@ def overlay(source: PreviewSource, maps: PreviewMaps) -> np.ndarray:
 class PreviewSettings:
     """The config values the preview depends on, each validated by its own section."""
 
-    gamma: float
-    min_weight: float
-    threshold: float | None
+    mask: Any
+    """The ``MaskConfig``."""
+    prior: Any
+    """The ``PriorConfig``."""
     resolution: int
     model: Any
     """The ``ModelConfig``: its family gives the latent scale."""
-    mask_enabled: bool
-    prior_weight: float
     buckets: tuple[tuple[int, int], ...] | None = None
     """The bucket sizes (W, H) of the data settings and the family; None: the square crop."""
     pixels_per_cell: int = 8
     """The family's latent grid."""
+
+    @property
+    def threshold(self) -> float | None:
+        return self.prior.threshold
+
+    @property
+    def mask_enabled(self) -> bool:
+        return self.mask.enabled
+
+    @property
+    def prior_weight(self) -> float:
+        return self.prior.weight
+
+    def weighting(self) -> Any:
+        """The ``Weighting`` training builds from these sections (imports torch)."""
+        from modules.loss import Weighting
+
+        return Weighting.of(self.mask, self.prior)
 
     def training_size(self, source: tuple[int, int]) -> tuple[int, int]:
         """The size an image of ``source`` (W, H) trains at: its bucket, or the square."""
@@ -224,13 +238,10 @@ def settings_from_values(values: dict[str, Any]) -> PreviewSettings | str:
     except ValueError as error:
         return f"Fix data.bucket_max_side to update the preview: {error}"
     return PreviewSettings(
-        gamma=mask.gamma,
-        min_weight=mask.min_weight,
-        threshold=prior.threshold,
+        mask=mask,
+        prior=prior,
         resolution=data.resolution,
         model=model,
-        mask_enabled=mask.enabled,
-        prior_weight=prior.weight,
         buckets=tuple(buckets) if buckets is not None else None,
         pixels_per_cell=grid.pixels_per_cell,
     )

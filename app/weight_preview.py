@@ -175,12 +175,7 @@ class WeightPreview(ctk.CTkFrame):
         if source is None:
             return
         self.current, self.source = image, source
-        self.maps = compute_maps(
-            source,
-            gamma=settings.gamma,
-            min_weight=settings.min_weight,
-            threshold=settings.threshold,
-        )
+        self.maps = compute_maps(source, settings.weighting())
         self._render(image, source, self.maps, settings)
 
     def _source(self, image: PreviewImage, settings: PreviewSettings) -> PreviewSource | None:

@@ -32,9 +32,10 @@ from safetensors.torch import save
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from modules.config.schema import ConceptConfig, DataConfig
+from modules.config.schema import ConceptConfig, DataConfig, ModelConfig
 from modules.data.preparation import PreparedData, prepare_dataset
 from modules.models.demo.family import DemoFamily
+from modules.models.memory import load_model
 
 
 def write_concept(folder: Path, images: int, size: int, captions: int) -> Path:
@@ -87,7 +88,7 @@ def main() -> None:
     family = DemoFamily()
     import torch
 
-    model = family.load("", dtype=torch.float32, device=torch.device("cpu"))
+    model = load_model(family, ModelConfig(), dtype=torch.float32, device=torch.device("cpu"))
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         folder = write_concept(root / "concept", args.images, args.size, args.captions)

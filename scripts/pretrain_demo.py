@@ -56,6 +56,7 @@ from torch import Tensor
 from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
 from modules.atomic import replacing, write_text_atomic
+from modules.config.schema import ModelConfig
 from modules.demo.classifier import (
     SHIPPED_WEIGHTS,
     images_to_tensor,
@@ -75,6 +76,7 @@ from modules.models.demo.family import (
     build_demo_model,
     save_demo_model,
 )
+from modules.models.memory import load_model
 
 TINY_TRANSFORMER = {
     **TRANSFORMER_CONFIG,
@@ -480,7 +482,8 @@ def _export(run: PretrainRun, state: _State, into: Path) -> LoadedModel:
     save_demo_model(shipped, partial)
     shutil.rmtree(target, ignore_errors=True)
     os.replace(partial, target)
-    return DemoFamily().load(str(target), dtype=torch.float32, device=torch.device("cpu"))
+    config = ModelConfig(family="demo", path=str(target))
+    return load_model(DemoFamily(), config, dtype=torch.float32, device=torch.device("cpu"))
 
 
 def _named_weights(model: LoadedModel) -> dict[str, Tensor]:

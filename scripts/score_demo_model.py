@@ -27,6 +27,7 @@ from PIL import Image
 from torch import Tensor
 
 from modules.atomic import replacing, write_text_atomic
+from modules.config.schema import ModelConfig
 from modules.demo.classifier import (
     WorldClassifier,
     images_to_tensor,
@@ -36,6 +37,7 @@ from modules.demo.classifier import (
 from modules.demo.world import Scene, scene
 from modules.models.base import LoadedModel
 from modules.models.demo.family import GUIDANCE, DemoFamily
+from modules.models.memory import load_model
 
 NEW_SCENES = 100_000_000
 """First ``train``-split index of the "new scenes": pretraining draws scenes in order from 0
@@ -171,7 +173,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, default=Path("docs/demo-model-scores.json"))
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
-    model = DemoFamily().load(args.model, dtype=torch.float32, device=torch.device("cpu"))
+    model = load_model(
+        DemoFamily(),
+        ModelConfig(family="demo", path=args.model),
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+    )
     numbers, grid = score(
         model, load_classifier(), count=args.count, steps=args.steps, seed=args.seed
     )

@@ -66,10 +66,38 @@ def _v2_to_v3(data: dict[str, Any]) -> dict[str, Any]:
     return {**data, "data": {**section, "buckets": False}}
 
 
+FP8_BASE_FAMILIES_V3 = ("wan", "flux1", "flux2", "qwen_image")
+"""The families whose options had ``fp8_base`` up to version 3."""
+
+
+def _v3_to_v4(data: dict[str, Any]) -> dict[str, Any]:
+    """Version 4 gathers what decides where the base weights live in ``model.memory``:
+    ``model.<family>.fp8_base: true`` becomes ``model.memory.base_weights: "fp8"``; ``false``
+    was the default and just goes. Any other value stays where it was, for validation to name."""
+    model = data.get("model")
+    if not isinstance(model, dict):
+        return data
+    model = dict(model)
+    fp8 = False
+    for name in FP8_BASE_FAMILIES_V3:
+        options = model.get(name)
+        if isinstance(options, dict) and isinstance(options.get("fp8_base"), bool):
+            options = dict(options)
+            fp8 = options.pop("fp8_base") or fp8
+            model[name] = options
+    if fp8:
+        memory = model.get("memory")
+        memory = dict(memory) if isinstance(memory, dict) else {}
+        memory.setdefault("base_weights", "fp8")
+        model["memory"] = memory
+    return {**data, "model": model}
+
+
 MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {
     0: _v0_to_v1,
     1: _v1_to_v2,
     2: _v2_to_v3,
+    3: _v3_to_v4,
 }
 """``MIGRATIONS[v]`` turns a version ``v`` preset into a version ``v + 1`` preset."""
 
@@ -119,10 +147,24 @@ def _field_names(model: type[BaseModel], loc: Iterable[Any]) -> list[str]:
     return list(model.model_fields)
 
 
+MOVED_OPTIONS = {
+    "fp8_base": (
+        "it moved to 'model.memory.base_weights' (fp8_base true is base_weights 'fp8', "
+        "false the default 'auto'); older presets are moved on loading"
+    ),
+}
+"""A family option that moved out of ``model.<family>`` (and ``model``, where version 1 had
+WAN's) → where it went, said when a current preset or ``--set`` still names it."""
+
+
 def _family_option_hint(loc: Iterable[Any]) -> str | None:
     """``model.flow_shift`` → "did you mean 'model.wan.flow_shift'?": a family's option given
-    directly under ``model`` (where version 1 presets had WAN's)."""
+    directly under ``model`` (where version 1 presets had WAN's); ``model.wan.fp8_base`` → where
+    it moved (:data:`MOVED_OPTIONS`)."""
     loc = [str(part) for part in loc]
+    moved = len(loc) == 2 or (len(loc) == 3 and loc[1] in SPECS)
+    if moved and loc[0] == "model" and loc[-1] in MOVED_OPTIONS:
+        return MOVED_OPTIONS[loc[-1]]
     if len(loc) != 2 or loc[0] != "model":
         return None
     owners = [name for name, spec in SPECS.items() if loc[1] in spec.options.model_fields]

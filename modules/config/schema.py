@@ -17,8 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 from modules.models.registry import SPECS
 from modules.models.spec import NoOptions
 
-SCHEMA_VERSION = 3
-"""2: each model family's options moved into its own section (``model.wan.flow_shift``)."""
+SCHEMA_VERSION = 4
+"""2: each model family's options moved into its own section (``model.wan.flow_shift``).
+4: the families' ``fp8_base`` became ``model.memory.base_weights``."""
 
 VIDEO_FAMILIES = frozenset(name for name, spec in SPECS.items() if spec.video)
 """Families whose latents have a time axis: the only ones that can train clips (data.frames > 1)."""
@@ -33,6 +34,24 @@ class Section(BaseModel):
     """Base for every config section: unknown keys are errors, assignments are validated."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
+
+
+class MemoryConfig(Section):
+    """Where the frozen base weights live and in what form: one section for every family,
+    applied to any family's denoiser after it loads (:mod:`modules.models.memory`)."""
+
+    base_weights: Literal["auto", "fp8"] = Field(
+        "auto",
+        title="Base weights storage",
+        description=(
+            "How the frozen denoiser weights are stored. auto: in the base weight dtype. fp8: "
+            "in float8 (e4m3), each layer upcast to the base weight dtype for its forward "
+            "only: about half the memory of bfloat16 (a quarter of float32) at a small loss "
+            "of fidelity (float8 keeps about two significant digits). The LoRA still trains "
+            "in float32, and the teacher of prior preservation uses the same stored weights. "
+            "Meant for GPUs."
+        ),
+    )
 
 
 class _ModelFields(Section):
@@ -58,13 +77,21 @@ class _ModelFields(Section):
             "weights always train in float32."
         ),
     )
+    memory: MemoryConfig = Field(
+        default_factory=MemoryConfig,
+        title="Memory",
+        description="Where the frozen base weights live and in what form (every family).",
+    )
 
 
 ModelConfig = create_model(
     "ModelConfig",
     __base__=_ModelFields,
     __module__=__name__,
-    __doc__="The model: family, path, dtype, and each family's own options (``model.<family>``).",
+    __doc__=(
+        "The model: family, path, dtype, memory, and each family's own options "
+        "(``model.<family>``)."
+    ),
     **{
         name: (
             spec.options,
@@ -439,11 +466,24 @@ class TrainingConfig(Section):
         title="Seed",
         description="Seeds LoRA init, data order, noise, timesteps and mask dropout.",
     )
-    optimizer: Literal["adamw", "sgd"] = Field(
-        "adamw", title="Optimizer", description="Optimizer for the LoRA weights."
+    optimizer: Literal["adamw", "sgd", "adamw8bit", "adafactor", "prodigy", "came"] = Field(
+        "adamw",
+        title="Optimizer",
+        description=(
+            "Optimizer for the LoRA weights. adamw: the default; adamw8bit: AdamW with its "
+            "state in 8 bits (bitsandbytes), a quarter of AdamW's state memory on large layers; "
+            "adafactor: factored second moments, no first moment (learning_rate is its largest "
+            "relative step, 1e-2 in its paper); prodigy: estimates its own step size "
+            "(learning_rate is a multiplier of that estimate, usually 1.0); came: "
+            "Adafactor-like memory with a confidence-guided step; sgd: momentum 0.9."
+        ),
     )
     weight_decay: float = Field(
-        0.0, ge=0.0, le=1.0, title="Weight decay", description="Decoupled weight decay (AdamW)."
+        0.0,
+        ge=0.0,
+        le=1.0,
+        title="Weight decay",
+        description="Weight decay (decoupled, except sgd's L2 term); every optimizer applies it.",
     )
     scheduler: Literal["constant", "linear", "cosine"] = Field(
         "constant",
@@ -743,6 +783,19 @@ def config_warnings(config: TrainConfig) -> list[str]:
     if mask.unmasked_probability >= 1 and prior.weight > 0:
         warnings.append(
             "mask.unmasked_probability=1 drops every mask, so prior preservation never acts."
+        )
+    training = config.training
+    if training.optimizer == "prodigy" and training.learning_rate < 0.1:
+        warnings.append(
+            f"training.optimizer=prodigy with training.learning_rate={training.learning_rate}: "
+            "Prodigy estimates its own step size and learning_rate multiplies it; usually 1.0 "
+            "(a rate for AdamW, such as 1e-4, leaves the LoRA nearly untrained)."
+        )
+    if training.optimizer == "adafactor" and training.learning_rate < 1e-3:
+        warnings.append(
+            f"training.optimizer=adafactor with training.learning_rate={training.learning_rate}: "
+            "Adafactor's learning_rate caps its relative step size (1e-2 in its paper); a rate "
+            "for AdamW, such as 1e-4, leaves the LoRA nearly untrained."
         )
     warnings.extend(_other_family_warnings(config))
     return warnings

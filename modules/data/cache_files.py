@@ -1,7 +1,7 @@
 """The cache's files: where each kind lives, the keys that name them, and reading and writing
 them. What goes in them is made by :mod:`modules.data.latent_cache`.
 
-Three kinds of safetensors file, at ``cache_dir/<kind>/<key[:2]>/<key>.safetensors``:
+Four kinds of safetensors file, at ``cache_dir/<kind>/<key[:2]>/<key>.safetensors``:
 
 - ``latents/``: ``latent`` (C, h, w) or (C, F, h, w), float32 whatever the encoder's dtype
   (the trainer adds noise and computes targets in float32). Keyed by the image's (or clip's)
@@ -14,6 +14,11 @@ Three kinds of safetensors file, at ``cache_dir/<kind>/<key[:2]>/<key>.safetenso
 - ``masks/``: the mask on the latent grid, (1, h, w) or (1, F, h, w), float32, keyed by the
   mask's bytes and its latent's key. An image without a mask has no mask file: it trains with
   an all-ones mask.
+- ``conditioning/``: one item's encodings of one conditioning kind its family declares (a
+  clip's first frame, an edit's reference images; :class:`modules.models.spec.ConditioningKind`),
+  each tensor without the batch dimension, keyed by the kind, its source files' bytes in order
+  (for the item's own file also its training size) and the settings (the encoder's identity):
+  items with the same sources share one file. Families without conditioning have none.
 
 Files are written to a temporary name in the same folder and renamed, so a crash never leaves a
 half-written file under a key's name. Files of the earlier layout (one file per item directly
@@ -27,7 +32,7 @@ import json
 import os
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +47,7 @@ from modules.data.concept import ConceptItem, DataError, list_frames
 
 CACHE_FORMAT = "maskprior-cache-v2"
 """Part of every key and every file's metadata: bump it when the stored layout changes."""
-LATENTS, TEXTS, MASKS = "latents", "text", "masks"
+LATENTS, TEXTS, MASKS, CONDITIONING = "latents", "text", "masks", "conditioning"
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,8 @@ class CachedItem:
     """(width, height) in pixels the item trains at (its bucket)."""
     source: Path
     """The image (or clip) file."""
+    conditioning: tuple[Path, ...] = ()
+    """One file per conditioning kind of the family (none for most families)."""
 
 
 @dataclass(frozen=True)
@@ -75,6 +82,9 @@ class CachedSample:
     has_mask: bool
     source: str
     """The image file the latent was encoded from."""
+    conditioning: dict[str, Tensor] = field(default_factory=dict)
+    """The item's conditioning encodings, every kind's, per tensor without the batch
+    dimension; empty for a family without conditioning."""
 
 
 @dataclass(frozen=True)
@@ -133,6 +143,21 @@ def mask_key(mask: Path, *, latent: str) -> str:
     return digest.hexdigest()
 
 
+def conditioning_key(
+    kind: str, sources: Iterable[Path], *, settings: Mapping[str, Any], size: Size | None = None
+) -> str:
+    """The sha256 hex digest naming one item's encodings of the conditioning ``kind``: its
+    source files' bytes in order, the training size they were loaded at (None: their own) and
+    the settings (family, model identity, codec: the encoder)."""
+    digest = _digest(CONDITIONING)
+    _update(digest, kind.encode("utf-8"))
+    for source in sources:
+        _update_content(digest, source)
+    _update(digest, b"own size" if size is None else f"{size[0]}x{size[1]}".encode())
+    _update(digest, _settings_bytes(settings))
+    return digest.hexdigest()
+
+
 def cache_path(cache_dir: Path, kind: str, key: str) -> Path:
     return Path(cache_dir) / kind / key[:2] / f"{key}.safetensors"
 
@@ -185,6 +210,15 @@ def load_cached(item: CachedItem) -> CachedSample:
         mask = _read(item.mask, "mask")["mask"]
     else:
         mask = torch.ones(1, *latent.shape[1:])
+    conditioning: dict[str, Tensor] = {}
+    for path in item.conditioning:
+        for name, value in _read(path, CONDITIONING).items():
+            if name in conditioning:
+                raise DataError(
+                    f"cache file '{path}' holds '{name}', which another conditioning kind of "
+                    "the family holds too: the family must name its kinds' tensors apart"
+                )
+            conditioning[name] = value
     return CachedSample(
         latent=latent,
         mask=mask,
@@ -192,6 +226,7 @@ def load_cached(item: CachedItem) -> CachedSample:
         empty_text=_read(item.empty, "text"),
         has_mask=item.mask is not None,
         source=str(item.source),
+        conditioning=conditioning,
     )
 
 
@@ -257,7 +292,9 @@ def is_cache_file(metadata: Mapping[str, str], names: Iterable[str], kind: str) 
     if metadata.get("format") != CACHE_FORMAT:
         return False
     names = set(names)
-    return kind in names or (kind == "text" and bool(names))
+    if kind == CONDITIONING:  # the family's own tensor names; the kind in the metadata
+        return bool(names) and CONDITIONING in metadata
+    return kind in names or (kind == TEXTS and bool(names))
 
 
 def _unreadable(path: Path, error: Exception) -> DataError:

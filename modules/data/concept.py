@@ -30,6 +30,10 @@ from modules.config.schema import CaptionConfig, ConceptConfig
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp"})
 VIDEO_EXTENSIONS = frozenset({".mp4", ".webm", ".mov", ".mkv"})
 MASK_SUFFIX = "-masklabel"
+REFERENCE_SUFFIX = "-ref"
+"""``name-ref.png``, ``name-ref1.png``, ...: reference images beside ``name.png``, for a family
+that takes them (:mod:`modules.data.conditioning`)."""
+_REFERENCE = re.compile(rf"^(?P<stem>.+){REFERENCE_SUFFIX}(?P<number>\d*)$")
 UNSUPPORTED_EXTENSIONS = frozenset(
     {".gif", ".tif", ".tiff", ".bmp", ".avif", ".heic", ".heif", ".jxl", ".jp2", ".ico", ".psd",
      ".exr", ".dng", ".raw", ".cr2", ".nef", ".svg", ".avi", ".wmv", ".flv", ".m4v", ".mpg",
@@ -70,6 +74,9 @@ class ConceptScan:
     """Files in a format that is not read (``UNSUPPORTED_EXTENSIONS``)."""
     broken_links: tuple[Path, ...] = ()
     """Links whose target is gone."""
+    references: tuple[Path, ...] = ()
+    """Reference images beside their items (``name-ref.png``), kept out of the items when the
+    folder is scanned for a family that takes references."""
 
     @property
     def images(self) -> int:
@@ -114,9 +121,11 @@ class ConceptScan:
         return text
 
 
-def scan_concept(concept: ConceptConfig) -> ConceptScan:
+def scan_concept(concept: ConceptConfig, *, references: bool = False) -> ConceptScan:
     """List a concept's images and clips with their masks and final captions.
 
+    ``references``: the model family takes reference images, so ``name-ref.png``,
+    ``name-ref1.png``, ... beside an item ``name`` are its references, not items.
     Raises DataError when the folder is missing or holds no images or clips, when two items
     share a name, or when a still image has a video or folder as its mask.
     """
@@ -127,6 +136,11 @@ def scan_concept(concept: ConceptConfig) -> ConceptScan:
             f"concept folder '{folder}' {what}: fix the concept's path or create the folder"
         )
     images, masks, unsupported, broken = _list_images_and_masks(folder)
+    kept_apart: list[Path] = []
+    if references:
+        stems = {_stem(image) for image in images}
+        kept_apart = [image for image in images if reference_of(_stem(image)) in stems]
+        images = [image for image in images if image not in kept_apart]
     if not images:
         raise DataError(
             f"concept folder '{folder}' has no images (png, jpg, jpeg, webp; or clips: mp4, "
@@ -153,7 +167,20 @@ def scan_concept(concept: ConceptConfig) -> ConceptScan:
         orphan_masks=orphans,
         unsupported=tuple(unsupported),
         broken_links=tuple(broken),
+        references=tuple(kept_apart),
     )
+
+
+def reference_of(stem: str) -> str | None:
+    """The item a reference's stem names (``a-ref2`` → ``a``), or None for another stem."""
+    match = _REFERENCE.match(stem)
+    return match.group("stem") if match else None
+
+
+def reference_number(stem: str) -> int:
+    """A reference's place among its item's (``a-ref`` 0, ``a-ref1`` 1, ``a-ref2`` 2)."""
+    match = _REFERENCE.match(stem)
+    return int(match.group("number") or 0) if match else 0
 
 
 def read_caption(image: Path, caption: CaptionConfig) -> str:

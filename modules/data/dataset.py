@@ -7,7 +7,7 @@ are reproducible and independent of DataLoader workers.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,11 @@ class Batch:
     """(B,) bool: the image had a mask file."""
     caption_dropped: Tensor
     """(B,) bool: the sample uses the empty prompt this time."""
+    conditioning: dict[str, Tensor] = field(default_factory=dict)
+    """The family's per-item conditioning encodings (a first frame, reference images),
+    batch-first like ``text`` and padded the same way, so the teacher's subset takes the same
+    rows of both; empty for a family without conditioning. ``predict`` receives the two merged
+    (:func:`modules.models.base.with_conditioning`)."""
 
 
 class ConceptDataset(Dataset[Sample]):
@@ -92,6 +97,7 @@ class ConceptDataset(Dataset[Sample]):
             "loss_weight": concept.loss_weight,
             "has_mask": cached.has_mask and not prior_prediction,
             "caption_dropout": concept.caption.dropout,
+            "conditioning": cached.conditioning,
         }
 
     def mask_coverage(self) -> MaskCoverage:
@@ -157,10 +163,13 @@ def collate(samples: Sequence[Sample], generator: torch.Generator | None = None)
         loss_weight=torch.tensor([float(s["loss_weight"]) for s in samples]),
         has_mask=torch.tensor([bool(s["has_mask"]) for s in samples]),
         caption_dropped=dropped,
+        conditioning=_stack_text([s.get("conditioning", {}) for s in samples], "conditioning"),
     )
 
 
-def _stack_text(texts: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
+def _stack_text(
+    texts: Sequence[dict[str, Tensor]], what: str = "prompt encodings"
+) -> dict[str, Tensor]:
     """Stack per-sample encodings key by key, zero-padding the sequence dimension.
 
     Zero padding suits attention masks too (padded tokens are not attended), so every key,
@@ -170,21 +179,19 @@ def _stack_text(texts: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
     for text in texts[1:]:
         if set(text) != names:
             raise ValueError(
-                f"prompt encodings differ in their keys ({sorted(names)} vs {sorted(text)}): "
+                f"{what} differ in their keys ({sorted(names)} vs {sorted(text)}): "
                 "the cache mixes model families; clear the cache folder"
             )
-    return {name: _pad_stack([text[name] for text in texts], name) for name in sorted(names)}
+    return {name: _pad_stack([text[name] for text in texts], name, what) for name in sorted(names)}
 
 
-def _pad_stack(tensors: list[Tensor], name: str) -> Tensor:
+def _pad_stack(tensors: list[Tensor], name: str, what: str = "prompt encodings") -> Tensor:
     """(L_i, ...) tensors → (B, max L_i, ...), zeros after each sequence's end."""
     if all(t.shape == tensors[0].shape for t in tensors):
         return torch.stack(tensors)
     if any(t.dim() == 0 or t.shape[1:] != tensors[0].shape[1:] for t in tensors):
         shapes = sorted({tuple(t.shape) for t in tensors})
-        raise ValueError(
-            f"prompt encodings '{name}' differ beyond the sequence dimension: {shapes}"
-        )
+        raise ValueError(f"{what} '{name}' differ beyond the sequence dimension: {shapes}")
     length = max(t.shape[0] for t in tensors)
     batch = tensors[0].new_zeros((len(tensors), length, *tensors[0].shape[1:]))  # (B, L, ...)
     for row, tensor in zip(batch, tensors, strict=True):

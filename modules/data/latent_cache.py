@@ -11,13 +11,18 @@ Still images are encoded in batches of one training size, (B, 3, H, W); a clip w
 ``frames == 1`` as its first frame, like a still image. Masks are reduced to the latent grid
 with :func:`~modules.data.images.mask_to_latent` (clips:
 :func:`~modules.data.video.clip_mask_to_latent`) after the image's own geometry.
+
+A family that declares conditioning (``FamilySpec.conditioning``) has each item's source images
+of each kind encoded one item at a time (an ``item`` source at its training size, references at
+their own) and kept in a file of their own, made again when a source file or the encoder
+changes.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +33,13 @@ from torch import Tensor
 from modules.data.buckets import Size
 from modules.data.cache_files import (
     CACHE_FORMAT,
+    CONDITIONING,
     LATENTS,
     MASKS,
     TEXTS,
     CachedItem,
     cache_path,
+    conditioning_key,
     is_cache_file,
     latent_key,
     latent_shape,
@@ -40,7 +47,8 @@ from modules.data.cache_files import (
     text_key,
     write_atomic,
 )
-from modules.data.concept import ConceptItem
+from modules.data.concept import ConceptItem, DataError, name_list
+from modules.data.conditioning import conditioning_sources
 from modules.data.images import image_size, load_image, load_mask_with_notes, mask_to_latent
 from modules.data.video import (
     clip_frame_indices,
@@ -49,6 +57,7 @@ from modules.data.video import (
     load_clip,
     load_clip_mask,
 )
+from modules.models.spec import ConditioningKind
 
 Encoder = Callable[[Tensor], Tensor]
 """(B, 3, H, W) float32 CPU images in [-1, 1] → latents (B, C, h, w) or (B, C, F, h, w); for
@@ -58,6 +67,9 @@ The callable moves the batch to its own device and dtype; build_cache runs it un
 """
 PromptEncoder = Callable[[list[str]], dict[str, Tensor]]
 """B prompts → named batch-first tensors (B, ...)."""
+ConditioningEncoder = Callable[[str, list[Tensor]], dict[str, Tensor]]
+"""(the kind's name, one item's source images, each (3, H, W) float32 in [-1, 1]) → the item's
+encodings, batch-first with a batch of one (the family's ``encode_conditioning``)."""
 Progress = Callable[[int, int], None]
 """Called with (latents encoded so far, latents to encode)."""
 Warn = Callable[[str], None]
@@ -74,17 +86,25 @@ class CacheCounts:
     texts_reused: int = 0
     masks_made: int = 0
     masks_reused: int = 0
+    conditioning_encoded: int = 0
+    conditioning_reused: int = 0
 
     def add(self, other: CacheCounts) -> None:
         for name in self.__dataclass_fields__:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
     def describe(self) -> str:
-        return (
+        text = (
             f"latents {self.latents_reused} reused, {self.latents_encoded} encoded; "
             f"captions {self.texts_reused} reused, {self.texts_encoded} encoded; "
             f"masks {self.masks_reused} reused, {self.masks_made} made"
         )
+        if self.conditioning_reused or self.conditioning_encoded:
+            text += (
+                f"; conditioning {self.conditioning_reused} reused, "
+                f"{self.conditioning_encoded} encoded"
+            )
+        return text
 
 
 @dataclass(frozen=True)
@@ -107,6 +127,16 @@ class _Plan:
     latent: Path
     text: Path
     mask: Path | None
+    conditioning: tuple[_Conditioning, ...] = ()
+
+
+@dataclass(frozen=True)
+class _Conditioning:
+    """One item's source files of one conditioning kind, and the file of their encodings."""
+
+    kind: ConditioningKind
+    sources: tuple[Path, ...]
+    file: Path
 
 
 def build_cache(
@@ -123,6 +153,9 @@ def build_cache(
     frames: int = 1,
     fps: float = 0.0,
     warn: Warn | None = None,
+    conditioning: Sequence[ConditioningKind] = (),
+    encode_conditioning: ConditioningEncoder | None = None,
+    reference_dirs: Sequence[Path] = (),
 ) -> BuiltCache:
     """Make what the cache lacks for ``items``; return every item's files, in order.
 
@@ -132,19 +165,32 @@ def build_cache(
     :mod:`modules.data.video`). ``progress`` is called with (0, n) before the first latent is
     encoded and after each batch (each clip), n being the latents to encode; not at all when
     every latent is cached already.
+
+    ``conditioning``: the family's conditioning kinds, encoded with ``encode_conditioning``
+    (references found beside the items, or in ``reference_dirs`` when given); a DataError
+    naming the item when one has no source file.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     cache_dir = Path(cache_dir)
     sizes = list(sizes) if sizes is not None else [(resolution, resolution)] * len(items)
     empty = cache_path(cache_dir, TEXTS, text_key("", settings=settings))
+    if conditioning and encode_conditioning is None:
+        raise ValueError("build_cache: conditioning kinds given without encode_conditioning")
     plans = [
-        _plan(item, size, cache_dir, settings, frames, fps)
+        _with_conditioning(
+            _plan(item, size, cache_dir, settings, frames, fps),
+            conditioning,
+            cache_dir,
+            settings,
+            reference_dirs,
+        )
         for item, size in zip(items, sizes, strict=True)
     ]
     build = _Build(
         encode_images=encode_images,
         encode_prompts=encode_prompts,
+        encode_conditioning=encode_conditioning,
         metadata={"format": CACHE_FORMAT, "settings": json.dumps(settings, sort_keys=True)},
         batch_size=batch_size,
         frames=frames,
@@ -155,6 +201,7 @@ def build_cache(
         encoded = build.latents(plans, progress)
         build.masks(plans, encoded)
         build.texts({plan.text: plan.item.caption for plan in plans} | {empty: ""})
+        build.conditioning(plans)
     cached = [
         CachedItem(
             latent=plan.latent,
@@ -163,6 +210,7 @@ def build_cache(
             mask=plan.mask,
             size=plan.size,
             source=plan.item.image,
+            conditioning=tuple(part.file for part in plan.conditioning),
         )
         for plan in plans
     ]
@@ -191,12 +239,37 @@ def _plan(
     )
 
 
+def _with_conditioning(
+    plan: _Plan,
+    kinds: Sequence[ConditioningKind],
+    cache_dir: Path,
+    settings: Mapping[str, Any],
+    reference_dirs: Sequence[Path],
+) -> _Plan:
+    """``plan`` with the source files and cache file of each conditioning kind."""
+    parts = []
+    for kind in kinds:
+        sources = conditioning_sources(plan.item, kind, reference_dirs)
+        if not sources or len(sources) > kind.most:
+            found = f"{len(sources)} ({name_list(sources)})" if sources else "none"
+            needs = "1" if kind.most == 1 else f"1 to {kind.most}"
+            raise DataError(
+                f"'{plan.item.image}' needs {needs} {kind.name} images and has {found}: add "
+                "or remove them (the check command lists every such file)"
+            )
+        size = plan.size if kind.source == "item" else None
+        key = conditioning_key(kind.name, sources, settings=settings, size=size)
+        parts.append(_Conditioning(kind, sources, cache_path(cache_dir, CONDITIONING, key)))
+    return replace(plan, conditioning=tuple(parts))
+
+
 @dataclass
 class _Build:
     """One cache build: its encoders and settings, and what it has made so far."""
 
     encode_images: Encoder
     encode_prompts: PromptEncoder
+    encode_conditioning: ConditioningEncoder | None
     metadata: dict[str, str]
     batch_size: int
     frames: int
@@ -305,8 +378,33 @@ class _Build:
         for start in range(0, len(todo), self.batch_size):
             batch = todo[start : start + self.batch_size]
             encoding = self.encode_prompts([caption for _, caption in batch])
-            for (path, caption), row in zip(batch, _rows(encoding, len(batch)), strict=True):
+            rows = _rows(encoding, len(batch), "prompt encoder", "captions")
+            for (path, caption), row in zip(batch, rows, strict=True):
                 write_atomic(path, row, {**self.metadata, "caption": caption})
+
+    def conditioning(self, plans: list[_Plan]) -> None:
+        """Encode each item's conditioning not cached yet, one item and kind at a time (the
+        sources of different items may differ in size and count)."""
+        distinct = {part.file: (plan, part) for plan in plans for part in plan.conditioning}
+        for path, (plan, part) in distinct.items():
+            if self._usable(path, CONDITIONING, plan):
+                self.counts.conditioning_reused += 1
+                continue
+            assert self.encode_conditioning is not None
+            if part.kind.source == "item":
+                pixels = [_still_pixels(plan.item, plan.size)]  # (3, H, W), the latent's crop
+            else:
+                pixels = [load_image(source, image_size(source)) for source in part.sources]
+            encoding = self.encode_conditioning(part.kind.name, pixels)
+            (row,) = _rows(encoding, 1, f"conditioning encoder ('{part.kind.name}')", "item")
+            metadata = {
+                **self.metadata,
+                CONDITIONING: part.kind.name,
+                "sources": json.dumps([str(source) for source in part.sources]),
+                "source_image": str(plan.item.image),
+            }
+            write_atomic(path, row, metadata)
+            self.counts.conditioning_encoded += 1
 
     def _usable(self, path: Path, kind: str, of: _Plan | str) -> bool:
         """Whether a cache file exists and can be read; a damaged one is removed (and said)."""
@@ -363,12 +461,16 @@ def _latent_mask(
     return mask, coloured
 
 
-def _rows(encoding: Mapping[str, Tensor], count: int) -> list[dict[str, Tensor]]:
-    """Split a batch-first prompt encoding into ``count`` per-sample dicts."""
+def _rows(
+    encoding: Mapping[str, Tensor], count: int, encoder: str, of: str
+) -> list[dict[str, Tensor]]:
+    """Split a batch-first encoding into ``count`` per-sample dicts."""
+    if not encoding:
+        raise ValueError(f"{encoder} returned no tensors for {count} {of}")
     for name, value in encoding.items():
         if value.dim() == 0 or value.shape[0] != count:
             raise ValueError(
-                f"prompt encoder returned '{name}' with shape {tuple(value.shape)} for "
-                f"{count} captions; expected batch-first tensors ({count}, ...)"
+                f"{encoder} returned '{name}' with shape {tuple(value.shape)} for "
+                f"{count} {of}; expected batch-first tensors ({count}, ...)"
             )
     return [{name: value[index] for name, value in encoding.items()} for index in range(count)]

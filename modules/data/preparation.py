@@ -13,12 +13,14 @@ from modules.config.schema import DataConfig, MaskConfig, PriorConfig
 from modules.data.buckets import Placement, Size, data_buckets, histogram_text, place
 from modules.data.cache_files import CachedInfo, cached_info, old_layout_files
 from modules.data.concept import ConceptItem, ConceptScan, DataError, name_list, scan_concept
+from modules.data.conditioning import takes_references
 from modules.data.dataset import ConceptDataset
 from modules.data.images import image_size
-from modules.data.latent_cache import CacheCounts, build_cache
+from modules.data.latent_cache import CacheCounts, ConditioningEncoder, build_cache
 from modules.data.video import clip_info
-from modules.loss import process_masks
-from modules.models.base import LoadedModel, ModelFamily
+from modules.loss import Weighting
+from modules.models.base import ConditionedFamily, LoadedModel, ModelFamily
+from modules.models.spec import ConditioningKind
 
 CODEC_VERSION = 1
 """Bump when the meaning of cached latents changes without a change of model identity."""
@@ -93,6 +95,7 @@ def prepare_dataset(
     sources: Sequence[Sequence[Size | None]] | None = None,
     mask: MaskConfig | None = None,
     prior: PriorConfig | None = None,
+    conditioning: Sequence[ConditioningKind] = (),
 ) -> PreparedData:
     """Scan every concept (unless ``scans`` are given), place each item in its bucket (sides
     multiples of ``pixel_multiple``, the family's; ``sources``: the items' sizes when already
@@ -103,10 +106,17 @@ def prepare_dataset(
     fix otherwise; with buckets, batches group items of one shape). With
     ``mask`` (and ``prior``) given and masked training on, masks without any target weight are
     counted in a warning, and a dataset in which no item has any is refused (DataError).
+    ``conditioning``: the family's conditioning kinds (its declaration's), encoded into the
+    cache with the family's ``encode_conditioning``; a scan made here then keeps reference
+    images apart from the items.
     """
     cache_dir = Path(data.cache_dir)
     settings = {"family": family.name, "model": model.identity, "codec": CODEC_VERSION}
-    scans = list(scans) if scans is not None else [scan_concept(c) for c in data.concepts]
+    kinds = tuple(conditioning)
+    references = takes_references(kinds)
+    if scans is None:
+        scans = [scan_concept(c, references=references) for c in data.concepts]
+    scans = list(scans)
     notes: list[str] = _old_cache_note(cache_dir)
     buckets = _buckets(data, pixel_multiple)
     counts = CacheCounts()
@@ -128,6 +138,8 @@ def prepare_dataset(
             frames=data.frames,
             fps=data.fps,
             warn=notes.append,
+            conditioning=kinds,
+            encode_conditioning=_conditioning_encoder(family, model, kinds),
         )
         counts.add(built.counts)
         placements.append(placement)
@@ -144,7 +156,9 @@ def prepare_dataset(
         with_weight_elsewhere = None in masks or any(
             concept.type == "prior_prediction" for concept in data.concepts
         )
-        notes += _weightless_note(masked, mask, prior or PriorConfig(), with_weight_elsewhere)
+        prior = prior or PriorConfig()
+        weighting = Weighting.of(mask, prior)
+        notes += _weightless_note(masked, weighting, prior.weight > 0, with_weight_elsewhere)
     return PreparedData(
         dataset=ConceptDataset(per_concept),
         scans=scans,
@@ -191,17 +205,30 @@ def _coloured_note(masks: dict[Path, CachedInfo]) -> list[str]:
     ]
 
 
+def _conditioning_encoder(
+    family: ModelFamily, model: LoadedModel, kinds: Sequence[ConditioningKind]
+) -> ConditioningEncoder | None:
+    """The family's ``encode_conditioning`` for the cache; None for a family without
+    conditioning. A family that declares kinds must have the method (ConditionedFamily)."""
+    if not kinds:
+        return None
+    if not isinstance(family, ConditionedFamily):
+        raise TypeError(
+            f"the {family.name} family declares conditioning "
+            f"({', '.join(kind.name for kind in kinds)}) but has no encode_conditioning"
+        )
+    return lambda kind, images: family.encode_conditioning(model, kind, images)
+
+
 def _weightless_note(
-    masks: dict[Path, CachedInfo], mask: MaskConfig, prior: PriorConfig, weight_elsewhere: bool
+    masks: dict[Path, CachedInfo], weighting: Weighting, with_prior: bool, weight_elsewhere: bool
 ) -> list[str]:
     """Masks whose target weight map is 0 everywhere teach nothing of their own. The map only
     grows with the raw mask, so the mask's largest value decides it. When no item has any
     weight (no mask has, no item goes without a mask, no prior-prediction concept), nothing
     would be learnt: a DataError."""
     largest = torch.tensor([info.mask_max for info in masks.values()])
-    weights = process_masks(
-        largest, gamma=mask.gamma, min_weight=mask.min_weight, prior_threshold=prior.threshold
-    ).target
+    weights = weighting.maps(largest).target
     empty = [path for path, w in zip(masks, weights.tolist(), strict=True) if w <= 0]
     if not empty:
         return []
@@ -213,7 +240,7 @@ def _weightless_note(
         )
     return [
         f"{len(empty)} of {len(masks)} masks have no weight anywhere ({name_list(empty)}): their "
-        "images teach nothing of the subject" + (" (only the prior)" if prior.weight > 0 else "")
+        "images teach nothing of the subject" + (" (only the prior)" if with_prior else "")
     ]
 
 

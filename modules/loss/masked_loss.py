@@ -29,16 +29,32 @@ Typical weighted-mask tiers with gamma = 0.7 (computed, see tests):
     hair         0.31   0.441             0.559
     background   0.00   0.000             1.000
 
+The training step enters through :func:`prediction_loss`: one :class:`Weighting` (built once per
+run from the config), the maps it made from the step's masks (the step decides the teacher from
+the same maps), and per sample the concept's loss weight w_b and the prior's noise gate g_b:
+
+    loss       = (prediction - target) ** 2 * w_b
+    prior_loss = (prediction - teacher) ** 2 * w_b * g_b
+
+:func:`masked_prior_loss` is the same reduction for callers that hold unreduced losses and a raw
+mask.
+
 Every function here is pure: inputs are never modified in place. All reductions accumulate in
 float32 and the returned scalars are float32, whatever the input dtype (1e-8 means nothing in
 float16, and a float16 sum over a latent overflows).
 """
 
+from __future__ import annotations
+
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from modules.config.schema import MaskConfig, PriorConfig
 
 MaskLossLayout = Literal["video", "layered"]
 
@@ -76,6 +92,45 @@ class LossBreakdown:
     prior: Tensor
     target_weight_mean: Tensor = field(default_factory=lambda: torch.ones(()))
     prior_weight_mean: Tensor = field(default_factory=lambda: torch.zeros(()))
+
+
+@dataclass(frozen=True)
+class Weighting:
+    """How a raw mask becomes the two weight maps and how each term is normalised: one
+    description per run, built from the config by :meth:`of`, used by the step (the teacher's
+    samples and the loss), the data checks and the UI's preview alike.
+
+    gamma, min_weight, prior_threshold: :func:`process_masks`.
+    normalize_per_sample: each sample's own weighted mean, then the batch mean
+    (:func:`masked_prior_loss`).
+    """
+
+    gamma: float = 1.0
+    min_weight: float = 0.0
+    prior_threshold: float | None = None
+    normalize_per_sample: bool = False
+
+    def __post_init__(self) -> None:
+        _check_mask_settings(self.gamma, self.min_weight)
+
+    @classmethod
+    def of(cls, mask: MaskConfig, prior: PriorConfig) -> Weighting:
+        """The weighting of a config's ``mask`` and ``prior`` sections."""
+        return cls(
+            gamma=mask.gamma,
+            min_weight=mask.min_weight,
+            prior_threshold=prior.threshold,
+            normalize_per_sample=mask.normalize_per_sample,
+        )
+
+    def maps(self, mask: Tensor) -> MaskWeights:
+        """m and p of a raw mask of any shape (:func:`process_masks`)."""
+        return process_masks(
+            mask,
+            gamma=self.gamma,
+            min_weight=self.min_weight,
+            prior_threshold=self.prior_threshold,
+        )
 
 
 def process_masks(
@@ -185,19 +240,88 @@ def masked_prior_loss(
             prior_weight_mean=zero,
         )
 
-    loss5, mask5 = _prepare_tensors(loss, mask, layout, drop_base_frame)
-    weights = process_masks(
-        mask5, gamma=gamma, min_weight=min_weight, prior_threshold=prior_threshold
+    loss5 = _loss_as_5d(loss, layout)
+    mask5 = _mask_like(mask, loss5, layout, drop_base_frame, loss.shape)
+    weights = Weighting(gamma, min_weight, prior_threshold, normalize_per_sample).maps(mask5)
+    prior5 = None if prior_loss is None else _loss_as_5d(prior_loss, layout).to(loss5.device)
+    return _reduce(loss5, prior5, weights, prior_weight, normalize_per_sample)
+
+
+def prediction_loss(
+    prediction: Tensor,
+    target: Tensor,
+    maps: MaskWeights | None,
+    weighting: Weighting,
+    *,
+    teacher: Tensor | None = None,
+    prior_weight: float = 0.0,
+    sample_weight: Tensor | None = None,
+    prior_gate: Tensor | None = None,
+    layout: str = "video",
+    drop_base_frame: bool = False,
+) -> LossBreakdown:
+    """The step's loss from the predictions, reduced as :func:`masked_prior_loss` does:
+
+        loss       = (prediction - target) ** 2 * w_b
+        prior_loss = (prediction - teacher) ** 2 * w_b * g_b    (only with a teacher and
+                                                                 prior_weight > 0)
+
+    w_b = ``sample_weight`` (B,): the sample's concept loss weight, on both terms (1 when None).
+    g_b = ``prior_gate`` (B,), bool or float: 1 where the sample's noise level lies in the
+    prior's range, 0 elsewhere (1 when None); a gated-off sample adds nothing to the prior
+    term's sum but its prior map still counts in the normalisation, as it always did.
+
+    ``maps``: ``weighting.maps(masks)`` of the step's masks, (B, 1, [F,] h, w) like the masks
+    (``drop_base_frame`` and ``layout`` as in :func:`masked_prior_loss`); None means no masking:
+    the plain mean of ``loss``. Only ``weighting.normalize_per_sample`` is read here: the maps
+    already hold the rest. ``prediction``, ``target`` and ``teacher`` have one shape, (B, C, h, w)
+    or (B, C, F, h, w) (layered: (B, L, C, h, w)); each is upcast to float32 first.
+    """
+    if teacher is not None and teacher.shape != prediction.shape:
+        raise ValueError(
+            f"teacher must have the prediction's shape: teacher={tuple(teacher.shape)} "
+            f"prediction={tuple(prediction.shape)}"
+        )
+    prediction = prediction.float()
+    shape = (-1,) + (1,) * (prediction.ndim - 1)  # (B,) -> (B, 1, ..., 1)
+
+    def per_sample(values: Tensor, factor: Tensor | None) -> Tensor:
+        if factor is None:
+            return values
+        return values * factor.to(prediction.device, torch.float32).view(shape)
+
+    loss = per_sample(F.mse_loss(prediction, target.float(), reduction="none"), sample_weight)
+    prior_loss = None
+    if teacher is not None and prior_weight > 0:
+        prior_loss = F.mse_loss(prediction, teacher.float(), reduction="none")
+        prior_loss = per_sample(per_sample(prior_loss, sample_weight), prior_gate)
+    if maps is None:
+        return masked_prior_loss(loss, None, layout=layout)
+    loss5 = _loss_as_5d(loss, layout)
+    weights = MaskWeights(
+        target=_mask_like(maps.target, loss5, layout, drop_base_frame, loss.shape),
+        prior=_mask_like(maps.prior, loss5, layout, drop_base_frame, loss.shape),
     )
+    prior5 = None if prior_loss is None else _loss_as_5d(prior_loss, layout)
+    return _reduce(loss5, prior5, weights, prior_weight, weighting.normalize_per_sample)
+
+
+def _reduce(
+    loss5: Tensor,
+    prior5: Tensor | None,
+    weights: MaskWeights,
+    prior_weight: float,
+    per_sample: bool,
+) -> LossBreakdown:
+    """The two region-normalised terms of 5-D float32 losses with maps that broadcast to them."""
     # expand_as makes views: the processed maps are computed once at mask resolution.
     target_map = weights.target.expand_as(loss5)
     prior_map = weights.prior.expand_as(loss5)
 
-    target_term = _weighted_mean(loss5, target_map, normalize_per_sample)
+    target_term = _weighted_mean(loss5, target_map, per_sample)
 
-    if prior_weight > 0 and prior_loss is not None:
-        prior5 = _loss_as_5d(prior_loss, layout).to(loss5.device)
-        prior_mean = _weighted_mean(prior5, prior_map, normalize_per_sample)
+    if prior_weight > 0 and prior5 is not None:
+        prior_mean = _weighted_mean(prior5, prior_map, per_sample)
         # An empty prior region (mask all ones, or threshold never met) contributes exactly 0.
         has_prior = prior_map.sum(dtype=torch.float32) >= _EPS
         prior_term = torch.where(has_prior, prior_mean, torch.zeros_like(prior_mean))
@@ -238,48 +362,47 @@ def _weighted_mean(values: Tensor, weights: Tensor, per_sample: bool) -> Tensor:
     )
 
 
-def _prepare_tensors(
-    loss: Tensor, mask: Tensor, layout: str, drop_base_frame: bool
-) -> tuple[Tensor, Tensor]:
-    """Bring loss to 5-D float32 and the mask to a shape that broadcasts against it.
+def _mask_like(
+    mask: Tensor, loss5: Tensor, layout: str, drop_base_frame: bool, loss_shape: torch.Size
+) -> Tensor:
+    """A mask (or a map made from one) in a shape that broadcasts against the 5-D loss.
 
-    video:   loss (B, C, H, W) -> (B, C, 1, H, W); mask (B, F, H, W) -> (B, 1, F, H, W).
-    layered: loss (B, L, C, H, W); mask (B, 1, L', H, W) -> (B, L, 1, H, W) after dropping
+    video:   mask (B, F, H, W) or (B, 1, F, H, W) -> (B, 1, F, H, W) for loss (B, C, F, H, W).
+    layered: mask (B, 1, L', H, W) -> (B, L, 1, H, W) for loss (B, L, C, H, W), after dropping
              layer 0 when drop_base_frame.
-    The mask keeps its own dtype here; process_masks upcasts it.
+    The mask keeps its own dtype here; process_masks upcasts it. ``loss_shape``: the loss's
+    shape as the caller gave it, for the error message.
     """
-    given = f"mask={tuple(mask.shape)} loss={tuple(loss.shape)}"
-    loss = _loss_as_5d(loss, layout)
-
+    given = f"mask={tuple(mask.shape)} loss={tuple(loss_shape)}"
     if mask.ndim == 4:
         mask = mask.unsqueeze(1)  # (B, F, H, W) -> (B, 1, F, H, W)
     elif mask.ndim != 5:
         raise ValueError(f"Expected mask to be 4D or 5D, got {given}")
-    mask = mask.to(loss.device)
+    mask = mask.to(loss5.device)
 
     if layout == "video":
         if (
-            mask.shape[0] != loss.shape[0]
-            or mask.shape[1] not in (1, loss.shape[1])
-            or mask.shape[2:] != loss.shape[2:]
+            mask.shape[0] != loss5.shape[0]
+            or mask.shape[1] not in (1, loss5.shape[1])
+            or mask.shape[2:] != loss5.shape[2:]
         ):
             raise ValueError(f"Shape mismatch: {given} (mask needs (B, F, H, W) of the loss)")
-        return loss, mask
+        return mask
 
     if drop_base_frame:
         mask = mask[:, :, 1:]  # (B, 1, L+1, H, W) -> (B, 1, L, H, W); a view, not in place
     if (
-        mask.shape[0] != loss.shape[0]
-        or mask.shape[1] not in (1, loss.shape[2])
-        or mask.shape[2] != loss.shape[1]
-        or mask.shape[3:] != loss.shape[3:]
+        mask.shape[0] != loss5.shape[0]
+        or mask.shape[1] not in (1, loss5.shape[2])
+        or mask.shape[2] != loss5.shape[1]
+        or mask.shape[3:] != loss5.shape[3:]
     ):
         layers = "L + 1 layers (base first)" if drop_base_frame else "L layers"
         raise ValueError(
             f"Shape mismatch for layered: {given} (loss is (B, L, C, H, W); the mask needs "
             f"{layers} with drop_base_frame={drop_base_frame})"
         )
-    return loss, mask.permute(0, 2, 1, 3, 4)  # (B, 1, L, H, W) -> (B, L, 1, H, W)
+    return mask.permute(0, 2, 1, 3, 4)  # (B, 1, L, H, W) -> (B, L, 1, H, W)
 
 
 def _loss_as_5d(loss: Tensor, layout: str) -> Tensor:

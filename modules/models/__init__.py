@@ -16,6 +16,7 @@ _LAZY = {
     "TextEncoding": "modules.models.base",
     "select_text": "modules.models.base",
     "get_family": "modules.models.base",
+    "load_model": "modules.models.memory",
 }
 
 

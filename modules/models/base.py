@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar, runtime_checkable
 
 import torch
@@ -64,6 +64,13 @@ class LoadedModel(Generic[PartsT]):
     wrapper: torch.nn.Module | None = None
     """The denoiser inside the trainer's data-parallel wrapper, set on the copy the student's
     forward uses when training on several processes; None everywhere else."""
+    prepare_denoiser: Callable[[torch.nn.Module], None] = field(
+        default=lambda denoiser: None, repr=False
+    )
+    """Applies the memory options (``model.memory``) to a denoiser, in place. Set by
+    :func:`modules.models.memory.load_model`, which has applied it to ``denoiser``; a family
+    that loads another denoiser later (WAN 2.2's second expert, for samples) calls it on that
+    one before its first use, so that the family carries no memory code of its own."""
 
     @property
     def runner(self) -> torch.nn.Module:
@@ -85,7 +92,17 @@ class ModelFamily(Protocol):
         (usually the declaration's ``SPEC.lora_targets``)."""
         ...
 
-    def load(self, path: str, *, dtype: torch.dtype, device: torch.device) -> LoadedModel: ...
+    def load(self, path: str, *, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+        """The base model at ``path``. Callers go through :func:`modules.models.load_model`,
+        which applies the memory options (``model.memory``) after."""
+        ...
+
+    def blocks(self, denoiser: torch.nn.Module) -> Sequence[torch.nn.Module]:
+        """The denoiser's repeated blocks, all of them, in the order its forward runs them
+        (what the memory options swap or store block by block). It takes a denoiser, not a
+        loaded model, so that it also answers for one the family loads later (WAN 2.2's
+        second expert)."""
+        ...
 
     def encode_images(self, model: LoadedModel, images: Tensor) -> Tensor:
         """(B, 3, H, W) in [-1, 1] → latents (B, C, h, w) or (B, C, F, h, w).
@@ -128,7 +145,8 @@ class ModelFamily(Protocol):
     def predict(
         self, model: LoadedModel, noisy: Tensor, timesteps: Tensor, text: TextEncoding
     ) -> Tensor:
-        """The denoiser's prediction, same shape as the target."""
+        """The denoiser's prediction, same shape as the target. ``text``: the prompt encodings,
+        merged with the item's conditioning encodings for a :class:`ConditionedFamily`."""
         ...
 
     def comfyui_converter(self, model: LoadedModel) -> ComfyConverter:
@@ -162,6 +180,42 @@ class ModelFamily(Protocol):
         """Generate images (B, 3, H, W) in [-1, 1] at ``size`` (W, H) for the encoded prompts.
         Video families also take ``frames`` (4n + 1) and then return clips (B, 3, F, H, W)."""
         ...
+
+
+@runtime_checkable
+class ConditionedFamily(ModelFamily, Protocol):
+    """A family whose denoiser takes per-item conditioning besides the prompt (a clip's first
+    frame, an edit's reference images): its ``SPEC.conditioning`` names the kinds, and it
+    encodes them. Only such a family implements :meth:`encode_conditioning`; the others are
+    unchanged, and nothing calls it for them.
+
+    The contract with ``predict``: its ``text`` argument is the merged mapping of the prompt
+    encodings and the item's conditioning encodings (:func:`with_conditioning`), every tensor
+    batch-first, so the teacher's subset of the batch is selected from both alike
+    (:func:`select_text`). The two never share a key (a collision is an error naming both)."""
+
+    def encode_conditioning(
+        self, model: LoadedModel, kind: str, images: Sequence[Tensor]
+    ) -> TextEncoding:
+        """One item's source images of the conditioning ``kind`` (its ``ConditioningKind.name``),
+        each (3, H, W) float32 in [-1, 1] on the CPU (an ``item`` source at the item's training
+        size, references at their own size, to be resized as the family's pipeline does) →
+        the item's encodings, each tensor batch-first with a batch of one (1, ...). Sequences
+        of different lengths are zero-padded when items share a batch."""
+        ...
+
+
+def with_conditioning(text: TextEncoding, conditioning: TextEncoding) -> TextEncoding:
+    """The prompt encodings and the conditioning encodings in one mapping, as ``predict``
+    takes them; a ValueError naming the key when the two share one."""
+    shared = sorted(set(text) & set(conditioning))
+    if shared:
+        raise ValueError(
+            f"'{shared[0]}' names both a prompt encoding (of {sorted(text)}) and a conditioning "
+            f"encoding (of {sorted(conditioning)}): the family must name its conditioning "
+            "tensors apart from its prompt encodings"
+        )
+    return {**text, **conditioning}
 
 
 def get_family(config: ModelConfig) -> ModelFamily:

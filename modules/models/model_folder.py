@@ -1,7 +1,7 @@
 """What every family that loads a local diffusers folder does the same way: check the folder's
-parts, read its JSON files, stamp the files a cache depends on, keep a frozen base in float8,
-keep what it loads beside the denoiser in a :class:`FolderParts` of its own, and move the
-denoiser to the training device once the encoders are gone."""
+parts, read its JSON files, stamp the files a cache depends on, keep what it loads beside the
+denoiser in a :class:`FolderParts` of its own, and move the denoiser to the training device once
+the encoders are gone."""
 
 from __future__ import annotations
 
@@ -83,15 +83,6 @@ def denoiser_on_device(model: LoadedModel[FolderParts]) -> None:
     device = model.parts.device
     if next(model.denoiser.parameters()).device != device:
         model.denoiser.to(device)
-
-
-def store_in_fp8(denoiser: torch.nn.Module, compute_dtype: torch.dtype) -> None:
-    """Keep the frozen weights of ``denoiser`` in float8 (e4m3), each layer upcast to
-    ``compute_dtype`` for its forward only (a family's ``fp8_base`` option): about half the
-    memory of bfloat16. LoRA layers added afterwards stay in their own dtype and train."""
-    denoiser.enable_layerwise_casting(
-        storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype
-    )
 
 
 def free_encoders(model: LoadedModel[FolderParts], *, keep_decoder: bool) -> None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 
 LossLayout = Literal["video", "layered"]
 
@@ -35,20 +35,6 @@ FILE_FIELD = {"file": True}
 anything (``modules.trainer.preflight``)."""
 
 
-def fp8_base_field() -> Any:
-    """The ``fp8_base`` option of a family that loads a diffusers transformer (stored with
-    :func:`modules.models.model_folder.store_in_fp8`)."""
-    return Field(
-        False,
-        title="fp8 base weights",
-        description=(
-            "Store the frozen transformer weights in float8 (e4m3) and compute in the base "
-            "dtype, layer by layer: about half the memory of bfloat16, slightly lower "
-            "fidelity. The teacher uses the same fp8 weights. Meant for GPUs."
-        ),
-    )
-
-
 class NoOptions(FamilyOptions):
     """A family without options of its own."""
 
@@ -62,6 +48,27 @@ class LatentGrid:
     pixel_multiple: int
     """What an image side must be a multiple of (the VAE factor times the transformer's patch
     or packing size)."""
+
+
+ConditioningSource = Literal["item", "references"]
+
+
+@dataclass(frozen=True)
+class ConditioningKind:
+    """One kind of per-item conditioning other than the prompt that a family's denoiser takes
+    (a clip's first frame, an edit's reference images). The family encodes it
+    (``ConditionedFamily.encode_conditioning``), the cache keeps it as its own kind, keyed by its
+    source files and the encoder, and batches carry it beside the prompt encodings."""
+
+    name: str
+    """What the family calls it ("first_frame", "reference"); passed back to its encoder."""
+    source: ConditioningSource
+    """Where an item's source images come from: ``item``, the item's own file (a still, or a
+    clip's first frame), at the item's training size and crop; ``references``, its reference
+    images at their own size: files of the same name in the concept's reference folders, in
+    order, or else ``name-ref.png``, ``name-ref1.png``, ... beside ``name.png``."""
+    most: int = 1
+    """The most source images an item may have (references the model takes)."""
 
 
 @dataclass(frozen=True)
@@ -123,6 +130,9 @@ class FamilySpec:
     comfyui_check: Callable[[str], str | None] | None = field(default=None, repr=False)
     """Why the LoRA of the model at ``model.path`` cannot be saved in the ComfyUI layout
     (``output.format=comfyui``), from its folder alone; None: it can."""
+    conditioning: tuple[ConditioningKind, ...] = ()
+    """The per-item conditioning the family's denoiser takes besides the prompt; empty for most.
+    A family that declares some implements ``modules.models.base.ConditionedFamily``."""
 
     def latent_grid(self, path: str = "") -> LatentGrid:
         """The grid of the model at ``path`` (a folder), or the usual one."""

@@ -3,11 +3,12 @@
 A config that passes validation can still be unable to train: no concepts, a concept folder
 that is missing or holds no images, a run folder that is a file or cannot be written, a
 ``model.path`` that is missing, a file or another family's folder (read from its JSON files:
-:mod:`modules.models.folder_check`), a mask whose size is not its image's, a tracker whose
-``logs`` folder cannot be made. Those stop here, in ``check`` as in ``train``, with a message
-naming the field or file and the fix, before the model loads or anything is cached. What is
-allowed but worth knowing (files skipped, captions missing, images upscaled) is collected as
-notes, said once at the start of a run.
+:mod:`modules.models.folder_check`), a mask whose size is not its image's, an item without the
+conditioning files its family needs (a reference image, :mod:`modules.data.conditioning`), a
+tracker whose ``logs`` folder cannot be made. Those stop here, in ``check`` as in ``train``,
+with a message naming the field or file and the fix, before the model loads or anything is
+cached. What is allowed but worth knowing (files skipped, captions missing, images upscaled) is
+collected as notes, said once at the start of a run.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from modules.data.concept import (
     name_list,
     scan_concept,
 )
+from modules.data.conditioning import missing_conditioning, takes_references
 from modules.models.folder_check import model_folder_problem
 from modules.models.registry import family_spec
 from modules.trainer.run_folder import check_run_folder
@@ -63,13 +65,20 @@ def preflight(config: TrainConfig, *, create_run_dir: bool) -> Preflight:
         *_tracker_problem(config),
         *_logs_problem(config),
         *_init_from_problem(config),
+        *_optimizer_problem(config),
     ]
+    kinds = family_spec(config.model.family).conditioning
     scans = []
-    for concept in config.data.concepts:
+    for number, concept in enumerate(config.data.concepts):
         try:
-            scans.append(scan_concept(concept))
+            scan = scan_concept(concept, references=takes_references(kinds))
         except DataError as error:
             problems.append(str(error))
+            continue
+        scans.append(scan)
+        # Every item's missing conditioning file, by name (a family without conditioning: none).
+        named = f"data.concepts.{number} ({scan.folder})"
+        problems += missing_conditioning(scan.items, kinds, concept=named)
     if problems:  # all of them at once: fixing one need not reveal the next
         raise ConfigError("\n".join(problems))
     notes = []
@@ -117,6 +126,38 @@ def _tracker_problem(config: TrainConfig) -> list[str]:
         f"output.log_with={log_with}: the {package} package is not installed; install it "
         f"(pip install {package}) or set output.log_with=none"
     ]
+
+
+OPTIMIZER_PACKAGES = {
+    "adamw8bit": ("bitsandbytes", "bitsandbytes==0.50.2"),
+    "prodigy": ("prodigyopt", "prodigyopt==1.1.2"),
+    "came": ("came_pytorch", "came-pytorch==0.1.3"),
+}
+"""``training.optimizer`` → (the module it imports, its pip requirement), for the optimizers
+from outside torch (pinned in requirements.txt)."""
+
+
+def optimizer_package_problem(name: str) -> str | None:
+    """Why ``training.optimizer=name`` cannot be made here (its package is missing), or None."""
+    if name not in OPTIMIZER_PACKAGES:
+        return None
+    module, requirement = OPTIMIZER_PACKAGES[name]
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except ValueError:  # in sys.modules as None: an import of it would fail
+        found = False
+    if found:
+        return None
+    return (
+        f"training.optimizer={name} needs the package {requirement.split('==')[0]}, which is "
+        f"not installed: install it with `pip install {requirement}` (it is in "
+        "requirements.txt), or choose another training.optimizer"
+    )
+
+
+def _optimizer_problem(config: TrainConfig) -> list[str]:
+    problem = optimizer_package_problem(config.training.optimizer)
+    return [problem] if problem else []
 
 
 def _init_from_problem(config: TrainConfig) -> list[str]:

@@ -19,7 +19,7 @@ losses back into the whole batch's, at 0 for the other processes' samples.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields, is_dataclass, replace
 from typing import Any, Generic, TypeVar
 
 import torch
@@ -32,17 +32,21 @@ _SUMMED = ("total", "target", "prior")
 """The loss parts each process computes a part of (the weight means it has whole)."""
 
 Items = TypeVar("Items")
-"""A dataclass of per-sample values, batch-first: tensors, dicts of them (the text), or None."""
+"""A dataclass of per-sample values, batch-first: tensors, dicts of them (the text, the
+conditioning: each split by the same rows), or None."""
 Draws = TypeVar("Draws")
 
 
 def take(items: Items, index: torch.Tensor | slice) -> Items:
-    """The samples ``index`` of ``items``, in that order."""
+    """The samples ``index`` of ``items``, in that order (of each field: a tensor, a dict of
+    tensors, a dataclass of them such as the weight maps, or None)."""
     taken: dict[str, Any] = {}
     for part in fields(items):  # type: ignore[arg-type]
         value = getattr(items, part.name)
         if isinstance(value, dict):
             taken[part.name] = {key: tensor[index] for key, tensor in value.items()}
+        elif is_dataclass(value):
+            taken[part.name] = take(value, index)
         else:
             taken[part.name] = None if value is None else value[index]
     return replace(items, **taken)  # type: ignore[type-var]

@@ -3,11 +3,12 @@
 1. the draws: noise and timesteps (``generator``), then per sample, with probability
    ``mask.unmasked_probability``, its mask all ones (``mask_rng``). In this order: the recorded
    losses and an exact resume depend on it;
-2. the samples that need the teacher: prior weight map > 0 somewhere (and the noise level in
+2. the weight maps of the step's masks, made once by the run's :class:`Weighting`, and the
+   samples that need the teacher: prior map > 0 somewhere (and the noise level in
    ``prior.noise_min``-``noise_max``), or from a ``prior_prediction`` concept. None → no teacher;
 3. teacher: no-grad forward inside ``lora_disabled`` on exactly those samples' inputs;
 4. student forward; ``prior_prediction`` samples take the teacher's prediction as their target;
-5. ``masked_prior_loss``.
+5. :func:`prediction_loss` on those maps, with each sample's concept weight and noise gate.
 
 The backward and the optimizer are the loop's (``GenericTrainer.optimizer_step``). On several
 processes every process draws 1-2 for the whole batch alike and runs 3-5 on its share of it
@@ -22,14 +23,14 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from modules.config.schema import MaskConfig, PriorConfig
 from modules.data.dataset import Batch
 from modules.lora import lora_disabled
-from modules.loss import LossBreakdown, masked_prior_loss, process_masks
+from modules.loss import LossBreakdown, MaskWeights, Weighting, prediction_loss
 from modules.loss.prior_levers import in_noise_range
 from modules.models import LoadedModel, ModelFamily, select_text
+from modules.models.base import with_conditioning
 from modules.trainer.processes import Processes
 
 
@@ -52,13 +53,15 @@ class Draws:
     """(B, C, h, w) or (B, C, F, h, w), on the CPU."""
     timesteps: torch.Tensor
     """(B,) on the device."""
-    masks: torch.Tensor | None
-    """(B, 1, h, w) or (B, 1, F, h, w) float32 on the device, dropped ones all ones; None when
-    masked training is off."""
+    maps: MaskWeights | None
+    """The weight maps m and p of this step's masks (dropped ones all ones), each (B, 1, h, w)
+    or (B, 1, F, h, w) float32 on the device; None when masked training is off."""
     needs_teacher: torch.Tensor
     """(B,) bool: the teacher runs on the sample."""
     in_range: torch.Tensor
     """(B,) bool: the sample's noise level lies in the prior's range (the prior term's gate)."""
+    sample_weight: torch.Tensor
+    """(B,) float32: the sample's concept loss weight."""
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,11 @@ class StepParts:
     student: LoadedModel
     """The model the student's forward goes through (through DDP on several processes)."""
     mask: MaskConfig
+    """Whether masks are used, and their dropout."""
     prior: PriorConfig
+    """The prior's noise range."""
+    weighting: Weighting
+    """How masks become weight maps (``Weighting.of(mask, prior)``)."""
     generator: torch.Generator
     """Noise and timesteps."""
     mask_rng: random.Random
@@ -91,7 +98,8 @@ def train_step(batch: Batch, parts: StepParts, prior_weight: float) -> StepResul
     share = parts.processes.split(batch, draws, size)
     mine, drawn = share.batch, share.draws
     latents = mine.latents.to(parts.device)  # (b, C, h, w) or (b, C, F, h, w)
-    text = {key: value.to(parts.device) for key, value in mine.text.items()}
+    inputs = with_conditioning(mine.text, mine.conditioning)  # prompt and conditioning
+    text = {key: value.to(parts.device) for key, value in inputs.items()}
     noisy, target = family.noisy_input_and_target(
         latents, drawn.noise.to(parts.device), drawn.timesteps
     )
@@ -114,23 +122,15 @@ def train_step(batch: Batch, parts: StepParts, prior_weight: float) -> StepResul
         # A prior-prediction sample learns the base model's prediction, everywhere.
         shape = (-1,) + (1,) * (target.ndim - 1)
         target = torch.where(prior_prediction.view(shape), teacher, target.float())
-    # Per-sample concept weight, on both terms (broadcast over C, [F,] h, w).
-    weight = mine.loss_weight.to(parts.device).view((-1,) + (1,) * (target.ndim - 1))
-    loss = F.mse_loss(prediction, target.float(), reduction="none") * weight
-    prior_loss = None
-    if teacher is not None and prior_weight > 0:
-        # Outside the prior's noise range the teacher did not run: the prior term is 0.
-        gate = drawn.in_range.to(parts.device).view(weight.shape).float()
-        prior_loss = F.mse_loss(prediction, teacher, reduction="none") * weight * gate
-    breakdown = masked_prior_loss(
-        share.place(loss),  # the whole batch's, the other processes' samples at 0
-        share.whole.masks,
-        prior_loss=share.place(prior_loss),
+    breakdown = prediction_loss(  # the whole batch's: the other processes' samples at 0
+        share.place(prediction),
+        share.place(target),
+        share.whole.maps,
+        parts.weighting,
+        teacher=share.place(teacher),
         prior_weight=prior_weight,
-        gamma=parts.mask.gamma,
-        min_weight=parts.mask.min_weight,
-        prior_threshold=parts.prior.threshold,
-        normalize_per_sample=parts.mask.normalize_per_sample,
+        sample_weight=share.whole.sample_weight,
+        prior_gate=share.whole.in_range,
         layout=family.loss_layout,
     )
     return StepResult(loss=breakdown, teacher_fraction=teacher_fraction, own=breakdown.total)
@@ -144,17 +144,12 @@ def draw(batch: Batch, parts: StepParts, prior_weight: float) -> Draws:
         batch.latents.shape, generator=parts.generator, device=parts.device
     )
     masks = _dropped_masks(batch, parts)
+    maps = None if masks is None else parts.weighting.maps(masks)
     needs_teacher = batch.prior_prediction.clone()
     in_range = _in_prior_range(timesteps, batch.latents.shape, parts).cpu()
-    if masks is not None and prior_weight > 0:
-        weights = process_masks(
-            masks,
-            gamma=parts.mask.gamma,
-            min_weight=parts.mask.min_weight,
-            prior_threshold=parts.prior.threshold,
-        )
-        needs_teacher |= (weights.prior.flatten(1).amax(dim=1).cpu() > 0) & in_range
-    return Draws(noise, timesteps, masks, needs_teacher, in_range)
+    if maps is not None and prior_weight > 0:
+        needs_teacher |= (maps.prior.flatten(1).amax(dim=1).cpu() > 0) & in_range
+    return Draws(noise, timesteps, maps, needs_teacher, in_range, batch.loss_weight)
 
 
 def _dropped_masks(batch: Batch, parts: StepParts) -> torch.Tensor | None:

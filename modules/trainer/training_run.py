@@ -25,7 +25,8 @@ from modules.data.dataset import ConceptDataset
 from modules.data.preparation import PreparedData, prepare_dataset
 from modules.lora import add_lora
 from modules.lora.init_from import InitFromError, init_lora_from
-from modules.models import LoadedModel, ModelFamily, get_family
+from modules.loss import Weighting
+from modules.models import LoadedModel, ModelFamily, get_family, load_model
 from modules.models.base import ComfyConverter
 from modules.models.registry import family_spec
 from modules.trainer.backups import Backups, Resume, TrainingState
@@ -118,7 +119,7 @@ def build_run(config: TrainConfig, context: RunContext) -> TrainingRun:
     family: ModelFamily = get_family(config.model)
 
     status(f"Loading {config.model.family} model {config.model.path or '(built-in)'}")
-    model = family.load(config.model.path, dtype=DTYPES[config.model.dtype], device=device)
+    model = load_model(family, config.model, dtype=DTYPES[config.model.dtype], device=device)
     targets = _lora_targets(config, family, model)
     saver = LoraSaver(
         config,
@@ -212,6 +213,7 @@ def build_run(config: TrainConfig, context: RunContext) -> TrainingRun:
         student=student,
         mask=config.mask,
         prior=config.prior,
+        weighting=Weighting.of(config.mask, config.prior),
         generator=generator,
         mask_rng=mask_rng,
         device=device,
@@ -289,6 +291,7 @@ def _prepare(
         sources=context.preflight.sources,
         mask=config.mask,
         prior=config.prior,
+        conditioning=family_spec(config.model.family).conditioning,
     )
 
 

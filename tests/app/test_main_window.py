@@ -231,7 +231,6 @@ WAN_FIELDS = (
     "model.wan.flow_shift",
     "model.wan.expert",
     "model.wan.transformer_file",
-    "model.wan.fp8_base",
     "data.frames",
     "data.fps",
 )
@@ -245,11 +244,13 @@ def test_fields_of_another_family_are_hidden_and_keep_their_values(window):
         row = window.form.row(path)
         assert not row.visible and row.label.winfo_manager() == "", path
     assert window.form.row("model.path").label.winfo_manager() == "grid"
+    memory = window.form.row("model.memory.base_weights")  # every family's section
+    assert memory.visible and memory.label.winfo_manager() == "grid"
 
     family.set("wan")
     window.form.row("model.wan.flow_shift").set(5.0)
     settle(window)
-    for path in WAN_FIELDS:
+    for path in (*WAN_FIELDS, "model.memory.base_weights"):
         assert window.form.row(path).label.winfo_manager() == "grid", path
     family.set("demo")
     settle(window)
@@ -283,7 +284,7 @@ def test_every_family_is_on_the_menu_with_its_own_options_section(window):
         family.set(spec.name)
         settle(window)
         shown = [prefix for prefix, sub in subforms.items() if sub.winfo_manager() == "grid"]
-        assert shown == [f"model.{spec.name}"]
+        assert shown == ["model.memory", f"model.{spec.name}"]  # memory: every family's
         for field in spec.options.model_fields:
             assert window.form.row(f"model.{spec.name}.{field}").visible
         targets = window.form.row("lora.targets").control.menu.cget("values")

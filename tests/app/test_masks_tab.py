@@ -60,9 +60,11 @@ def test_paint_undo_paint_save_and_the_preview_follows(window, masks):
     settings = window._preview_settings()
     size = settings.training_size((96, 80))
     source = load_source(tab.image_path, tab.layer.path, size, settings.pixels_per_cell)
-    expected = compute_maps(
-        source, gamma=settings.gamma, min_weight=settings.min_weight, threshold=settings.threshold
-    )
+    from modules.loss import Weighting
+
+    mask, prior = settings.mask, settings.prior
+    weighting = Weighting(mask.gamma, mask.min_weight, prior.threshold)
+    expected = compute_maps(source, weighting)
     assert np.array_equal(tab.maps.target, expected.target)
     assert np.array_equal(tab.maps.prior, expected.prior)
     assert tab.maps.target.max() > 0

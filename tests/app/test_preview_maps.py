@@ -17,7 +17,7 @@ from app.preview_maps import (
 )
 from modules.config import TrainConfig
 from modules.data.images import image_size, load_mask, mask_to_latent
-from modules.loss.masked_loss import process_masks
+from modules.loss import Weighting, process_masks
 
 FACE, BODY, HAIR = 255, 128, 80
 
@@ -40,7 +40,7 @@ def tiered(tmp_path: Path) -> tuple[Path, Path]:
 def test_maps_equal_process_masks_of_the_latent_mask(tiered, threshold):
     image, mask = tiered
     source = load_source(image, mask, size=32, latent_scale=4)
-    maps = compute_maps(source, gamma=0.6, min_weight=0.1, threshold=threshold)
+    maps = compute_maps(source, Weighting(gamma=0.6, min_weight=0.1, prior_threshold=threshold))
     latent = mask_to_latent(load_mask(mask, image_size(image), 32), (8, 8))
     expected = process_masks(latent, gamma=0.6, min_weight=0.1, prior_threshold=threshold)
     assert maps.target.shape == (8, 8)
@@ -53,7 +53,7 @@ def test_maps_equal_process_masks_of_the_latent_mask(tiered, threshold):
 def test_the_tier_table_reads_off_the_design_values(tiered):
     image, mask = tiered
     source = load_source(image, mask, size=32, latent_scale=4)
-    maps = compute_maps(source, gamma=0.7, min_weight=0.0, threshold=None)
+    maps = compute_maps(source, Weighting(gamma=0.7, min_weight=0.0, prior_threshold=None))
     rows = {round(row.raw * 255): row for row in maps.levels}
     assert sorted(rows) == [0, HAIR, BODY, FACE]
     # Design §10 with gamma 0.7: face 1 / 0, body ~0.62 / 0.38, hair ~0.44 / 0.56, background 0 / 1.
@@ -63,7 +63,7 @@ def test_the_tier_table_reads_off_the_design_values(tiered):
     assert rows[HAIR].prior == pytest.approx(1 - rows[HAIR].target)
     assert (rows[0].target, rows[0].prior) == (0.0, 1.0)
     assert sum(row.share for row in maps.levels) == pytest.approx(1.0)
-    threshold = compute_maps(source, gamma=0.7, min_weight=0.0, threshold=0.35)
+    threshold = compute_maps(source, Weighting(gamma=0.7, min_weight=0.0, prior_threshold=0.35))
     hair = next(row for row in threshold.levels if round(row.raw * 255) == HAIR)
     assert (hair.target, hair.prior) == (0.0, 1.0)  # 0.31 < 0.35: all prior, no target
 
@@ -71,7 +71,7 @@ def test_the_tier_table_reads_off_the_design_values(tiered):
 def test_an_image_without_a_mask_weighs_ones(tiered):
     image, _ = tiered
     source = load_source(image, None, size=32, latent_scale=4)
-    maps = compute_maps(source, gamma=0.7, min_weight=0.0, threshold=None)
+    maps = compute_maps(source, Weighting(gamma=0.7, min_weight=0.0, prior_threshold=None))
     assert not source.has_mask
     assert maps.target_mean == 1.0 and maps.prior_mean == 0.0 and maps.prior_share == 0.0
 
@@ -91,7 +91,7 @@ def test_upscale_and_overlay():
 def test_overlay_tints_by_the_maps(tiered):
     image, mask = tiered
     source = load_source(image, mask, size=32, latent_scale=4)
-    maps = compute_maps(source, gamma=1.0, min_weight=0.0, threshold=None)
+    maps = compute_maps(source, Weighting(gamma=1.0, min_weight=0.0, prior_threshold=None))
     tinted = overlay(source, maps)
     assert tinted.shape == (32, 32, 3) and tinted.dtype == np.uint8
     assert not np.array_equal(tinted, source.image)
@@ -100,11 +100,24 @@ def test_overlay_tints_by_the_maps(tiered):
 def test_settings_come_from_the_sections_they_need():
     values = TrainConfig(mask={"enabled": True, "gamma": 0.5}, prior={"weight": 1}).model_dump()
     settings = settings_from_values(values)
-    assert (settings.gamma, settings.threshold, settings.resolution) == (0.5, None, 64)
+    assert (settings.mask.gamma, settings.threshold, settings.resolution) == (0.5, None, 64)
     values["output"]["name"] = "bad name!"  # elsewhere: the preview does not care
     assert settings_from_values(values) == settings
     values["prior"]["threshold"] = 2.0
     assert settings_from_values(values).startswith("Fix prior.threshold to update the preview")
+
+
+def test_the_preview_weighs_as_the_trainer_does():
+    """One weighting, built from the same sections: every setting that shapes the maps
+    reaches the preview (a setting the preview dropped would show other maps than training)."""
+    sections = {
+        "mask": {"enabled": True, "gamma": 0.6, "min_weight": 0.1, "normalize_per_sample": True},
+        "prior": {"weight": 1, "threshold": 0.3},
+    }
+    config = TrainConfig(**sections)
+    settings = settings_from_values(config.model_dump())
+    assert settings.weighting() == Weighting.of(config.mask, config.prior)
+    assert settings.weighting() == Weighting(0.6, 0.1, 0.3, True)
 
 
 def test_importing_the_app_does_not_load_torch():

@@ -174,3 +174,43 @@ def test_design_warnings():
         TrainConfig(), ["mask.enabled=true", "prior.weight=1", "mask.normalize_per_sample=true"]
     )
     assert config_warnings(clean) == []
+
+
+@pytest.mark.parametrize("family", ["wan", "flux1", "flux2", "qwen_image"])
+def test_version_3_fp8_base_moves_to_model_memory(family):
+    assert 3 in MIGRATIONS
+    on = config_from_dict({"schema_version": 3, "model": {family: {"fp8_base": True}}})
+    assert on.model.memory.base_weights == "fp8"
+    off = config_from_dict({"schema_version": 3, "model": {family: {"fp8_base": False}}})
+    assert off.model.memory.base_weights == "auto"
+    assert preset_dict(off) == {"schema_version": SCHEMA_VERSION}  # false just goes
+    assert preset_dict(on) == {
+        "schema_version": SCHEMA_VERSION,
+        "model": {"memory": {"base_weights": "fp8"}},
+    }
+
+
+def test_version_1_fp8_base_arrives_in_model_memory():
+    """Version 1 kept WAN's options under ``model``: v1→v2 moves it to ``model.wan``, v3→v4 on."""
+    config = config_from_dict(
+        {"schema_version": 1, "model": {"family": "wan", "fp8_base": True, "flow_shift": 5.0}}
+    )
+    assert config.model.memory.base_weights == "fp8" and config.model.wan.flow_shift == 5.0
+    assert "fp8_base" not in config.model.wan.model_dump()
+
+
+def test_fp8_base_in_a_current_preset_or_override_says_where_it_went():
+    moved = r"fp8_base'; it moved to 'model\.memory\.base_weights' \(fp8_base true is .*'fp8'"
+    with pytest.raises(ConfigError, match=r"--set model\.wan\.fp8_base: unknown field '" + moved):
+        apply_overrides(TrainConfig(), ["model.wan.fp8_base=true"])
+    with pytest.raises(ConfigError, match=r"unknown field 'model\.flux2\.fp8_base'; it moved"):
+        config_from_dict({"schema_version": SCHEMA_VERSION, "model": {"flux2": {"fp8_base": 1}}})
+    with pytest.raises(ConfigError, match=r"unknown field 'model\.fp8_base'; it moved"):
+        config_from_dict({"schema_version": SCHEMA_VERSION, "model": {"fp8_base": True}})
+    # A value that is not true or false is not guessed at: validation names it where it was.
+    with pytest.raises(ConfigError, match=r"unknown field 'model\.wan\.fp8_base'; it moved"):
+        config_from_dict({"schema_version": 3, "model": {"wan": {"fp8_base": "yes"}}})
+    config = apply_overrides(TrainConfig(), ["model.memory.base_weights=fp8"])
+    assert config.model.memory.base_weights == "fp8"
+    with pytest.raises(ConfigError, match=r"model\.memory\.base_weights: Input should be 'auto'"):
+        apply_overrides(TrainConfig(), ["model.memory.base_weights=fp4"])

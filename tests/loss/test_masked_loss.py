@@ -11,7 +11,14 @@ import random
 import pytest
 import torch
 
-from modules.loss import LossBreakdown, MaskWeights, masked_prior_loss, process_masks
+from modules.loss import (
+    LossBreakdown,
+    MaskWeights,
+    Weighting,
+    masked_prior_loss,
+    prediction_loss,
+    process_masks,
+)
 
 
 def _row(*values: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -579,6 +586,168 @@ def test_dataclasses_are_frozen_and_keep_the_fixed_three_field_constructor():
     weights = MaskWeights(target=torch.ones(1), prior=torch.zeros(1))
     with pytest.raises(dataclasses.FrozenInstanceError):
         weights.prior = torch.ones(1)
+
+
+# --------------------------------------------------------------------------- the step's entry
+
+
+def test_weighting_is_one_frozen_description_checked_once():
+    weighting = Weighting(gamma=0.7, min_weight=0.1, prior_threshold=None)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        weighting.gamma = 1.0  # type: ignore[misc]
+    raw = torch.tensor([0.0, 0.5, 1.0])
+    maps, direct = weighting.maps(raw), process_masks(raw, gamma=0.7, min_weight=0.1)
+    assert torch.equal(maps.target, direct.target) and torch.equal(maps.prior, direct.prior)
+    with pytest.raises(ValueError, match="gamma must be > 0"):
+        Weighting(gamma=0.0)
+    with pytest.raises(ValueError, match="min_weight must be in"):
+        Weighting(min_weight=1.5)
+
+
+def _predictions() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prediction, target, teacher (B=2, C=1, H=1, W=2) and masks (B, 1, 1, 2):
+
+        sample 0: prediction [1, 2], target [0, 0], teacher [1, 0], mask [1, 0]
+        sample 1: prediction [0, 0], target [1, 3], teacher [0, 1], mask [1, 1]
+    so (prediction - target)^2 is [1, 4] and [1, 9]; (prediction - teacher)^2 is [0, 4], [0, 1].
+    """
+    prediction = torch.tensor([1.0, 2.0, 0.0, 0.0]).reshape(2, 1, 1, 2)
+    target = torch.tensor([0.0, 0.0, 1.0, 3.0]).reshape(2, 1, 1, 2)
+    teacher = torch.tensor([1.0, 0.0, 0.0, 1.0]).reshape(2, 1, 1, 2)
+    masks = torch.tensor([1.0, 0.0, 1.0, 1.0]).reshape(2, 1, 1, 2)
+    return prediction, target, teacher, masks
+
+
+def test_prediction_loss_concept_weight_and_noise_gate_by_hand():
+    prediction, target, teacher, masks = _predictions()
+    weighting = Weighting()
+    out = prediction_loss(
+        prediction,
+        target,
+        weighting.maps(masks),
+        weighting,
+        teacher=teacher,
+        prior_weight=0.5,
+        sample_weight=torch.tensor([2.0, 0.5]),
+        prior_gate=torch.tensor([True, False]),
+    )
+    # Weighted: loss [2, 8] and [0.5, 4.5]; m = [1, 0], [1, 1]: (2 + 0.5 + 4.5) / 3.
+    assert _scalar(out.target) == pytest.approx(7 / 3)
+    # Prior: [0, 8] (gate 1) and [0, 0] (gate 0); p = [0, 1], [0, 0]: 8 / 1 * 0.5.
+    assert _scalar(out.prior) == pytest.approx(4.0)
+    assert _scalar(out.total) == pytest.approx(7 / 3 + 4.0)
+
+    # The gate closed on sample 0 instead: its prior loss is gone, its map still counts.
+    gated = prediction_loss(
+        prediction,
+        target,
+        weighting.maps(masks),
+        weighting,
+        teacher=teacher,
+        prior_weight=0.5,
+        sample_weight=torch.tensor([2.0, 0.5]),
+        prior_gate=torch.tensor([0.0, 1.0]),
+    )
+    assert _scalar(gated.prior) == 0.0
+    assert _scalar(gated.target) == pytest.approx(7 / 3)
+
+
+def test_prediction_loss_per_sample_uses_the_weighting_s_normalisation():
+    prediction, target, teacher, masks = _predictions()
+    weighting = Weighting(normalize_per_sample=True)
+    out = prediction_loss(
+        prediction,
+        target,
+        weighting.maps(masks),
+        weighting,
+        teacher=teacher,
+        prior_weight=1.0,
+        sample_weight=torch.tensor([2.0, 0.5]),
+    )
+    # Target: sample 0 (2) / 1 = 2; sample 1 (0.5 + 4.5) / 2 = 2.5; mean 2.25.
+    assert _scalar(out.target) == pytest.approx(2.25)
+    # Prior: sample 0 (8) / 1 = 8; sample 1 has no prior region: 0; mean 4.
+    assert _scalar(out.prior) == pytest.approx(4.0)
+
+
+def test_prediction_loss_without_masks_or_teacher():
+    prediction, target, teacher, _ = _predictions()
+    weighting = Weighting()
+    plain = prediction_loss(prediction, target, None, weighting, teacher=teacher, prior_weight=1)
+    assert _scalar(plain.total) == pytest.approx((1 + 4 + 1 + 9) / 4)
+    assert _scalar(plain.prior) == 0.0
+    weighted = prediction_loss(
+        prediction, target, None, weighting, sample_weight=torch.tensor([2.0, 0.0])
+    )
+    assert _scalar(weighted.total) == pytest.approx((2 + 8) / 4)
+    with pytest.raises(ValueError, match="teacher must have the prediction's shape"):
+        prediction_loss(prediction, target, None, weighting, teacher=teacher[:1], prior_weight=1)
+
+
+def test_prediction_loss_gradient_reaches_only_the_prediction():
+    prediction, target, teacher, masks = _predictions()
+    prediction.requires_grad_(True)
+    weighting = Weighting()
+    out = prediction_loss(
+        prediction, target, weighting.maps(masks), weighting, teacher=teacher, prior_weight=1.0
+    )
+    out.total.backward()
+    # d/dpred of sum(m (p - t)^2) / sum(m) + sum(q (p - s)^2) / sum(q), m sums to 3, q to 1.
+    expected = torch.tensor([2 * 1 / 3, 2 * (2 - 0), 2 * -1 / 3, 2 * -3 / 3]).reshape(2, 1, 1, 2)
+    torch.testing.assert_close(prediction.grad, expected)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_prediction_loss_equals_masked_prior_loss_of_its_losses(seed):
+    """The step's entry and the fixed interface reduce alike, for every layout and setting."""
+    rng = random.Random(seed)
+    generator = torch.Generator().manual_seed(seed)
+    layout = rng.choice(["video", "layered"])
+    drop = layout == "layered" and rng.random() < 0.5
+    shape = (3, 2, 4, 3, 5) if layout == "layered" else rng.choice([(3, 4, 5, 6), (3, 4, 2, 5, 6)])
+    if layout == "layered":
+        mask_shape = (3, 1, shape[1] + drop, shape[3], shape[4])
+    else:
+        mask_shape = (3, 1, *shape[2:])  # (B, 1, [F,] H, W)
+    weighting = Weighting(
+        gamma=rng.choice([1.0, 0.7]),
+        min_weight=rng.choice([0.0, 0.2]),
+        prior_threshold=rng.choice([None, 0.4]),
+        normalize_per_sample=rng.random() < 0.5,
+    )
+    prediction, target, teacher = (torch.randn(shape, generator=generator) for _ in range(3))
+    masks = _random_mask(mask_shape, rng)
+    sample_weight = torch.tensor([1.0, 0.5, 2.0])
+    gate = torch.tensor([True, False, True])
+    out = prediction_loss(
+        prediction,
+        target,
+        weighting.maps(masks),
+        weighting,
+        teacher=teacher,
+        prior_weight=0.7,
+        sample_weight=sample_weight,
+        prior_gate=gate,
+        layout=layout,
+        drop_base_frame=drop,
+    )
+    view = (-1,) + (1,) * (len(shape) - 1)
+    loss = (prediction - target) ** 2 * sample_weight.view(view)
+    prior_loss = (prediction - teacher) ** 2 * sample_weight.view(view) * gate.view(view)
+    expected = masked_prior_loss(
+        loss,
+        masks,
+        prior_loss=prior_loss,
+        prior_weight=0.7,
+        gamma=weighting.gamma,
+        min_weight=weighting.min_weight,
+        prior_threshold=weighting.prior_threshold,
+        normalize_per_sample=weighting.normalize_per_sample,
+        layout=layout,
+        drop_base_frame=drop,
+    )
+    for name in ("total", "target", "prior", "target_weight_mean", "prior_weight_mean"):
+        torch.testing.assert_close(getattr(out, name), getattr(expected, name))
 
 
 # --------------------------------------------------------------------------- randomized reference

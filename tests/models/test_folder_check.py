@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from modules.config.schema import ModelConfig
-from modules.models import ModelLoadError, get_family
+from modules.models import ModelLoadError, get_family, load_model
 from modules.models.folder_check import model_folder_problem, pipeline_owners
 from modules.models.registry import SPECS
 from modules.models.wan import WanOptions
@@ -23,7 +23,7 @@ CPU = torch.device("cpu")
 
 def load(family, path):
     config = ModelConfig(family=family, path=str(path))
-    return get_family(config).load(str(path), dtype=torch.float32, device=CPU)
+    return load_model(get_family(config), config, dtype=torch.float32, device=CPU)
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """The qwen_image family on a tiny real Qwen-Image folder: the pipeline's encodings, latents and
 samples, packing on a non-square grid, the teacher equal to a separately loaded base, the shift
-by token count, single-file and fp8 transformers, and the public CLI training a masked-prior
+by token count, single-file transformers, and the public CLI training a masked-prior
 LoRA from the shipped preset that the Qwen-Image pipeline loads back."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from modules.config.schema import ModelConfig
 from modules.lora import add_lora, lora_disabled
 from modules.lora.init_from import init_lora_from
 from modules.loss import masked_prior_loss
-from modules.models import ModelLoadError, get_family
+from modules.models import ModelLoadError, get_family, load_model
 from modules.models.packing import pack, unpack
 from tests.qwen_image.tiny_qwen_image import build_tiny_qwen_image
 from tests.runner_check import assert_predict_goes_through_the_runner
@@ -46,7 +46,7 @@ def load(folder, **options):
         family="qwen_image", path=str(folder), qwen_image={"text_tokens": TOKENS, **options}
     )
     family = get_family(config)
-    return family, family.load(str(folder), dtype=torch.float32, device=CPU)
+    return family, load_model(family, config, dtype=torch.float32, device=CPU)
 
 
 def test_encodings_and_latents_are_the_pipeline_s(folder, pipe):
@@ -166,28 +166,6 @@ def test_a_single_transformer_file_in_comfyui_names_loads(folder, tmp_path):
     save_file({"model.diffusion_model.img_in.weight": torch.zeros(2, 2)}, other)
     with pytest.raises(ModelLoadError, match=r"model.qwen_image.transformer_file: .*other"):
         load(folder, transformer_file=str(other))
-
-
-def test_fp8_base_stores_float8_and_the_teacher_is_that_base(folder):
-    config = ModelConfig(family="qwen_image", path=str(folder), qwen_image={"fp8_base": True})
-    family = get_family(config)
-    model = family.load(str(folder), dtype=torch.bfloat16, device=CPU)
-    attention = model.denoiser.transformer_blocks[0].attn
-    assert attention.to_q.weight.dtype == torch.float8_e4m3fn
-    text = {"embeds": torch.randn(1, 5, 32), "mask": torch.ones(1, 5, dtype=torch.long)}
-    noisy, t = torch.randn(1, 16, 4, 6), torch.tensor([0.5])
-    with torch.no_grad():
-        base = family.predict(model, noisy, t, text)
-    params = add_lora(model.denoiser, rank=2, alpha=2, dropout=0.0, target_modules=["to_q"])
-    with torch.no_grad():
-        for param in params[1::2]:
-            param.normal_()  # lora_B: the student now differs from the base
-    out = family.predict(model, noisy, t, text)
-    out.float().pow(2).mean().backward()
-    assert all(p.grad is not None for p in params)
-    with torch.no_grad(), lora_disabled(model.denoiser):
-        teacher = family.predict(model, noisy, t, text)
-    assert torch.equal(teacher, base) and not torch.equal(out.detach(), base)
 
 
 def test_a_corrupt_scheduler_config_is_named(tmp_path):

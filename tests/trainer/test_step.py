@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from modules.config import config_from_dict
 from modules.data.dataset import Batch
 from modules.lora import add_lora, lora_disabled
+from modules.loss import Weighting
 from modules.models.demo.family import DemoFamily
 from modules.trainer.processes import Processes, take
 from modules.trainer.step import StepParts, train_step
@@ -68,6 +69,7 @@ def make_parts(model, *, processes=None, **sections) -> StepParts:
         student=model,
         mask=config.mask,
         prior=config.prior,
+        weighting=Weighting.of(config.mask, config.prior),
         generator=torch.Generator().manual_seed(SEED),
         mask_rng=random.Random(SEED),
         device=torch.device("cpu"),
@@ -114,6 +116,26 @@ def test_a_prior_weight_of_zero_needs_no_teacher(model, monkeypatch):
     result = train_step(make_batch(model), make_parts(model), prior_weight=0.0)
     assert spy.sizes == [4]
     assert result.teacher_fraction == 0.0
+
+
+def test_the_weight_maps_are_made_once_per_step(model, monkeypatch):
+    """The teacher's samples and the loss read the same maps: the weighting runs once."""
+    import modules.loss.masked_loss as masked_loss
+    import modules.trainer.step as step_module
+
+    calls = []
+    original = masked_loss.process_masks
+
+    def counted(mask, **settings):
+        calls.append(tuple(mask.shape))
+        return original(mask, **settings)
+
+    monkeypatch.setattr(masked_loss, "process_masks", counted)
+    monkeypatch.setattr(step_module, "process_masks", counted, raising=False)  # any copy
+    sections = {"mask": {"enabled": True, "gamma": 0.7}}
+    result = train_step(make_batch(model), make_parts(model, **sections), prior_weight=1.0)
+    assert calls == [(4, 1, 8, 8)]
+    assert result.teacher_fraction == 0.5 and float(result.loss.prior.detach()) > 0
 
 
 def test_a_prior_prediction_sample_learns_the_teacher_prediction(model):

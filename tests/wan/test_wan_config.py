@@ -54,11 +54,9 @@ def test_bad_values_name_the_field(override, message):
 
 
 def test_wan_options_on_another_family_are_warnings():
-    config = config_from_dict(
-        {"model": {"wan": {"flow_shift": 5.0, "expert": "low_noise", "fp8_base": True}}}
-    )
+    config = config_from_dict({"model": {"wan": {"flow_shift": 5.0, "expert": "low_noise"}}})
     warnings = config_warnings(config)
-    for name in ("model.wan.flow_shift", "model.wan.expert", "model.wan.fp8_base"):
+    for name in ("model.wan.flow_shift", "model.wan.expert"):
         assert f"{name} is a wan option; model.family=demo ignores it." in warnings
     assert not any("wan option" in w for w in config_warnings(wan(model={"family": "wan"})))
 
@@ -71,7 +69,8 @@ def test_version_1_presets_move_the_wan_options_to_their_section():
     }
     config = config_from_dict(old)
     assert (config.model.wan.flow_shift, config.model.wan.expert) == (5.0, "low_noise")
-    assert config.model.wan.transformer_file == "" and not config.model.wan.fp8_base
+    assert config.model.wan.transformer_file == ""
+    assert config.model.memory.base_weights == "auto"
     with pytest.raises(ConfigError, match="did you mean 'model.wan.expert'"):
         config_from_dict({**old, "schema_version": 2})
 

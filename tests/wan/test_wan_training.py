@@ -112,16 +112,25 @@ def test_an_a14b_expert_trains_on_its_range_with_itself_as_teacher(
     assert not torch.allclose(teacher, wrong, atol=1e-3)  # not the high-noise expert
 
 
-def test_memory_options_train(tiny_wan, video_concept, tmp_path):
+def test_memory_options_train(tiny_wan, video_concept, tmp_path, monkeypatch):
     """fp8 base weights, bf16 autocast and gradient checkpointing together (GPU settings)."""
+    stored = []
+    original = WanFamily.predict
+
+    def spy(self, model, *inputs):
+        stored.append(model.denoiser.blocks[0].attn1.to_q.base_layer.weight.dtype)
+        return original(self, model, *inputs)
+
+    monkeypatch.setattr(WanFamily, "predict", spy)
     config = make_config(
         tiny_wan,
         video_concept,
         tmp_path,
-        model={"dtype": "bfloat16", "wan": {"fp8_base": True}},
+        model={"dtype": "bfloat16", "memory": {"base_weights": "fp8"}},
         training={"mixed_precision": "bf16", "gradient_checkpointing": True, "steps": 2},
     )
     finished, _ = run(config)
     lines = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 2 and all(x["loss_total"] > 0 for x in lines)
     assert finished.lora_path.is_file()
+    assert stored and set(stored) == {torch.float8_e4m3fn}  # the run applied model.memory

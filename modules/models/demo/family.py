@@ -170,6 +170,12 @@ class DemoFamily(FlowMatching):
         presets = UNET_LORA_TARGETS if unet else TRANSFORMER_LORA_TARGETS
         return {name: list(modules) for name, modules in presets.items()}
 
+    def blocks(self, denoiser: torch.nn.Module) -> list[torch.nn.Module]:
+        """The transformer's blocks; the UNet's down blocks, middle block and up blocks."""
+        if demo_architecture(denoiser) == "unet":
+            return [*denoiser.down_blocks, denoiser.mid_block, *denoiser.up_blocks]
+        return list(denoiser.blocks)
+
     def lora_loader(self, model: LoadedModel) -> type:
         """Stable Diffusion's loader for the UNet, WAN's for the WAN transformer."""
         if isinstance(model.denoiser, UNet2DConditionModel):
@@ -226,7 +232,7 @@ class DemoFamily(FlowMatching):
         self, model: LoadedModel, noisy: Tensor, timesteps: Tensor, text: TextEncoding
     ) -> Tensor:
         denoiser = model.denoiser
-        dtype = next(denoiser.parameters()).dtype
+        dtype = denoiser.dtype  # the compute dtype, also where the weights are stored in fp8
         embeds = text["embeds"].to(dtype)
         if demo_architecture(denoiser) == "unet":
             clean = model.runner(noisy.to(dtype), timesteps * 1000, embeds, return_dict=False)[0]

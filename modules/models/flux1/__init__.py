@@ -15,7 +15,6 @@ from modules.models.spec import (
     FamilySpec,
     FolderKind,
     LatentGrid,
-    fp8_base_field,
     read_json,
 )
 
@@ -78,7 +77,6 @@ class Flux1Options(FamilyOptions):
             "config, the VAE and both text encoders."
         ),
     )
-    fp8_base: bool = fp8_base_field()
 
 
 def _grid(folder: Path) -> LatentGrid | None:

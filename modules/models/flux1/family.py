@@ -51,7 +51,6 @@ from modules.models.model_folder import (
     load_frozen,
     load_transformer,
     read_model_json,
-    store_in_fp8,
     text_encoder_dtype,
 )
 from modules.models.packing import pack, unpack
@@ -85,6 +84,10 @@ class Flux1Family(ShiftedByTokens):
     def lora_targets(self, model: LoadedModel) -> dict[str, list[str]]:
         return {name: list(modules) for name, modules in LORA_TARGETS.items()}
 
+    def blocks(self, denoiser: torch.nn.Module) -> list[torch.nn.Module]:
+        """The double-stream blocks, then the single-stream blocks."""
+        return [*denoiser.transformer_blocks, *denoiser.single_transformer_blocks]
+
     def lora_loader(self, model: LoadedModel) -> type:
         """FluxPipeline' LoRA loader."""
         return FluxLoraLoaderMixin
@@ -99,8 +102,6 @@ class Flux1Family(ShiftedByTokens):
     def load(self, path: str, *, dtype: torch.dtype, device: torch.device) -> Flux1Model:
         folder = check_model_folder(path, "flux1", self.options)
         denoiser = self._load_transformer(folder, dtype)
-        if self.options.fp8_base:
-            store_in_fp8(denoiser, dtype)
         self.guided = bool(denoiser.config.guidance_embeds)
         scheduler = read_model_json(folder / "scheduler" / "scheduler_config.json") or {}
         self.shift = ScheduleShift.from_scheduler_config(scheduler)

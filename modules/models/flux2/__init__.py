@@ -15,7 +15,6 @@ from modules.models.spec import (
     FamilySpec,
     FolderKind,
     LatentGrid,
-    fp8_base_field,
     read_json,
 )
 
@@ -98,7 +97,6 @@ class Flux2Options(FamilyOptions):
             "config, the VAE and the text encoder."
         ),
     )
-    fp8_base: bool = fp8_base_field()
 
 
 def _grid(folder: Path) -> LatentGrid | None:

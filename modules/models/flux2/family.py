@@ -78,7 +78,6 @@ from modules.models.model_folder import (
     load_frozen,
     load_transformer,
     read_model_json,
-    store_in_fp8,
     text_encoder_dtype,
 )
 
@@ -133,6 +132,10 @@ class Flux2Family(ShiftedByTokens):
             for preset, names in LORA_TARGETS.items()
         }
 
+    def blocks(self, denoiser: torch.nn.Module) -> list[torch.nn.Module]:
+        """The double-stream blocks, then the single-stream blocks."""
+        return [*denoiser.transformer_blocks, *denoiser.single_transformer_blocks]
+
     def lora_loader(self, model: LoadedModel) -> type:
         """Flux2Pipeline and Flux2KleinPipeline' LoRA loader."""
         return Flux2LoraLoaderMixin
@@ -154,8 +157,6 @@ class Flux2Family(ShiftedByTokens):
         name = str(index.get("_class_name", ""))
         self.klein = name.startswith("Flux2Klein") if name else not self.guided
         self.distilled = self.klein and bool(index.get("is_distilled", False))
-        if self.options.fp8_base:
-            store_in_fp8(denoiser, dtype)
         self.shift = ScheduleShift.from_scheduler_config(scheduler)
         parts = Flux2Parts(
             folder=folder, device=torch.device(device), dtype=dtype, vae_config=vae_config

@@ -15,7 +15,6 @@ from modules.models.spec import (
     FamilySpec,
     FolderKind,
     LatentGrid,
-    fp8_base_field,
     read_json,
 )
 
@@ -73,7 +72,6 @@ class QwenImageOptions(FamilyOptions):
             "encoder."
         ),
     )
-    fp8_base: bool = fp8_base_field()
 
 
 def _grid(folder: Path) -> LatentGrid | None:

@@ -54,7 +54,6 @@ from modules.models.model_folder import (
     load_frozen,
     load_transformer,
     read_model_json,
-    store_in_fp8,
     text_encoder_dtype,
 )
 from modules.models.packing import pack, unpack
@@ -100,6 +99,10 @@ class QwenImageFamily(ShiftedByTokens):
     def lora_targets(self, model: LoadedModel) -> dict[str, list[str]]:
         return {name: list(modules) for name, modules in LORA_TARGETS.items()}
 
+    def blocks(self, denoiser: torch.nn.Module) -> list[torch.nn.Module]:
+        """The dual-stream blocks (the only repeated ones)."""
+        return list(denoiser.transformer_blocks)
+
     def lora_loader(self, model: LoadedModel) -> type:
         """QwenImagePipeline' LoRA loader."""
         return QwenImageLoraLoaderMixin
@@ -116,8 +119,6 @@ class QwenImageFamily(ShiftedByTokens):
         text encoder load on first use."""
         folder = check_model_folder(path, "qwen_image", self.options)
         denoiser = self._load_transformer(folder, dtype)
-        if self.options.fp8_base:
-            store_in_fp8(denoiser, dtype)
         scheduler = read_model_json(folder / "scheduler" / "scheduler_config.json") or {}
         self.shift = ScheduleShift.from_scheduler_config(scheduler)
         vae_config = read_model_json(folder / "vae" / "config.json") or {}

@@ -17,7 +17,6 @@ from modules.models.spec import (
     FamilySpec,
     FolderKind,
     LatentGrid,
-    fp8_base_field,
     read_json,
 )
 
@@ -64,7 +63,6 @@ class WanOptions(FamilyOptions):
             "gives its config, the VAE and the text encoder."
         ),
     )
-    fp8_base: bool = fp8_base_field()
 
 
 def _grid(folder: Path) -> LatentGrid | None:

@@ -29,9 +29,9 @@ are refused with a message.
   the shifted distribution within it, and the teacher is the same expert with the LoRA off.
 - Memory: the VAE and the text encoder load on first use (a run whose cache is complete never
   loads them) and :meth:`WanFamily.release_encoders` frees them; the transformer stays on the
-  CPU until then, so it never shares the GPU with the text encoder. ``model.wan.fp8_base`` stores
-  the transformer's weights in float8 with diffusers' layerwise casting (the LoRA layers stay
-  float32).
+  CPU until then, so it never shares the GPU with the text encoder. The memory options
+  (``model.memory``) are applied to the transformer after ``load``, and to the second expert when
+  samples load it (``LoadedModel.prepare_denoiser``).
 """
 
 from __future__ import annotations
@@ -59,7 +59,6 @@ from modules.models.model_folder import (
     files_stamp,
     load_frozen,
     read_model_json,
-    store_in_fp8,
     text_encoder_dtype,
 )
 from modules.models.wan import LORA_TARGETS, WanOptions, image_to_video_problem
@@ -112,6 +111,10 @@ class WanFamily(FlowMatching):
     def lora_targets(self, model: LoadedModel) -> dict[str, list[str]]:
         return {name: list(modules) for name, modules in LORA_TARGETS.items()}
 
+    def blocks(self, denoiser: torch.nn.Module) -> list[torch.nn.Module]:
+        """The transformer blocks (the same for both WAN 2.2 experts)."""
+        return list(denoiser.blocks)
+
     def lora_loader(self, model: LoadedModel) -> type:
         """WAN pipelines' LoRA loader."""
         return WanLoraLoaderMixin
@@ -131,8 +134,6 @@ class WanFamily(FlowMatching):
         subfolder, other = self._choose_expert(folder, index)
         denoiser = self._load_transformer(folder, subfolder, dtype)
         _check_text_to_video(folder, denoiser, vae_config)
-        if self.options.fp8_base:
-            store_in_fp8(denoiser, dtype)
         parts = WanParts(
             folder=folder,
             device=torch.device(device),
@@ -374,8 +375,7 @@ class WanFamily(FlowMatching):
                 torch_dtype=parts.dtype,
                 local_files_only=True,
             )
-            if self.options.fp8_base:
-                store_in_fp8(other, parts.dtype)
+            model.prepare_denoiser(other)  # the memory options, as on the trained expert
             parts.other_expert = other.eval().requires_grad_(False).to(parts.device)
         return parts.other_expert
 

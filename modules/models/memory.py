@@ -1,0 +1,77 @@
+"""The memory options (``model.memory``), applied to any family's denoiser after it loads.
+
+A family loads its base model as the files give it; where the frozen weights live and in what
+form is decided here, the same way for every family, so that no family carries memory code of
+its own. :func:`load_model` is the one way a run, a script or a benchmark loads a base model
+(the family's ``load``, then the memory options). A family that loads another denoiser later
+(WAN 2.2's second expert, for samples) calls ``LoadedModel.prepare_denoiser`` on it, which
+:func:`load_model` sets.
+
+- ``base_weights="fp8"``: every frozen weight is stored in float8 (e4m3) and each layer upcasts
+  its own to the compute dtype (``model.dtype``) for its forward only (diffusers' layerwise
+  casting, which skips norms, embeddings of positions and patches, and LoRA layers). LoRA layers
+  added afterwards keep their own dtype and train; the teacher, the same modules with the adapter
+  off, runs on the same stored weights.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import TYPE_CHECKING
+
+import torch
+from diffusers import ModelMixin
+from diffusers.hooks import apply_layerwise_casting
+from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
+
+from modules.models.base import LoadedModel, ModelFamily
+
+if TYPE_CHECKING:
+    from modules.config.schema import MemoryConfig, ModelConfig
+
+FP8_STORAGE = torch.float8_e4m3fn
+"""``base_weights="fp8"``: 3 mantissa bits and the range of ±448, the float8 form GPUs compute
+with; weights of a trained model sit well inside that range."""
+
+
+def load_model(
+    family: ModelFamily, config: ModelConfig, *, dtype: torch.dtype, device: torch.device
+) -> LoadedModel:
+    """The base model of ``config`` (``model``) loaded by ``family`` in ``dtype`` for
+    ``device``, with the memory options applied to its denoiser."""
+    model = family.load(config.path, dtype=dtype, device=device)
+    apply_memory(model, config.memory, compute_dtype=dtype)
+    return model
+
+
+def apply_memory(model: LoadedModel, memory: MemoryConfig, *, compute_dtype: torch.dtype) -> None:
+    """Apply ``memory`` to ``model.denoiser`` and leave the same preparation in
+    ``model.prepare_denoiser`` for any denoiser the family loads later."""
+    prepare = partial(prepare_denoiser, memory=memory, compute_dtype=compute_dtype)
+    prepare(model.denoiser)
+    model.prepare_denoiser = prepare
+
+
+def prepare_denoiser(
+    denoiser: torch.nn.Module, *, memory: MemoryConfig, compute_dtype: torch.dtype
+) -> None:
+    """Store ``denoiser``'s frozen weights as ``memory`` says, in place."""
+    if memory.base_weights == "fp8":
+        store_in_fp8(denoiser, compute_dtype)
+
+
+def store_in_fp8(denoiser: torch.nn.Module, compute_dtype: torch.dtype) -> None:
+    """Keep the weights of ``denoiser`` in float8 (e4m3), each layer upcast to ``compute_dtype``
+    for its forward only: about half the memory of bfloat16. A diffusers model also keeps the
+    modules its class lists as precision-sensitive (``_keep_in_fp32_modules``,
+    ``_skip_layerwise_casting_patterns``) as they are; any other module keeps diffusers' default
+    skips (norms, position and patch embeddings)."""
+    if isinstance(denoiser, ModelMixin):
+        denoiser.enable_layerwise_casting(storage_dtype=FP8_STORAGE, compute_dtype=compute_dtype)
+    else:
+        apply_layerwise_casting(
+            denoiser,
+            storage_dtype=FP8_STORAGE,
+            compute_dtype=compute_dtype,
+            skip_modules_pattern=DEFAULT_SKIP_MODULES_PATTERN,
+        )
