@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -102,6 +103,7 @@ def open_window(
             window.trainer.join(120)
         if not window.closed:
             window.destroy()
+    free_images()
 
 
 @pytest.fixture
@@ -155,6 +157,14 @@ def open_on_screen(
     for window in windows:
         if not window.closed:
             window.destroy()
+    free_images()
+
+
+def free_images() -> None:
+    """Free the closed windows' images now, on the main thread: freed later by a collection
+    that happens to run on a trainer thread, each would wait a second for a Tk main loop that
+    no longer runs for its window."""
+    gc.collect()
 
 
 @pytest.fixture
