@@ -40,16 +40,41 @@ class MemoryConfig(Section):
     """Where the frozen base weights live and in what form: one section for every family,
     applied to any family's denoiser after it loads (:mod:`modules.models.memory`)."""
 
-    base_weights: Literal["auto", "fp8"] = Field(
+    base_weights: Literal["auto", "fp8", "fp8_scaled", "int8", "nf4"] = Field(
         "auto",
         title="Base weights storage",
         description=(
-            "How the frozen denoiser weights are stored. auto: in the base weight dtype. fp8: "
-            "in float8 (e4m3), each layer upcast to the base weight dtype for its forward "
-            "only: about half the memory of bfloat16 (a quarter of float32) at a small loss "
-            "of fidelity (float8 keeps about two significant digits). The LoRA still trains "
+            "How the frozen denoiser weights are stored. auto: in the base weight dtype (2 "
+            "bytes per weight in bfloat16, 0.2 % weight error from rounding). fp8: in float8 "
+            "(e4m3), each layer upcast to the base weight dtype for its forward only: 1 byte "
+            "per weight, 3 % weight error, but small weights (around 0.001) lose most of their "
+            "digits (over 50 %). fp8_scaled: float8 with a scale per output channel, for the "
+            "linear layers of the denoiser's blocks: 1 byte per weight, 2.6 % error, small "
+            "weights keep their precision. int8: 8-bit integers with a scale per output "
+            "channel (bitsandbytes), weight-only: 1 byte per weight, 0.8 % error. nf4: 4-bit "
+            "NormalFloat in blocks of 64 weights (bitsandbytes, as QLoRA): 0.56 byte per "
+            "weight, 9 % error. Errors are relative RMS errors of the weights. The LoRA still "
+            "trains "
             "in float32, and the teacher of prior preservation uses the same stored weights. "
             "Meant for GPUs."
+        ),
+    )
+    blocks_to_swap: int = Field(
+        0,
+        ge=0,
+        le=200,  # the model's own block count is checked when it loads
+        title="Blocks to swap",
+        description=(
+            "How many of the denoiser's repeated blocks (the last ones) keep their frozen "
+            "weights in CPU memory and come to the GPU only while they run, copied ahead of "
+            "use while the previous block computes, in the forward, the backward and the "
+            "teacher's forward. 0: off; at most the model's block count (WAN 14B has 40, "
+            "FLUX.1 57, FLUX.2 dev 56, Qwen-Image 60). Saves about that fraction of the base "
+            "weights' GPU memory; costs 2 block copies per swapped block per step (3 with the "
+            "teacher), and with gradient checkpointing off one more forward of each swapped "
+            "block: the speed depends on PCIe bandwidth. The LoRA and its optimizer state "
+            "stay on the GPU; training computes exactly the same. A whole number for now: "
+            "auto (from a memory estimate) is not there yet."
         ),
     )
 

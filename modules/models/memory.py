@@ -12,6 +12,11 @@ its own. :func:`load_model` is the one way a run, a script or a benchmark loads 
   casting, which skips norms, embeddings of positions and patches, and LoRA layers). LoRA layers
   added afterwards keep their own dtype and train; the teacher, the same modules with the adapter
   off, runs on the same stored weights.
+- ``base_weights="fp8_scaled"``, ``"int8"``, ``"nf4"``: each linear layer of the family's blocks
+  keeps its weight as codes and a scale and dequantises it for its own forward
+  (:mod:`modules.models.base_weights`); peft's LoRA wraps that layer as it wraps any linear one.
+- ``blocks_to_swap=N``: the last N of the family's blocks keep their stored weights in CPU
+  memory and bring them to the device only while they run (:mod:`modules.models.block_swap`).
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from diffusers.hooks import apply_layerwise_casting
 from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
 
 from modules.models.base import LoadedModel, ModelFamily
+from modules.models.base_weights import Blocks, QuantisedLinear, store_quantised
+from modules.models.block_swap import swap_blocks
 
 if TYPE_CHECKING:
     from modules.config.schema import MemoryConfig, ModelConfig
@@ -40,24 +47,42 @@ def load_model(
     """The base model of ``config`` (``model``) loaded by ``family`` in ``dtype`` for
     ``device``, with the memory options applied to its denoiser."""
     model = family.load(config.path, dtype=dtype, device=device)
-    apply_memory(model, config.memory, compute_dtype=dtype)
+    apply_memory(model, config.memory, compute_dtype=dtype, blocks=family.blocks)
     return model
 
 
-def apply_memory(model: LoadedModel, memory: MemoryConfig, *, compute_dtype: torch.dtype) -> None:
+def apply_memory(
+    model: LoadedModel,
+    memory: MemoryConfig,
+    *,
+    compute_dtype: torch.dtype,
+    blocks: Blocks | None = None,
+) -> None:
     """Apply ``memory`` to ``model.denoiser`` and leave the same preparation in
-    ``model.prepare_denoiser`` for any denoiser the family loads later."""
-    prepare = partial(prepare_denoiser, memory=memory, compute_dtype=compute_dtype)
+    ``model.prepare_denoiser`` for any denoiser the family loads later. ``blocks`` (the
+    family's) says which layers the quantised forms store; without it, every linear layer."""
+    prepare = partial(prepare_denoiser, memory=memory, compute_dtype=compute_dtype, blocks=blocks)
     prepare(model.denoiser)
     model.prepare_denoiser = prepare
 
 
 def prepare_denoiser(
-    denoiser: torch.nn.Module, *, memory: MemoryConfig, compute_dtype: torch.dtype
+    denoiser: torch.nn.Module,
+    *,
+    memory: MemoryConfig,
+    compute_dtype: torch.dtype,
+    blocks: Blocks | None = None,
 ) -> None:
     """Store ``denoiser``'s frozen weights as ``memory`` says, in place."""
     if memory.base_weights == "fp8":
         store_in_fp8(denoiser, compute_dtype)
+    elif memory.base_weights != "auto":
+        chosen = None if blocks is None else blocks(denoiser)
+        store_quantised(denoiser, memory.base_weights, compute_dtype, chosen)
+    if memory.blocks_to_swap:  # after the storage form: the CPU copy holds the stored form
+        if blocks is None:
+            raise ValueError("model.memory.blocks_to_swap needs the family's blocks")
+        swap_blocks(denoiser, blocks(denoiser), memory.blocks_to_swap)
 
 
 def store_in_fp8(denoiser: torch.nn.Module, compute_dtype: torch.dtype) -> None:
@@ -66,12 +91,16 @@ def store_in_fp8(denoiser: torch.nn.Module, compute_dtype: torch.dtype) -> None:
     modules its class lists as precision-sensitive (``_keep_in_fp32_modules``,
     ``_skip_layerwise_casting_patterns``) as they are; any other module keeps diffusers' default
     skips (norms, position and patch embeddings)."""
+    kept = (QuantisedLinear,)  # a scaled fp8 file's layers: already 8 bits, with their scales
     if isinstance(denoiser, ModelMixin):
-        denoiser.enable_layerwise_casting(storage_dtype=FP8_STORAGE, compute_dtype=compute_dtype)
+        denoiser.enable_layerwise_casting(
+            storage_dtype=FP8_STORAGE, compute_dtype=compute_dtype, skip_modules_classes=kept
+        )
     else:
         apply_layerwise_casting(
             denoiser,
             storage_dtype=FP8_STORAGE,
             compute_dtype=compute_dtype,
             skip_modules_pattern=DEFAULT_SKIP_MODULES_PATTERN,
+            skip_modules_classes=kept,
         )

@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from modules.models.base import LoadedModel, ModelLoadError
+from modules.models.base_weights import ScaledLayer, keep_scaled_layers, read_single_file
 from modules.models.folder_check import FolderProblem, check_folder
 from modules.models.registry import family_spec
 
@@ -107,30 +109,37 @@ def load_transformer(
     file: str,
     field: str,
     what: str,
-    read: Callable[[Path], Any] = str,
+    rename: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> Any:
     """The folder's ``transformer/``, or with ``file`` set that single-file transformer on the
-    folder's config (``from_single_file(read(path), config=folder, subfolder="transformer")``:
-    ``read`` may turn the path into a state dict first). A file that does not fit is a
+    folder's config (``from_single_file(state, config=folder, subfolder="transformer")``, the
+    file's tensors read by :func:`read_single_file`, which dequantises ComfyUI's scaled fp8
+    layers to ``dtype``, and passed through ``rename`` when given); the layers a scaled fp8 file
+    stored that way stay in 8 bits (:func:`keep_scaled_layers`). A file that does not fit is a
     ModelLoadError naming ``field`` (the option) and ``what`` it must be."""
     if not file:
         return transformer_class.from_pretrained(
             folder / "transformer", torch_dtype=dtype, local_files_only=True
         )
     path = Path(file).expanduser()
+    scaled: list[ScaledLayer] = []
     try:
-        return transformer_class.from_single_file(
-            read(path),
+        state = read_single_file(path, dtype, scaled=scaled)
+        denoiser = transformer_class.from_single_file(
+            state if rename is None else rename(state),
             config=str(folder),
             subfolder="transformer",
             torch_dtype=dtype,
             local_files_only=True,
         )
-    except (ValueError, KeyError, RuntimeError, OSError) as error:
+    except (ValueError, KeyError, RuntimeError, OSError, SafetensorError) as error:
         raise ModelLoadError(
             f"{field}: {path} is not {what} matching {folder / 'transformer'} "
             f"({type(error).__name__}: {error}); use such a file, or leave it empty"
         ) from error
+    del state  # the dequantised tensors: the denoiser has its own now
+    keep_scaled_layers(denoiser, scaled, dtype)
+    return denoiser
 
 
 def load_frozen(model_class: Any, folder: Path, device: torch.device, **options: Any) -> Any:

@@ -38,7 +38,6 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
 from diffusers.loaders import QwenImageLoraLoaderMixin
-from safetensors.torch import load_file
 from torch import Tensor
 from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
@@ -135,7 +134,7 @@ class QwenImageFamily(ShiftedByTokens):
             file=self.options.transformer_file,
             field="model.qwen_image.transformer_file",
             what="a Qwen-Image transformer (diffusers or ComfyUI names, the same architecture)",
-            read=_read_single_file,
+            rename=_diffusers_names,
         )
 
     def _identity(self, folder: Path, dtype: torch.dtype) -> str:
@@ -333,10 +332,10 @@ def _vae_scale(vae_config: dict[str, Any]) -> int:
     return 2 ** len(vae_config.get("temperal_downsample") or [0, 0, 0])
 
 
-def _read_single_file(path: Path) -> dict[str, Tensor]:
+def _diffusers_names(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """A transformer file's state dict with diffusers names: diffusers reads a Qwen-Image file
     only with unprefixed names; ComfyUI's use the same names, some under a model prefix."""
-    return {_strip_prefix(key): value for key, value in load_file(path).items()}
+    return {_strip_prefix(key): value for key, value in state.items()}
 
 
 def _strip_prefix(key: str) -> str:

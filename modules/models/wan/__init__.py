@@ -60,7 +60,9 @@ class WanOptions(FamilyOptions):
         description=(
             "Optional single .safetensors transformer (original WAN or ComfyUI key layout) used "
             "instead of the folder's transformer (or the chosen expert's); the folder still "
-            "gives its config, the VAE and the text encoder."
+            "gives its config, the VAE and the text encoder. bfloat16, float16, fp8 and "
+            "ComfyUI's fp8_scaled files are read; a scaled file's layers stay in float8 with "
+            "the file's scales (see model.memory.base_weights)."
         ),
     )
 

@@ -46,11 +46,13 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKLWan, WanTransformer3DModel
 from diffusers.loaders import WanLoraLoaderMixin
+from safetensors import SafetensorError
 from torch import Tensor
 from transformers import AutoTokenizer, UMT5EncoderModel
 
 from modules.config import ConfigError
 from modules.models.base import ComfyConverter, LoadedModel, ModelLoadError, TextEncoding
+from modules.models.base_weights import ScaledLayer, keep_scaled_layers, read_single_file
 from modules.models.flow_matching import T_MAX, T_MIN, FlowMatching, euler_sample, shift_timesteps
 from modules.models.model_folder import (
     FolderParts,
@@ -172,20 +174,23 @@ class WanFamily(FlowMatching):
                 f"model.wan.transformer_file: {single} not found; point it at a .safetensors "
                 "transformer or leave it empty to use the folder's"
             )
+        scaled: list[ScaledLayer] = []
         try:
-            return WanTransformer3DModel.from_single_file(
-                str(single),
+            denoiser = WanTransformer3DModel.from_single_file(
+                read_single_file(single, dtype, scaled=scaled),  # scaled fp8 dequantised
                 config=str(folder),
                 subfolder=subfolder,
                 torch_dtype=dtype,
                 local_files_only=True,
             )
-        except (ValueError, KeyError, RuntimeError, OSError) as error:
+        except (ValueError, KeyError, RuntimeError, OSError, SafetensorError) as error:
             raise ModelLoadError(
                 f"model.wan.transformer_file: {single} is not a WAN transformer matching "
                 f"{folder / subfolder} ({type(error).__name__}: {error}); use a file of the "
                 "same model size, or leave it empty"
             ) from error
+        keep_scaled_layers(denoiser, scaled, dtype)  # a scaled fp8 file stays in 8 bits
+        return denoiser
 
     # ------------------------------------------------------------------------------ encoders
 
