@@ -72,6 +72,25 @@ class ConditioningKind:
 
 
 @dataclass(frozen=True)
+class SingleFileLayout:
+    """What the family's single-file transformers look like, whatever their key layout
+    (original, ComfyUI's or diffusers'; prefixes such as ``model.diffusion_model.`` removed), so
+    that a file of another family or of another size is refused before anything loads
+    (:mod:`modules.models.single_file_check`)."""
+
+    markers: tuple[str, ...]
+    """Regular expressions: a file is the family's when one of them matches one of its keys..."""
+    excludes: tuple[str, ...] = ()
+    """... and none of these does (a family whose layout shares the markers)."""
+    width: tuple[str, ...] = ()
+    """Keys whose first dimension is the transformer's width (the config's
+    ``num_attention_heads`` x ``attention_head_dim``), in the layouts the family reads."""
+    blocks: Mapping[str, str] = field(default_factory=dict)
+    """The transformer config's block-count field → a regular expression of that kind of
+    block's keys, capturing the block's index."""
+
+
+@dataclass(frozen=True)
 class FolderKind:
     """A model folder a family trains, as its JSON files say: ``model_index.json``'s pipeline
     class and each part's config type. Read before anything is built, so another family's or
@@ -130,6 +149,9 @@ class FamilySpec:
     comfyui_check: Callable[[str], str | None] | None = field(default=None, repr=False)
     """Why the LoRA of the model at ``model.path`` cannot be saved in the ComfyUI layout
     (``output.format=comfyui``), from its folder alone; None: it can."""
+    single_file: SingleFileLayout | None = None
+    """How the family's single-file transformers (``transformer_file``) look; None: the family
+    reads none."""
     conditioning: tuple[ConditioningKind, ...] = ()
     """The per-item conditioning the family's denoiser takes besides the prompt; empty for most.
     A family that declares some implements ``modules.models.base.ConditionedFamily``."""

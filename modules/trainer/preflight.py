@@ -3,12 +3,13 @@
 A config that passes validation can still be unable to train: no concepts, a concept folder
 that is missing or holds no images, a run folder that is a file or cannot be written, a
 ``model.path`` that is missing, a file or another family's folder (read from its JSON files:
-:mod:`modules.models.folder_check`), a mask whose size is not its image's, an item without the
-conditioning files its family needs (a reference image, :mod:`modules.data.conditioning`), a
-tracker whose ``logs`` folder cannot be made. Those stop here, in ``check`` as in ``train``,
-with a message naming the field or file and the fix, before the model loads or anything is
-cached. What is allowed but worth knowing (files skipped, captions missing, images upscaled) is
-collected as notes, said once at the start of a run.
+:mod:`modules.models.folder_check`), a ``transformer_file`` of another family or size (read
+from its header: :mod:`modules.models.single_file_check`), a mask whose size is not its
+image's, an item without the conditioning files its family needs (a reference image,
+:mod:`modules.data.conditioning`), a tracker whose ``logs`` folder cannot be made. Those stop
+here, in ``check`` as in ``train``, with a message naming the field or file and the fix, before
+the model loads or anything is cached. What is allowed but worth knowing (files skipped,
+captions missing, images upscaled) is collected as notes, said once at the start of a run.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from modules.data.concept import (
 from modules.data.conditioning import missing_conditioning, takes_references
 from modules.models.folder_check import model_folder_problem
 from modules.models.registry import family_spec
+from modules.models.single_file_check import single_file_problem
 from modules.trainer.run_folder import check_run_folder
 
 
@@ -61,6 +63,7 @@ def preflight(config: TrainConfig, *, create_run_dir: bool) -> Preflight:
         # The grid is read from the model folder's configs: only from a folder of the family.
         *([] if model else _resolution_problem(config)),
         *([] if model else _targets_problem(config)),
+        *([] if model else _single_file_problem(config)),
         *_format_problem(config),
         *_tracker_problem(config),
         *_logs_problem(config),
@@ -200,6 +203,17 @@ def _model_problem(config: TrainConfig) -> list[str]:
     from its JSON files alone: what the family's ``load`` would refuse, before anything loads."""
     model = config.model
     problem = model_folder_problem(model.family, model.path, getattr(model, model.family, None))
+    return [problem] if problem else []
+
+
+def _single_file_problem(config: TrainConfig) -> list[str]:
+    """The family's ``transformer_file`` holding another family's transformer, or one of
+    another size than the folder's config, read from the file's header
+    (:mod:`modules.models.single_file_check`)."""
+    model = config.model
+    options = getattr(model, model.family, None)
+    file = getattr(options, "transformer_file", "") if options is not None else ""
+    problem = single_file_problem(family_spec(model.family), file, model.path)
     return [problem] if problem else []
 
 

@@ -15,6 +15,7 @@ from modules.models.spec import (
     FamilySpec,
     FolderKind,
     LatentGrid,
+    SingleFileLayout,
     read_json,
 )
 
@@ -91,6 +92,17 @@ SPEC = FamilySpec(
     name="flux1",
     title="FLUX.1 dev and schnell text-to-image (CLIP + T5, 2x2 packed tokens)",
     implementation="modules.models.flux1.family:Flux1Family",
+    single_file=SingleFileLayout(
+        # BFL's files have double_blocks, diffusers' single_transformer_blocks; FLUX.2's have
+        # both too, with modulation layers of their own.
+        markers=(r"^double_blocks\.\d+\.", r"^single_transformer_blocks\.\d+\."),
+        excludes=(r"^double_stream_modulation_img\.",),
+        width=("img_in.weight", "x_embedder.weight"),
+        blocks={
+            "num_layers": r"^(?:double_blocks|transformer_blocks)\.(\d+)\.",
+            "num_single_layers": r"^(?:single_blocks|single_transformer_blocks)\.(\d+)\.",
+        },
+    ),
     lora_targets=LORA_TARGETS,
     grid=LatentGrid(pixels_per_cell=8, pixel_multiple=16),
     options=Flux1Options,

@@ -15,6 +15,7 @@ from modules.models.spec import (
     FamilySpec,
     FolderKind,
     LatentGrid,
+    SingleFileLayout,
     read_json,
 )
 
@@ -113,6 +114,14 @@ SPEC = FamilySpec(
     name="flux2",
     title="FLUX.2 dev and klein text-to-image (Mistral 3 / Qwen3 text, 16 px latent tokens)",
     implementation="modules.models.flux2.family:Flux2Family",
+    single_file=SingleFileLayout(
+        markers=(r"^double_stream_modulation_img\.",),
+        width=("img_in.weight", "x_embedder.weight"),
+        blocks={
+            "num_layers": r"^(?:double_blocks|transformer_blocks)\.(\d+)\.",
+            "num_single_layers": r"^(?:single_blocks|single_transformer_blocks)\.(\d+)\.",
+        },
+    ),
     lora_targets=LORA_TARGETS,
     grid=LatentGrid(pixels_per_cell=16, pixel_multiple=16),
     options=Flux2Options,

@@ -15,6 +15,7 @@ from modules.models.spec import (
     FamilySpec,
     FolderKind,
     LatentGrid,
+    SingleFileLayout,
     read_json,
 )
 
@@ -87,6 +88,11 @@ SPEC = FamilySpec(
     name="qwen_image",
     title="Qwen-Image text-to-image (Qwen2.5-VL text encoder, 2x2 packed tokens)",
     implementation="modules.models.qwen_image.family:QwenImageFamily",
+    single_file=SingleFileLayout(
+        markers=(r"^transformer_blocks\.\d+\.img_mod\.",),
+        width=("img_in.weight",),
+        blocks={"num_layers": r"^transformer_blocks\.(\d+)\."},
+    ),
     lora_targets=LORA_TARGETS,
     grid=LatentGrid(pixels_per_cell=8, pixel_multiple=16),
     options=QwenImageOptions,

@@ -17,6 +17,7 @@ from modules.models.spec import (
     FamilySpec,
     FolderKind,
     LatentGrid,
+    SingleFileLayout,
     read_json,
 )
 
@@ -120,6 +121,12 @@ SPEC = FamilySpec(
     name="wan",
     title="WAN 2.1 / 2.2 text-to-video (1.3B, 14B, 2.2 A14B, 2.2 TI2V 5B)",
     implementation="modules.models.wan.family:WanFamily",
+    single_file=SingleFileLayout(
+        # Original and ComfyUI files name the attention self_attn, diffusers' attn1.
+        markers=(r"^blocks\.\d+\.(?:self_attn|attn1)\.",),
+        width=("patch_embedding.weight",),
+        blocks={"num_layers": r"^blocks\.(\d+)\."},
+    ),
     lora_targets=LORA_TARGETS,
     grid=LatentGrid(pixels_per_cell=8, pixel_multiple=16),
     options=WanOptions,
