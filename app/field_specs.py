@@ -116,6 +116,9 @@ def field_spec(name: str, info: FieldInfo, path: str) -> FieldSpec:
             return FieldSpec(kind="float_list", **common)
         if isinstance(item, type) and issubclass(item, BaseModel):
             return FieldSpec(kind="section_list", section=item, **common)
+    if origin in (Union, types.UnionType):  # a count or a word (blocks_to_swap: 16 or auto)
+        common["default"] = None if default is None else str(default)
+        return FieldSpec(kind="text", **common)
     if annotation is bool:
         return FieldSpec(kind="bool", **common)
     if annotation is str:

@@ -106,8 +106,8 @@ class TextControl(Control):
         text = self.variable.get()
         return None if self.spec.optional and not text else text
 
-    def set(self, value: str | None) -> None:
-        self.variable.set(value or "")
+    def set(self, value: str | int | None) -> None:
+        self.variable.set("" if value is None else str(value))  # a count of 0 shows as 0
 
 
 class TextListControl(Control):

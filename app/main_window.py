@@ -29,6 +29,7 @@ from app.user_store import PresetEntry, UserStore
 from app.weight_preview import PreviewImage, WeightPreview
 from modules.config import ConfigError, TrainConfig, load_preset
 from modules.config.presets import read_description
+from modules.models.memory_estimate import estimate_lines
 from modules.models.registry import family_spec
 
 TITLE = "MaskPrior Trainer"
@@ -198,6 +199,8 @@ class MainWindow(ctk.CTk):
             scroll.grid(row=0, column=0, sticky="nsew")
             for section in sections:
                 self._add_section(scroll, section)
+            if name == "Model":
+                self._add_memory_estimate()
             if name in ("Masked training", "Prior preservation"):
                 preview = WeightPreview(scroll, self.preview_selection, self._preview_settings)
                 preview.pack(anchor="w", fill="x", pady=(12, 0))
@@ -221,6 +224,20 @@ class MainWindow(ctk.CTk):
     def _tab_shown(self) -> None:
         if self.tabs.get() == "Masks":
             self.masks.refresh()
+
+    def _add_memory_estimate(self) -> None:
+        """A read-only line under the Memory section: the config's estimated peak GPU memory."""
+        memory = next(f for f in self.section_forms["model"].subforms if f.prefix == "model.memory")
+        self.memory_estimate = ctk.CTkLabel(
+            memory, text="", justify="left", anchor="w", wraplength=640
+        )
+        row = memory.grid_size()[1]
+        self.memory_estimate.grid(row=row, column=0, columnspan=2, sticky="w", pady=(4, 0))
+
+    def _show_memory_estimate(self, validation: Validation) -> None:
+        config = validation.config
+        lines = [] if config is None else estimate_lines(config)
+        self.memory_estimate.configure(text="\n".join(lines))
 
     def _add_section(self, parent: tk.Misc, section: str) -> None:
         model: type[BaseModel] = TrainConfig.model_fields[section].annotation
@@ -351,6 +368,7 @@ class MainWindow(ctk.CTk):
     def _validated(self, validation: Validation) -> None:
         self.run_panel.set_validation(validation)
         self._show_family_fields()
+        self._show_memory_estimate(validation)
         self._update_preview_images()
         self.concepts.show_buckets(self._preview_settings)
 

@@ -283,6 +283,7 @@ def check(config: TrainConfig, preset: str) -> int:
     """Every check ``train`` makes before it loads the model. Nothing is written, except the
     demo dataset on first use (a demo preset's folders are checked too)."""
     from modules.data.concept import DataError
+    from modules.models.memory_estimate import estimate_lines
     from modules.trainer.preflight import preflight
 
     demo_warnings = ensure_demo_data(config)
@@ -295,6 +296,8 @@ def check(config: TrainConfig, preset: str) -> int:
         print(f"warning: {warning}")
     if found.buckets:
         print(found.buckets)
+    for line in estimate_lines(config):
+        print(f"warning: {line}" if "is over" in line else line)
     items = sum(len(scan.items) for scan in found.scans)
     print(f"{preset}: OK ({items} items in {len(found.scans)} concepts)")
     return EXIT_OK

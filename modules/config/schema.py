@@ -10,7 +10,7 @@ only make a config questionable are returned by :func:`config_warnings` (design 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
@@ -59,10 +59,8 @@ class MemoryConfig(Section):
             "Meant for GPUs."
         ),
     )
-    blocks_to_swap: int = Field(
-        0,
-        ge=0,
-        le=200,  # the model's own block count is checked when it loads
+    blocks_to_swap: Annotated[int, Field(ge=0, le=200)] | Literal["auto"] = Field(
+        0,  # the model's own block count is checked when it loads
         title="Blocks to swap",
         description=(
             "How many of the denoiser's repeated blocks (the last ones) keep their frozen "
@@ -73,10 +71,31 @@ class MemoryConfig(Section):
             "weights' GPU memory; costs 2 block copies per swapped block per step (3 with the "
             "teacher), and with gradient checkpointing off one more forward of each swapped "
             "block: the speed depends on PCIe bandwidth. The LoRA and its optimizer state "
-            "stay on the GPU; training computes exactly the same. A whole number for now: "
-            "auto (from a memory estimate) is not there yet."
+            "stay on the GPU; training computes exactly the same. auto: the smallest count "
+            "whose memory estimate fits model.memory.vram_gb."
         ),
     )
+    vram_gb: float | None = Field(
+        None,
+        gt=0,
+        le=2000,
+        title="GPU memory budget (GB)",
+        description=(
+            "The GPU memory this run may use, in GB (e.g. 24 for a 24 GB card). check, the start "
+            "of a run and the Model tab compare the memory estimate with it and name the options "
+            "that would fit; blocks_to_swap=auto swaps the fewest blocks that fit. Off: no "
+            "budget (the estimate is still shown)."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _auto_needs_a_budget(self) -> MemoryConfig:
+        if self.blocks_to_swap == "auto" and self.vram_gb is None:
+            raise ValueError(
+                "model.memory.blocks_to_swap=auto needs model.memory.vram_gb, the budget it "
+                "fits (e.g. 24); or give a number of blocks"
+            )
+        return self
 
 
 class _ModelFields(Section):
@@ -535,6 +554,16 @@ class TrainingConfig(Section):
         title="Gradient checkpointing",
         description="Recompute activations in the backward pass: less memory, ~30% slower.",
     )
+    compile: bool = Field(
+        False,
+        title="Compile",
+        description=(
+            "Compile the denoiser's blocks one by one with torch.compile (one graph serves "
+            "every block): the first steps take longer while they compile; the teacher switch "
+            "compiles once and then reuses its graph. Needs a C++ compiler; not with "
+            "model.memory.blocks_to_swap."
+        ),
+    )
     max_grad_norm: float = Field(
         1.0,
         ge=0.0,
@@ -764,6 +793,12 @@ class TrainConfig(Section):
             raise ValueError(
                 f"sampling.frames: model.family={self.model.family} samples images only; set "
                 "sampling.frames=1"
+            )
+        if self.training.compile and self.model.memory.blocks_to_swap:
+            raise ValueError(
+                "training.compile with model.memory.blocks_to_swap: the compiled blocks would "
+                "trace the block swap's transfers; set model.memory.blocks_to_swap=0 or "
+                "training.compile=false"
             )
         presets = SPECS[self.model.family].lora_targets
         if self.lora.targets not in presets:

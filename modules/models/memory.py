@@ -17,6 +17,8 @@ its own. :func:`load_model` is the one way a run, a script or a benchmark loads 
   (:mod:`modules.models.base_weights`); peft's LoRA wraps that layer as it wraps any linear one.
 - ``blocks_to_swap=N``: the last N of the family's blocks keep their stored weights in CPU
   memory and bring them to the device only while they run (:mod:`modules.models.block_swap`).
+  ``auto`` is resolved from the config's memory estimate before the model loads
+  (:func:`modules.models.memory_estimate.resolve_blocks_to_swap`: a run does it).
 """
 
 from __future__ import annotations
@@ -74,6 +76,11 @@ def prepare_denoiser(
     blocks: Blocks | None = None,
 ) -> None:
     """Store ``denoiser``'s frozen weights as ``memory`` says, in place."""
+    if memory.blocks_to_swap == "auto":
+        raise ValueError(
+            "model.memory.blocks_to_swap=auto is a count to resolve before loading "
+            "(modules.models.memory_estimate.resolve_blocks_to_swap)"
+        )
     if memory.base_weights == "fp8":
         store_in_fp8(denoiser, compute_dtype)
     elif memory.base_weights != "auto":

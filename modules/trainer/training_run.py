@@ -28,6 +28,8 @@ from modules.lora.init_from import InitFromError, init_lora_from
 from modules.loss import Weighting
 from modules.models import LoadedModel, ModelFamily, get_family, load_model
 from modules.models.base import ComfyConverter
+from modules.models.compiled import compile_blocks
+from modules.models.memory_estimate import estimate_lines, resolve_blocks_to_swap
 from modules.models.registry import family_spec
 from modules.trainer.backups import Backups, Resume, TrainingState
 from modules.trainer.banner import banner_lines
@@ -119,7 +121,8 @@ def build_run(config: TrainConfig, context: RunContext) -> TrainingRun:
     family: ModelFamily = get_family(config.model)
 
     status(f"Loading {config.model.family} model {config.model.path or '(built-in)'}")
-    model = load_model(family, config.model, dtype=DTYPES[config.model.dtype], device=device)
+    resolved = resolve_blocks_to_swap(config).model  # blocks_to_swap=auto: a count, estimated
+    model = load_model(family, resolved, dtype=DTYPES[config.model.dtype], device=device)
     targets = _lora_targets(config, family, model)
     saver = LoraSaver(
         config,
@@ -159,6 +162,9 @@ def build_run(config: TrainConfig, context: RunContext) -> TrainingRun:
     if config.training.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
     denoiser.train()
+    if config.training.compile:  # after the LoRA: the compiled blocks include its layers
+        count = compile_blocks(denoiser, family.blocks)
+        status(f"Compiling the denoiser's {count} blocks: the first steps take longer")
     optimizer = make_optimizer(config, params)
     scheduler = make_scheduler(config, optimizer)
     # On several processes the student's forward goes through DDP (gradients averaged);
@@ -308,6 +314,8 @@ def _say_notes(
         status(line)
     for level, text in banner_lines(config, prepared.cache_hint()):
         status(text, level)
+    for line in estimate_lines(config):
+        status(line, "warning" if "is over" in line else "info")
     notes = [*checks.notes, *prepared.notes, *captions, *device_notes(config, device)]
     for warning in [*config_warnings(config), *notes]:
         status(f"warning: {warning}", "warning")

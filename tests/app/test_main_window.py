@@ -338,3 +338,16 @@ def test_a_broken_last_used_config_is_set_aside_and_the_default_opens(open_windo
     assert notice in window.run_panel.log_text()
     ((title, message),) = answers.errors
     assert title == "Last-used config not restored" and notice in message
+
+
+def test_the_model_tab_shows_the_memory_estimate_of_a_vram_preset(window):
+    window.load_preset_file(BUILTIN_PRESETS / "wan22-a14b-16gb.json")
+    settle(window)
+    text = window.memory_estimate.cget("text")
+    assert text.startswith("memory estimate (not measured): peak")
+    assert "blocks_to_swap=auto swaps" in text
+    assert window.form.row("model.memory.blocks_to_swap").get() == "auto"
+    window.form.row("model.memory.blocks_to_swap").set(0)
+    settle(window)
+    assert window.form.validation.config.model.memory.blocks_to_swap == 0
+    assert "is over model.memory.vram_gb=16" in window.memory_estimate.cget("text")
