@@ -15,7 +15,7 @@ import pytest
 from PIL import Image, ImageGrab
 
 from modules.trainer.events import DriftBand, DriftMeasured, SamplePair, StepMetrics
-from tests.app.driving import settle
+from tests.app.driving import pump, settle
 
 pytestmark = pytest.mark.ui
 
@@ -187,6 +187,9 @@ def test_the_window_fits_the_screen_and_every_part_is_in_view(
     panel = window.run_panel
     feed_a_run(panel, tmp_path)
     show(window, "Run")
+    # The charts redraw at their new size and the pane lays out again after them: wait for
+    # the layout to come to rest (a layout that never fits still fails, here or below).
+    pump(window, lambda: inside(rect(panel.log_view), rect(window)), 5, "the Run tab's layout")
     assert window.run_pane.scrolls == (False, False)
     parts = [panel.charts, panel.drift_charts, panel.samples_frame._parent_frame, panel.log_view]
     for part in (panel.start_button, panel.backup_menu, panel.state_label, *parts):
