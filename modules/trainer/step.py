@@ -77,8 +77,6 @@ class StepParts:
     """Whether masks are used, and their dropout."""
     prior: PriorConfig
     """The prior's noise range."""
-    weighting: Weighting
-    """How masks become weight maps (``Weighting.of(mask, prior)``)."""
     generator: torch.Generator
     """Noise and timesteps."""
     mask_rng: random.Random
@@ -87,6 +85,11 @@ class StepParts:
     autocast: Callable[[], AbstractContextManager[None]]
     processes: Processes = field(default_factory=Processes)
     """One process unless the run has several."""
+    weighting: Weighting = field(init=False)
+    """How masks become weight maps: ``Weighting.of(mask, prior)``, made once here."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "weighting", Weighting.of(self.mask, self.prior))
 
 
 def train_step(batch: Batch, parts: StepParts, prior_weight: float) -> StepResult:

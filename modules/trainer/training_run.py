@@ -25,7 +25,6 @@ from modules.data.dataset import ConceptDataset
 from modules.data.preparation import PreparedData, prepare_dataset
 from modules.lora import add_lora
 from modules.lora.init_from import InitFromError, init_lora_from
-from modules.loss import Weighting
 from modules.models import LoadedModel, ModelFamily, get_family, load_model
 from modules.models.base import ComfyConverter
 from modules.models.compiled import compile_blocks
@@ -219,7 +218,6 @@ def build_run(config: TrainConfig, context: RunContext) -> TrainingRun:
         student=student,
         mask=config.mask,
         prior=config.prior,
-        weighting=Weighting.of(config.mask, config.prior),
         generator=generator,
         mask_rng=mask_rng,
         device=device,

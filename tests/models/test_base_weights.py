@@ -15,7 +15,6 @@ from modules.config import config_from_dict
 from modules.config.schema import MemoryConfig, ModelConfig
 from modules.data.dataset import Batch
 from modules.lora import add_lora, lora_disabled
-from modules.loss import Weighting
 from modules.models import LoadedModel, get_family, load_model
 from modules.models.base import ModelLoadError
 from modules.models.base_weights import (
@@ -157,7 +156,6 @@ def _train(family, model, monkeypatch) -> list[torch.nn.Parameter]:
         student=model,
         mask=config.mask,
         prior=config.prior,
-        weighting=Weighting.of(config.mask, config.prior),
         generator=torch.Generator().manual_seed(3),
         mask_rng=random.Random(3),
         device=CPU,

@@ -4,24 +4,22 @@ the rows of its samples, of the prompt and the conditioning alike."""
 
 from __future__ import annotations
 
-import contextlib
-import random
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from modules.config import ConfigError, TrainConfig, config_from_dict
+from modules.config import ConfigError, TrainConfig
 from modules.data.dataset import Batch
 from modules.lora import add_lora
-from modules.loss import Weighting
 from modules.models import registry
 from modules.models.base import with_conditioning
 from modules.trainer.preflight import preflight
 from modules.trainer.processes import Processes
 from modules.trainer.step import StepParts, draw, train_step
 from tests.data.conditioned_family import SPEC, TOKENS_KEY, ReferenceFamily
+from tests.trainer.test_step import make_parts as step_parts
 
 SEED = 7
 
@@ -70,20 +68,7 @@ def make_batch(family, model) -> Batch:
 
 
 def make_parts(family, model, processes=None) -> StepParts:
-    config = config_from_dict({"mask": {"enabled": True}, "prior": {"weight": 1.0}})
-    return StepParts(
-        family=family,
-        model=model,
-        student=model,
-        mask=config.mask,
-        prior=config.prior,
-        weighting=Weighting.of(config.mask, config.prior),
-        generator=torch.Generator().manual_seed(SEED),
-        mask_rng=random.Random(SEED),
-        device=torch.device("cpu"),
-        autocast=contextlib.nullcontext,
-        processes=processes or Processes(),
-    )
+    return step_parts(model, family=family, processes=processes)
 
 
 def test_the_teacher_gets_exactly_the_conditioning_rows_of_its_samples(family, model, monkeypatch):

@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from modules.config import config_from_dict
 from modules.data.dataset import Batch
 from modules.lora import add_lora, lora_disabled
-from modules.loss import Weighting
 from modules.models.demo.family import DemoFamily
 from modules.trainer.processes import Processes, take
 from modules.trainer.step import StepParts, train_step
@@ -60,16 +59,17 @@ def make_batch(model, prior_prediction=(False, False, False, False)) -> Batch:
     )
 
 
-def make_parts(model, *, processes=None, **sections) -> StepParts:
+def make_parts(model, *, processes=None, family=None, **sections) -> StepParts:
+    """The step's parts for ``model`` (the demo family's unless ``family``), masks on, prior
+    weight 1, unless ``sections`` say otherwise."""
     sections = {"mask": {"enabled": True}, "prior": {"weight": 1.0}, **sections}
     config = config_from_dict(sections)
     return StepParts(
-        family=DemoFamily(),
+        family=family or DemoFamily(),
         model=model,
         student=model,
         mask=config.mask,
         prior=config.prior,
-        weighting=Weighting.of(config.mask, config.prior),
         generator=torch.Generator().manual_seed(SEED),
         mask_rng=random.Random(SEED),
         device=torch.device("cpu"),
