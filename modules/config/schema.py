@@ -303,6 +303,36 @@ class DataConfig(Section):
         ),
     )
 
+    frame_windows: Literal["head", "chunk", "slide", "uniform"] = Field(
+        "head",
+        title="Frame windows",
+        json_schema_extra=VIDEO_ONLY,
+        description=(
+            "Which data.frames-frame windows a clip longer than that trains: head, its first "
+            "frames only; chunk, consecutive windows end to end; slide, a window starting every "
+            "data.window_stride frames; uniform, data.window_count windows spread evenly over "
+            "the clip. Each window is an item of its own, with its mask frames and cache entry."
+        ),
+    )
+    window_stride: int = Field(
+        16,
+        ge=1,
+        le=10_000,
+        title="Window stride",
+        json_schema_extra=VIDEO_ONLY,
+        description=(
+            "frame_windows=slide: frames (at data.fps) from one window's start to the next's."
+        ),
+    )
+    window_count: int = Field(
+        4,
+        ge=1,
+        le=1000,
+        title="Windows per clip",
+        json_schema_extra=VIDEO_ONLY,
+        description="frame_windows=uniform: how many windows each clip gives (fewer if short).",
+    )
+
     @field_validator("cache_dir")
     @classmethod
     def _cache_dir_given(cls, cache_dir: str) -> str:
@@ -648,6 +678,15 @@ class SamplingConfig(Section):
     )
     seed: int = Field(
         0, ge=0, le=2**32 - 1, title="Sampling seed", description="Noise seed of the samples."
+    )
+    images: list[str] = Field(
+        default_factory=list,
+        title="Start images",
+        json_schema_extra={"families": ["wan"]},
+        description=(
+            "Image-to-video models: the first frame of each prompt's sample, one image per "
+            "prompt in order. Empty: the first frames of the first training clips."
+        ),
     )
     width: int | None = Field(
         None,

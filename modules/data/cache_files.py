@@ -144,16 +144,24 @@ def mask_key(mask: Path, *, latent: str) -> str:
 
 
 def conditioning_key(
-    kind: str, sources: Iterable[Path], *, settings: Mapping[str, Any], size: Size | None = None
+    kind: str,
+    sources: Iterable[Path],
+    *,
+    settings: Mapping[str, Any],
+    size: Size | None = None,
+    frames: int = 1,
 ) -> str:
     """The sha256 hex digest naming one item's encodings of the conditioning ``kind``: its
-    source files' bytes in order, the training size they were loaded at (None: their own) and
-    the settings (family, model identity, codec: the encoder)."""
+    source files' bytes in order, the training size they were loaded at (None: their own), the
+    item's frame count (a clip's first frame conditions that many frames) and the settings
+    (family, model identity, codec: the encoder)."""
     digest = _digest(CONDITIONING)
     _update(digest, kind.encode("utf-8"))
     for source in sources:
         _update_content(digest, source)
     _update(digest, b"own size" if size is None else f"{size[0]}x{size[1]}".encode())
+    if frames != 1:  # keys of stills and references stay as they were
+        _update(digest, f"frames={frames}".encode())
     _update(digest, _settings_bytes(settings))
     return digest.hexdigest()
 

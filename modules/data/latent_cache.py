@@ -67,9 +67,10 @@ The callable moves the batch to its own device and dtype; build_cache runs it un
 """
 PromptEncoder = Callable[[list[str]], dict[str, Tensor]]
 """B prompts → named batch-first tensors (B, ...)."""
-ConditioningEncoder = Callable[[str, list[Tensor]], dict[str, Tensor]]
-"""(the kind's name, one item's source images, each (3, H, W) float32 in [-1, 1]) → the item's
-encodings, batch-first with a batch of one (the family's ``encode_conditioning``)."""
+ConditioningEncoder = Callable[[str, list[Tensor], int], dict[str, Tensor]]
+"""(the kind's name, one item's source images, each (3, H, W) float32 in [-1, 1], the item's
+frame count: ``data.frames`` for a clip, 1 for a still) → the item's encodings, batch-first with
+a batch of one (the family's ``encode_conditioning``)."""
 Progress = Callable[[int, int], None]
 """Called with (latents encoded so far, latents to encode)."""
 Warn = Callable[[str], None]
@@ -128,6 +129,8 @@ class _Plan:
     text: Path
     mask: Path | None
     conditioning: tuple[_Conditioning, ...] = ()
+    frames: int = 1
+    """The frames it trains: ``data.frames`` for a clip, 1 for a still."""
 
 
 @dataclass(frozen=True)
@@ -236,6 +239,7 @@ def _plan(
         latent=cache_path(cache_dir, LATENTS, key),
         text=cache_path(cache_dir, TEXTS, text_key(item.caption, settings=settings)),
         mask=mask,
+        frames=frames if item.clip else 1,
     )
 
 
@@ -258,7 +262,8 @@ def _with_conditioning(
                 "or remove them (the check command lists every such file)"
             )
         size = plan.size if kind.source == "item" else None
-        key = conditioning_key(kind.name, sources, settings=settings, size=size)
+        frames = plan.frames if kind.source == "item" else 1
+        key = conditioning_key(kind.name, sources, settings=settings, size=size, frames=frames)
         parts.append(_Conditioning(kind, sources, cache_path(cache_dir, CONDITIONING, key)))
     return replace(plan, conditioning=tuple(parts))
 
@@ -395,7 +400,8 @@ class _Build:
                 pixels = [_still_pixels(plan.item, plan.size)]  # (3, H, W), the latent's crop
             else:
                 pixels = [load_image(source, image_size(source)) for source in part.sources]
-            encoding = self.encode_conditioning(part.kind.name, pixels)
+            frames = plan.frames if part.kind.source == "item" else 1
+            encoding = self.encode_conditioning(part.kind.name, pixels, frames)
             (row,) = _rows(encoding, 1, f"conditioning encoder ('{part.kind.name}')", "item")
             metadata = {
                 **self.metadata,

@@ -217,7 +217,9 @@ def _conditioning_encoder(
             f"the {family.name} family declares conditioning "
             f"({', '.join(kind.name for kind in kinds)}) but has no encode_conditioning"
         )
-    return lambda kind, images: family.encode_conditioning(model, kind, images)
+    return lambda kind, images, frames: family.encode_conditioning(
+        model, kind, images, frames=frames
+    )
 
 
 def _weightless_note(

@@ -195,11 +195,12 @@ class ConditionedFamily(ModelFamily, Protocol):
     (:func:`select_text`). The two never share a key (a collision is an error naming both)."""
 
     def encode_conditioning(
-        self, model: LoadedModel, kind: str, images: Sequence[Tensor]
+        self, model: LoadedModel, kind: str, images: Sequence[Tensor], *, frames: int = 1
     ) -> TextEncoding:
         """One item's source images of the conditioning ``kind`` (its ``ConditioningKind.name``),
-        each (3, H, W) float32 in [-1, 1] on the CPU (an ``item`` source at the item's training
-        size, references at their own size, to be resized as the family's pipeline does) →
+        each (3, H, W) float32 in [-1, 1] on the CPU (an ``item`` source: the still, or the
+        clip's first frame, at the item's training size, with ``frames`` the item's frame count;
+        references at their own size, to be resized as the family's pipeline does) →
         the item's encodings, each tensor batch-first with a batch of one (1, ...). Sequences
         of different lengths are zero-padded when items share a batch."""
         ...

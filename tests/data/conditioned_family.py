@@ -41,7 +41,7 @@ class ReferenceFamily(DemoFamily):
 
     @torch.no_grad()
     def encode_conditioning(
-        self, model: LoadedModel, kind: str, images: Sequence[Tensor]
+        self, model: LoadedModel, kind: str, images: Sequence[Tensor], *, frames: int = 1
     ) -> TextEncoding:
         assert kind == REFERENCE.name, kind
         self.calls += 1

@@ -52,7 +52,9 @@ def build(items, cache: Path, family: ReferenceFamily, **kwargs):
         encode_images=encoders.encode_images,
         encode_prompts=encoders.encode_prompts,
         conditioning=(REFERENCE,),
-        encode_conditioning=lambda kind, images: family.encode_conditioning(None, kind, images),
+        encode_conditioning=lambda kind, images, frames: family.encode_conditioning(
+            None, kind, images
+        ),
         **kwargs,
     )
 

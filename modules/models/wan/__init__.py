@@ -43,7 +43,7 @@ class WanOptions(FamilyOptions):
             "for the samples."
         ),
     )
-    expert: Literal["auto", "high_noise", "low_noise"] = Field(
+    expert: Literal["auto", "high_noise", "low_noise", "both"] = Field(
         "auto",
         title="Expert (WAN 2.2 A14B)",
         description=(
@@ -89,6 +89,11 @@ def _folder_problem(folder: Path, index: Mapping[str, Any], options: Any) -> str
         return (
             f"model.path: {folder}/model_index.json lists transformer_2 but the folder has no "
             "transformer_2/ subfolder: complete the download of the model"
+        )
+    if expert == "both":
+        return (
+            "model.wan.expert=both: training both experts in one run is not available yet; "
+            "train one expert per run (model.wan.expert=high_noise, then low_noise)"
         )
     if not has_second and expert != "auto":
         return (
