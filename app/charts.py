@@ -45,6 +45,10 @@ DRIFT_COLOURS = {
     "drift_world": "#f0b35a",
     "subject_loss": "#3cdc5a",
 }
+EXPERTS = {"high_noise": "total, high noise", "low_noise": "total, low noise"}
+"""A run with one LoRA per expert (WAN 2.2 A14B, expert=both): each expert's smoothed total,
+over the steps that trained it, beside the whole run's."""
+EXPERT_COLOURS = {"high_noise": "#ff7f50", "low_noise": "#20b2aa"}
 LEGEND_TITLES = {"loss": "thin: raw, thick: smoothed"}
 _DRIFT_ROW_KEYS = {
     "subject_loss": "heldout_subject_loss",
@@ -72,6 +76,10 @@ class ChartData:
     smoothed: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in LOSSES})
     """:func:`smooth` of each loss, kept up to date point by point (not recomputed per draw)."""
     _state: dict[str, float] = field(default_factory=lambda: dict.fromkeys(LOSSES, 0.0))
+    expert_steps: dict[str, list[int]] = field(default_factory=lambda: {k: [] for k in EXPERTS})
+    expert_totals: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in EXPERTS})
+    """Each expert's smoothed total loss at its own steps (empty unless the run has experts)."""
+    _expert_state: dict[str, float] = field(default_factory=lambda: dict.fromkeys(EXPERTS, 0.0))
 
     def add(self, metrics: Any) -> None:
         """Append one ``StepMetrics`` (read by attribute name, so no trainer import)."""
@@ -83,12 +91,27 @@ class ChartData:
             state = SMOOTHING * self._state[key] + (1 - SMOOTHING) * self.values[key][-1]
             self._state[key] = state
             self.smoothed[key].append(state / (1 - SMOOTHING**count))
+        expert = getattr(metrics, "expert", None)
+        if expert in EXPERTS:
+            steps = self.expert_steps[expert]
+            steps.append(metrics.step)
+            total = self.values["loss_total"][-1]
+            state = SMOOTHING * self._expert_state[expert] + (1 - SMOOTHING) * total
+            self._expert_state[expert] = state
+            self.expert_totals[expert].append(state / (1 - SMOOTHING ** len(steps)))
+
+    @property
+    def has_experts(self) -> bool:
+        return any(self.expert_steps.values())
 
     def clear(self) -> None:
         self.steps.clear()
         for series in (*self.values.values(), *self.smoothed.values()):
             series.clear()
         self._state = dict.fromkeys(LOSSES, 0.0)
+        for series in (*self.expert_steps.values(), *self.expert_totals.values()):
+            series.clear()
+        self._expert_state = dict.fromkeys(EXPERTS, 0.0)
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -153,7 +176,7 @@ def read_history(path: Path, until: int) -> tuple[list[Any], list[Any]]:
                 # The steps start again here: what the earlier rows said from here on is gone.
                 points = [point for point in points if point.step < step]
                 readings = [earlier for earlier in readings if earlier.step < step]
-            points.append(SimpleNamespace(step=step, **values))
+            points.append(SimpleNamespace(step=step, expert=row.get("expert"), **values))
         reading = _drift_reading(row, step)
         if reading is not None:
             readings = [earlier for earlier in readings if earlier.step < step]
@@ -224,6 +247,7 @@ class RunCharts(ctk.CTkFrame):
         self.data = data
         dark = ctk.get_appearance_mode() == "Dark"
         background, ink = ("#242424", "#dddddd") if dark else ("#f2f2f2", "#222222")
+        self._ink, self._experts_shown = ink, False
         # Laid out again at every size (constrained), so no label is cut as the chart shrinks.
         self.figure = Figure(
             figsize=(9.6, 3.1), dpi=100, facecolor=background, layout="constrained"
@@ -252,22 +276,14 @@ class RunCharts(ctk.CTkFrame):
                 (self.smooth_lines[key],) = axes.plot(
                     [], [], color=colour, lw=width, ls=style, label=label, zorder=3, animated=True
                 )
-            # Above the plot, so the legend never hides the newest points.
-            legend = axes.legend(
-                loc="lower center",
-                bbox_to_anchor=(0.5, 1.0),
-                # Two columns of the longer weight labels: the legend fits the narrowest chart.
-                ncols=3 if axes is self.loss_axes else 2,
-                fontsize=8,
-                columnspacing=1.2,
-                handlelength=1.6,
-                frameon=False,
-                title=LEGEND_TITLES.get(ylabel),
-                title_fontsize=8,
-            )
-            legend.get_title().set_color(ink)  # the title is an empty text when None
-            for text in legend.get_texts():
-                text.set_color(ink)
+            self._legend(axes, ylabel)
+        # Each expert's total (expert=both): in the legend once the run has experts.
+        self.expert_lines: dict[str, Any] = {
+            key: self.loss_axes.plot(
+                [], [], color=EXPERT_COLOURS[key], lw=1.4, label="_expert", zorder=2, animated=True
+            )[0]
+            for key in EXPERTS
+        }
         self.weight_axes.set_ylim(-0.03, 1.03)
         self._set_limits(right=10, loss=(0.0, 1.0))
         self.canvas = _ShownCanvas(self.figure, master=self)
@@ -275,6 +291,36 @@ class RunCharts(ctk.CTkFrame):
         self._background: Any = None
         # Any full draw (first show, resize, new limits) refreshes the saved background.
         self.canvas.mpl_connect("draw_event", self._on_draw)
+
+    def _legend(self, axes: Any, ylabel: str) -> None:
+        """Above the plot, so the legend never hides the newest points."""
+        legend = axes.legend(
+            loc="lower center",
+            bbox_to_anchor=(0.5, 1.0),
+            # Two columns of the longer weight labels: the legend fits the narrowest chart.
+            ncols=3 if axes is self.loss_axes else 2,
+            fontsize=8,
+            columnspacing=1.2,
+            handlelength=1.6,
+            frameon=False,
+            title=LEGEND_TITLES.get(ylabel),
+            title_fontsize=8,
+        )
+        legend.get_title().set_color(self._ink)  # the title is an empty text when None
+        for text in legend.get_texts():
+            text.set_color(self._ink)
+
+    def _show_experts(self) -> bool:
+        """Name the experts' lines in the loss legend the first time the run has them; whether
+        the legend changed (a full draw is then due)."""
+        shown = self.data.has_experts
+        if shown == self._experts_shown:
+            return False
+        for key, line in self.expert_lines.items():
+            line.set_label(EXPERTS[key] if shown else "_expert")
+        self._legend(self.loss_axes, "loss")
+        self._experts_shown = shown
+        return True
 
     def _set_limits(self, right: float, loss: tuple[float, float]) -> None:
         self._right, self._loss_limits = right, loss
@@ -310,8 +356,11 @@ class RunCharts(ctk.CTkFrame):
             # Weight means and the teacher share describe each batch; shown as they are.
             values = self.data.smoothed[key] if key in LOSSES else self.data.values[key]
             line.set_data(steps, values)
+        for key, line in self.expert_lines.items():
+            line.set_data(self.data.expert_steps[key], self.data.expert_totals[key])
         limits = self._limits_needed() if steps else (10, (0.0, 1.0))
-        if self._background is None or limits != (self._right, self._loss_limits):
+        legend_changed = self._show_experts()
+        if self._background is None or legend_changed or limits != (self._right, self._loss_limits):
             self._set_limits(*limits)
             self.canvas.draw()  # calls _on_draw, which draws the lines too
             return
@@ -324,7 +373,8 @@ class RunCharts(ctk.CTkFrame):
         self._draw_lines()
 
     def _draw_lines(self) -> None:
-        for line in (*self.raw_lines.values(), *self.smooth_lines.values()):
+        lines = (*self.raw_lines.values(), *self.smooth_lines.values())
+        for line in (*lines, *self.expert_lines.values()):
             line.axes.draw_artist(line)
 
 

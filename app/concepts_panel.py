@@ -1,5 +1,6 @@
 """The concepts editor: one card per concept folder, with the folder's image and mask counts
-and the histogram of the buckets its images train in.
+(with ``data.frame_windows`` other than ``head``, also its clips' windows) and the histogram of
+the buckets its images train in.
 
 Each card is built from the concept's fields (``ConceptConfig`` and its ``CaptionConfig``) like
 every other form. Cards are rebuilt from their values when a concept is added or removed, so a
@@ -22,8 +23,8 @@ from app.field_widgets import FieldRow, OnChange, SectionForm
 from app.layout import follow_width
 from app.style import ERROR_COLOUR, MUTED_COLOUR, heading_font
 from modules.config.presets import merge_overlay
-from modules.config.schema import CaptionConfig, ConceptConfig
-from modules.data.concept import ConceptScan, DataError, scan_concept
+from modules.config.schema import CaptionConfig, ConceptConfig, DataConfig
+from modules.data.concept import ConceptScan, DataError, count_of, scan_concept
 
 if TYPE_CHECKING:
     from app.preview_maps import PreviewSettings
@@ -88,6 +89,9 @@ class ConceptCard(ctk.CTkFrame):
         self.buckets.grid(row=4, column=0, columnspan=2, sticky="w", padx=10, pady=(0, 8))
         self._sizes: list[tuple[int, int]] | str | None = None
         """The scanned items' sizes (W, H), read once per scan; or why they cannot be."""
+        self._clips: list[tuple[int, float] | None] = []
+        """Per scanned item, a clip's frame count and rate (from its header, with the sizes);
+        None for a still image."""
 
         self.form = SectionForm(
             self, ConceptConfig, self.prefix, on_change, exclude=("path", "caption")
@@ -176,25 +180,32 @@ class ConceptCard(ctk.CTkFrame):
             return True
         if isinstance(settings, str):
             self.buckets.configure(text=f"Buckets: {settings}")
+            self.counts.configure(text=describe_scan(self.scan))
             return True
         if not engine_import.ready():
             engine_import.start()
             self.buckets.configure(text="Buckets: loading the image readers…")
             return False
         from modules.data.buckets import histogram_text, place, size_label
-        from modules.data.preparation import source_size
 
         if self._sizes is None:
-            try:
-                self._sizes = [source_size(item) for item in self.scan.items]
-            except DataError as error:
-                self._sizes = str(error)
+            self._read_sizes()
         if isinstance(self._sizes, str):
             self.buckets.configure(text=f"Buckets: {self._sizes}")
+            self.counts.configure(text=describe_scan(self.scan))
             return True
+        # Each window of a clip is an item of its own, in the histogram too.
+        windows = count_windows(self._clips, settings.windows)
+        self.counts.configure(text=describe_scan(self.scan) + windows_text(windows, settings))
         buckets = list(settings.buckets) if settings.buckets is not None else None
-        placement = place(self._sizes, buckets, settings.resolution)
-        names = [item.image.name for item in self.scan.items]
+        counted = [max(n, 1) if n is not None else 1 for n in windows]
+        sizes = [size for size, n in zip(self._sizes, counted, strict=True) for _ in range(n)]
+        placement = place(sizes, buckets, settings.resolution)
+        names = [
+            item.image.name
+            for item, n in zip(self.scan.items, counted, strict=True)
+            for _ in range(n)
+        ]
         if buckets is None:
             square = size_label((settings.resolution, settings.resolution))
             text = f"Square crop {square} (buckets off): {histogram_text(placement, names)}"
@@ -202,6 +213,54 @@ class ConceptCard(ctk.CTkFrame):
             text = f"Buckets: {histogram_text(placement, names)}"
         self.buckets.configure(text=text)
         return True
+
+    def _read_sizes(self) -> None:
+        """The items' sizes, and the clips' frame counts and rates, from their headers."""
+        from modules.data.images import image_size
+        from modules.data.video import clip_info
+
+        assert self.scan is not None
+        sizes, clips = [], []
+        try:
+            for item in self.scan.items:
+                if item.clip:
+                    info = clip_info(item.image)
+                    sizes.append(info.size)
+                    clips.append((info.frames, info.fps))
+                else:
+                    sizes.append(image_size(item.image))
+                    clips.append(None)
+        except DataError as error:
+            self._sizes, self._clips = str(error), []
+        else:
+            self._sizes, self._clips = sizes, clips
+
+
+def count_windows(
+    clips: list[tuple[int, float] | None], data: DataConfig | None
+) -> list[int | None]:
+    """Per item, the windows a clip of (frames, source rate) gives in ``data`` (None: clips
+    are not cut into windows, nothing counted); None for a still image."""
+    if data is None:
+        return [None] * len(clips)
+    from modules.data.frame_windows import windows_of
+
+    return [len(windows_of(*clip, data)) if clip is not None else None for clip in clips]
+
+
+def windows_text(windows: list[int | None], settings: PreviewSettings) -> str:
+    """`` · 3 clips, 11 windows of 33 frames`` (and the clips too short for one), or nothing
+    with ``frame_windows=head``."""
+    data = settings.windows
+    counted = [n for n in windows if n is not None]
+    if data is None or not counted:
+        return ""
+    text = f" · {count_of(len(counted), 'clip')}, {count_of(sum(counted), 'window')} of "
+    text += count_of(data.frames, "frame")
+    short = sum(n == 0 for n in counted)
+    if short:
+        text += f" ({count_of(short, 'clip')} shorter than that: lower data.frames)"
+    return text
 
 
 class ConceptsPanel(ctk.CTkScrollableFrame):

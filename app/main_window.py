@@ -30,7 +30,7 @@ from app.weight_preview import PreviewImage, WeightPreview
 from modules.config import ConfigError, TrainConfig, load_preset
 from modules.config.presets import read_description
 from modules.models.memory_estimate import estimate_lines
-from modules.models.registry import family_spec
+from modules.models.registry import family_spec, folder_summary
 
 TITLE = "MaskPrior Trainer"
 TABS: dict[str, tuple[str, ...]] = {
@@ -233,11 +233,17 @@ class MainWindow(ctk.CTk):
         )
         row = memory.grid_size()[1]
         self.memory_estimate.grid(row=row, column=0, columnspan=2, sticky="w", pady=(4, 0))
+        wan = next(f for f in self.section_forms["model"].subforms if f.prefix == "model.wan")
+        self.detected_model = ctk.CTkLabel(wan, text="", justify="left", anchor="w", wraplength=640)
+        row = wan.grid_size()[1]
+        self.detected_model.grid(row=row, column=0, columnspan=2, sticky="w", pady=(4, 0))
 
     def _show_memory_estimate(self, validation: Validation) -> None:
         config = validation.config
         lines = [] if config is None else estimate_lines(config)
         self.memory_estimate.configure(text="\n".join(lines))
+        # The folder's detected form (WAN: text- or image-to-video), under its family's options.
+        self.detected_model.configure(text=(config and folder_summary(config.model)) or "")
 
     def _add_section(self, parent: tk.Misc, section: str) -> None:
         model: type[BaseModel] = TrainConfig.model_fields[section].annotation

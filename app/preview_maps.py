@@ -31,6 +31,8 @@ DATA_KEYS = (
     "bucket_step",
     "bucket_max_side",
 )
+WINDOW_KEYS = ("frames", "fps", "frame_windows", "window_stride", "window_count")
+"""The data fields that say how many frame windows a clip gives (the concept cards count them)."""
 """The data settings the preview's geometry depends on."""
 
 TARGET_COLOUR = np.array([60, 220, 90], dtype=np.float32)  # green: learns the target
@@ -178,6 +180,10 @@ class PreviewSettings:
     """The bucket sizes (W, H) of the data settings and the family; None: the square crop."""
     pixels_per_cell: int = 8
     """The family's latent grid."""
+    windows: Any = None
+    """The ``DataConfig`` whose frame fields say a clip's windows, when ``data.frame_windows``
+    is not ``head`` and clips have more than one frame (the concept cards count them); None:
+    each clip trains one window."""
 
     @property
     def threshold(self) -> float | None:
@@ -215,12 +221,13 @@ def settings_from_values(values: dict[str, Any]) -> PreviewSettings | str:
 
     from modules.config.schema import DataConfig, MaskConfig, ModelConfig, PriorConfig
     from modules.data.buckets import data_buckets
+    from modules.data.frame_windows import in_windows
     from modules.models.registry import family_spec
 
     parts = {
         "mask": (MaskConfig, values["mask"]),
         "prior": (PriorConfig, values["prior"]),
-        "data": (DataConfig, {key: values["data"][key] for key in DATA_KEYS}),
+        "data": (DataConfig, {key: values["data"][key] for key in DATA_KEYS + WINDOW_KEYS}),
         "model": (ModelConfig, values["model"]),
     }
     found = {}
@@ -244,4 +251,5 @@ def settings_from_values(values: dict[str, Any]) -> PreviewSettings | str:
         model=model,
         buckets=tuple(buckets) if buckets is not None else None,
         pixels_per_cell=grid.pixels_per_cell,
+        windows=data if in_windows(data) else None,
     )

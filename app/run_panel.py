@@ -401,9 +401,11 @@ class RunPanel(ctk.CTkFrame):
                 f"lr {metrics.lr:.2e}"
             )
         )
+        expert = getattr(metrics, "expert", None)  # WAN 2.2 A14B, expert=both
         self.latest_text.configure(
             text=(
-                f"loss {metrics.loss_total:.4f}   target {metrics.loss_target:.4f}   "
+                (f"{expert.replace('_', '-')} expert   " if expert else "")
+                + f"loss {metrics.loss_total:.4f}   target {metrics.loss_target:.4f}   "
                 f"prior {metrics.loss_prior:.4f}   mean m {metrics.target_weight_mean:.3f}   "
                 f"mean p {metrics.prior_weight_mean:.3f}   "
                 f"teacher ran {metrics.teacher_fraction:.0%}"
@@ -459,6 +461,8 @@ class RunPanel(ctk.CTkFrame):
             ).grid(row=3 + 2 * index, column=0, columnspan=2, pady=(0, 4))
 
     def _end(self, event: Any) -> None:
+        from modules.trainer.events import saved_lora_text
+
         self.state = "idle"
         self.last_end = event
         self._dirty = True
@@ -468,10 +472,12 @@ class RunPanel(ctk.CTkFrame):
             self.log(f"Training failed: {error}", "error")
         elif event.stopped:
             self._end_text = f"Stopped at step {event.step}"
-            self.log(f"Stopped at step {event.step}: LoRA saved to {event.lora_path}")
+            self.log(
+                f"Stopped at step {event.step}: LoRA saved to {saved_lora_text(event.lora_path)}"
+            )
         else:
             self._end_text = f"Done: {event.step} steps"
-            self.log(f"Done at step {event.step}: LoRA saved to {event.lora_path}")
+            self.log(f"Done at step {event.step}: LoRA saved to {saved_lora_text(event.lora_path)}")
         self.state_label.configure(text_color=ERROR_COLOUR if error else OK_COLOUR)
         self._show_state()
         if error:

@@ -32,6 +32,7 @@ from modules.signals import POLITE_SIGNALS, signal_name
 if TYPE_CHECKING:
     from tqdm import tqdm
 
+    from modules.data.concept import ConceptScan
     from modules.trainer import Event
 
 # The training stack (torch, diffusers) is imported inside the commands that need it, so that
@@ -132,6 +133,7 @@ class _Signals:
 
 def train(config: TrainConfig, resume: str | None = None) -> int:
     from modules.trainer import Command, Finished, GenericTrainer
+    from modules.trainer.events import saved_lora_text
 
     for warning in ensure_demo_data(config):
         print(f"warning: {warning}")
@@ -197,7 +199,7 @@ def train(config: TrainConfig, resume: str | None = None) -> int:
         print(f"error: {finished.error}", file=sys.stderr)
         return code
     state = "stopped" if finished.stopped else "done"
-    print(f"{state} at step {finished.step}: LoRA saved to {finished.lora_path}")
+    print(f"{state} at step {finished.step}: LoRA saved to {saved_lora_text(finished.lora_path)}")
     return code
 
 
@@ -296,8 +298,23 @@ def check(config: TrainConfig, preset: str) -> int:
         print(f"warning: {warning}")
     if found.buckets:
         print(found.buckets)
+    for line in _window_lines(config, found.scans):
+        print(line)
     for line in estimate_lines(config):
         print(f"warning: {line}" if "is over" in line else line)
     items = sum(len(scan.items) for scan in found.scans)
     print(f"{preset}: OK ({items} items in {len(found.scans)} concepts)")
     return EXIT_OK
+
+
+def _window_lines(config: TrainConfig, scans: list[ConceptScan]) -> list[str]:
+    """The clips' frame windows (``walk.mp4: 4 windows of 33 frames``), read from their
+    headers; none with ``data.frame_windows=head`` (nothing is read then)."""
+    from modules.data.frame_windows import in_windows, window_lines
+
+    if not in_windows(config.data):
+        return []
+    from modules.data.video import window_counts
+
+    items = [item for scan in scans for item in scan.items]
+    return window_lines(window_counts(items, config.data), config.data.frames)

@@ -212,6 +212,15 @@ class ConceptConfig(Section):
         description="Multiplies the loss of this concept's samples.",
     )
     caption: CaptionConfig = Field(default_factory=CaptionConfig, title="Captions")
+    reference_dirs: list[str] = Field(
+        default_factory=list,
+        title="Reference folders",
+        description=(
+            "Edit models: folders holding each target's reference (control) images, a file of "
+            "the target's name in each, in order (refs/a.png for a.png). Empty: references "
+            "beside the targets, named a-ref.png, a-ref1.png, a-ref2.png."
+        ),
+    )
 
 
 class DataConfig(Section):
@@ -686,6 +695,15 @@ class SamplingConfig(Section):
         description=(
             "Image-to-video models: the first frame of each prompt's sample, one image per "
             "prompt in order. Empty: the first frames of the first training clips."
+        ),
+    )
+    references: list[str] = Field(
+        default_factory=list,
+        title="Reference images",
+        description=(
+            "Edit models: each prompt's reference images, one entry per prompt in order, "
+            "several references of one prompt separated by ';'. Empty: the references of the "
+            "first training pairs."
         ),
     )
     width: int | None = Field(

@@ -6,7 +6,8 @@ Four kinds of safetensors file, at ``cache_dir/<kind>/<key[:2]>/<key>.safetensor
 - ``latents/``: ``latent`` (C, h, w) or (C, F, h, w), float32 whatever the encoder's dtype
   (the trainer adds noise and computes targets in float32). Keyed by the image's (or clip's)
   bytes (for folders of frames every frame's name and bytes), the training size (the bucket;
-  the crop follows from it and the image), for clips the frame count and rate, and the caller's
+  the crop follows from it and the image), for clips the frame count and rate (and a window's
+  first frame, for every window but the clip's first: ``data.frame_windows``), and the caller's
   settings (model family, model identity, codec version).
 - ``text/``: the prompt encoding of one caption (each batch-first tensor's row, in the encoder's
   dtype; attention masks stay integer), keyed by the caption text and the settings: one file per
@@ -17,7 +18,8 @@ Four kinds of safetensors file, at ``cache_dir/<kind>/<key[:2]>/<key>.safetensor
 - ``conditioning/``: one item's encodings of one conditioning kind its family declares (a
   clip's first frame, an edit's reference images; :class:`modules.models.spec.ConditioningKind`),
   each tensor without the batch dimension, keyed by the kind, its source files' bytes in order
-  (for the item's own file also its training size) and the settings (the encoder's identity):
+  (for the item's own file also its training size, frame count and window) and the settings
+  (the encoder's identity):
   items with the same sources share one file. Families without conditioning have none.
 
 Files are written to a temporary name in the same folder and renamed, so a crash never leaves a
@@ -116,13 +118,17 @@ def latent_key(
     frames: int = 1,
     fps: float = 0.0,
 ) -> str:
-    """The sha256 hex digest naming an item's latent file (``frames``, ``fps``: clips only)."""
+    """The sha256 hex digest naming an item's latent file (``frames``, ``fps`` and the
+    window's ``item.start``: clips only; a clip's first window keeps the key it had before
+    windows existed)."""
     digest = _digest(LATENTS)
     _update_content(digest, item.image)
     _update(digest, f"{size[0]}x{size[1]}".encode())
     _update(digest, _settings_bytes(settings))
     if item.clip:
         _update(digest, f"clip:{frames}:{fps:g}".encode())
+        if item.start:
+            _update(digest, f"window:{item.start}".encode())
     return digest.hexdigest()
 
 
@@ -150,11 +156,15 @@ def conditioning_key(
     settings: Mapping[str, Any],
     size: Size | None = None,
     frames: int = 1,
+    first_frame: int = 0,
+    caption: str | None = None,
 ) -> str:
     """The sha256 hex digest naming one item's encodings of the conditioning ``kind``: its
     source files' bytes in order, the training size they were loaded at (None: their own), the
-    item's frame count (a clip's first frame conditions that many frames) and the settings
-    (family, model identity, codec: the encoder)."""
+    item's frame count (a clip's first frame conditions that many frames), the source frame a
+    window of a clip begins at (``first_frame``: the frame its encoding is made of), the
+    item's caption for a kind encoded with it, and the settings (family, model identity, codec:
+    the encoder)."""
     digest = _digest(CONDITIONING)
     _update(digest, kind.encode("utf-8"))
     for source in sources:
@@ -162,6 +172,11 @@ def conditioning_key(
     _update(digest, b"own size" if size is None else f"{size[0]}x{size[1]}".encode())
     if frames != 1:  # keys of stills and references stay as they were
         _update(digest, f"frames={frames}".encode())
+    if first_frame:  # a clip's first window keeps its key
+        _update(digest, f"first frame={first_frame}".encode())
+    if caption is not None:  # a kind with_caption (an edit model's prompt with its references)
+        _update(digest, b"caption")
+        _update(digest, caption.encode("utf-8"))
     _update(digest, _settings_bytes(settings))
     return digest.hexdigest()
 

@@ -61,6 +61,10 @@ class ConceptItem:
     caption_source: CaptionSource = "file"
     """Where the caption text came from: its caption file, or the concept's default caption
     because the file is ``missing`` or ``empty``."""
+    start: int = 0
+    """For a clip trained in windows (``data.frame_windows``), this window's first frame,
+    counted at ``data.fps``; 0 for a clip's first window and for stills. A scan lists each clip
+    once (start 0); the run's dataset lists each window as an item of its own."""
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,14 @@ def missing_conditioning(
     ``concept``: how the message names the concept (``data.concepts.0 (folder)``)."""
     problems = []
     for kind in kinds:
+        if kind.clips_only:
+            problems += [
+                f"{concept}: '{item.image.name}' is a still image and this model trains "
+                f"image-to-video (each clip's first frame conditions the rest of it): replace "
+                f"it with a clip or move it out of the folder"
+                for item in items
+                if not item.clip
+            ]
         if kind.source != "references":
             continue  # the item's own file: the scan found it
         for item in items:

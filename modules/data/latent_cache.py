@@ -8,14 +8,16 @@ is opened, and made again.
 
 Still images are encoded in batches of one training size, (B, 3, H, W); a clip with
 ``frames > 1`` alone as (1, 3, F, H, W) (see :mod:`modules.data.video`), and with
-``frames == 1`` as its first frame, like a still image. Masks are reduced to the latent grid
-with :func:`~modules.data.images.mask_to_latent` (clips:
+``frames == 1`` as its first frame, like a still image; a window of a clip
+(``ConceptItem.start``, :mod:`modules.data.frame_windows`) from its own first frame on, its mask
+cut at the same source frames. Masks are reduced to the latent grid with
+:func:`~modules.data.images.mask_to_latent` (clips:
 :func:`~modules.data.video.clip_mask_to_latent`) after the image's own geometry.
 
 A family that declares conditioning (``FamilySpec.conditioning``) has each item's source images
-of each kind encoded one item at a time (an ``item`` source at its training size, references at
-their own) and kept in a file of their own, made again when a source file or the encoder
-changes.
+of each kind encoded one item at a time (an ``item`` source at its training size, a clip's
+window from the window's first frame, references at their own size) and kept in a file of their
+own, made again when a source file or the encoder changes.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from modules.data.cache_files import (
 )
 from modules.data.concept import ConceptItem, DataError, name_list
 from modules.data.conditioning import conditioning_sources
+from modules.data.frame_windows import sample_frame_indices
 from modules.data.images import image_size, load_image, load_mask_with_notes, mask_to_latent
 from modules.data.video import (
     clip_frame_indices,
@@ -67,10 +70,11 @@ The callable moves the batch to its own device and dtype; build_cache runs it un
 """
 PromptEncoder = Callable[[list[str]], dict[str, Tensor]]
 """B prompts → named batch-first tensors (B, ...)."""
-ConditioningEncoder = Callable[[str, list[Tensor], int], dict[str, Tensor]]
+ConditioningEncoder = Callable[[str, list[Tensor], int, str | None], dict[str, Tensor]]
 """(the kind's name, one item's source images, each (3, H, W) float32 in [-1, 1], the item's
-frame count: ``data.frames`` for a clip, 1 for a still) → the item's encodings, batch-first with
-a batch of one (the family's ``encode_conditioning``)."""
+frame count: ``data.frames`` for a clip, 1 for a still, the item's caption for a kind
+``with_caption``, else None) → the item's encodings, batch-first with a batch of one (the
+family's ``encode_conditioning``)."""
 Progress = Callable[[int, int], None]
 """Called with (latents encoded so far, latents to encode)."""
 Warn = Callable[[str], None]
@@ -165,9 +169,9 @@ def build_cache(
     ``sizes``: each item's training size (its bucket), (width, height); None: every item at
     ``resolution`` × ``resolution``. A file that is there but damaged is removed and made
     again, and ``warn`` told. Clips train as ``frames`` frames at ``fps`` (see
-    :mod:`modules.data.video`). ``progress`` is called with (0, n) before the first latent is
-    encoded and after each batch (each clip), n being the latents to encode; not at all when
-    every latent is cached already.
+    :mod:`modules.data.video`), from frame ``item.start`` for a window of a clip. ``progress``
+    is called with (0, n) before the first latent is encoded and after each batch (each clip),
+    n being the latents to encode; not at all when every latent is cached already.
 
     ``conditioning``: the family's conditioning kinds, encoded with ``encode_conditioning``
     (references found beside the items, or in ``reference_dirs`` when given); a DataError
@@ -187,6 +191,7 @@ def build_cache(
             cache_dir,
             settings,
             reference_dirs,
+            fps,
         )
         for item, size in zip(items, sizes, strict=True)
     ]
@@ -249,6 +254,7 @@ def _with_conditioning(
     cache_dir: Path,
     settings: Mapping[str, Any],
     reference_dirs: Sequence[Path],
+    fps: float,
 ) -> _Plan:
     """``plan`` with the source files and cache file of each conditioning kind."""
     parts = []
@@ -261,9 +267,16 @@ def _with_conditioning(
                 f"'{plan.item.image}' needs {needs} {kind.name} images and has {found}: add "
                 "or remove them (the check command lists every such file)"
             )
-        size = plan.size if kind.source == "item" else None
-        frames = plan.frames if kind.source == "item" else 1
-        key = conditioning_key(kind.name, sources, settings=settings, size=size, frames=frames)
+        own = kind.source == "item"
+        key = conditioning_key(
+            kind.name,
+            sources,
+            settings=settings,
+            size=plan.size if own else None,
+            frames=plan.frames if own else 1,
+            first_frame=_first_source_frame(plan.item, fps) if own else 0,
+            caption=plan.item.caption if kind.with_caption else None,
+        )
         parts.append(_Conditioning(kind, sources, cache_path(cache_dir, CONDITIONING, key)))
     return replace(plan, conditioning=tuple(parts))
 
@@ -309,7 +322,7 @@ class _Build:
             for start in range(0, len(group), self.batch_size)
         ]
         for batch in batches:
-            pixels = torch.stack([_still_pixels(plan.item, plan.size) for plan in batch])
+            pixels = torch.stack([_still_pixels(plan.item, plan.size, self.fps) for plan in batch])
             latents = self.encode_images(pixels)  # (B, C, h, w) or (B, C, F, h, w)
             if latents.dim() not in (4, 5) or latents.shape[0] != len(batch):
                 raise ValueError(
@@ -330,7 +343,7 @@ class _Build:
     def _encode_clip(self, plan: _Plan) -> tuple[Tensor, dict[str, str]]:
         item, frames = plan.item, self.frames
         info = clip_info(item.image)
-        indices = clip_frame_indices(item.image, info, frames, self.fps)
+        indices = clip_frame_indices(item.image, info, frames, self.fps, item.start)
         pixels = load_clip(item.image, indices, plan.size)  # (3, F, H, W)
         latents = self.encode_images(pixels.unsqueeze(0))  # (1, C, F', h, w)
         if latents.dim() != 5 or latents.shape[0] != 1:
@@ -339,7 +352,10 @@ class _Build:
                 "frames; expected (1, C, F', h, w): this model family trains images only, set "
                 "data.frames=1"
             )
-        return latents[0], {"frames": str(frames), "source_frames": json.dumps(indices)}
+        extra = {"frames": str(frames), "source_frames": json.dumps(indices)}
+        if item.start:
+            extra["window_start"] = str(item.start)
+        return latents[0], extra
 
     def _write_latent(self, plan: _Plan, latent: Tensor, extra: dict[str, str]) -> Tensor:
         latent = latent.float()
@@ -397,11 +413,13 @@ class _Build:
                 continue
             assert self.encode_conditioning is not None
             if part.kind.source == "item":
-                pixels = [_still_pixels(plan.item, plan.size)]  # (3, H, W), the latent's crop
+                # (3, H, W), the latent's crop; a clip window's own first frame
+                pixels = [_still_pixels(plan.item, plan.size, self.fps)]
             else:
                 pixels = [load_image(source, image_size(source)) for source in part.sources]
             frames = plan.frames if part.kind.source == "item" else 1
-            encoding = self.encode_conditioning(part.kind.name, pixels, frames)
+            caption = plan.item.caption if part.kind.with_caption else None
+            encoding = self.encode_conditioning(part.kind.name, pixels, frames, caption)
             (row,) = _rows(encoding, 1, f"conditioning encoder ('{part.kind.name}')", "item")
             metadata = {
                 **self.metadata,
@@ -433,11 +451,26 @@ class _Build:
         return True
 
 
-def _still_pixels(item: ConceptItem, size: Size) -> Tensor:
-    """(3, H, W): the image, or a clip's first frame."""
+def _still_pixels(item: ConceptItem, size: Size, fps: float) -> Tensor:
+    """(3, H, W): the image, or the first frame of a clip (of its window, for a window)."""
     if not item.clip:
         return load_image(item.image, size)
-    return load_clip(item.image, [0], size)[:, 0]  # (3, 1, H, W) → (3, H, W)
+    frame = _first_source_frame(item, fps)
+    return load_clip(item.image, [frame], size)[:, 0]  # (3, 1, H, W) → (3, H, W)
+
+
+def _first_source_frame(item: ConceptItem, fps: float) -> int:
+    """The source frame a clip's window begins at (0 for its first window and for stills)."""
+    if not item.clip or not item.start:
+        return 0
+    info = clip_info(item.image)
+    (frame,) = sample_frame_indices(1, source_fps=info.fps, fps=fps, start=item.start)
+    if frame >= info.frames:
+        raise DataError(
+            f"clip '{item.image}' has {info.frames} frames, too few for its window from frame "
+            f"{item.start} (it changed after the windows were counted): start the run again"
+        )
+    return frame
 
 
 def _latent_mask(
@@ -450,12 +483,14 @@ def _latent_mask(
     grid = (latent_shape[-2], latent_shape[-1])
     if item.clip and frames > 1:
         info = clip_info(item.image)
-        indices = clip_frame_indices(item.image, info, frames, fps)
+        indices = clip_frame_indices(item.image, info, frames, fps, item.start)
+        # The window's own mask frames: the same source frames as its latent's.
         full = load_clip_mask(item.mask, item.image, info, indices, plan.size)  # (1, F, H, W)
         return clip_mask_to_latent(full, grid, latent_shape[1]), False
     if item.clip:
         info = clip_info(item.image)
-        still = load_clip_mask(item.mask, item.image, info, [0], plan.size)[:, 0]
+        first = [_first_source_frame(item, fps)]
+        still = load_clip_mask(item.mask, item.image, info, first, plan.size)[:, 0]
         coloured = False
     else:
         still, notes = load_mask_with_notes(item.mask, image_size(item.image), plan.size)

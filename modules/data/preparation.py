@@ -1,25 +1,27 @@
-"""From the data config to a training dataset: scan concepts, place each item in its bucket,
-fill the cache, report."""
+"""From the data config to a training dataset: scan concepts, cut long clips into their frame
+windows (``data.frame_windows``), place each item in its bucket, fill the cache, report."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from modules.config.schema import DataConfig, MaskConfig, PriorConfig
 from modules.data.buckets import Placement, Size, data_buckets, histogram_text, place
-from modules.data.cache_files import CachedInfo, cached_info, old_layout_files
+from modules.data.cache_files import CachedInfo, CachedItem, cached_info, old_layout_files
 from modules.data.concept import ConceptItem, ConceptScan, DataError, name_list, scan_concept
 from modules.data.conditioning import takes_references
 from modules.data.dataset import ConceptDataset
+from modules.data.frame_windows import in_windows, window_lines
 from modules.data.images import image_size
 from modules.data.latent_cache import CacheCounts, ConditioningEncoder, build_cache
-from modules.data.video import clip_info
+from modules.data.video import clip_info, clip_window_starts
 from modules.loss import Weighting
-from modules.models.base import ConditionedFamily, LoadedModel, ModelFamily
+from modules.models.base import ConditionedFamily, LoadedModel, ModelFamily, TextEncoding
 from modules.models.spec import ConditioningKind
 
 CODEC_VERSION = 1
@@ -38,6 +40,12 @@ class PreparedData:
     bucketed: bool
     notes: list[str] = field(default_factory=list)
     """Warnings about the data (masks without weight, coloured masks, damaged cache files)."""
+    items: list[list[ConceptItem]] = field(default_factory=list)
+    """Each concept's training items in scan order, as placed: a clip trained in windows
+    (``data.frame_windows``) once per window. Empty: the scans' items."""
+    windows: list[str] = field(default_factory=list)
+    """What the clips' frame windows are (``walk.mp4: 4 windows of 33 frames``), one line each;
+    empty when every clip trains one window."""
 
     @property
     def encoded(self) -> int:
@@ -46,6 +54,7 @@ class PreparedData:
 
     def report_lines(self) -> list[str]:
         lines = [f"{scan.folder}: {scan.describe()}" for scan in self.scans]
+        lines += self.windows
         if self.bucketed:
             lines.append(self.bucket_line())
         share = self.dataset.share_line()
@@ -59,7 +68,8 @@ class PreparedData:
     def bucket_line(self) -> str:
         """The buckets used, items per bucket and the largest crop, in one line."""
         merged = self._all_placed()
-        names = [item.image.name for scan in self.scans for item in scan.items]
+        trained = self.items or [list(scan.items) for scan in self.scans]
+        names = [item.image.name for items in trained for item in items]
         used = len(merged.histogram())
         return f"Buckets ({used} used by {len(names)} items): {histogram_text(merged, names)}"
 
@@ -101,7 +111,8 @@ def prepare_dataset(
     multiples of ``pixel_multiple``, the family's; ``sources``: the items' sizes when already
     read, per scan), encode what the cache lacks, and build the dataset over the cache.
 
-    Clips train as ``data.frames`` frames at ``data.fps``. Without buckets and with
+    Clips train as ``data.frames`` frames at ``data.fps``, a longer clip as each of its
+    windows (``data.frame_windows``: each an item of its own). Without buckets and with
     ``batch_size`` > 1 every item must have the same latent frame count (a DataError naming the
     fix otherwise; with buckets, batches group items of one shape). With
     ``mask`` (and ``prior``) given and masked training on, masks without any target weight are
@@ -120,11 +131,14 @@ def prepare_dataset(
     notes: list[str] = _old_cache_note(cache_dir)
     buckets = _buckets(data, pixel_multiple)
     counts = CacheCounts()
-    per_concept, masks, placements = [], {}, []
+    per_concept, placements, trained = [], [], []
+    masks: dict[Path | None, list[CachedItem]] = {}
+    windows: list[tuple[Path, int]] = []
     known = list(sources) if sources is not None else [[None] * len(s.items) for s in scans]
     for concept, scan, sizes in zip(data.concepts, scans, known, strict=True):
-        items = list(scan.items)
-        read = [size or source_size(item) for item, size in zip(items, sizes, strict=True)]
+        read = [size or source_size(item) for item, size in zip(scan.items, sizes, strict=True)]
+        items, read, counted = _frame_windows(list(scan.items), read, data)
+        windows += counted
         placement = place(read, buckets, data.resolution)
         built = build_cache(
             items,
@@ -143,14 +157,16 @@ def prepare_dataset(
         )
         counts.add(built.counts)
         placements.append(placement)
+        trained.append(items)
         per_concept.append((concept, built.items))
         if concept.type == "standard":
-            # Per mask file (two items can share cache files when their contents match).
-            masks |= {item.mask: cached for item, cached in zip(items, built.items, strict=True)}
+            # Per mask file (a clip's windows share one; so can two items of the same content).
+            for item, cached in zip(items, built.items, strict=True):
+                masks.setdefault(item.mask, []).append(cached)
     if batch_size > 1 and buckets is None:
         distinct = {cached.latent: cached for _, items in per_concept for cached in items}
         _check_one_frame_count([cached_info(item) for item in distinct.values()], batch_size)
-    masked = {mask_file: cached_info(item) for mask_file, item in masks.items() if mask_file}
+    masked = {mask_file: _strongest(cached) for mask_file, cached in masks.items() if mask_file}
     notes += _coloured_note(masked)
     if mask is not None and mask.enabled and masked:
         with_weight_elsewhere = None in masks or any(
@@ -167,7 +183,35 @@ def prepare_dataset(
         placements=placements,
         bucketed=buckets is not None,
         notes=notes,
+        items=trained,
+        windows=window_lines(windows, data.frames),
     )
+
+
+def _frame_windows(
+    items: list[ConceptItem], sizes: list[Size], data: DataConfig
+) -> tuple[list[ConceptItem], list[Size], list[tuple[Path, int]]]:
+    """The items with each clip replaced by its windows (``data.frame_windows``), their sizes,
+    and (clip, windows) for each clip. ``head`` (or 1-frame clips): the items as they are (a
+    clip too short is named when it is encoded, as before windows existed)."""
+    if not in_windows(data):
+        return items, sizes, []
+    windowed: list[ConceptItem] = []
+    placed: list[Size] = []
+    counts: list[tuple[Path, int]] = []
+    for item, size in zip(items, sizes, strict=True):
+        starts = clip_window_starts(item.image, clip_info(item.image), data) if item.clip else [0]
+        windowed += [replace(item, start=start) for start in starts]
+        placed += [size] * len(starts)
+        if item.clip:
+            counts.append((item.image, len(starts)))
+    return windowed, placed, counts
+
+
+def _strongest(cached: list[CachedItem]) -> CachedInfo:
+    """The cache info of a mask file's item with the largest weight: a mask video's windows
+    each have their own mask frames, and the file has weight if any window has."""
+    return max((cached_info(item) for item in cached), key=lambda info: info.mask_max)
 
 
 def _buckets(data: DataConfig, pixel_multiple: int) -> list[Size] | None:
@@ -217,9 +261,12 @@ def _conditioning_encoder(
             f"the {family.name} family declares conditioning "
             f"({', '.join(kind.name for kind in kinds)}) but has no encode_conditioning"
         )
-    return lambda kind, images, frames: family.encode_conditioning(
-        model, kind, images, frames=frames
-    )
+
+    def encode(kind: str, images: list[Tensor], frames: int, caption: str | None) -> TextEncoding:
+        extra = {} if caption is None else {"caption": caption}  # a kind with_caption only
+        return family.encode_conditioning(model, kind, images, frames=frames, **extra)
+
+    return encode
 
 
 def _weightless_note(

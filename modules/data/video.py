@@ -1,10 +1,11 @@
 """Clips: video files (read with OpenCV) and folders of frames, and their masks.
 
-A clip trains as ``data.frames`` frames taken from its start at ``data.fps``. Frame ``k`` is shown
-at time ``k / fps``; the source frame on screen then is ``round(k * source_fps / fps)`` (halves
-round up), so a 30 fps video sampled at 15 fps gives frames 0, 2, 4, ... A folder of frames has
-no rate of its own: it counts as recorded at ``data.fps`` and gives consecutive frames, as does
-``data.fps = 0`` for any clip.
+A clip trains as ``data.frames`` frames taken from its start at ``data.fps`` (a longer clip, per
+``data.frame_windows``, also as windows of that many frames further on:
+:mod:`modules.data.frame_windows`). Frame ``k`` is shown at time ``k / fps``; the source frame on
+screen then is ``round(k * source_fps / fps)`` (halves round up), so a 30 fps video sampled at
+15 fps gives frames 0, 2, 4, ... A folder of frames has no rate of its own: it counts as recorded
+at ``data.fps`` and gives consecutive frames, as does ``data.fps = 0`` for any clip.
 
 Masks follow the clip frame for frame: a mask video or a folder of mask frames must have the
 clip's frame count and size; a still mask image applies to every frame. On the latent grid a
@@ -14,7 +15,7 @@ encodes (:func:`reduce_frames`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,15 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from modules.data.concept import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, DataError, list_frames
+from modules.config.schema import DataConfig
+from modules.data.concept import (
+    IMAGE_EXTENSIONS,
+    VIDEO_EXTENSIONS,
+    ConceptItem,
+    DataError,
+    list_frames,
+)
+from modules.data.frame_windows import in_windows, sample_frame_indices, windows_of
 from modules.data.images import SizeLike, image_to_tensor, mask_image_to_tensor, open_image
 
 
@@ -60,34 +69,55 @@ def clip_info(path: Path, what: str = "clip") -> ClipInfo:
     return ClipInfo(frames=count, fps=fps if fps > 0 else 0.0, size=size)
 
 
-def sample_frame_indices(count: int, *, source_fps: float, fps: float) -> list[int]:
-    """Indices of ``count`` frames at ``fps`` taken from a clip at ``source_fps``, from frame 0.
-
-    ``fps`` 0 or an unknown source rate (0) take consecutive frames. A target rate above the
-    source's repeats frames.
-    """
-    if count < 1:
-        raise ValueError(f"count must be at least 1, got {count}")
-    if fps <= 0 or source_fps <= 0:
-        return list(range(count))
-    step = source_fps / fps
-    return [int(k * step + 0.5) for k in range(count)]
-
-
-def clip_frame_indices(path: Path, info: ClipInfo, frames: int, fps: float) -> list[int]:
-    """The source frames to train on; a DataError naming the clip when it is too short."""
-    indices = sample_frame_indices(frames, source_fps=info.fps, fps=fps)
-    if indices[-1] >= info.frames:
+def clip_frame_indices(
+    path: Path, info: ClipInfo, frames: int, fps: float, start: int = 0
+) -> list[int]:
+    """The source frames to train on, from frame ``start`` (at ``fps``: a window's); a
+    DataError naming the clip when it is too short for its first window."""
+    head = sample_frame_indices(frames, source_fps=info.fps, fps=fps)
+    if head[-1] >= info.frames:
         rate = info.fps if info.fps > 0 else fps
         have = f"{info.frames} frames" + (f" ({info.frames / rate:.2f} s)" if rate > 0 else "")
-        need = f"{indices[-1] + 1} source frames"
+        need = f"{head[-1] + 1} source frames"
         if fps > 0 and frames > 1:
             need += f" ({(frames - 1) / fps:.2f} s at data.fps={fps:g})"
         raise DataError(
             f"clip '{path}' has {have} but data.frames={frames} needs {need}: lower "
             "data.frames or data.fps, or replace the clip with a longer one"
         )
+    indices = sample_frame_indices(frames, source_fps=info.fps, fps=fps, start=start)
+    if indices[-1] >= info.frames:
+        raise DataError(
+            f"clip '{path}' has {info.frames} frames, too few for its window from frame {start} "
+            "(it changed after the windows were counted): start the run again"
+        )
     return indices
+
+
+def clip_window_starts(path: Path, info: ClipInfo, data: DataConfig) -> list[int]:
+    """The first frames (at ``data.fps``) of the clip's windows in ``data.frame_windows``
+    (:mod:`modules.data.frame_windows`); a DataError naming the clip when it is shorter than
+    ``data.frames``."""
+    clip_frame_indices(path, info, data.frames, data.fps)  # a clip too short: said with the fix
+    return windows_of(info.frames, info.fps, data)
+
+
+def window_counts(items: Iterable[ConceptItem], data: DataConfig) -> list[tuple[Path, int]]:
+    """(clip, windows) for each clip among ``items`` in ``data.frame_windows``, from the clips'
+    headers; none for ``head`` or 1-frame clips (:func:`in_windows`). A clip that cannot be
+    read or is too short is left out: the cache build names it with the fix."""
+    if not in_windows(data):
+        return []
+    counts = []
+    for item in items:
+        if not item.clip:
+            continue
+        try:
+            starts = clip_window_starts(item.image, clip_info(item.image), data)
+        except DataError:
+            continue
+        counts.append((item.image, len(starts)))
+    return counts
 
 
 def load_clip(path: Path, indices: Sequence[int], size: SizeLike) -> Tensor:
@@ -186,16 +216,19 @@ def _read_frames(path: Path, indices: Sequence[int], what: str) -> list[Image.Im
     found: dict[int, Image.Image] = {}
     capture = _open_video(path, what)
     try:
-        # Read forward frame by frame: seeking is not frame-exact in every container.
+        # Read forward frame by frame: seeking is not frame-exact in every container. Frames
+        # before a window's are grabbed without being converted.
         for index in range(wanted[-1] + 1):
-            ok, frame = capture.read()
+            ok = capture.grab()
+            if ok and index in wanted_set:
+                ok, frame = capture.retrieve()
+                if ok:
+                    found[index] = Image.fromarray(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
             if not ok:
                 raise DataError(
                     f"{what} '{path}' ends after {index} frames, before frame {wanted[-1] + 1}: "
                     "lower data.frames or data.fps, or re-encode the file"
                 )
-            if index in wanted_set:
-                found[index] = Image.fromarray(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
     finally:
         capture.release()
     return [found[index] for index in indices]

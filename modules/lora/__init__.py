@@ -3,6 +3,7 @@
 from modules.lora.lora import (
     NonFiniteLoraError,
     add_lora,
+    join_adapters,
     load_lora,
     lora_disabled,
     lora_prefix,
@@ -13,6 +14,7 @@ from modules.lora.lora import (
 __all__ = [
     "NonFiniteLoraError",
     "add_lora",
+    "join_adapters",
     "load_lora",
     "lora_disabled",
     "lora_prefix",

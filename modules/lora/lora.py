@@ -76,8 +76,11 @@ def lora_disabled(denoiser: ModelMixin) -> Iterator[None]:
     (peft's ``BaseTunerLayer.enable_adapters``), but over the layers found once per denoiser:
     those walk every module and check the installed peft version on each call, which costs a
     large share of a small model's step.
+
+    Denoisers joined by :func:`join_adapters` (the experts of WAN 2.2 A14B trained in one run)
+    are one base model: switching off any of them switches off all.
     """
-    layers = _adapter_layers(denoiser)
+    layers = [layer for each in _joined(denoiser) for layer in _adapter_layers(each)]
     for layer in layers:
         layer.enable_adapters(False)
     try:
@@ -90,6 +93,23 @@ def lora_disabled(denoiser: ModelMixin) -> Iterator[None]:
 _ADAPTER_LAYERS: weakref.WeakKeyDictionary[torch.nn.Module, tuple[BaseTunerLayer, ...]] = (
     weakref.WeakKeyDictionary()
 )
+
+
+def join_adapters(denoisers: list[torch.nn.Module]) -> None:
+    """Make ``denoisers`` (each with its LoRA) one base model for :func:`lora_disabled`: the
+    teacher and the base samples of a model whose experts each train a LoRA run every expert
+    without its LoRA, whichever one the caller holds. (Weak references: a denoiser holds no
+    other alive.)"""
+    for denoiser in denoisers:
+        denoiser._joined_adapters = tuple(weakref.ref(each) for each in denoisers)
+
+
+def _joined(denoiser: torch.nn.Module) -> list[torch.nn.Module]:
+    """``denoiser`` and the denoisers joined to it (:func:`join_adapters`)."""
+    joined = getattr(denoiser, "_joined_adapters", None)
+    if joined is None:
+        return [denoiser]
+    return [each for each in (ref() for ref in joined) if each is not None]
 
 
 def _adapter_layers(denoiser: torch.nn.Module) -> tuple[BaseTunerLayer, ...]:

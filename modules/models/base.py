@@ -8,8 +8,8 @@ The Protocol was checked against the diffusers classes the later families use:
 
 - WAN (``WanTransformer3DModel``, ``modules.models.wan``): 5-D video latents (B, C, F, h, w),
   images as 1-frame videos; flow matching with a shift and, for WAN 2.2 A14B, one expert's
-  timestep range (all inside ``sample_timesteps``); text from UMT5 as
-  ``encoder_hidden_states``. Loss layout ``video``.
+  timestep range (all inside ``sample_timesteps``; both experts in one run:
+  :class:`ExpertSplit`); text from UMT5 as ``encoder_hidden_states``. Loss layout ``video``.
 - FLUX.1 / FLUX.2 / Qwen-Image: latents (B, C, h, w) packed into tokens *inside* ``predict``
   and unpacked on the way out, so the loss and masks stay in latent space. Qwen-Image-Layered
   returns (B, L, C, h, w) and uses loss layout ``layered``.
@@ -50,6 +50,22 @@ class ModelLoadError(ValueError):
     """A base model that cannot be loaded. The message names the path and the fix."""
 
 
+@dataclass(frozen=True)
+class ExpertSplit:
+    """Denoisers of one model that split its timesteps between them, each trained with a LoRA
+    of its own in one run (WAN 2.2 A14B with ``model.wan.expert=both``). The family's
+    ``predict`` and ``sample`` send each sample to the expert of its timestep themselves; the
+    trainer adds, saves and backs up one LoRA per expert and asks ``draw`` for each optimizer
+    step's expert."""
+
+    denoisers: Mapping[str, torch.nn.Module]
+    """Name → denoiser, the model's ``denoiser`` first (``high_noise``, ``low_noise``)."""
+    draw: Callable[[torch.Generator], str]
+    """The next optimizer step's expert, drawn from the run's generator with the probability
+    of its share of the timestep distribution; the family's ``sample_timesteps`` then draws
+    within its range until the next draw."""
+
+
 @dataclass
 class LoadedModel(Generic[PartsT]):
     """A loaded base model: the denoiser the LoRA attaches to, plus the family's other parts."""
@@ -71,6 +87,9 @@ class LoadedModel(Generic[PartsT]):
     :func:`modules.models.memory.load_model`, which has applied it to ``denoiser``; a family
     that loads another denoiser later (WAN 2.2's second expert, for samples) calls it on that
     one before its first use, so that the family carries no memory code of its own."""
+    experts: ExpertSplit | None = None
+    """Several denoisers trained together, one LoRA each (``denoiser`` among them); None: the
+    one ``denoiser``. The memory options are applied to each."""
 
     @property
     def runner(self) -> torch.nn.Module:
@@ -200,7 +219,8 @@ class ConditionedFamily(ModelFamily, Protocol):
         """One item's source images of the conditioning ``kind`` (its ``ConditioningKind.name``),
         each (3, H, W) float32 in [-1, 1] on the CPU (an ``item`` source: the still, or the
         clip's first frame, at the item's training size, with ``frames`` the item's frame count;
-        references at their own size, to be resized as the family's pipeline does) →
+        references at their own size, to be resized as the family's pipeline does; for a kind
+        ``with_caption`` also the keyword ``caption``, the item's caption) →
         the item's encodings, each tensor batch-first with a batch of one (1, ...). Sequences
         of different lengths are zero-padded when items share a batch."""
         ...

@@ -19,10 +19,14 @@ its own. :func:`load_model` is the one way a run, a script or a benchmark loads 
   memory and bring them to the device only while they run (:mod:`modules.models.block_swap`).
   ``auto`` is resolved from the config's memory estimate before the model loads
   (:func:`modules.models.memory_estimate.resolve_blocks_to_swap`: a run does it).
+- Experts trained in one run (WAN 2.2 A14B, ``model.wan.expert=both``): each gets the options
+  above, and :func:`switch_denoiser` keeps the one in use on the device, the other in pinned
+  CPU memory.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -65,6 +69,10 @@ def apply_memory(
     family's) says which layers the quantised forms store; without it, every linear layer."""
     prepare = partial(prepare_denoiser, memory=memory, compute_dtype=compute_dtype, blocks=blocks)
     prepare(model.denoiser)
+    if model.experts is not None:  # WAN 2.2 A14B trained whole: each expert alike
+        for denoiser in model.experts.denoisers.values():
+            if denoiser is not model.denoiser:
+                prepare(denoiser)
     model.prepare_denoiser = prepare
 
 
@@ -90,6 +98,47 @@ def prepare_denoiser(
         if blocks is None:
             raise ValueError("model.memory.blocks_to_swap needs the family's blocks")
         swap_blocks(denoiser, blocks(denoiser), memory.blocks_to_swap)
+
+
+def switch_denoiser(
+    active: torch.nn.Module, others: Iterable[torch.nn.Module], device: torch.device
+) -> None:
+    """``active`` on ``device``, each of ``others`` in CPU memory: the experts of a model
+    trained whole (WAN 2.2 A14B) take turns on the GPU. On CUDA the parked weights are pinned,
+    so that bringing them back is a fast copy; on a CPU device nothing moves. The parameters
+    stay the same objects (the optimizer holds them), only their storage moves."""
+    if device.type != "cpu":
+        for other in others:
+            if other is not active and next(other.parameters()).device.type != "cpu":
+                park_denoiser(other)
+    if next(active.parameters()).device != device:
+        active.to(device)
+
+
+def park_denoiser(denoiser: torch.nn.Module) -> None:
+    """Move ``denoiser``'s frozen parameters and buffers to pinned CPU memory (a block-swapped
+    block's placeholders too; its weights are already there). The trained ones (a LoRA) stay:
+    they are small, and the optimizer and the step's checks read them on the device.
+
+    The frozen values never change, so the CPU copy made at the first park is kept and reused:
+    parking again only lets the device's copy go (no copy back, no new pinned memory)."""
+    pin = torch.cuda.is_available()
+    kept: dict[tuple[int, str], torch.Tensor] = denoiser.__dict__.setdefault("_parked", {})
+    for module in denoiser.modules():
+        for kind, slots in (("p", module._parameters), ("b", module._buffers)):
+            for name, tensor in slots.items():
+                if tensor is None or tensor.device.type == "cpu" or tensor.requires_grad:
+                    continue
+                key = (id(module), f"{kind}.{name}")
+                stored = kept.get(key)
+                if stored is None or stored.shape != tensor.shape or stored.dtype != tensor.dtype:
+                    stored = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=pin)
+                    stored.copy_(tensor.detach())
+                    kept[key] = stored
+                if isinstance(tensor, torch.nn.Parameter):
+                    tensor.data = stored  # the same Parameter: the optimizer's stays valid
+                else:
+                    slots[name] = stored
 
 
 def store_in_fp8(denoiser: torch.nn.Module, compute_dtype: torch.dtype) -> None:

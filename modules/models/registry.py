@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from modules.models.spec import FamilySpec
+from modules.models.spec import ConditioningKind, FamilySpec
 
 if TYPE_CHECKING:
     from modules.models.base import ModelFamily
@@ -41,3 +41,19 @@ def load_family(model_config) -> ModelFamily:
     module_name, _, class_name = spec.implementation.partition(":")
     family_class = getattr(importlib.import_module(module_name), class_name)
     return family_class(getattr(model_config, spec.name, spec.options()))
+
+
+def folder_summary(model_config) -> str | None:
+    """What the folder at ``model_config.path`` is and trains, in one line (the Model tab);
+    None when its family does not say or there is no folder."""
+    spec = family_spec(model_config.family)
+    return spec.summary_of(model_config.path, getattr(model_config, spec.name, spec.options()))
+
+
+def conditioning_kinds(model_config) -> tuple[ConditioningKind, ...]:
+    """The conditioning kinds a run of ``model_config`` (a ``ModelConfig``) encodes and feeds
+    its denoiser: the family's, or for a family that reads them from the folder (WAN
+    image-to-video), the folder's with the family's options."""
+    spec = family_spec(model_config.family)
+    options = getattr(model_config, spec.name, spec.options())
+    return spec.conditioning_of(model_config.path, options)

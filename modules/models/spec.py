@@ -69,6 +69,14 @@ class ConditioningKind:
     order, or else ``name-ref.png``, ``name-ref1.png``, ... beside ``name.png``."""
     most: int = 1
     """The most source images an item may have (references the model takes)."""
+    with_caption: bool = False
+    """The encoding depends on the item's caption too (an edit model's vision-language encoder
+    reads the prompt with the references): the encoder is given the caption and the cache key
+    includes it. Caption dropout is refused for such a kind (its empty prompt would need a
+    second encoding)."""
+    clips_only: bool = False
+    """An ``item`` source that must be a clip (image-to-video: the first frame conditions the
+    rest of the clip); a still image is refused by name."""
 
 
 @dataclass(frozen=True)
@@ -155,6 +163,41 @@ class FamilySpec:
     conditioning: tuple[ConditioningKind, ...] = ()
     """The per-item conditioning the family's denoiser takes besides the prompt; empty for most.
     A family that declares some implements ``modules.models.base.ConditionedFamily``."""
+    conditioning_from_folder: Callable[[Path, Any], tuple[ConditioningKind, ...]] | None = field(
+        default=None, repr=False
+    )
+    """For a family whose conditioning depends on the folder (WAN: image-to-video or not):
+    (model folder, the family's options) → its kinds, from the JSON files alone; None:
+    ``conditioning``."""
+
+    folder_summary: Callable[[Path, Any], str | None] | None = field(default=None, repr=False)
+    """What the model folder is, in one line for the Model tab ("WAN 2.1 image-to-video ..."),
+    from its JSON files and the family's options; None: the family says nothing."""
+
+    def summary_of(self, path: str, options: Any = None) -> str | None:
+        """:attr:`folder_summary` of the folder at ``path``; None without one or a folder."""
+        if not path or self.folder_summary is None:
+            return None
+        folder = Path(path).expanduser()
+        if not folder.is_dir():
+            return None
+        try:
+            return self.folder_summary(folder, options)
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError):
+            return None  # another family's configs: the folder check names the problem
+
+    def conditioning_of(self, path: str, options: Any = None) -> tuple[ConditioningKind, ...]:
+        """The conditioning kinds of the model at ``path`` with the family's ``options``
+        (``model.<family>``); ``conditioning`` when the family does not read the folder or
+        there is no folder (its check names the problem)."""
+        if path and self.conditioning_from_folder is not None:
+            folder = Path(path).expanduser()
+            if folder.is_dir():
+                try:
+                    return self.conditioning_from_folder(folder, options)
+                except (TypeError, ValueError, KeyError, IndexError, AttributeError):
+                    return self.conditioning  # another family's configs: the check says so
+        return self.conditioning
 
     def latent_grid(self, path: str = "") -> LatentGrid:
         """The grid of the model at ``path`` (a folder), or the usual one."""

@@ -110,6 +110,29 @@ class TrainingState:
     scaler: torch.amp.GradScaler | None = None
     parts: list[BetweenSteps] = field(default_factory=list)
     """The between-steps parts; a backup holds the state of those that have one."""
+    experts: dict[str, torch.nn.Module] | None = None
+    """A model trained with one LoRA per expert (WAN 2.2 A14B, expert=both): name → denoiser,
+    ``denoiser`` among them; a backup's ``lora`` then holds each expert's weights by name."""
+
+    def lora(self) -> dict[str, Any]:
+        """The LoRA weights on the CPU: the denoiser's, or each expert's under its name."""
+        if self.experts is None:
+            return _lora_weights(self.denoiser)
+        return {name: _lora_weights(denoiser) for name, denoiser in self.experts.items()}
+
+    def put_lora(self, lora: dict[str, Any]) -> None:
+        """Back to the weights :meth:`lora` gave (a ConfigError when an expert is missing)."""
+        if self.experts is None:
+            set_peft_model_state_dict(self.denoiser, lora)
+            return
+        missing = [name for name in self.experts if not isinstance(lora.get(name), dict)]
+        if missing:
+            raise ConfigError(
+                f"--resume: the backup holds no LoRA of the {', '.join(missing)} expert (it is "
+                "not of a run with model.wan.expert=both); resume with the backup's settings"
+            )
+        for name, denoiser in self.experts.items():
+            set_peft_model_state_dict(denoiser, lora[name])
 
     def shared_random(self) -> dict[str, Any]:
         """The random state every process holds alike (the data order and its place, the noise
@@ -125,13 +148,12 @@ class TrainingState:
     ) -> dict[str, Any]:
         """The backup of ``step``: ``shared`` from :meth:`shared_random`, ``processes`` every
         process's own generators (:func:`process_random`), the main process's first."""
-        lora = get_peft_model_state_dict(self.denoiser)
         main = processes[0]
         parts = {part.name: part.state() for part in self.parts}
         parts = {name: state for name, state in parts.items() if state is not None}
         return {
             "step": step,
-            "lora": {key: value.detach().cpu() for key, value in lora.items()},
+            "lora": self.lora(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
@@ -155,7 +177,7 @@ class TrainingState:
                 f"--resume: the backup was written by a run on {written_by} process(es) and this "
                 f"one has {count}: resume on {written_by}, or start a new run"
             )
-        set_peft_model_state_dict(self.denoiser, state["lora"])
+        self.put_lora(state["lora"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("scaler"):
@@ -268,6 +290,11 @@ class Backups:
             return None
         self._status(f"Backup: {folder}", "info")
         return folder
+
+
+def _lora_weights(denoiser: torch.nn.Module) -> dict[str, torch.Tensor]:
+    state = get_peft_model_state_dict(denoiser)
+    return {key: value.detach().cpu() for key, value in state.items()}
 
 
 def resume_hint(run_dir: Path, last_saved: Path | None) -> str:

@@ -31,6 +31,9 @@ class StepMetrics:
     lr: float
     sec_per_step: float
     eta_seconds: float
+    expert: str | None = None
+    """The expert this step trained (WAN 2.2 A14B with expert=both: ``high_noise`` or
+    ``low_noise``); None for a model with one denoiser. The charts split the loss by it."""
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,18 @@ class Finished:
     error_kind: str | None = None
     """``config``: the run could not start (a bad config, data or run folder; nothing was trained
     and the run folder is as it was); ``training``: it failed while training or saving."""
+
+
+def saved_lora_text(path: Path | None) -> str:
+    """The last saved LoRA for the end-of-run line: with both WAN experts (``path`` is the
+    high-noise file) the pair, else the one file."""
+    if path is None:
+        return "nowhere (nothing was saved)"
+    high = "-high_noise"
+    if path.stem.endswith(high):
+        low = path.with_name(f"{path.stem.removesuffix(high)}-low_noise{path.suffix}")
+        return f"{path} and {low}"
+    return str(path)
 
 
 Event = (

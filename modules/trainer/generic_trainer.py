@@ -50,6 +50,8 @@ __all__ = ["GenericTrainer", "StepResult", "TrainingError"]
 log = logging.getLogger(__name__)
 
 _LOSS_FIELDS = tuple(LossBreakdown.__dataclass_fields__)
+_EXPERT_SERIES = ("loss_total", "loss_target", "loss_prior")
+"""The losses a run with one LoRA per expert also records per expert (``loss_total_low_noise``)."""
 
 
 class GenericTrainer:
@@ -224,10 +226,17 @@ class GenericTrainer:
         """One optimizer step over ``gradient_accumulation`` batches (after ``setup``). On
         several processes the gradients are averaged once, after the last batch. The step
         counter advances with it, as the learning-rate schedule does, so the prior schedule
-        follows a caller that takes the steps itself (the benchmarks)."""
+        follows a caller that takes the steps itself (the benchmarks).
+
+        A model trained with one LoRA per expert (WAN 2.2 A14B, expert=both) first draws the
+        step's expert from the run's generator: every batch of the step draws its timesteps in
+        that expert's range, so only it runs (and is on the device) and only its LoRA and its
+        optimizer state change."""
         run, accumulation = self.built, self.config.training.gradient_accumulation
         precision, optimizer = run.precision, run.optimizer
         self.backups.mark_step_start()
+        experts = run.model.experts
+        expert = experts.draw(run.generator) if experts is not None else None
         results = []
         for index in range(accumulation):
             last = index == accumulation - 1
@@ -255,7 +264,7 @@ class GenericTrainer:
         if not torch.isfinite(torch.nn.utils.get_total_norm([p.detach() for p in run.params])):
             raise TrainingError(self._nan_message("the LoRA weights became non-finite"))
         self.step += 1
-        return replace(mean_result(results), lr=lr)
+        return replace(mean_result(results), lr=lr, expert=expert)
 
     def _train_step(self, batch: Batch) -> StepResult:
         """One batch (:func:`train_step`) at this step's prior weight."""
@@ -288,8 +297,14 @@ class GenericTrainer:
             lr=result.lr,
             sec_per_step=elapsed,
             eta_seconds=eta,
+            expert=result.expert,
         )
-        self.built.rows.append({**metrics.__dict__, **readings})
+        row = {**metrics.__dict__, **readings}
+        if result.expert is None:  # a model with one denoiser: its rows as they always were
+            del row["expert"]
+        else:  # and the trackers' series of each expert (they log numbers only)
+            row |= {f"{name}_{result.expert}": row[name] for name in _EXPERT_SERIES}
+        self.built.rows.append(row)
         self.events.put(metrics)
 
     def _stop_requested(self) -> bool:

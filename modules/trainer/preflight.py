@@ -32,7 +32,7 @@ from modules.data.concept import (
 )
 from modules.data.conditioning import missing_conditioning, takes_references
 from modules.models.folder_check import model_folder_problem
-from modules.models.registry import family_spec
+from modules.models.registry import conditioning_kinds, family_spec
 from modules.models.single_file_check import single_file_problem
 from modules.trainer.run_folder import check_run_folder
 
@@ -70,7 +70,7 @@ def preflight(config: TrainConfig, *, create_run_dir: bool) -> Preflight:
         *_init_from_problem(config),
         *_optimizer_problem(config),
     ]
-    kinds = family_spec(config.model.family).conditioning
+    kinds = conditioning_kinds(config.model)
     scans = []
     for number, concept in enumerate(config.data.concepts):
         try:

@@ -2,7 +2,9 @@
 run: the base does not change), at the sample size, saved under ``RUN_DIR/samples/``.
 
 The trainer calls :meth:`Samples.write` between steps; a file that cannot be written is said and
-skipped, and training goes on.
+skipped, and training goes on. Image-to-video samples start from ``sampling.images`` (or the first
+frames of the first training clips), encoded when the samples are set up, while the encoders are
+still loaded, as the prompts are.
 """
 
 from __future__ import annotations
@@ -14,11 +16,15 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from modules.config import TrainConfig
+from modules.config import ConfigError, TrainConfig
 from modules.data.buckets import Size
+from modules.data.concept import DataError, scan_concept
+from modules.data.images import load_image
+from modules.data.video import load_clip
 from modules.lora import lora_disabled
 from modules.models import LoadedModel, ModelFamily
 from modules.models.base import TextEncoding, eval_mode
+from modules.models.registry import conditioning_kinds
 from modules.trainer.events import Event, SamplePair, SampleSaved
 from modules.trainer.run_folder import os_error_reason
 
@@ -57,6 +63,11 @@ class Samples:
         self.on_image = on_image
         self.base: list[tuple[Path, Image.Image]] | None = None
         """The prompts sampled with the LoRA off, once per run."""
+        self.frames = config.sampling.frames
+        """Frames per sample: ``sampling.frames``, for image-to-video at least ``data.frames``'s
+        clip when it is 1 (a 1-frame sample would be the start image itself)."""
+        self.conditioning = self._start_images() if text is not None else None
+        """Image-to-video: each prompt's start image, encoded (batch-first); else None."""
 
     def write(self, step: int) -> None:
         """The prompts with the LoRA (and beside the base's); never stops training."""
@@ -114,12 +125,69 @@ class Samples:
                 self.base.append((path, picture))
         return self.base
 
+    def _start_images(self) -> TextEncoding | None:
+        """Image-to-video: ``sampling.images`` (one per prompt), or else the first frames of
+        the first training clips, encoded by the family at the sample size and frame count;
+        None for the other models (which say so when ``sampling.images`` is set)."""
+        config = self.config
+        sampling = config.sampling
+        kinds = [kind for kind in conditioning_kinds(config.model) if kind.clips_only]
+        if not kinds:
+            if sampling.images:
+                self.status(
+                    "warning: sampling.images is for image-to-video models and this model "
+                    "is text-to-video: the samples start from noise alone",
+                    "warning",
+                )
+            return None
+        if self.frames == 1:
+            self.frames = config.data.frames
+            self.status(
+                f"Image-to-video samples are clips: sampling.frames=1, so they have "
+                f"data.frames={self.frames} frames",
+                "info",
+            )
+        prompts = len(sampling.prompts)
+        if sampling.images:
+            if len(sampling.images) != prompts:
+                raise ConfigError(
+                    f"sampling.images: {len(sampling.images)} images for {prompts} prompts; "
+                    "give one start image per prompt, in order (or none: the first frames of "
+                    "the first training clips)"
+                )
+            pictures = [self._start_image(Path(path).expanduser()) for path in sampling.images]
+        else:
+            clips = _first_clips(config)
+            pictures = [
+                load_clip(clips[i % len(clips)], [0], self.size)[:, 0] for i in range(prompts)
+            ]
+        rows = [
+            self.family.encode_conditioning(  # type: ignore[attr-defined]
+                self.model, kinds[0].name, [picture], frames=self.frames
+            )
+            for picture in pictures
+        ]
+        return {key: torch.cat([row[key] for row in rows]) for key in rows[0]}
+
+    def _start_image(self, path: Path) -> torch.Tensor:
+        """A start image at the sample size (3, H, W); a ConfigError naming it if unreadable."""
+        try:
+            return load_image(path, self.size)
+        except (OSError, DataError, ValueError) as error:
+            raise ConfigError(
+                f"sampling.images: cannot read '{path}' ({error}); give image files (png, jpg, "
+                "webp), one per prompt"
+            ) from None
+
     def generate(self, text: TextEncoding) -> torch.Tensor:
         """Every sampling starts from the same noise (``sampling.seed``), at the sample size;
-        a clip when ``sampling.frames`` > 1 (video families)."""
+        a clip when ``sampling.frames`` > 1 (video families), from each prompt's start image
+        for image-to-video."""
         sampling = self.config.sampling
         generator = torch.Generator().manual_seed(sampling.seed)
-        clip = {"frames": sampling.frames} if sampling.frames > 1 else {}
+        clip: dict[str, object] = {"frames": self.frames} if self.frames > 1 else {}
+        if self.conditioning is not None:
+            clip["conditioning"] = self.conditioning
         with self.autocast():
             return self.family.sample(
                 self.model,
@@ -149,6 +217,23 @@ class Samples:
         )
         frames[0].save(path)
         return frames[0]
+
+
+def _first_clips(config: TrainConfig) -> list[Path]:
+    """The clips of the training concepts, in order (the preflight has refused stills and
+    concepts without clips for image-to-video)."""
+    clips = []
+    for concept in config.data.concepts:
+        try:
+            clips += [item.image for item in scan_concept(concept).items if item.clip]
+        except DataError:
+            continue  # the preflight named it
+    if not clips:
+        raise ConfigError(
+            "sampling.images: empty and no training clip to take first frames from; give one "
+            "start image per prompt"
+        )
+    return clips
 
 
 def sample_size(config: TrainConfig, buckets: list[tuple[Size, int]]) -> Size:

@@ -40,8 +40,13 @@ class LoraSaver:
         events: queue.Queue[Event],
         commands: queue.Queue[Command],
         status: Status,
+        experts: dict[str, torch.nn.Module] | None = None,
     ) -> None:
         self.config = config
+        self.experts = experts
+        """One LoRA per expert (WAN 2.2 A14B, expert=both): each save writes a file per expert,
+        ``NAME-high_noise.safetensors`` beside ``NAME-low_noise.safetensors`` (see
+        :func:`expert_path`); None: one file, of the denoiser the caller gives."""
         self.family, self.comfyui = family, comfyui
         self.events, self.commands, self.status = events, commands, status
         self.run_dir = Path(config.output.run_dir)
@@ -60,17 +65,24 @@ class LoraSaver:
             self.save(denoiser, self.unsaved, step)
 
     def save(self, denoiser: torch.nn.Module, path: Path, step: int) -> bool:
-        """Write the LoRA to ``path``; the earlier file there stays intact until the new one is
-        complete (atomic write). Returns whether it was written."""
+        """Write the LoRA to ``path`` (with experts: each expert's to its :func:`expert_path`
+        of ``path``); the earlier file there stays intact until the new one is complete (atomic
+        write). Returns whether it was written (with experts: every file)."""
+        if self.experts is None:
+            files = {path: denoiser}
+        else:
+            files = {expert_path(path, name): each for name, each in self.experts.items()}
+        config_json = resolved_config_json(self.config)
         try:
-            save_lora(
-                denoiser,
-                path,
-                family=self.family,
-                config_json=resolved_config_json(self.config),
-                layout=self.config.output.format,
-                comfyui=self.comfyui,
-            )
+            for file, each in files.items():
+                save_lora(
+                    each,
+                    file,
+                    family=self.family,
+                    config_json=config_json,
+                    layout=self.config.output.format,
+                    comfyui=self.comfyui,
+                )
         except NonFiniteLoraError as error:  # the step checks make this unreachable; kept safe
             raise TrainingError(f"step {step}: {error}") from None
         except OSError as error:
@@ -83,9 +95,10 @@ class LoraSaver:
             )
             return False
         self.unsaved = None
-        self.last_saved = path
-        self.events.put(FileSaved(path=path, step=step))
-        self.status(f"Saved {path} (step {step})", "info")
+        self.last_saved = next(iter(files))  # with experts: the high-noise file, its pair beside
+        for file in files:
+            self.events.put(FileSaved(path=file, step=step))
+        self.status(f"Saved {' and '.join(map(str, files))} (step {step})", "info")
         return True
 
     def save_final(self, denoiser: torch.nn.Module, step: int) -> None:
@@ -110,3 +123,10 @@ class LoraSaver:
         if self.last_saved:
             return f"the last saved LoRA, {self.last_saved}, is kept (its weights are finite)"
         return "no LoRA had been saved yet, and none with non-finite weights is written"
+
+
+def expert_path(path: Path, expert: str) -> Path:
+    """The file of one expert's LoRA for a save to ``path``: ``NAME.safetensors`` →
+    ``NAME-high_noise.safetensors``, ``NAME-step000100.safetensors`` →
+    ``NAME-step000100-high_noise.safetensors``."""
+    return path.with_name(f"{path.stem}-{expert}{path.suffix}")

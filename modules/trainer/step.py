@@ -43,6 +43,8 @@ class StepResult:
     lr: float = 0.0
     own: torch.Tensor | None = None
     """This process's part of ``loss.total``, attached to the graph: what it backpropagates."""
+    expert: str | None = None
+    """The expert the optimizer step trained (expert=both; the loop sets it); None: one."""
 
 
 @dataclass(frozen=True)
@@ -148,11 +150,29 @@ def draw(batch: Batch, parts: StepParts, prior_weight: float) -> Draws:
     )
     masks = _dropped_masks(batch, parts)
     maps = None if masks is None else parts.weighting.maps(masks)
+    maps = _predicted_frames_only(maps, batch.latents.shape, parts)
     needs_teacher = batch.prior_prediction.clone()
     in_range = _in_prior_range(timesteps, batch.latents.shape, parts).cpu()
     if maps is not None and prior_weight > 0:
         needs_teacher |= (maps.prior.flatten(1).amax(dim=1).cpu() > 0) & in_range
     return Draws(noise, timesteps, maps, needs_teacher, in_range, batch.loss_weight)
+
+
+def _predicted_frames_only(
+    maps: MaskWeights | None, shape: torch.Size, parts: StepParts
+) -> MaskWeights | None:
+    """The maps with weight 0 on the latent frames the model is given rather than predicts
+    (the family's optional ``predicted_frames``: WAN TI2V's clean first frame), so that neither
+    loss term covers them; unchanged for a family without the hook or when it says None."""
+    frames = getattr(parts.family, "predicted_frames", None)
+    weights = None if frames is None else frames(shape)
+    if weights is None:
+        return maps
+    weights = weights.to(parts.device, torch.float32).view(1, 1, -1, 1, 1)  # (1, 1, F', 1, 1)
+    if maps is None:  # no masks: every predicted frame alike, no prior region
+        ones = torch.ones((shape[0], 1, *shape[2:]), device=parts.device)  # (B, 1, F', h, w)
+        return MaskWeights(target=ones * weights, prior=torch.zeros_like(ones))
+    return MaskWeights(target=maps.target * weights, prior=maps.prior * weights)
 
 
 def _dropped_masks(batch: Batch, parts: StepParts) -> torch.Tensor | None:

@@ -23,13 +23,13 @@ from modules.atomic import write_text_atomic
 from modules.config import ConfigError, TrainConfig, config_warnings, resolved_config_json
 from modules.data.dataset import ConceptDataset
 from modules.data.preparation import PreparedData, prepare_dataset
-from modules.lora import add_lora
+from modules.lora import add_lora, join_adapters
 from modules.lora.init_from import InitFromError, init_lora_from
 from modules.models import LoadedModel, ModelFamily, get_family, load_model
 from modules.models.base import ComfyConverter
 from modules.models.compiled import compile_blocks
 from modules.models.memory_estimate import estimate_lines, resolve_blocks_to_swap
-from modules.models.registry import family_spec
+from modules.models.registry import conditioning_kinds, family_spec
 from modules.trainer.backups import Backups, Resume, TrainingState
 from modules.trainer.banner import banner_lines
 from modules.trainer.batch_stream import BatchStream, make_batches
@@ -122,6 +122,11 @@ def build_run(config: TrainConfig, context: RunContext) -> TrainingRun:
     status(f"Loading {config.model.family} model {config.model.path or '(built-in)'}")
     resolved = resolve_blocks_to_swap(config).model  # blocks_to_swap=auto: a count, estimated
     model = load_model(family, resolved, dtype=DTYPES[config.model.dtype], device=device)
+    if model.experts is not None and processes.several:
+        raise ConfigError(
+            f"model.wan.expert=both trains both experts on one process (this run has "
+            f"{processes.count}): run it on one GPU, or train one expert per run on several"
+        )
     targets = _lora_targets(config, family, model)
     saver = LoraSaver(
         config,
@@ -130,6 +135,7 @@ def build_run(config: TrainConfig, context: RunContext) -> TrainingRun:
         events=context.events,
         commands=context.commands,
         status=status,
+        experts=dict(model.experts.denoisers) if model.experts is not None else None,
     )
     # The main process fills the cache; the others wait, then read it.
     with accelerator.main_process_first():
@@ -158,12 +164,13 @@ def build_run(config: TrainConfig, context: RunContext) -> TrainingRun:
 
     denoiser = model.denoiser
     params = _add_lora(config, family, model, targets, backup is None, status)
-    if config.training.gradient_checkpointing:
-        denoiser.enable_gradient_checkpointing()
-    denoiser.train()
-    if config.training.compile:  # after the LoRA: the compiled blocks include its layers
-        count = compile_blocks(denoiser, family.blocks)
-        status(f"Compiling the denoiser's {count} blocks: the first steps take longer")
+    for trained in _denoisers(model).values():
+        if config.training.gradient_checkpointing:
+            trained.enable_gradient_checkpointing()
+        trained.train()
+        if config.training.compile:  # after the LoRA: the compiled blocks include its layers
+            count = compile_blocks(trained, family.blocks)
+            status(f"Compiling the denoiser's {count} blocks: the first steps take longer")
     optimizer = make_optimizer(config, params)
     scheduler = make_scheduler(config, optimizer)
     # On several processes the student's forward goes through DDP (gradients averaged);
@@ -189,6 +196,7 @@ def build_run(config: TrainConfig, context: RunContext) -> TrainingRun:
     )
     state = context.backups.state = TrainingState(
         denoiser=denoiser,
+        experts=dict(model.experts.denoisers) if model.experts is not None else None,
         optimizer=optimizer,
         scheduler=scheduler,
         batches=batches,
@@ -295,7 +303,7 @@ def _prepare(
         sources=context.preflight.sources,
         mask=config.mask,
         prior=config.prior,
-        conditioning=family_spec(config.model.family).conditioning,
+        conditioning=conditioning_kinds(config.model),
     )
 
 
@@ -328,27 +336,74 @@ def _add_lora(
     status: Status,
 ) -> list[torch.nn.Parameter]:
     """The run's LoRA, alike on every process: new, or (``lora.init_from``, not on a resume,
-    whose backup holds the weights) starting from a LoRA file's weights."""
+    whose backup holds the weights) starting from a LoRA file's weights. A model trained with
+    several experts (WAN 2.2 A14B, expert=both) gets one LoRA per expert, all trained by the
+    one optimizer: an expert's weights get no gradient on the other's steps, so neither their
+    values nor their optimizer state change then."""
     lora = config.lora
     torch.manual_seed(config.training.seed)
-    params = add_lora(
-        model.denoiser,
-        rank=lora.rank,
-        alpha=lora.alpha,
-        dropout=lora.dropout,
-        target_modules=target_modules,
-    )
-    n_params = sum(p.numel() for p in params)
-    status(f"LoRA: {n_params:,} trainable parameters in {len(params) // 2} layers")
-    if lora.init_from and new_run:
-        loader = family.lora_loader(model)
-        try:
-            report = init_lora_from(model.denoiser, lora.init_from, loader)
-        except InitFromError as error:
-            raise ConfigError(str(error)) from None
-        for line in report.lines(lora.rank):
-            status(line, "warning" if line.startswith("warning") else "info")
+    denoisers = _denoisers(model)
+    starts = _init_files(lora.init_from, denoisers) if lora.init_from and new_run else {}
+    params: list[torch.nn.Parameter] = []
+    for name, denoiser in denoisers.items():
+        own = add_lora(
+            denoiser,
+            rank=lora.rank,
+            alpha=lora.alpha,
+            dropout=lora.dropout,
+            target_modules=target_modules,
+        )
+        params += own
+        n_params = sum(p.numel() for p in own)
+        whose = f" ({name} expert)" if name else ""
+        status(f"LoRA{whose}: {n_params:,} trainable parameters in {len(own) // 2} layers")
+        if name in starts:
+            loader = family.lora_loader(model)
+            try:
+                report = init_lora_from(denoiser, starts[name], loader)
+            except InitFromError as error:
+                raise ConfigError(str(error)) from None
+            for line in report.lines(lora.rank):
+                status(line, "warning" if line.startswith("warning") else "info")
+    if len(denoisers) > 1:
+        join_adapters(list(denoisers.values()))  # the teacher: every expert without its LoRA
     return params
+
+
+def _denoisers(model: LoadedModel) -> dict[str | None, torch.nn.Module]:
+    """The denoisers a LoRA trains on, by expert name (None: the model's one denoiser)."""
+    if model.experts is None:
+        return {None: model.denoiser}
+    return dict(model.experts.denoisers)
+
+
+def _init_files(
+    init_from: str, denoisers: dict[str | None, torch.nn.Module]
+) -> dict[str | None, str]:
+    """``lora.init_from``'s file for each denoiser: the file itself for one denoiser; for
+    several experts, the file of each expert's name beside it (``X-high_noise.safetensors``
+    and ``X-low_noise.safetensors``, the files a run with expert=both writes)."""
+    if list(denoisers) == [None]:
+        return {None: init_from}
+    path = Path(init_from).expanduser()
+    for name in denoisers:
+        suffix = f"-{name}"
+        if path.stem.endswith(suffix):
+            stem = path.stem.removesuffix(suffix)
+            files = {other: path.with_name(f"{stem}-{other}{path.suffix}") for other in denoisers}
+            missing = [str(file) for file in files.values() if not file.is_file()]
+            if missing:
+                raise ConfigError(
+                    f"lora.init_from: {', '.join(missing)} not found; with model.wan.expert=both "
+                    "each expert starts from its own file of the pair the run writes"
+                )
+            return {other: str(file) for other, file in files.items()}
+    names = " and ".join(f"-{name}.safetensors" for name in denoisers)
+    raise ConfigError(
+        f"lora.init_from: {path} is not one of a pair of expert files (names ending in "
+        f"{names}); with model.wan.expert=both each expert starts from its own file: name "
+        "either file of the pair"
+    )
 
 
 def _start_run_folder(

@@ -79,3 +79,26 @@ def test_history_is_the_run_up_to_the_backup_s_step_each_step_once(tmp_path):
     for point in points:
         data.add(point)
     assert data.values["teacher_fraction"] == [1.0, 20.0, 30.0]
+
+
+def test_a_run_with_two_experts_has_each_expert_s_total_at_its_own_steps(tmp_path):
+    """WAN 2.2 A14B with expert=both: the loss splits by the expert each step trained."""
+    data = ChartData()
+    experts = ["high_noise", "low_noise", "low_noise", "high_noise", "low_noise"]
+    totals = [1.0, 0.2, 0.4, 0.8, 0.3]
+    for step, (expert, total) in enumerate(zip(experts, totals, strict=True), start=1):
+        values = dict.fromkeys(SERIES, 0.5) | {"loss_total": total}
+        data.add(SimpleNamespace(step=step, expert=expert, **values))
+    assert data.has_experts
+    assert data.expert_steps == {"high_noise": [1, 4], "low_noise": [2, 3, 5]}
+    assert data.expert_totals["high_noise"] == pytest.approx(smooth([1.0, 0.8]))
+    assert data.expert_totals["low_noise"] == pytest.approx(smooth([0.2, 0.4, 0.3]))
+    data.clear()
+    data.add(SimpleNamespace(step=1, **dict.fromkeys(SERIES, 0.5)))  # one denoiser: no expert
+    assert not data.has_experts and data.expert_steps["low_noise"] == []
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": 1, "expert": "low_noise", **dict.fromkeys(SERIES, 0.5)}]
+    path.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    points, _ = read_history(path, until=1)
+    data.add(points[0])
+    assert points[0].expert == "low_noise" and data.expert_steps["low_noise"] == [1]

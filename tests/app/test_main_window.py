@@ -351,3 +351,23 @@ def test_the_model_tab_shows_the_memory_estimate_of_a_vram_preset(window):
     settle(window)
     assert window.form.validation.config.model.memory.blocks_to_swap == 0
     assert "is over model.memory.vram_gb=16" in window.memory_estimate.cget("text")
+
+
+def test_the_model_tab_shows_the_detected_wan_form(window, tmp_path):
+    """Read from the folder's JSON files as the pipelines tell the forms apart."""
+    folder = tmp_path / "wan21-i2v"
+    for part, config in (
+        ("transformer", {"in_channels": 36, "image_dim": 1280, "patch_size": [1, 2, 2]}),
+        ("vae", {"z_dim": 16}),
+    ):
+        (folder / part).mkdir(parents=True)
+        (folder / part / "config.json").write_text(json.dumps(config))
+    (folder / "model_index.json").write_text('{"_class_name": "WanImageToVideoPipeline"}')
+    window.load_preset_file(BUILTIN_PRESETS / "wan-prior.json")
+    window.form.row("model.path").set(str(folder))
+    settle(window)
+    text = window.detected_model.cget("text")
+    assert text == "Detected: WAN 2.1 image-to-video (CLIP image encoder); trains image-to-video"
+    window.form.row("model.wan.task").set("text_to_video")
+    settle(window)
+    assert "model.wan.task=text_to_video" in window.detected_model.cget("text")

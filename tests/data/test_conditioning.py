@@ -52,7 +52,7 @@ def build(items, cache: Path, family: ReferenceFamily, **kwargs):
         encode_images=encoders.encode_images,
         encode_prompts=encoders.encode_prompts,
         conditioning=(REFERENCE,),
-        encode_conditioning=lambda kind, images, frames: family.encode_conditioning(
+        encode_conditioning=lambda kind, images, frames, caption: family.encode_conditioning(
             None, kind, images
         ),
         **kwargs,

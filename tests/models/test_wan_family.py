@@ -66,12 +66,13 @@ def test_an_empty_or_wrong_path_is_named(tmp_path):
         load(tmp_path / "nowhere")
 
 
-def test_image_to_video_models_are_refused(tmp_path, tiny_wan):
+def test_a_transformer_reading_the_first_frame_trains_image_to_video(tmp_path, tiny_wan):
+    """Told apart from the folder as the pipelines do (tests/wan/test_image_to_video.py)."""
     i2v = shutil.copytree(tiny_wan, tmp_path / "i2v")
     shutil.rmtree(i2v / "transformer")
     WanTransformer3DModel(**{**TRANSFORMER, "in_channels": 36}).save_pretrained(i2v / "transformer")
-    with pytest.raises(ModelLoadError, match="image-to-video WAN model .*in_channels 36"):
-        load(i2v)
+    family, _ = load(i2v)
+    assert family.image_to_video and not WanFamily().image_to_video
 
 
 # ------------------------------------------------------------------------- latents, prompts

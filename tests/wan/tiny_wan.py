@@ -8,13 +8,27 @@ WAN's UMT5 tokenizer uses) over a small unigram vocabulary built here, so no dow
 
 from __future__ import annotations
 
+import json
 import string
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+from diffusers import (
+    AutoencoderKLWan,
+    UniPCMultistepScheduler,
+    WanImageToVideoPipeline,
+    WanPipeline,
+    WanTransformer3DModel,
+)
 from PIL import Image
-from transformers import T5Tokenizer, UMT5Config, UMT5EncoderModel
+from transformers import (
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+    T5Tokenizer,
+    UMT5Config,
+    UMT5EncoderModel,
+)
 
 from tests.data.video_files import moving_square, write_frames, write_video
 
@@ -104,6 +118,73 @@ def build_tiny_wan(folder: Path, *, a14b: bool = False, ti2v: bool = False, seed
     return folder
 
 
+CLIP_SIDE = 28
+"""The tiny CLIP vision encoder's input side: 2 x 2 patches of 14 px (the real one: 224 / 14)."""
+CLIP = {
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_hidden_layers": 2,  # the pipeline reads hidden_states[-2]
+    "num_attention_heads": 2,
+    "image_size": CLIP_SIDE,
+    "patch_size": 14,
+    "projection_dim": 16,
+}
+INNER = TRANSFORMER["num_attention_heads"] * TRANSFORMER["attention_head_dim"]
+
+
+def build_tiny_wan_i2v(folder: Path, *, version: str = "2.1", seed: int = 0) -> Path:
+    """Save a tiny WAN image-to-video pipeline (``WanImageToVideoPipeline``): ``"2.1"`` with a
+    CLIP vision encoder and image cross-attention, or ``"2.2"`` (A14B: two experts, no image
+    encoder, no boundary_ratio in model_index.json when ``version="2.2-no-boundary"``)."""
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    text_encoder = UMT5EncoderModel(
+        UMT5Config(
+            vocab_size=len(tokenizer),
+            d_model=TEXT_DIM,
+            d_kv=8,
+            d_ff=32,
+            num_layers=2,
+            num_heads=2,
+            relative_attention_num_buckets=8,
+        )
+    ).eval()
+    # 16 noise + 4 mask + 16 first-frame latent channels in, 16 out.
+    config = {**TRANSFORMER, "in_channels": 36, "out_channels": 16}
+    image_encoder = image_processor = transformer_2 = None
+    if version == "2.1":
+        config.update(image_dim=CLIP["hidden_size"], added_kv_proj_dim=INNER)
+        image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**CLIP)).eval()
+        image_processor = CLIPImageProcessor(
+            size={"shortest_edge": CLIP_SIDE}, crop_size={"height": CLIP_SIDE, "width": CLIP_SIDE}
+        )
+    transformer = WanTransformer3DModel(**config)
+    if version.startswith("2.2"):
+        transformer_2 = WanTransformer3DModel(**config)
+    scheduler = UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0
+    )
+    pipeline = WanImageToVideoPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=AutoencoderKLWan(**VAE),
+        scheduler=scheduler,
+        image_processor=image_processor,
+        image_encoder=image_encoder,
+        transformer=transformer,
+        transformer_2=transformer_2,
+        boundary_ratio=0.9 if version == "2.2" else None,
+    )
+    pipeline.save_pretrained(folder)
+    index_file = folder / "model_index.json"
+    index = json.loads(index_file.read_text())
+    if index.get("image_processor", [None, None])[1] == "CLIPImageProcessorPil":
+        # Without torchvision transformers names its PIL class; the real folders the other.
+        index["image_processor"][1] = "CLIPImageProcessor"
+    index_file.write_text(json.dumps(index, indent=2))
+    return folder
+
+
 def original_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A diffusers WAN transformer state dict in the original WAN (single-file) key layout."""
     renames = (
@@ -138,13 +219,16 @@ def original_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------------- datasets
 
 
-def write_video_concept(folder: Path, frames: int = 12, size: int = 48) -> Path:
+def write_video_concept(
+    folder: Path, frames: int = 12, size: int = 48, *, still: bool = True
+) -> Path:
     """A concept of three clips, one per kind of mask, and one still image:
 
     - ``walk.mp4`` with a mask video ``walk-masklabel.mp4``;
     - ``spin/`` (a folder of frames) with mask frames in ``spin-masklabel/``;
     - ``pan.mp4`` with one still mask ``pan-masklabel.png`` for every frame;
-    - ``still.png`` with ``still-masklabel.png`` (trains as a 1-frame video).
+    - ``still.png`` with ``still-masklabel.png`` (trains as a 1-frame video), unless
+      ``still=False`` (an image-to-video concept: clips only).
     """
     folder.mkdir(parents=True, exist_ok=True)
     video, masks = moving_square(frames, size, seed=1)
@@ -156,13 +240,14 @@ def write_video_concept(folder: Path, frames: int = 12, size: int = 48) -> Path:
     video, masks = moving_square(frames, size, seed=3)
     write_video(folder / "pan.mp4", video)
     Image.fromarray(masks[0]).save(folder / "pan-masklabel.png")
-    Image.fromarray(video[0]).save(folder / "still.png")
-    Image.fromarray(masks[0]).save(folder / "still-masklabel.png")
+    if still:
+        Image.fromarray(video[0]).save(folder / "still.png")
+        Image.fromarray(masks[0]).save(folder / "still-masklabel.png")
     for name, caption in (
         ("walk", "a video of sks heart walking"),
         ("spin", "a video of sks heart on stripes"),
         ("pan", "sks heart moving slowly"),
         ("still", "a photo of sks heart"),
-    ):
+    )[: 4 if still else 3]:
         (folder / f"{name}.txt").write_text(caption, encoding="utf-8")
     return folder

@@ -1,4 +1,4 @@
-"""The ``wan`` family: WAN 2.1 / 2.2 text-to-video LoRAs from a local diffusers folder.
+"""The ``wan`` family: WAN 2.1 / 2.2 text- and image-to-video LoRAs from a local diffusers folder.
 
 The folder is the diffusers layout (as ``WanPipeline.save_pretrained`` writes it, e.g. the
 ``Wan-AI/Wan2.1-T2V-14B-Diffusers`` download)::
@@ -9,12 +9,15 @@ The folder is the diffusers layout (as ``WanPipeline.save_pretrained`` writes it
     vae/               AutoencoderKLWan
     text_encoder/      UMT5EncoderModel
     tokenizer/         the UMT5 tokenizer
+    image_encoder/     2.1 I2V only (``WanImageToVideoPipeline``): the CLIP vision encoder,
+    image_processor/   and its image processor
 
 Everything is read with ``local_files_only``. Variants: WAN 2.1 T2V 1.3B and 14B; WAN 2.2 T2V
 A14B (one LoRA per expert, ``model.wan.expert``); WAN 2.2 TI2V 5B trained as text-to-video (its
 per-token timesteps are all equal when no frame is conditioned, which is one timestep per
-sample). Image-to-video transformers (more input channels than the VAE has latent channels)
-are refused with a message.
+sample); image-to-video: WAN 2.1 I2V, WAN 2.2 I2V A14B, and TI2V 5B with
+``model.wan.task=image_to_video``, each clip's first frame given through the conditioning slot
+(:mod:`.image_to_video`).
 
 - Latents: the VAE (float32) posterior's mode (deterministic, so the cache holds one latent per
   item), normalised per channel to ``(z - latents_mean) / latents_std`` as the WAN pipelines do.
@@ -27,11 +30,15 @@ are refused with a message.
   WAN 2.2 A14B: the pipeline hands a step to the high-noise expert when the shifted ``t`` is at
   or above ``boundary_ratio``; training draws ``t`` from the chosen expert's side only, keeping
   the shifted distribution within it, and the teacher is the same expert with the LoRA off.
+  ``expert=both`` trains a LoRA on each: every optimizer step first draws its expert (high
+  noise with the probability of a shifted ``t`` at or above the boundary, so the steps together
+  follow the whole distribution), then its timesteps on that side; ``predict`` and ``sample``
+  send each sample to the expert of its ``t``, the other expert parked in CPU memory.
 - Memory: the VAE and the text encoder load on first use (a run whose cache is complete never
   loads them) and :meth:`WanFamily.release_encoders` frees them; the transformer stays on the
   CPU until then, so it never shares the GPU with the text encoder. The memory options
   (``model.memory``) are applied to the transformer after ``load``, and to the second expert when
-  samples load it (``LoadedModel.prepare_denoiser``).
+  samples load it (``LoadedModel.prepare_denoiser``) or, with ``expert=both``, after ``load``.
 """
 
 from __future__ import annotations
@@ -39,7 +46,8 @@ from __future__ import annotations
 import gc
 import html
 import re
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,12 +56,25 @@ from diffusers import AutoencoderKLWan, WanTransformer3DModel
 from diffusers.loaders import WanLoraLoaderMixin
 from safetensors import SafetensorError
 from torch import Tensor
-from transformers import AutoTokenizer, UMT5EncoderModel
+from transformers import (
+    AutoTokenizer,
+    CLIPImageProcessor,
+    CLIPVisionModelWithProjection,
+    UMT5EncoderModel,
+)
 
 from modules.config import ConfigError
-from modules.models.base import ComfyConverter, LoadedModel, ModelLoadError, TextEncoding
+from modules.models.base import (
+    ComfyConverter,
+    ExpertSplit,
+    LoadedModel,
+    ModelLoadError,
+    TextEncoding,
+    select_text,
+)
 from modules.models.base_weights import ScaledLayer, keep_scaled_layers, read_single_file
 from modules.models.flow_matching import T_MAX, T_MIN, FlowMatching, euler_sample, shift_timesteps
+from modules.models.memory import switch_denoiser
 from modules.models.model_folder import (
     FolderParts,
     check_model_folder,
@@ -63,9 +84,12 @@ from modules.models.model_folder import (
     read_model_json,
     text_encoder_dtype,
 )
-from modules.models.wan import LORA_TARGETS, WanOptions, image_to_video_problem
+from modules.models.wan import LORA_TARGETS, WanOptions, trains_image_to_video, wan_form
+from modules.models.wan import image_to_video as i2v
 from modules.models.wan.comfyui import to_comfyui
 
+HIGH_NOISE, LOW_NOISE = "high_noise", "low_noise"
+"""The experts' names (``model.wan.expert``, and the LoRA files of expert=both)."""
 DEFAULT_FLOW_SHIFT = 3.0
 """WAN's flow shift for 480p; 5.0 suits 720p (``model.wan.flow_shift``)."""
 DEFAULT_BOUNDARY = 0.875
@@ -91,13 +115,17 @@ class WanParts(FolderParts):
     tokenizer: Any = None
     negative: TextEncoding | None = None
     """The empty prompt encoded before the text encoder is freed: the samples' negative."""
+    image_encoder: Any = None
+    """WAN 2.1 I2V: the CLIP vision encoder and its image processor, loaded on first use,
+    freed by ``release_encoders``."""
+    image_processor: Any = None
 
 
 WanModel = LoadedModel[WanParts]
 
 
 class WanFamily(FlowMatching):
-    """WAN 2.1 / 2.2 text-to-video, with its options (``model.wan``)."""
+    """WAN 2.1 / 2.2 text- and image-to-video, with its options (``model.wan``)."""
 
     name = "wan"
     loss_layout = "video"
@@ -109,9 +137,16 @@ class WanFamily(FlowMatching):
         """The trained expert's range of shifted ``t`` (the whole range unless 2.2 A14B)."""
         self.boundary: float | None = None
         """2.2 A14B: the shifted ``t`` at which sampling switches experts; set by ``load``."""
+        self.image_to_video = False
+        """Whether the loaded folder trains image-to-video (:mod:`.image_to_video`)."""
+        self.form: str | None = None
+        """The loaded folder's form (:func:`modules.models.wan.wan_form`)."""
 
     def lora_targets(self, model: LoadedModel) -> dict[str, list[str]]:
-        return {name: list(modules) for name, modules in LORA_TARGETS.items()}
+        """The presets; WAN 2.1 I2V's attention also has the image cross-attention's key and
+        value projections (``attn2.add_k_proj`` / ``add_v_proj``)."""
+        image = ["add_k_proj", "add_v_proj"] if model.denoiser.config.image_dim else []
+        return {name: [*modules, *image] for name, modules in LORA_TARGETS.items()}
 
     def blocks(self, denoiser: torch.nn.Module) -> list[torch.nn.Module]:
         """The transformer blocks (the same for both WAN 2.2 experts)."""
@@ -135,7 +170,8 @@ class WanFamily(FlowMatching):
         vae_config = read_model_json(folder / "vae" / "config.json") or {}
         subfolder, other = self._choose_expert(folder, index)
         denoiser = self._load_transformer(folder, subfolder, dtype)
-        _check_text_to_video(folder, denoiser, vae_config)
+        self.image_to_video = trains_image_to_video(folder, self.options)
+        self.form = wan_form(folder)
         parts = WanParts(
             folder=folder,
             device=torch.device(device),
@@ -144,7 +180,15 @@ class WanFamily(FlowMatching):
             other_subfolder=other,
         )
         identity = _encoders_identity(folder, text_encoder_dtype(dtype))
-        return LoadedModel(denoiser=denoiser, identity=identity, parts=parts)
+        experts = None
+        if self.options.expert == "both":  # both LoRAs train: the other expert loads now
+            assert other is not None  # the folder check refused both without transformer_2/
+            parts.other_expert = self._load_transformer(folder, other, dtype)
+            experts = ExpertSplit(
+                denoisers={HIGH_NOISE: denoiser, LOW_NOISE: parts.other_expert},
+                draw=self._draw_expert,
+            )
+        return LoadedModel(denoiser=denoiser, identity=identity, parts=parts, experts=experts)
 
     def _choose_expert(self, folder: Path, index: dict[str, Any]) -> tuple[str, str | None]:
         """The transformer subfolder to train and the other expert's (None without one).
@@ -152,8 +196,17 @@ class WanFamily(FlowMatching):
         expert = self.options.expert
         if not (folder / "transformer_2").is_dir():
             return "transformer", None
-        boundary = float(index.get("boundary_ratio") or DEFAULT_BOUNDARY)
+        boundary = float(
+            index.get("boundary_ratio") or i2v.default_boundary(folder, DEFAULT_BOUNDARY)
+        )
         self.boundary = boundary
+        if expert == "both":
+            if self.options.transformer_file:
+                raise ModelLoadError(
+                    "model.wan.transformer_file: with model.wan.expert=both both experts load "
+                    "from the folder; leave transformer_file empty, or train one expert per run"
+                )
+            return "transformer", "transformer_2"  # the whole range until a step's draw
         if expert == "high_noise":
             self.timestep_range = (boundary, 1.0)
             return "transformer", "transformer_2"
@@ -262,6 +315,7 @@ class WanFamily(FlowMatching):
         if keep_decoder and parts.negative is None:
             parts.negative = self.encode_prompts(model, [""])
         parts.text_encoder = parts.tokenizer = None
+        parts.image_encoder = parts.image_processor = None
         vae = parts.vae
         if vae is not None and keep_decoder:
             vae.encoder = vae.quant_conv = None  # decoding needs post_quant_conv and decoder
@@ -315,14 +369,143 @@ class WanFamily(FlowMatching):
         low, high = (_unshift(t, self.flow_shift) for t in self.timestep_range)
         low, high = max(low, T_MIN), min(high, T_MAX)
         u = low + (high - low) * torch.rand(shape[0], generator=generator)
-        return shift_timesteps(u, self.flow_shift).to(device)
+        t = shift_timesteps(u, self.flow_shift)
+        if self.boundary is not None and self.timestep_range != (0.0, 1.0):
+            # float32 rounding must not carry a draw over the boundary into the other expert.
+            lowest_high, highest_low = self._boundary_edges()
+            high = self.timestep_range[0] > 0
+            t = torch.maximum(t, lowest_high) if high else torch.minimum(t, highest_low)
+        return t.to(device)
+
+    def _high_noise(self, timesteps: Tensor) -> Tensor:
+        """(B,) bool: the samples the pipeline hands to the high-noise expert, ``t`` at or above
+        the boundary compared as ``WanPipeline`` does, on the transformer's 0-1000 scale."""
+        assert self.boundary is not None
+        return timesteps.float() * 1000 >= self.boundary * 1000
+
+    def _boundary_edges(self) -> tuple[Tensor, Tensor]:
+        """The lowest float32 ``t`` of the high-noise expert and the highest of the low-noise
+        one (``t`` = the boundary may round either way)."""
+        lowest = torch.tensor([self.boundary], dtype=torch.float32)
+        up, down = torch.ones(1), torch.zeros(1)
+        while not bool(self._high_noise(lowest)):
+            lowest = torch.nextafter(lowest, up)
+        while bool(self._high_noise(torch.nextafter(lowest, down))):
+            lowest = torch.nextafter(lowest, down)
+        return lowest, torch.nextafter(lowest, down)
+
+    def _draw_expert(self, generator: torch.Generator) -> str:
+        """expert=both: the next optimizer step's expert, high_noise with the probability that
+        a shifted ``t`` lies at or above the boundary, so that the steps' timesteps together
+        follow WAN's whole distribution; :meth:`sample_timesteps` then draws in its range."""
+        assert self.boundary is not None  # both needs two experts, which come with a boundary
+        u_boundary = _unshift(self.boundary, self.flow_shift)
+        high_share = (T_MAX - max(u_boundary, T_MIN)) / (T_MAX - T_MIN)
+        high = float(torch.rand(1, generator=generator)) < high_share
+        self.timestep_range = (self.boundary, 1.0) if high else (0.0, self.boundary)
+        return HIGH_NOISE if high else LOW_NOISE
+
+    def _predict_by_expert(
+        self, model: WanModel, noisy: Tensor, timesteps: Tensor, text: TextEncoding
+    ) -> Tensor:
+        """expert=both: each sample through the expert its timestep belongs to (at or above the
+        boundary: high_noise), that expert alone on the device (the other parked in CPU
+        memory). The trainer's steps are of one expert; the drift meter's may mix."""
+        assert model.experts is not None and self.boundary is not None
+        high = self._high_noise(timesteps.reshape(timesteps.shape[0], -1)[:, 0].cpu())  # (B,)
+        out: Tensor | None = None
+        for name, rows in ((HIGH_NOISE, high), (LOW_NOISE, ~high)):
+            if not bool(rows.any()):
+                continue
+            expert = self._expert_model(model, name)
+            if bool(rows.all()):
+                return self.predict(expert, noisy, timesteps, text)
+            index = rows.nonzero().squeeze(1).to(noisy.device)
+            part = self.predict(expert, noisy[index], timesteps[index], select_text(text, index))
+            if out is None:
+                out = part.new_zeros((noisy.shape[0], *part.shape[1:]))
+            out[index] = part
+        assert out is not None
+        return out
+
+    def _expert_model(self, model: WanModel, name: str) -> WanModel:
+        """``model`` as the expert ``name`` alone, on the device with the others parked."""
+        assert model.experts is not None
+        denoisers = model.experts.denoisers
+        denoiser = denoisers[name]
+        switch_denoiser(denoiser, denoisers.values(), model.parts.device)
+        if denoiser.training != model.denoiser.training:  # samples and drift: eval, as it
+            denoiser.train(model.denoiser.training)
+        wrapper = model.wrapper if denoiser is model.denoiser else None
+        return replace(model, denoiser=denoiser, wrapper=wrapper, experts=None)
 
     def predict(
         self, model: WanModel, noisy: Tensor, timesteps: Tensor, text: TextEncoding
     ) -> Tensor:
-        """The velocity (B, C, F', h, w) for noisy latents of the same shape."""
+        """The velocity (B, C, F', h, w) for noisy latents of the same shape (expert=both:
+        from the expert each sample's timestep belongs to)."""
+        if model.experts is not None:
+            return self._predict_by_expert(model, noisy, timesteps, text)
+        if self.image_to_video and not i2v.conditioned(text):
+            # Only the drift meter's held-out stills come without a first frame.
+            raise ConfigError(
+                "drift.every: the drift meter measures held-out still images, which give an "
+                "image-to-video model no first frame; set drift.every=0 for this model"
+            )
         denoiser_on_device(model)
-        return _forward(model.runner, model.parts.dtype, noisy, timesteps, text["embeds"])
+        patch = model.denoiser.config.patch_size[-1]  # the runner may wrap it (DDP, compile)
+        runner, dtype = model.runner, model.parts.dtype
+        return _forward(runner, dtype, noisy, timesteps, text["embeds"], text, patch=patch)
+
+    def predicted_frames(self, shape: torch.Size) -> Tensor | None:
+        """(F',) weights of the latent frames the model predicts, for latents of ``shape``
+        (B, C, F', h, w): TI2V image-to-video gives frame 0 (weight 0); None for the others,
+        which predict every frame."""
+        if not (self.image_to_video and self.form == "ti2v") or len(shape) != 5:
+            return None
+        return i2v.predicted_frames(shape[2])
+
+    @torch.no_grad()
+    def encode_conditioning(
+        self, model: WanModel, kind: str, images: Sequence[Tensor], *, frames: int = 1
+    ) -> TextEncoding:
+        """The first frame ``images[0]`` (3, H, W) of a clip of ``frames`` frames → its
+        encodings (:mod:`.image_to_video`): the latent of [frame, black frames] (2.1 / 2.2 I2V)
+        and the CLIP embedding (2.1), or the frame's own latent (TI2V)."""
+        if kind != "first_frame" or len(images) != 1:
+            raise ValueError(f"WAN image-to-video takes one first frame, not {len(images)} {kind}")
+        if frames == 1:
+            raise ConfigError(
+                "data.frames=1: an image-to-video model is given each clip's first frame and "
+                "learns the frames after it; set data.frames to 5 or more (4n+1, e.g. 33)"
+            )
+        parts = model.parts
+        vae = self._vae(model, encoder=True)
+        ti2v = self.form == "ti2v"
+        latent = i2v.encode_first_frame(vae, parts.vae_config, images[0], frames=frames, alone=ti2v)
+        if ti2v:
+            return {i2v.LATENT_KEY: latent}
+        encodings = {i2v.VIDEO_KEY: latent}
+        if model.denoiser.config.image_dim:
+            encoder, processor = self._image_encoder(model)
+            encodings[i2v.IMAGE_KEY] = i2v.encode_image(encoder, processor, images[0])
+        return encodings
+
+    def _image_encoder(self, model: WanModel) -> tuple[Any, Any]:
+        """WAN 2.1 I2V's CLIP vision encoder (float32, as the VAE) and image processor."""
+        parts = model.parts
+        if parts.image_encoder is None:
+            folder = parts.folder
+            parts.image_processor = CLIPImageProcessor.from_pretrained(
+                folder / "image_processor", local_files_only=True
+            )
+            parts.image_encoder = load_frozen(
+                CLIPVisionModelWithProjection,
+                folder / "image_encoder",
+                parts.device,
+                dtype=torch.float32,
+            )
+        return parts.image_encoder, parts.image_processor
 
     @torch.no_grad()
     def sample(
@@ -334,11 +517,15 @@ class WanFamily(FlowMatching):
         steps: int,
         generator: torch.Generator,
         frames: int = 1,
+        conditioning: TextEncoding | None = None,
     ) -> Tensor:
         """``frames`` frames per prompt at ``size`` (1: WAN as a text-to-image model, cheap
         previews, (B, 3, H, W); more: a clip, (B, 3, F, H, W)), with classifier-free guidance
         when the empty prompt was encoded; 2.2 A14B switches experts at the boundary like the
-        pipeline."""
+        pipeline. Image-to-video: ``conditioning``, each prompt's start image encoded by
+        :meth:`encode_conditioning` at ``size`` and ``frames`` (batch-first)."""
+        if self.image_to_video and not conditioning:
+            raise ValueError("WAN image-to-video samples need a start image per prompt")
         denoiser_on_device(model)
         parts = model.parts
         embeds = text["embeds"]
@@ -346,7 +533,7 @@ class WanFamily(FlowMatching):
         vae = parts.vae_config
         scale = int(vae.get("scale_factor_spatial") or 8)
         latent_frames = (frames - 1) // int(vae.get("scale_factor_temporal") or 4) + 1
-        channels = model.denoiser.config.in_channels
+        channels = model.denoiser.config.out_channels  # I2V reads more (the first frame's)
         shape = (batch, channels, latent_frames, size[1] // scale, size[0] // scale)
         noise = torch.randn(shape, generator=generator)
         negative = parts.negative
@@ -355,21 +542,24 @@ class WanFamily(FlowMatching):
 
         def velocity(x: Tensor, t: Tensor) -> Tensor:
             denoiser = self._expert_for(model, float(t[0]))
-            cond = _forward(denoiser, dtype, x, t, embeds).float()
+            cond = _forward(denoiser, dtype, x, t, embeds, conditioning).float()
             if uncond is None:
                 return cond
-            free = _forward(denoiser, dtype, x, t, uncond).float()
+            free = _forward(denoiser, dtype, x, t, uncond, conditioning).float()
             return free + SAMPLE_GUIDANCE * (cond - free)
 
         latents = euler_sample(velocity, noise.to(parts.device), steps=steps, shift=self.flow_shift)
-        return self.decode_latents(model, latents)
+        return self.decode_latents(model, i2v.with_first_frame(latents, conditioning))
 
     def _expert_for(self, model: WanModel, t: float) -> torch.nn.Module:
         """The transformer the pipeline would use at shifted time ``t``."""
         if self.boundary is None:
             return model.denoiser
+        high = bool(self._high_noise(torch.tensor([t])))
+        if model.experts is not None:  # both trained, each with its LoRA: one on the device
+            return self._expert_model(model, HIGH_NOISE if high else LOW_NOISE).denoiser
         trained_high = self.timestep_range[0] > 0
-        if (t >= self.boundary) == trained_high:
+        if high == trained_high:
             return model.denoiser
         parts = model.parts
         if parts.other_expert is None:
@@ -386,17 +576,28 @@ class WanFamily(FlowMatching):
 
 
 def _forward(
-    denoiser: torch.nn.Module, dtype: torch.dtype, noisy: Tensor, t: Tensor, embeds: Tensor
+    denoiser: torch.nn.Module,
+    dtype: torch.dtype,
+    noisy: Tensor,
+    t: Tensor,
+    embeds: Tensor,
+    condition: TextEncoding | None = None,
+    *,
+    patch: int | None = None,
 ) -> Tensor:
-    """One transformer call: (B, C, F', h, w) latents, t (B,) in (0, 1), prompt (B, L, D)."""
+    """One transformer call: (B, C, F', h, w) latents, t (B,) in (0, 1), prompt (B, L, D), and
+    for image-to-video the first frame's encodings (:func:`.image_to_video.denoiser_inputs`)."""
     if embeds.shape[1] < TEXT_TOKENS:
         # The transformer was trained on 512 tokens with zeros after the prompt.
         pad = embeds.new_zeros(embeds.shape[0], TEXT_TOKENS - embeds.shape[1], embeds.shape[2])
         embeds = torch.cat([embeds, pad], dim=1)  # (B, 512, D)
+    patch = patch or denoiser.config.patch_size[-1]  # tokens per latent frame (TI2V)
+    hidden, timestep, extra = i2v.denoiser_inputs(noisy, t * 1000, condition or {}, patch)
     return denoiser(
-        hidden_states=noisy.to(dtype),
-        timestep=t * 1000,  # the transformer's timestep scale
+        hidden_states=hidden.to(dtype),
+        timestep=timestep,  # the transformer's 0-1000 scale; TI2V I2V: one per token
         encoder_hidden_states=embeds.to(dtype),
+        **{name: value.to(dtype) for name, value in extra.items()},
         return_dict=False,
     )[0]
 
@@ -421,21 +622,11 @@ def _clean_prompt(text: str) -> str:
     return re.sub(r"\s+", " ", html.unescape(html.unescape(text))).strip()
 
 
-def _check_text_to_video(
-    folder: Path, denoiser: WanTransformer3DModel, vae_config: dict[str, Any]
-) -> None:
-    """The loaded transformer (a ``transformer_file`` too) against the VAE: the folder's
-    config was checked before loading, a single file's weights are checked here."""
-    problem = image_to_video_problem(
-        folder, denoiser.config.in_channels, vae_config.get("z_dim", 16)
-    )
-    if problem:
-        raise ModelLoadError(problem)
-
-
 def _encoders_identity(folder: Path, text_dtype: torch.dtype) -> str:
     """What the cached latents and prompt encodings depend on: the VAE, the text encoder and
-    the tokenizer files (path, size, modification time) and the text encoder's dtype, not the
-    transformer. Runs on either A14B expert, or with another transformer file, share the cache."""
+    the tokenizer files (path, size, modification time; WAN 2.1 I2V's image encoder too) and
+    the text encoder's dtype, not the transformer. Runs on either A14B expert, or with another
+    transformer file, share the cache."""
     head = f"wan:{folder.resolve()}:tokens={TEXT_TOKENS}:text={text_dtype}:"
-    return head + files_stamp(folder, ("vae", "text_encoder", "tokenizer"))
+    encoders = ("vae", "text_encoder", "tokenizer", "image_encoder", "image_processor")
+    return head + files_stamp(folder, encoders)  # a T2V folder has no image_encoder/
