@@ -8,6 +8,37 @@ from tests.qwen_image.tiny_qwen_image import build_tiny_qwen_image
 from tests.wan.tiny_wan import build_tiny_wan
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """With the tests spread over processes (pytest-xdist's ``-n``), write the demo dataset the
+    demo presets name once, before the workers start: two runs finding it missing at once
+    would each write it while the other reads it. A current one costs one file read."""
+    if not session.config.pluginmanager.hasplugin("dsession"):
+        return  # one process (or a worker): the first run that needs it writes it
+    from modules.demo.data_folder import DEMO_DATA_ROOT
+    from modules.demo.dataset import write_demo_dataset
+
+    write_demo_dataset(DEMO_DATA_ROOT)
+
+
+SECONDS_GUESSED = {"slow": 10.0, "ui": 4.0}
+"""A test's rough cost by its mark (else :data:`SECONDS_UNIT`), to hand out the long files first."""
+SECONDS_UNIT = 0.5
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """In a pytest-xdist worker, the files in order of their guessed cost, dearest first (a
+    file's tests keep their order): with whole files handed out in this order
+    (``--dist loadfile --no-loadscope-reorder``, as scripts/test.sh runs), a long file is not
+    left to run alone at the end while the other worker waits."""
+    if not hasattr(config, "workerinput"):
+        return
+    cost: dict[object, float] = {}
+    for item in items:
+        marks = [SECONDS_GUESSED[m.name] for m in item.iter_markers() if m.name in SECONDS_GUESSED]
+        cost[item.path] = cost.get(item.path, 0.0) + max(marks, default=SECONDS_UNIT)
+    items.sort(key=lambda item: -cost[item.path])  # stable: ties keep the collected order
+
+
 @pytest.fixture(scope="session")
 def demo_family():
     return DemoFamily()
