@@ -1,6 +1,6 @@
 """The concepts editor: one card per concept folder, with the folder's image and mask counts
-(with ``data.frame_windows`` other than ``head``, also its clips' windows) and the histogram of
-the buckets its images train in.
+(with ``data.frame_windows`` other than ``head``, also its clips' windows; for an edit model its
+pairs, and the first problem with them) and the histogram of the buckets its images train in.
 
 Each card is built from the concept's fields (``ConceptConfig`` and its ``CaptionConfig``) like
 every other form. Cards are rebuilt from their values when a concept is added or removed, so a
@@ -25,6 +25,8 @@ from app.style import ERROR_COLOUR, MUTED_COLOUR, heading_font
 from modules.config.presets import merge_overlay
 from modules.config.schema import CaptionConfig, ConceptConfig, DataConfig
 from modules.data.concept import ConceptScan, DataError, count_of, scan_concept
+from modules.data.conditioning import find_pairs, pair_problems, reference_kind
+from modules.models.spec import ConditioningKind
 
 if TYPE_CHECKING:
     from app.preview_maps import PreviewSettings
@@ -60,6 +62,9 @@ class ConceptCard(ctk.CTkFrame):
         self._on_change = on_change
         self._pending_scan: str | None = None
         self.scan: ConceptScan | None = None
+        self.kinds: tuple[ConditioningKind, ...] = ()
+        """The model's conditioning kinds: with references, the scan keeps them apart and
+        the card counts pairs."""
 
         header = ctk.CTkFrame(self, fg_color="transparent")
         header.grid(row=0, column=0, columnspan=2, sticky="ew", padx=10, pady=(8, 0))
@@ -165,12 +170,42 @@ class ConceptCard(ctk.CTkFrame):
             self.counts.configure(text="Choose a folder of images.", text_color=MUTED_COLOUR)
         else:
             try:
-                self.scan = scan_concept(ConceptConfig(path=path))
+                references = reference_kind(self.kinds) is not None
+                self.scan = scan_concept(ConceptConfig(path=path), references=references)
             except DataError as error:
                 self.counts.configure(text=str(error), text_color=ERROR_COLOUR)
             else:
-                self.counts.configure(text=describe_scan(self.scan), text_color=MUTED_COLOUR)
+                self._show_counts()
         self._on_scanned()
+
+    def set_kinds(self, kinds: tuple[ConditioningKind, ...]) -> None:
+        """The model's conditioning kinds; the folder is scanned again when whether it takes
+        references changes (its ``-ref`` files are then references, not images)."""
+        changed = (reference_kind(kinds) is None) != (reference_kind(self.kinds) is None)
+        self.kinds = kinds
+        if changed:
+            self.rescan()
+
+    def _show_counts(self, extra: str = "") -> None:
+        """The scan's counts (and ``extra``), the pairs for an edit model, and the first
+        problem with them in the error colour."""
+        assert self.scan is not None
+        text, problems = describe_scan(self.scan) + extra, []
+        kind = reference_kind(self.kinds)
+        if kind is not None:
+            folders = [Path(d).expanduser() for d in self.values().get("reference_dirs") or []]
+            problems = pair_problems(
+                self.scan,
+                self.kinds,
+                concept=self.prefix,
+                field=self.prefix,
+                reference_dirs=folders,
+            )
+            text += " · " + find_pairs(self.scan, kind, folders).describe()
+        if problems:
+            more = f" (and {len(problems) - 1} more: Check lists them)" if len(problems) > 1 else ""
+            text += f"\n{problems[0]}{more}"
+        self.counts.configure(text=text, text_color=ERROR_COLOUR if problems else MUTED_COLOUR)
 
     def show_buckets(self, settings: PreviewSettings | str) -> bool:
         """The bucket histogram of this concept for ``settings``; False while the image
@@ -180,7 +215,7 @@ class ConceptCard(ctk.CTkFrame):
             return True
         if isinstance(settings, str):
             self.buckets.configure(text=f"Buckets: {settings}")
-            self.counts.configure(text=describe_scan(self.scan))
+            self._show_counts()
             return True
         if not engine_import.ready():
             engine_import.start()
@@ -192,11 +227,11 @@ class ConceptCard(ctk.CTkFrame):
             self._read_sizes()
         if isinstance(self._sizes, str):
             self.buckets.configure(text=f"Buckets: {self._sizes}")
-            self.counts.configure(text=describe_scan(self.scan))
+            self._show_counts()
             return True
         # Each window of a clip is an item of its own, in the histogram too.
         windows = count_windows(self._clips, settings.windows)
-        self.counts.configure(text=describe_scan(self.scan) + windows_text(windows, settings))
+        self._show_counts(windows_text(windows, settings))
         buckets = list(settings.buckets) if settings.buckets is not None else None
         counted = [max(n, 1) if n is not None else 1 for n in windows]
         sizes = [size for size, n in zip(self._sizes, counted, strict=True) for _ in range(n)]
@@ -294,6 +329,12 @@ class ConceptsPanel(ctk.CTkScrollableFrame):
             self.after_cancel(self._pending_buckets)
             self._pending_buckets = None
         current = settings()
+        if not isinstance(current, str):
+            from modules.models.registry import conditioning_kinds
+
+            kinds = conditioning_kinds(current.model)
+            for card in self.cards:
+                card.set_kinds(kinds)
         done = [card.show_buckets(current) for card in self.cards]
         if not all(done):
             self._pending_buckets = self.after(RETRY_MS, lambda: self.show_buckets(settings))

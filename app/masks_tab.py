@@ -1,6 +1,7 @@
 """The Masks tab: paint a concept image's ``-masklabel.png`` with tier brushes, or generate it.
 
-The image with its mask as a coloured overlay (or the mask as grey levels), brushes for the
+The image with its mask as a coloured overlay (or the mask as grey levels), for an edit pair its
+reference beside it (the difference mode makes the mask of where they differ), brushes for the
 face, body and hair tiers (the levels of ``mask.tiers``), erase (0) and a free value, brush
 size, fill, undo/redo, zoom (mouse wheel) and pan (right or middle drag). Generate runs the mask
 generator (``modules.masks``) for this image or the whole concept in a background thread whose
@@ -127,7 +128,9 @@ class MasksTab(ctk.CTkFrame):
 
         generate = FlowFrame(self)
         generate.grid(row=2, column=0, columnspan=2, sticky="ew", pady=2)
-        self.mode_menu = ctk.CTkOptionMenu(generate, values=["tiers", "subject"], width=100)
+        self.mode_menu = ctk.CTkOptionMenu(
+            generate, values=["tiers", "subject", "difference"], width=110
+        )
         generate.add(self.mode_menu)
         self.overwrite_menu = ctk.CTkOptionMenu(
             generate, values=["missing", "never", "all"], width=100
@@ -159,6 +162,15 @@ class MasksTab(ctk.CTkFrame):
         self.preview.pack(anchor="w")
         self.preview_text = ctk.CTkLabel(side, text="", justify="left", anchor="w")
         self.preview_text.pack(anchor="w")
+        self.reference_title = ctk.CTkLabel(side, text="", anchor="w", text_color=MUTED_COLOUR)
+        self.reference_title.pack(anchor="w", pady=(8, 0))
+        self.reference_view = ctk.CTkLabel(side, text="")
+        self.reference_view.pack(anchor="w")
+        self.reference_path: Path | None = None
+        """The shown item's first reference image (an edit pair), or None."""
+        self.reference_dirs: list[Path] = []
+        """The concept's reference folders (``data.concepts.N.reference_dirs``)."""
+        self._reference_photo: ctk.CTkImage | None = None
         self.box: tuple[int, int, int, int] | None = None
         self._filling = False
         self._bind_canvas()
@@ -199,10 +211,13 @@ class MasksTab(ctk.CTkFrame):
             self.concept_menu.set(str(self.image_path.parent) if self.image_path else "")
             return
         self.concept_menu.set(path)
-        self.items = {}
+        self.items, self.reference_dirs = {}, []
         if path:
+            concept = self._concept_values(path)
+            self.reference_dirs = [Path(d).expanduser() for d in concept.get("reference_dirs", [])]
             try:
-                scan = scan_concept(_concept(path))
+                # An edit concept's references are shown beside their targets, not listed.
+                scan = scan_concept(_concept(path), references=self._takes_references())
             except DataError as error:
                 self._say(str(error), error=True)
                 scan = None
@@ -227,6 +242,7 @@ class MasksTab(ctk.CTkFrame):
         item = self.items.get(name)
         if item is None:
             self.layer, self.image_path, self.pixels = None, None, None
+            self._show_reference(None)
             self.redraw()
             return False
         from modules.masks.mask_files import read_rgb
@@ -239,10 +255,55 @@ class MasksTab(ctk.CTkFrame):
             self._say(str(error), error=True)
             return False
         self.image_path, self.box = item.image, None
+        self._show_reference(item)
         self._say("" if item.mask else f"no mask yet: Save writes {self.layer.path.name}")
         self.fit()
         self.schedule_preview()
         return True
+
+    def _concept_values(self, path: str) -> dict[str, Any]:
+        """The config's values of the concept at ``path`` (empty if it is not one)."""
+        concepts = self._values()["data"]["concepts"]
+        return next((c for c in concepts if str(c.get("path", "")) == path), {})
+
+    def _takes_references(self) -> bool:
+        """Whether the model takes reference images (an edit model), or the concept names
+        reference folders; while the model settings are invalid, the folders decide."""
+        settings = self._preview_settings()
+        if isinstance(settings, str):
+            return bool(self.reference_dirs)
+        from modules.models.registry import conditioning_kinds
+
+        kinds = conditioning_kinds(settings.model)
+        return any(kind.source == "references" for kind in kinds) or bool(self.reference_dirs)
+
+    def _show_reference(self, item: Any) -> None:
+        """The item's first reference beside the canvas (in the concept's reference folders,
+        else ``name-ref.png`` beside it), or nothing when it has none."""
+        from modules.data.conditioning import conditioning_sources
+        from modules.models.spec import ConditioningKind
+
+        kind = ConditioningKind(name="reference", source="references", most=99)
+        found = conditioning_sources(item, kind, self.reference_dirs) if item else ()
+        self.reference_path = found[0] if found else None
+        self._reference_photo = None
+        if self.reference_path is None:
+            self.reference_title.configure(text="")
+            self.reference_view.configure(image="")
+            return
+        try:
+            with Image.open(self.reference_path) as opened:
+                picture = opened.convert("RGB")
+        except (OSError, ValueError) as error:
+            self.reference_title.configure(text=f"reference {self.reference_path.name}: {error}")
+            self.reference_view.configure(image="")
+            return
+        scale = PREVIEW_SIDE / max(picture.size)
+        small = (max(1, round(picture.width * scale)), max(1, round(picture.height * scale)))
+        picture = picture.resize(small, Image.Resampling.LANCZOS)
+        self._reference_photo = ctk.CTkImage(light_image=picture, dark_image=picture, size=small)
+        self.reference_title.configure(text=f"reference: {self.reference_path.name}")
+        self.reference_view.configure(image=self._reference_photo)
 
     def leave(self) -> bool:
         """Whether the current mask may be left: not edited, or saved or dropped as asked
@@ -484,7 +545,14 @@ class MasksTab(ctk.CTkFrame):
         if self.layer is None or self.pixels is None or self.generating:
             return
         mode, pixels, box = self.mode_menu.get(), self.pixels, self.box
-        tiers = self.tiers()
+        tiers, reference = self.tiers(), self.reference_path
+        if mode == "difference" and reference is None:
+            self.progress.configure(
+                text="difference: this image has no reference (name-ref.png beside it, or a "
+                "file of its name in the concept's reference folders)",
+                text_color=ERROR_COLOUR,
+            )
+            return
 
         def work() -> Any:
             from modules.config.schema import MaskTiersConfig
@@ -493,6 +561,12 @@ class MasksTab(ctk.CTkFrame):
 
             if mode == "tiers":
                 return generate_tiers(pixels, MaskTiersConfig(**tiers))
+            if mode == "difference":
+                from modules.masks.difference import generate_difference
+                from modules.masks.mask_files import read_rgb
+
+                assert reference is not None
+                return generate_difference(pixels, read_rgb(reference), MaskTiersConfig(**tiers))
             # The box dragged with Shift held, else one a twentieth inside the edges.
             return generate_subject(pixels, box=_ordered(box) or margin_box(pixels.shape, 0.05))
 
@@ -503,7 +577,7 @@ class MasksTab(ctk.CTkFrame):
         if not folder or self.generating or not self.leave():
             return
         mode, overwrite, tiers = self.mode_menu.get(), self.overwrite_menu.get(), self.tiers()
-        cancel, results = self._cancel, self._results
+        cancel, results, folders = self._cancel, self._results, list(self.reference_dirs)
 
         def work() -> Any:
             from modules.config.schema import MaskTiersConfig
@@ -516,6 +590,7 @@ class MasksTab(ctk.CTkFrame):
                 tiers=MaskTiersConfig(**tiers),
                 on_progress=lambda done, total, item: results.put(("progress", (done, total))),
                 cancel=cancel,
+                reference_dirs=folders,
             )
 
         self._start("concept", work)
@@ -564,8 +639,10 @@ class MasksTab(ctk.CTkFrame):
             self.progress.configure(text="generated: Save to keep it, Undo to drop it")
             self._edited()
         else:
-            sought = "person" if self.mode_menu.get() == "tiers" else "subject"
-            self.progress.configure(text=payload.line(sought))
+            sought = {"tiers": "person", "difference": "change"}.get(self.mode_menu.get())
+            self.progress.configure(
+                text=" ".join([payload.line(sought or "subject"), *payload.notes])
+            )
             current = self.image_path.name if self.image_path else ""
             self.choose_concept(self.concept_menu.get())
             if current in self.items:

@@ -298,6 +298,8 @@ def check(config: TrainConfig, preset: str) -> int:
         print(f"warning: {warning}")
     if found.buckets:
         print(found.buckets)
+    for line in found.pairs:
+        print(line)
     for line in _window_lines(config, found.scans):
         print(line)
     for line in estimate_lines(config):

@@ -1,10 +1,15 @@
 """``python -m modules.cli masks CONCEPT_DIR``: write the masks of a concept folder.
 
-    python -m modules.cli masks CONCEPT_DIR [--mode tiers|subject] [--overwrite never|missing|all]
-        [--preset P] [--face N] [--body N] [--hair N] [--model FILE.onnx] [--margin F]
+    python -m modules.cli masks CONCEPT_DIR [--mode tiers|subject|difference]
+        [--overwrite never|missing|all] [--preset P] [--face N] [--body N] [--hair N]
+        [--model FILE.onnx] [--margin F] [--reference-dir DIR] [--threshold N] [--near F]
 
 Tier levels come from the preset's ``mask.tiers`` (the defaults without one), then
-``--face/--body/--hair``. The summary counts each image and clip once (written, kept, with
+``--face/--body/--hair``. ``--mode difference`` masks an edit concept's pairs: where each target
+differs from its reference (``name-ref.png`` beside it, or the file of its name in
+``--reference-dir``), changed at the face level, a band around it at the body level.
+
+The summary counts each image and clip once (written, kept, with
 nothing found, failed). Exit status: 0 done (images without a person are reported, not an
 error), 1 some item failed, 2 the folder, the preset or the models could not be used (a folder
 that cannot be written is refused before anything is detected), 130 when Ctrl-C stopped it
@@ -30,9 +35,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     sub.add_argument("concept_dir", help="folder of images and clips")
     sub.add_argument(
         "--mode",
-        choices=("tiers", "subject"),
+        choices=("tiers", "subject", "difference"),
         default="tiers",
-        help="tiers: people (face, body, hair levels); subject: one subject at --value",
+        help="tiers: people (face, body, hair levels); subject: one subject at --value; "
+        "difference: edit pairs, where each target differs from its reference (changed at the "
+        "face level, the band around it at the body level, the rest 0)",
     )
     sub.add_argument(
         "--overwrite",
@@ -54,6 +61,27 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="subject mode without a model: GrabCut's box lies this fraction inside each edge",
     )
     sub.add_argument("--value", type=int, default=255, help="subject mode: the mask's grey level")
+    sub.add_argument(
+        "--reference-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="difference mode: the folder of the references (a file of each target's name; "
+        "the concept's first reference_dirs folder); without it: name-ref.png beside each target",
+    )
+    sub.add_argument(
+        "--threshold",
+        type=float,
+        metavar="0-255",
+        help="difference mode: grey levels a pixel must change by to count (default 24)",
+    )
+    sub.add_argument(
+        "--near",
+        type=float,
+        metavar="F",
+        help="difference mode: width of the partial band around the change, as a fraction of "
+        "the short side (default 0.04)",
+    )
 
 
 def tiers_from(args: argparse.Namespace) -> MaskTiersConfig:
@@ -78,6 +106,12 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    # Unset: the defaults of modules.masks.difference (24 levels, 0.04 of the short side).
+    difference = {
+        name: getattr(args, name)
+        for name in ("threshold", "near")
+        if getattr(args, name) is not None
+    }
     bar = tqdm(unit="item", dynamic_ncols=True, file=sys.stderr)
 
     def progress(done: int, total: int, item: Path) -> None:
@@ -95,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
             on_progress=progress,
             box_margin=args.margin,
             value=args.value,
+            reference_dirs=[Path(folder) for folder in args.reference_dir],
+            **difference,
         )
     except KeyboardInterrupt:
         bar.close()
@@ -107,7 +143,9 @@ def run(args: argparse.Namespace) -> int:
     bar.close()
     for path, reason in summary.failed:
         print(f"failed: {path}: {reason}", file=sys.stderr)
-    sought = "person" if args.mode == "tiers" else "subject"
+    for note in summary.notes:
+        print(f"warning: {note}", file=sys.stderr)
+    sought = {"tiers": "person", "subject": "subject", "difference": "change"}[args.mode]
     for path in summary.no_person:
         print(f"no {sought} found: {path}")
     for path in summary.kept_unfound:

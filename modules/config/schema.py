@@ -24,6 +24,9 @@ SCHEMA_VERSION = 4
 VIDEO_FAMILIES = frozenset(name for name, spec in SPECS.items() if spec.video)
 """Families whose latents have a time axis: the only ones that can train clips (data.frames > 1)."""
 VIDEO_ONLY = {"families": sorted(VIDEO_FAMILIES)}
+REFERENCE_FAMILIES = {"families": ["flux1", "flux2", "qwen_image"]}
+"""The families with edit models that read reference images (FLUX.1 Kontext, FLUX.2 with
+task=edit, Qwen-Image-Edit): the reference fields are shown for them only."""
 """Field metadata: the field applies to these model families only; the UI hides it for others
 (its value is kept and saved)."""
 TARGET_PRESETS = tuple(dict.fromkeys(name for spec in SPECS.values() for name in spec.lora_targets))
@@ -215,6 +218,7 @@ class ConceptConfig(Section):
     reference_dirs: list[str] = Field(
         default_factory=list,
         title="Reference folders",
+        json_schema_extra=REFERENCE_FAMILIES,
         description=(
             "Edit models: folders holding each target's reference (control) images, a file of "
             "the target's name in each, in order (refs/a.png for a.png). Empty: references "
@@ -700,6 +704,7 @@ class SamplingConfig(Section):
     references: list[str] = Field(
         default_factory=list,
         title="Reference images",
+        json_schema_extra=REFERENCE_FAMILIES,
         description=(
             "Edit models: each prompt's reference images, one entry per prompt in order, "
             "several references of one prompt separated by ';'. Empty: the references of the "
@@ -914,6 +919,7 @@ def config_warnings(config: TrainConfig) -> list[str]:
             "Adafactor's learning_rate caps its relative step size (1e-2 in its paper); a rate "
             "for AdamW, such as 1e-4, leaves the LoRA nearly untrained."
         )
+    warnings.extend(getattr(config.model, config.model.family, NoOptions()).warnings())
     warnings.extend(_other_family_warnings(config))
     return warnings
 

@@ -81,6 +81,9 @@ class ConceptScan:
     references: tuple[Path, ...] = ()
     """Reference images beside their items (``name-ref.png``), kept out of the items when the
     folder is scanned for a family that takes references."""
+    orphan_references: tuple[Path, ...] = ()
+    """Files named as references (``x-ref.png``) whose target (``x.png``) is not in the
+    folder; kept out of the items too (a renamed or deleted target, or a misspelt name)."""
 
     @property
     def images(self) -> int:
@@ -129,7 +132,8 @@ def scan_concept(concept: ConceptConfig, *, references: bool = False) -> Concept
     """List a concept's images and clips with their masks and final captions.
 
     ``references``: the model family takes reference images, so ``name-ref.png``,
-    ``name-ref1.png``, ... beside an item ``name`` are its references, not items.
+    ``name-ref1.png``, ... beside an item ``name`` are its references, not items (and such a
+    file without its item is listed in ``orphan_references``, not trained on).
     Raises DataError when the folder is missing or holds no images or clips, when two items
     share a name, or when a still image has a video or folder as its mask.
     """
@@ -139,12 +143,19 @@ def scan_concept(concept: ConceptConfig, *, references: bool = False) -> Concept
         raise DataError(
             f"concept folder '{folder}' {what}: fix the concept's path or create the folder"
         )
-    images, masks, unsupported, broken = _list_images_and_masks(folder)
+    # A reference folder kept inside the concept's folder holds references, not a clip.
+    inside = {Path(each).expanduser().resolve() for each in concept.reference_dirs}
+    images, masks, unsupported, broken = _list_images_and_masks(folder, skip=inside)
     kept_apart: list[Path] = []
+    orphan_references: list[Path] = []
     if references:
+        # Every ``x-ref*.png`` is a reference: one whose target is missing is named, never
+        # trained on as a target of its own.
+        named = [image for image in images if _names_reference(image)]
+        images = [image for image in images if image not in named]
         stems = {_stem(image) for image in images}
-        kept_apart = [image for image in images if reference_of(_stem(image)) in stems]
-        images = [image for image in images if image not in kept_apart]
+        kept_apart = [image for image in named if reference_of(_stem(image)) in stems]
+        orphan_references = [image for image in named if image not in kept_apart]
     if not images:
         raise DataError(
             f"concept folder '{folder}' has no images (png, jpg, jpeg, webp; or clips: mp4, "
@@ -172,7 +183,13 @@ def scan_concept(concept: ConceptConfig, *, references: bool = False) -> Concept
         unsupported=tuple(unsupported),
         broken_links=tuple(broken),
         references=tuple(kept_apart),
+        orphan_references=tuple(orphan_references),
     )
+
+
+def _names_reference(path: Path) -> bool:
+    """A still image named as a reference (``x-ref.png``, ``x-ref2.jpg``)."""
+    return not _is_clip(path) and reference_of(_stem(path)) is not None
 
 
 def reference_of(stem: str) -> str | None:
@@ -267,10 +284,11 @@ def _stem(path: Path) -> str:
 
 
 def _list_images_and_masks(
-    folder: Path,
+    folder: Path, skip: set[Path] | frozenset[Path] = frozenset()
 ) -> tuple[list[Path], dict[str, Path], list[Path], list[Path]]:
     """Images and clips sorted by name, masks keyed by the stem of the item they belong to, and
-    the files skipped: unsupported formats and broken links."""
+    the files skipped: unsupported formats and broken links. ``skip``: folders that are not
+    clips (resolved paths: the concept's reference folders)."""
     images: list[Path] = []
     stems: dict[str, Path] = {}
     masks: dict[str, Path] = {}
@@ -285,6 +303,8 @@ def _list_images_and_masks(
             broken.append(path)
             continue
         if path.is_dir():
+            if path.resolve() in skip:
+                continue
             if not path.name.lower().endswith(MASK_SUFFIX) and not has_frames(path):
                 continue  # not a clip: a folder of something else
         elif path.suffix.lower() not in IMAGE_EXTENSIONS | VIDEO_EXTENSIONS or not path.is_file():

@@ -15,12 +15,17 @@ file before anything loads.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from modules.data.concept import (
     IMAGE_EXTENSIONS,
+    MASK_SUFFIX,
     REFERENCE_SUFFIX,
     ConceptItem,
+    ConceptScan,
+    count_of,
+    name_list,
     reference_number,
     reference_of,
 )
@@ -42,6 +47,113 @@ def conditioning_sources(
         found = (_named_like(item.image, Path(folder).expanduser()) for folder in reference_dirs)
         return tuple(path for path in found if path is not None)
     return _beside(item.image)
+
+
+def reference_kind(kinds: Sequence[ConditioningKind]) -> ConditioningKind | None:
+    """The kind of ``kinds`` that reads reference images, or None."""
+    return next((kind for kind in kinds if kind.source == "references"), None)
+
+
+@dataclass(frozen=True)
+class Pairs:
+    """A concept's targets and their reference images as found on disk (no image is read)."""
+
+    references: tuple[tuple[Path, ...], ...]
+    """Per item of the scan, in order, its reference files in order (empty: none found)."""
+    without_target: tuple[Path, ...]
+    """Reference files that name no target: ``x-ref.png`` without ``x.png``, or a file in a
+    reference folder with no target of its name."""
+
+    @property
+    def paired(self) -> int:
+        return sum(1 for found in self.references if found)
+
+    @property
+    def unpaired(self) -> int:
+        return sum(1 for found in self.references if not found)
+
+    def describe(self) -> str:
+        """``12 pairs, 2 references each``; ``1 to 3 references each`` when they differ; then
+        the targets without references and the references without targets, if any."""
+        counts = sorted({len(found) for found in self.references if found})
+        text = count_of(self.paired, "pair")
+        if len(counts) == 1:
+            text += f", {count_of(counts[0], 'reference')} each"
+        elif counts:
+            text += f", {counts[0]} to {counts[-1]} references each"
+        if self.unpaired:
+            text += f" · {count_of(self.unpaired, 'target')} without a reference"
+        if self.without_target:
+            listed = name_list(self.without_target)
+            text += f" · {count_of(len(self.without_target), 'reference')} without a target"
+            text += f" ({listed})"
+        return text
+
+
+def find_pairs(
+    scan: ConceptScan, kind: ConditioningKind, reference_dirs: Sequence[Path] = ()
+) -> Pairs:
+    """Each item's references of ``kind`` (in ``reference_dirs`` when given, else beside the
+    items) and the references that name no target. A scan made with ``references=True``."""
+    found = tuple(conditioning_sources(item, kind, reference_dirs) for item in scan.items)
+    if not reference_dirs:
+        return Pairs(references=found, without_target=scan.orphan_references)
+    stems = {_stem(item.image) for item in scan.items}
+    strays = [
+        path
+        for folder in reference_dirs
+        for path in _folder_images(Path(folder).expanduser())
+        if path.stem not in stems
+    ]
+    return Pairs(references=found, without_target=tuple(strays))
+
+
+def pair_problems(
+    scan: ConceptScan,
+    kinds: Sequence[ConditioningKind],
+    *,
+    concept: str,
+    field: str,
+    reference_dirs: Sequence[Path] = (),
+) -> list[str]:
+    """Every problem with a concept's pairs, one line each, naming the file and the fix: a
+    reference folder that is not there or more of them than the model takes (``field``: the
+    concept's field path, ``data.concepts.0``), a target without a reference or with fewer
+    than given, more references than the model takes, a reference without a target. Plus the
+    problems of :func:`missing_conditioning`. ``concept``: how a line names the concept."""
+    kind = reference_kind(kinds)
+    if kind is None:
+        return missing_conditioning(scan.items, kinds, concept=concept)
+    folders = [Path(folder).expanduser() for folder in reference_dirs]
+    problems = [
+        f"{field}.reference_dirs.{number}: '{folder}' "
+        f"{'is not a folder' if folder.exists() else 'does not exist'}: fix the path (a folder "
+        f"holding each target's reference under the target's name) or remove it"
+        for number, folder in enumerate(folders)
+        if not folder.is_dir()
+    ]
+    if len(folders) > kind.most:
+        problems.append(
+            f"{field}.reference_dirs: {len(folders)} reference folders and this model takes at "
+            f"most {count_of(kind.most, 'reference image')} per target: keep "
+            f"{'one folder' if kind.most == 1 else f'at most {kind.most} folders'}"
+        )
+    if problems:
+        return problems  # every item's lines would repeat them
+    problems += missing_conditioning(scan.items, kinds, concept=concept, reference_dirs=folders)
+    for path in find_pairs(scan, kind, folders).without_target:
+        if folders:
+            problems.append(
+                f"{concept}: reference '{path}' has no target: add '{path.stem}' (png, jpg, webp) "
+                f"to the concept folder, or move the reference out of '{path.parent}'"
+            )
+        else:
+            target = f"{reference_of(path.stem)}.png"
+            problems.append(
+                f"{concept}: reference '{path.name}' has no target '{target}' beside it: add "
+                f"the target, or rename or remove the reference"
+            )
+    return problems
 
 
 def missing_conditioning(
@@ -120,6 +232,21 @@ def _beside(image: Path) -> tuple[Path, ...]:
         if named == stem and path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
             found.append((reference_number(path.stem), path.name, path))
     return tuple(path for _, _, path in sorted(found))
+
+
+def _folder_images(folder: Path) -> list[Path]:
+    """A reference folder's images (masks and dot files aside), by name; none if it is not
+    a folder."""
+    if not folder.is_dir():
+        return []
+    return sorted(
+        path
+        for path in folder.iterdir()
+        if path.suffix.lower() in IMAGE_EXTENSIONS
+        and not path.name.startswith(".")
+        and not path.stem.lower().endswith(MASK_SUFFIX)
+        and path.is_file()
+    )
 
 
 def _stem(path: Path) -> str:

@@ -158,16 +158,16 @@ def collate(samples: Sequence[Sample], generator: torch.Generator | None = None)
     return Batch(
         latents=torch.stack([sample["latent"] for sample in samples]),
         masks=torch.stack([sample["mask"] for sample in samples]),
-        text=_stack_text(texts),
+        text=stack_encodings(texts),
         prior_prediction=torch.tensor([bool(s["is_prior_prediction"]) for s in samples]),
         loss_weight=torch.tensor([float(s["loss_weight"]) for s in samples]),
         has_mask=torch.tensor([bool(s["has_mask"]) for s in samples]),
         caption_dropped=dropped,
-        conditioning=_stack_text([s.get("conditioning", {}) for s in samples], "conditioning"),
+        conditioning=stack_encodings([s.get("conditioning", {}) for s in samples], "conditioning"),
     )
 
 
-def _stack_text(
+def stack_encodings(
     texts: Sequence[dict[str, Tensor]], what: str = "prompt encodings"
 ) -> dict[str, Tensor]:
     """Stack per-sample encodings key by key, zero-padding the sequence dimension.

@@ -32,7 +32,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from modules.data.buckets import Size
+from modules.data.buckets import Size, crop_box
 from modules.data.cache_files import (
     CACHE_FORMAT,
     CONDITIONING,
@@ -60,7 +60,7 @@ from modules.data.video import (
     load_clip,
     load_clip_mask,
 )
-from modules.models.spec import ConditioningKind
+from modules.models.spec import ConditioningKind, ItemGeometry
 
 Encoder = Callable[[Tensor], Tensor]
 """(B, 3, H, W) float32 CPU images in [-1, 1] → latents (B, C, h, w) or (B, C, F, h, w); for
@@ -70,11 +70,12 @@ The callable moves the batch to its own device and dtype; build_cache runs it un
 """
 PromptEncoder = Callable[[list[str]], dict[str, Tensor]]
 """B prompts → named batch-first tensors (B, ...)."""
-ConditioningEncoder = Callable[[str, list[Tensor], int, str | None], dict[str, Tensor]]
+ConditioningEncoder = Callable[..., dict[str, Tensor]]
 """(the kind's name, one item's source images, each (3, H, W) float32 in [-1, 1], the item's
 frame count: ``data.frames`` for a clip, 1 for a still, the item's caption for a kind
-``with_caption``, else None) → the item's encodings, batch-first with a batch of one (the
-family's ``encode_conditioning``)."""
+``with_caption``, else None; for a kind ``with_geometry`` also the keyword ``geometry``, an
+``ItemGeometry``) → the item's encodings, batch-first with a batch of one (the family's
+``encode_conditioning``)."""
 Progress = Callable[[int, int], None]
 """Called with (latents encoded so far, latents to encode)."""
 Warn = Callable[[str], None]
@@ -260,6 +261,15 @@ def _with_conditioning(
     parts = []
     for kind in kinds:
         sources = conditioning_sources(plan.item, kind, reference_dirs)
+        given = len(reference_dirs) if kind.source == "references" else 0
+        if given and len(sources) < given:
+            # Never train on fewer references than the folders give.
+            raise DataError(
+                f"'{plan.item.image}' has {len(sources)} of its {given} reference images (one "
+                f"per reference folder; found: {name_list(sources) or 'none'}): add a file "
+                f"named like it to each folder in data.concepts.N.reference_dirs (the check "
+                "command lists every such file)"
+            )
         if not sources or len(sources) > kind.most:
             found = f"{len(sources)} ({name_list(sources)})" if sources else "none"
             needs = "1" if kind.most == 1 else f"1 to {kind.most}"
@@ -419,7 +429,16 @@ class _Build:
                 pixels = [load_image(source, image_size(source)) for source in part.sources]
             frames = plan.frames if part.kind.source == "item" else 1
             caption = plan.item.caption if part.kind.with_caption else None
-            encoding = self.encode_conditioning(part.kind.name, pixels, frames, caption)
+            extra = {"geometry": _geometry(plan)} if part.kind.with_geometry else {}
+            try:
+                encoding = self.encode_conditioning(
+                    part.kind.name, pixels, frames, caption, **extra
+                )
+            except DataError as error:  # the family's refusal of a source: name the files
+                sources = name_list(part.sources)
+                raise DataError(
+                    f"'{plan.item.image}' ({part.kind.name}: {sources}): {error}"
+                ) from None
             (row,) = _rows(encoding, 1, f"conditioning encoder ('{part.kind.name}')", "item")
             metadata = {
                 **self.metadata,
@@ -449,6 +468,13 @@ class _Build:
             path.unlink(missing_ok=True)
             return False
         return True
+
+
+def _geometry(plan: _Plan) -> ItemGeometry:
+    """The item's file size, its centred crop and its training size."""
+    item = plan.item
+    original = clip_info(item.image).size if item.clip else image_size(item.image)
+    return ItemGeometry(original=original, crop=crop_box(original, plan.size), size=plan.size)
 
 
 def _still_pixels(item: ConceptItem, size: Size, fps: float) -> Tensor:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -119,7 +120,8 @@ def prepare_dataset(
     counted in a warning, and a dataset in which no item has any is refused (DataError).
     ``conditioning``: the family's conditioning kinds (its declaration's), encoded into the
     cache with the family's ``encode_conditioning``; a scan made here then keeps reference
-    images apart from the items.
+    images apart from the items, and each concept's references come from its
+    ``reference_dirs`` when it has some (else from beside its items).
     """
     cache_dir = Path(data.cache_dir)
     settings = {"family": family.name, "model": model.identity, "codec": CODEC_VERSION}
@@ -154,6 +156,9 @@ def prepare_dataset(
             warn=notes.append,
             conditioning=kinds,
             encode_conditioning=_conditioning_encoder(family, model, kinds),
+            reference_dirs=[Path(folder).expanduser() for folder in concept.reference_dirs]
+            if references
+            else (),
         )
         counts.add(built.counts)
         placements.append(placement)
@@ -262,8 +267,11 @@ def _conditioning_encoder(
             f"({', '.join(kind.name for kind in kinds)}) but has no encode_conditioning"
         )
 
-    def encode(kind: str, images: list[Tensor], frames: int, caption: str | None) -> TextEncoding:
+    def encode(
+        kind: str, images: list[Tensor], frames: int, caption: str | None, **geometry: Any
+    ) -> TextEncoding:
         extra = {} if caption is None else {"caption": caption}  # a kind with_caption only
+        extra.update(geometry)  # a kind with_geometry only
         return family.encode_conditioning(model, kind, images, frames=frames, **extra)
 
     return encode

@@ -15,6 +15,10 @@ which nothing is found is left as it was and counted as kept.
 Masks are written next to their images, so a folder that cannot be written (read-only, full)
 is refused before anything is detected, when some item would get a mask.
 
+``mode`` "difference" makes the masks of an edit concept's pairs: where each target differs
+from its first reference (beside it as ``name-ref.png``, or in the first of ``reference_dirs``),
+at the tier levels (:mod:`modules.masks.difference`); the references are not items.
+
 Clips get one mask per frame, each frame's the median of its own and its neighbours' (a
 temporal median of three keeps the exact tier levels and removes one-frame flicker). A clip in
 which no frame shows a person is reported like an image without one.
@@ -26,7 +30,7 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -44,6 +48,8 @@ from modules.data.concept import (
     list_frames,
     scan_concept,
 )
+from modules.data.conditioning import conditioning_sources
+from modules.masks.difference import NEAR, THRESHOLD, aspect_note, generate_difference
 from modules.masks.generated import GeneratedMask
 from modules.masks.mask_files import (
     clip_fps,
@@ -57,8 +63,11 @@ from modules.masks.mask_files import (
 )
 from modules.masks.person import generate_tiers
 from modules.masks.subject import generate_subject, margin_box
+from modules.models.spec import ConditioningKind
 
-Mode = Literal["tiers", "subject"]
+Mode = Literal["tiers", "subject", "difference"]
+_REFERENCES = ConditioningKind(name="reference", source="references", most=99)
+"""Any number of references: a difference mask compares the target with the first."""
 Overwrite = Literal["never", "missing", "all"]
 _READ_ERRORS = (OSError, ValueError, SyntaxError, cv2.error)
 
@@ -84,6 +93,9 @@ class MaskSummary:
     ``kept``; only with ``overwrite`` "all")."""
     total: int = 0
     """Images and clips in the folder."""
+    notes: list[str] = field(default_factory=list)
+    """What is worth knowing about masks that were written (a reference stretched to its
+    target's shape), one line each."""
 
     @property
     def not_done(self) -> int:
@@ -116,13 +128,19 @@ def masks_for_concept(
     cancel: threading.Event | None = None,
     box_margin: float = 0.05,
     value: int = 255,
+    reference_dirs: Sequence[Path] = (),
+    threshold: float = THRESHOLD,
+    near: float = NEAR,
 ) -> MaskSummary:
     """Generate the masks of a concept folder's images and clips (see the module docstring).
 
     ``mode`` "tiers" makes face/body/hair person masks at ``tiers``' levels (the defaults when
     None); "subject" makes ``value`` masks of the main subject: with ``model_path`` (an ONNX
     segmentation model) by that model, else by GrabCut from a box ``box_margin`` (a fraction of
-    each side) inside the picture's edges. ``on_progress(done, total, item)`` is called after
+    each side) inside the picture's edges; "difference" makes each pair's mask of where the
+    target differs from its first reference (in ``reference_dirs`` when given, else beside it)
+    by more than ``threshold`` grey levels, with a ``near`` band around it (see
+    :mod:`modules.masks.difference`). ``on_progress(done, total, item)`` is called after
     each item; ``cancel`` is checked between items and between a clip's frames.
 
     Raises ``modules.data.concept.DataError`` when the folder is missing, has no images, or
@@ -131,18 +149,27 @@ def masks_for_concept(
     """
     if overwrite not in ("never", "missing", "all"):
         raise ValueError(f"overwrite must be never, missing or all, not {overwrite!r}")
-    if mode not in ("tiers", "subject"):
-        raise ValueError(f"mode must be tiers or subject, not {mode!r}")
+    if mode not in ("tiers", "subject", "difference"):
+        raise ValueError(f"mode must be tiers, subject or difference, not {mode!r}")
     folder = Path(folder)
     tiers = tiers or MaskTiersConfig()
-    scan = scan_concept(ConceptConfig(path=str(folder)))
+    scan = scan_concept(ConceptConfig(path=str(folder)), references=mode == "difference")
     if overwrite == "all" or any(item.mask is None for item in scan.items):
         check_writable(folder)
     leftovers = remove_leftovers(folder)
 
-    def generate(image: np.ndarray) -> GeneratedMask:
+    notes: list[str] = []
+
+    def generate(image: np.ndarray, item: ConceptItem) -> GeneratedMask:
         if mode == "tiers":
             return generate_tiers(image, tiers)
+        if mode == "difference":
+            reference = _first_reference(item, reference_dirs)
+            pixels = read_rgb(reference)
+            note = aspect_note(item.image, _size(image), reference, _size(pixels))
+            if note:
+                notes.append(note)
+            return generate_difference(image, pixels, tiers, threshold=threshold, near=near)
         box = None if model_path else margin_box(image.shape, box_margin)
         return generate_subject(image, box=box, model_path=model_path, value=value)
 
@@ -200,7 +227,27 @@ def masks_for_concept(
         removed_leftovers=leftovers,
         kept_unfound=kept_unfound,
         total=total,
+        notes=notes,
     )
+
+
+def _first_reference(item: ConceptItem, reference_dirs: Sequence[Path]) -> Path:
+    """The pair's first reference; a ValueError naming the file to add when it has none."""
+    if item.clip:
+        raise ValueError("difference masks are made for image pairs, not clips")
+    found = conditioning_sources(item, _REFERENCES, [Path(d) for d in reference_dirs])
+    if found:
+        return found[0]
+    if reference_dirs:
+        where = f"add '{Path(reference_dirs[0]) / item.image.name}'"
+    else:
+        where = f"add '{item.image.stem}-ref.png' beside it"
+    raise ValueError(f"no reference image to compare with: {where}")
+
+
+def _size(image: np.ndarray) -> tuple[int, int]:
+    """(width, height) of an (H, W, 3) image."""
+    return image.shape[1], image.shape[0]
 
 
 def check_writable(folder: Path) -> None:
@@ -234,12 +281,12 @@ def check_writable(folder: Path) -> None:
 
 def _make(
     item: ConceptItem,
-    generate: Callable[[np.ndarray], GeneratedMask],
+    generate: Callable[[np.ndarray, ConceptItem], GeneratedMask],
     target: Path,
     cancel: threading.Event | None,
 ) -> Literal["written", "nothing", "cancelled"]:
     if not item.clip:
-        result = generate(read_rgb(item.image))
+        result = generate(read_rgb(item.image), item)
         if result.mask is None:
             return "nothing"
         write_mask_image(target, result.mask)
@@ -250,7 +297,7 @@ def _make(
         if cancel is not None and cancel.is_set():
             return "cancelled"
         shape = shape or frame.shape[:2]
-        masks.append(generate(frame).mask)
+        masks.append(generate(frame, item).mask)
     if shape is None:
         raise OSError(f"clip '{item.image}' has no frames")
     if all(mask is None for mask in masks):

@@ -101,7 +101,13 @@ class LoadedModel(Generic[PartsT]):
 
 @runtime_checkable
 class ModelFamily(Protocol):
-    """One instance per run, built from the model config (``modules.models.get_family``)."""
+    """One instance per run, built from the model config (``modules.models.get_family``).
+
+    Optional methods, read where used and absent from most families:
+    ``predicted_frames(shape) -> Tensor | None``, the weight of each latent frame in the loss
+    (WAN TI2V image-to-video: 0 on the clean first frame; the step's ``draw``), and
+    ``run_notes(model) -> list[str]``, warnings about the loaded model said at the start of a
+    run (Z-Image Turbo: a plain LoRA de-distils it; ``modules.trainer.notes``)."""
 
     name: str
     loss_layout: LossLayout

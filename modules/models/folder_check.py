@@ -60,7 +60,12 @@ def check_folder(spec: FamilySpec, path: str, options: Any = None) -> Path | Non
             f"model.path: '{path}' does not exist; point model.path at {_folder_words(spec)}"
         )
     if not folder.is_dir():
-        raise FolderProblem(_file_problem(spec, folder))
+        if spec.file_check is None:
+            raise FolderProblem(_file_problem(spec, folder))
+        problem = spec.file_check(folder, options)
+        if problem:
+            raise FolderProblem(problem)
+        return folder  # a single-file checkpoint the family reads
     index = _read(folder / "model_index.json") or {}
     named = index.get("_class_name")
     kinds = spec.folders

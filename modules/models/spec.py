@@ -29,6 +29,11 @@ class FamilyOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
 
+    def warnings(self) -> list[str]:
+        """Settings of this family that are allowed but do nothing as set (said with the
+        config's other warnings when the family is the run's)."""
+        return []
+
 
 FILE_FIELD = {"file": True}
 """Field metadata of a family option that names a file: checked to exist before a run loads
@@ -74,9 +79,26 @@ class ConditioningKind:
     reads the prompt with the references): the encoder is given the caption and the cache key
     includes it. Caption dropout is refused for such a kind (its empty prompt would need a
     second encoding)."""
+    with_geometry: bool = False
+    """An ``item`` source whose encoding depends on where the item's training crop came from
+    (SDXL's size and crop conditioning): the encoder is also given ``geometry``, an
+    :class:`ItemGeometry`."""
     clips_only: bool = False
     """An ``item`` source that must be a clip (image-to-video: the first frame conditions the
     rest of the clip); a still image is refused by name."""
+
+
+@dataclass(frozen=True)
+class ItemGeometry:
+    """How an item's training pixels were made from its file: the file's size, the centred
+    crop taken from it (as the buckets chose it) and the training size it was resized to."""
+
+    original: tuple[int, int]
+    """(width, height) of the image or clip as stored (upright)."""
+    crop: tuple[float, float, float, float]
+    """(left, top, right, bottom) of the crop in the original's pixels."""
+    size: tuple[int, int]
+    """(width, height) it trains at."""
 
 
 @dataclass(frozen=True)
@@ -173,6 +195,10 @@ class FamilySpec:
     folder_summary: Callable[[Path, Any], str | None] | None = field(default=None, repr=False)
     """What the model folder is, in one line for the Model tab ("WAN 2.1 image-to-video ..."),
     from its JSON files and the family's options; None: the family says nothing."""
+    file_check: Callable[[Path, Any], str | None] | None = field(default=None, repr=False)
+    """For a family that also loads a single-file checkpoint as ``model.path`` (SDXL): (the
+    file, the family's options) → why it cannot, or None, from the file's header and JSON
+    files alone; None: ``model.path`` must be a folder."""
 
     def summary_of(self, path: str, options: Any = None) -> str | None:
         """:attr:`folder_summary` of the folder at ``path``; None without one or a folder."""

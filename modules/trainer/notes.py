@@ -24,6 +24,13 @@ def caption_length_notes(family: ModelFamily, model: LoadedModel, captions: list
     ]
 
 
+def family_notes(family: ModelFamily, model: LoadedModel) -> list[str]:
+    """What the family says about the loaded model (its optional ``run_notes``: e.g. a
+    step-distilled model that a plain LoRA de-distils)."""
+    notes = getattr(family, "run_notes", None)
+    return list(notes(model)) if notes is not None else []
+
+
 def device_notes(config: TrainConfig, device: torch.device) -> list[str]:
     if device.type == "cpu" and config.training.mixed_precision == "fp16":
         return [

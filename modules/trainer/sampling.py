@@ -3,8 +3,9 @@ run: the base does not change), at the sample size, saved under ``RUN_DIR/sample
 
 The trainer calls :meth:`Samples.write` between steps; a file that cannot be written is said and
 skipped, and training goes on. Image-to-video samples start from ``sampling.images`` (or the first
-frames of the first training clips), encoded when the samples are set up, while the encoders are
-still loaded, as the prompts are.
+frames of the first training clips); an edit model's samples edit ``sampling.references`` (or the
+references of the first training pairs). Both are encoded when the samples are set up, while the
+encoders are still loaded, as the prompts are.
 """
 
 from __future__ import annotations
@@ -15,16 +16,20 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from torch import Tensor
 
 from modules.config import ConfigError, TrainConfig
 from modules.data.buckets import Size
-from modules.data.concept import DataError, scan_concept
-from modules.data.images import load_image
+from modules.data.concept import DataError, name_list, scan_concept
+from modules.data.conditioning import conditioning_sources
+from modules.data.dataset import stack_encodings
+from modules.data.images import image_size, load_image
 from modules.data.video import load_clip
 from modules.lora import lora_disabled
 from modules.models import LoadedModel, ModelFamily
 from modules.models.base import TextEncoding, eval_mode
 from modules.models.registry import conditioning_kinds
+from modules.models.spec import ConditioningKind
 from modules.trainer.events import Event, SamplePair, SampleSaved
 from modules.trainer.run_folder import os_error_reason
 
@@ -66,8 +71,9 @@ class Samples:
         self.frames = config.sampling.frames
         """Frames per sample: ``sampling.frames``, for image-to-video at least ``data.frames``'s
         clip when it is 1 (a 1-frame sample would be the start image itself)."""
-        self.conditioning = self._start_images() if text is not None else None
-        """Image-to-video: each prompt's start image, encoded (batch-first); else None."""
+        self.conditioning = self._conditioning() if text is not None else None
+        """Image-to-video: each prompt's start image, encoded (batch-first); an edit model:
+        each prompt's references, encoded (batch-first); else None."""
 
     def write(self, step: int) -> None:
         """The prompts with the LoRA (and beside the base's); never stops training."""
@@ -125,21 +131,58 @@ class Samples:
                 self.base.append((path, picture))
         return self.base
 
-    def _start_images(self) -> TextEncoding | None:
+    def _conditioning(self) -> TextEncoding | None:
+        """What the family's sampler takes besides the prompts, encoded batch-first: the
+        start images of image-to-video, the references of an edit model; None for the others
+        (which say so when ``sampling.images`` or ``sampling.references`` is set)."""
+        kinds = conditioning_kinds(self.config.model)
+        sampling = self.config.sampling
+        starts = [kind for kind in kinds if kind.clips_only]
+        references = [kind for kind in kinds if kind.source == "references"]
+        if sampling.images and not starts:
+            self.status(
+                "warning: sampling.images is for image-to-video models and this model "
+                "is text-to-video: the samples start from noise alone",
+                "warning",
+            )
+        if sampling.references and not references:
+            self.status(
+                "warning: sampling.references is for edit models and this model takes no "
+                "reference images: they are not used",
+                "warning",
+            )
+        if starts:
+            return self._start_images(starts[0])
+        if references:
+            return self._references(references[0])
+        return None
+
+    def _references(self, kind: ConditioningKind) -> TextEncoding:
+        """An edit model: each prompt's references, ``sampling.references`` (one entry per
+        prompt, several separated by ';') or else those of the first training pairs (prompt
+        i takes pair i, round the pairs), each at its own size, encoded as the cache encodes
+        a pair's (with the prompt for a kind that reads the caption)."""
+        prompts = self.config.sampling.prompts
+        given = sampling_reference_paths(self.config, kind)
+        if given is None:
+            pairs = _first_pairs(self.config, kind)
+            given = [list(pairs[i % len(pairs)]) for i in range(len(prompts))]
+        rows = []
+        for number, (prompt, paths) in enumerate(zip(prompts, given, strict=True)):
+            images = [_sampling_reference(path, number) for path in paths]
+            extra = {"caption": prompt} if kind.with_caption else {}
+            encoded = self.family.encode_conditioning(  # type: ignore[attr-defined]
+                self.model, kind.name, images, frames=1, **extra
+            )
+            rows.append({key: value[0] for key, value in encoded.items()})  # drop the batch of 1
+        # Prompts with different reference counts or sizes: zero-padded as a training batch is.
+        return stack_encodings(rows, f"sampling.references' {kind.name} encodings")
+
+    def _start_images(self, kind: ConditioningKind) -> TextEncoding:
         """Image-to-video: ``sampling.images`` (one per prompt), or else the first frames of
-        the first training clips, encoded by the family at the sample size and frame count;
-        None for the other models (which say so when ``sampling.images`` is set)."""
+        the first training clips, encoded by the family at the sample size and frame count."""
         config = self.config
         sampling = config.sampling
-        kinds = [kind for kind in conditioning_kinds(config.model) if kind.clips_only]
-        if not kinds:
-            if sampling.images:
-                self.status(
-                    "warning: sampling.images is for image-to-video models and this model "
-                    "is text-to-video: the samples start from noise alone",
-                    "warning",
-                )
-            return None
         if self.frames == 1:
             self.frames = config.data.frames
             self.status(
@@ -163,7 +206,7 @@ class Samples:
             ]
         rows = [
             self.family.encode_conditioning(  # type: ignore[attr-defined]
-                self.model, kinds[0].name, [picture], frames=self.frames
+                self.model, kind.name, [picture], frames=self.frames
             )
             for picture in pictures
         ]
@@ -234,6 +277,77 @@ def _first_clips(config: TrainConfig) -> list[Path]:
             "start image per prompt"
         )
     return clips
+
+
+def sampling_reference_paths(
+    config: TrainConfig, kind: ConditioningKind
+) -> list[list[Path]] | None:
+    """``sampling.references`` as each prompt's reference files (None when it is empty: the
+    first training pairs' are used); a ConfigError naming the field for a count that is not
+    one entry per prompt, an empty entry or more references than ``kind`` takes. Reads no
+    file: the preflight checks them before the model loads, the samples read them."""
+    sampling = config.sampling
+    if not sampling.references:
+        return None
+    prompts = len(sampling.prompts)
+    if len(sampling.references) != prompts:
+        raise ConfigError(
+            f"sampling.references: {len(sampling.references)} entries for {prompts} prompts; "
+            "give one per prompt, in order, several references of one prompt separated by "
+            "';' (or none: the references of the first training pairs)"
+        )
+    found = []
+    for number, entry in enumerate(sampling.references):
+        paths = [Path(part.strip()).expanduser() for part in entry.split(";") if part.strip()]
+        if not paths:
+            raise ConfigError(
+                f"sampling.references: prompt {number + 1}'s entry is empty: give its reference "
+                "image(s), several separated by ';' (or leave sampling.references empty to use "
+                "the first training pairs' references)"
+            )
+        if len(paths) > kind.most:
+            raise ConfigError(
+                f"sampling.references: prompt {number + 1} has {len(paths)} references "
+                f"({name_list(paths)}) and this model takes at most {kind.most}: remove some"
+            )
+        found.append(paths)
+    return found
+
+
+def _sampling_reference(path: Path, number: int) -> Tensor:
+    """A reference of prompt ``number`` (from 0) at its own size, (3, H, W) in [-1, 1];
+    a ConfigError naming ``sampling.references`` and the file when it cannot be read."""
+    try:
+        return _reference_pixels(path)
+    except (OSError, DataError, ValueError) as error:
+        raise ConfigError(
+            f"sampling.references: cannot read '{path}' (prompt {number + 1}: {error}); give "
+            "image files (png, jpg, webp)"
+        ) from None
+
+
+def _first_pairs(config: TrainConfig, kind: ConditioningKind) -> list[tuple[Path, ...]]:
+    """The references of the training pairs, in order (the preflight has named every target
+    without its references)."""
+    pairs = []
+    for concept in config.data.concepts:
+        folders = [Path(folder).expanduser() for folder in concept.reference_dirs]
+        try:
+            items = scan_concept(concept, references=True).items
+        except DataError:
+            continue  # the preflight named it
+        pairs += [found for item in items if (found := conditioning_sources(item, kind, folders))]
+    if not pairs:
+        raise ConfigError(
+            "sampling.references: empty and no training pair to take references from; give "
+            "each prompt's reference images (several separated by ';')"
+        )
+    return pairs
+
+
+def _reference_pixels(path: Path) -> Tensor:
+    """A reference image at its own size, (3, H, W) in [-1, 1], as the cache reads it."""
+    return load_image(path, image_size(path))
 
 
 def sample_size(config: TrainConfig, buckets: list[tuple[Size, int]]) -> Size:

@@ -36,7 +36,7 @@ from modules.trainer.batch_stream import BatchStream, make_batches
 from modules.trainer.between_steps import BetweenSteps, MetricsRows, between_steps
 from modules.trainer.drift import DriftMeter
 from modules.trainer.events import Command, Event
-from modules.trainer.notes import caption_length_notes, device_notes
+from modules.trainer.notes import caption_length_notes, device_notes, family_notes
 from modules.trainer.optimizer import make_optimizer, make_scheduler
 from modules.trainer.precision import Precision
 from modules.trainer.preflight import Preflight, unknown_targets
@@ -160,6 +160,7 @@ def build_run(config: TrainConfig, context: RunContext) -> TrainingRun:
         drift = DriftMeter(config, family, model, device=device, autocast=precision.autocast)
     captions = caption_length_notes(family, model, prepared.captions())
     family.release_encoders(model, keep_decoder=bool(prompts))
+    captions += family_notes(family, model)
     _say_notes(config, prepared, captions, context.preflight, device, status)
 
     denoiser = model.denoiser
@@ -316,7 +317,7 @@ def _say_notes(
     status: Status,
 ) -> None:
     """The data report, the banner, and every warning about this run."""
-    for line in prepared.report_lines():
+    for line in [*prepared.report_lines(), *checks.pairs]:
         status(line)
     for level, text in banner_lines(config, prepared.cache_hint()):
         status(text, level)

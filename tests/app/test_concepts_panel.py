@@ -38,3 +38,39 @@ def test_the_concept_card_shows_the_windows_of_its_clips(window, tmp_path):
     window.form.row("data.frame_windows").set("head")
     settle(window)
     pump(window, lambda: card.counts.cget("text") == counts, 30, "no windows with head")
+
+
+def test_the_concept_card_counts_pairs_and_names_the_first_problem(window, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from app.style import ERROR_COLOUR, MUTED_COLOUR
+    from modules.models import registry
+    from tests.data.conditioned_family import SPEC_TWO
+
+    monkeypatch.setitem(registry.SPECS, "demo", SPEC_TWO)  # a model taking up to 2 references
+    folder, refs = tmp_path / "pairs", tmp_path / "refs"
+    folder.mkdir()
+    refs.mkdir()
+    for name in ("a", "a-ref", "b", "b-ref", "b-ref1", "x-ref"):
+        Image.new("RGB", (32, 32), (90, 90, 90)).save(folder / f"{name}.png")
+    window.concepts.add(folder)
+    card = window.concepts.cards[-1]
+    window.concepts.show_buckets(window._preview_settings)
+    pump(window, lambda: "pairs" in card.counts.cget("text"), 30, "the pairs")
+    text = card.counts.cget("text")
+    assert text.startswith("2 images · ")  # the references are not images to train
+    assert "· 2 pairs, 1 to 2 references each · 1 reference without a target (x-ref.png)" in text
+    assert text.endswith(
+        f"\n{card.prefix}: reference 'x-ref.png' has no target 'x.png' beside "
+        "it: add the target, or rename or remove the reference"
+    )
+    assert card.counts.cget("text_color") == ERROR_COLOUR
+
+    (folder / "x-ref.png").unlink()
+    for name in ("a", "b"):
+        Image.new("RGB", (24, 40), (10, 90, 90)).save(refs / f"{name}.png")
+    (row,) = [row for row in card.rows() if row.path.endswith(".reference_dirs")]
+    row.set([str(refs)])
+    window.concepts.show_buckets(window._preview_settings)
+    pump(window, lambda: "2 pairs, 1 reference each" in card.counts.cget("text"), 30, "folders")
+    assert card.counts.cget("text_color") == MUTED_COLOUR

@@ -166,3 +166,46 @@ def test_the_canvas_fits_the_image_to_the_view(window, masks):
     assert tab.open_image("b.png", ask=False)  # 96 x 80
     settle(window)
     assert tab.zoom > 1 and tab.canvas.bbox("all")[3] <= room[1]
+
+
+def test_an_edit_pair_shows_its_reference_and_makes_its_difference_mask(
+    window, tmp_path, monkeypatch
+):
+    from modules.models import registry
+    from tests.data.conditioned_family import SPEC
+
+    monkeypatch.setitem(registry.SPECS, "demo", SPEC)  # a model that takes references
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    reference = np.full((60, 120, 3), 90, np.uint8)  # wider than its target: own size kept
+    Image.fromarray(reference).save(folder / "a-ref.png")
+    edited = np.full((80, 96, 3), 90, np.uint8)
+    edited[20:60, 30:70] = (220, 40, 200)  # the edit: a recoloured block
+    Image.fromarray(edited).save(folder / "a.png")
+    Image.new("RGB", (96, 80), (90, 90, 90)).save(folder / "b.png")
+    window.concepts.add(folder)
+    window.tabs.set("Masks")
+    window._tab_shown()
+    settle(window, 0.3)
+    tab = window.masks
+    tab.choose_concept(str(folder))
+    assert sorted(tab.items) == ["a.png", "b.png"]  # the reference is not an image to mask
+    tab.open_image("a.png", ask=False)
+    settle(window)
+    assert tab.reference_path == folder / "a-ref.png"
+    assert tab.reference_title.cget("text") == "reference: a-ref.png"
+    assert tab._reference_photo is not None and tab._reference_photo.cget("size") == (220, 110)
+    assert tab.reference_view.winfo_ismapped()
+
+    tab.mode_menu.set("difference")
+    tab.generate_image()
+    pump(window, lambda: not tab.generating, 60, "the generator")
+    levels, tiers = tab.layer.levels, window.form.validation.config.mask.tiers
+    assert levels[40, 50] == tiers.face and levels[2, 2] == 0  # the block changed, a corner not
+    assert tab.layer.dirty
+
+    assert tab.save() and (folder / "a-masklabel.png").is_file()
+    tab.open_image("b.png", ask=False)  # no reference: none shown, difference says why
+    assert tab.reference_path is None and tab.reference_title.cget("text") == ""
+    tab.generate_image()
+    assert not tab.generating and "has no reference" in tab.progress.cget("text")

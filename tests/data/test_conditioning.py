@@ -233,3 +233,55 @@ def test_preparing_the_data_fills_the_slot_through_the_family(tmp_path: Path, fo
         model=model,
     )
     assert len(plain.scans[0].items) == 6
+
+
+def test_a_kind_with_geometry_gets_the_items_size_and_crop(tmp_path: Path, write_image) -> None:
+    """SDXL's size and crop conditioning: the file's size, the centred crop the bucket took
+    and the training size reach the encoder, and only for a kind that asks for them."""
+    folder = tmp_path / "wide"
+    folder.mkdir()
+    write_image(folder / "w.png", size=(96, 48))  # 2:1, trained square: the sides are cut
+    items = list(scan_concept(ConceptConfig(path=str(folder))).items)
+    seen: list[dict] = []
+
+    def encode(kind, images, frames, caption, **extra):
+        seen.append(extra)
+        return {"geometry_code": torch.zeros(1, 1)}
+
+    encoders = StandInEncoders()
+    for with_geometry in (True, False):
+        kind = ConditioningKind("size", "item", with_geometry=with_geometry)
+        build_cache(
+            items,
+            resolution=32,
+            cache_dir=tmp_path / f"cache-{with_geometry}",
+            settings=SETTINGS,
+            encode_images=encoders.encode_images,
+            encode_prompts=encoders.encode_prompts,
+            conditioning=(kind,),
+            encode_conditioning=encode,
+        )
+    geometry = seen[0]["geometry"]
+    assert geometry.original == (96, 48) and geometry.size == (32, 32)
+    assert geometry.crop == (24.0, 0.0, 72.0, 48.0)  # the centred 48 x 48 of the 96 x 48 file
+    assert seen[1] == {}
+
+
+def test_an_encoders_refusal_of_a_reference_names_the_item_and_its_files(folder: Path) -> None:
+    def refuse(kind, images, frames, caption):
+        raise DataError("a reference of 40 x 24 px is too small: use 64 px a side")
+
+    encoders = StandInEncoders()
+    with pytest.raises(DataError) as raised:
+        build_cache(
+            scan(folder)[:1],
+            resolution=32,
+            cache_dir=folder.parent / "cache",
+            settings=SETTINGS,
+            encode_images=encoders.encode_images,
+            encode_prompts=encoders.encode_prompts,
+            conditioning=(REFERENCE,),
+            encode_conditioning=refuse,
+        )
+    message = str(raised.value)
+    assert "a.png" in message and "a-ref.png" in message and "64 px" in message

@@ -1,10 +1,11 @@
-"""Tiny random FLUX.1 pipelines (dev and schnell), built in code and saved in the real layout.
+"""Tiny random FLUX.1 pipelines (dev, schnell and Kontext), built in code and saved in the real
+layout.
 
-``build_tiny_flux1`` writes a ``FluxPipeline`` folder (``transformer/``, ``vae/``,
-``text_encoder/``, ``tokenizer/``, ``text_encoder_2/``, ``tokenizer_2/``, ``scheduler/``,
-``model_index.json``) made of the real classes with small dimensions, so a FLUX.1 family loads
-it through the same code as a downloaded ``black-forest-labs/FLUX.1-dev`` or ``FLUX.1-schnell``
-folder:
+``build_tiny_flux1`` writes a ``FluxPipeline`` folder (Kontext: ``FluxKontextPipeline``),
+``transformer/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``text_encoder_2/``,
+``tokenizer_2/``, ``scheduler/``, ``model_index.json``, made of the real classes with small
+dimensions, so a FLUX.1 family loads it through the same code as a downloaded
+``black-forest-labs/FLUX.1-dev``, ``FLUX.1-schnell`` or ``FLUX.1-Kontext-dev`` folder:
 
 - ``FluxTransformer2DModel`` (64 input channels = 16 latent channels x 2x2 patch; dev has
   ``guidance_embeds=True``, schnell ``False``);
@@ -39,6 +40,7 @@ import torch
 from diffusers import (
     AutoencoderKL,
     FlowMatchEulerDiscreteScheduler,
+    FluxKontextPipeline,
     FluxPipeline,
     FluxTransformer2DModel,
 )
@@ -97,6 +99,16 @@ SCHEDULERS = {
         "base_image_seq_len": 256,
         "max_image_seq_len": 4096,
     },
+    # black-forest-labs/FLUX.1-Kontext-dev scheduler/scheduler_config.json: dev's
+    "kontext": {
+        "num_train_timesteps": 1000,
+        "shift": 3.0,
+        "use_dynamic_shifting": True,
+        "base_shift": 0.5,
+        "max_shift": 1.15,
+        "base_image_seq_len": 256,
+        "max_image_seq_len": 4096,
+    },
     # black-forest-labs/FLUX.1-schnell scheduler/scheduler_config.json
     "schnell": {
         "num_train_timesteps": 1000,
@@ -144,9 +156,10 @@ def build_t5_tokenizer() -> T5Tokenizer:
 
 
 def build_tiny_flux1(folder: Path, *, variant: str = "dev", seed: int = 0) -> Path:
-    """Save a tiny FLUX.1 pipeline, ``variant`` "dev" (guidance embedding) or "schnell"."""
+    """Save a tiny FLUX.1 pipeline, ``variant`` "dev" (guidance embedding), "schnell" or
+    "kontext" (dev's parts saved by ``FluxKontextPipeline``, as FLUX.1-Kontext-dev)."""
     if variant not in SCHEDULERS:
-        raise ValueError(f"variant must be 'dev' or 'schnell', not {variant!r}")
+        raise ValueError(f"variant must be 'dev', 'schnell' or 'kontext', not {variant!r}")
     torch.manual_seed(seed)
     tokenizer = build_clip_tokenizer()
     tokenizer_2 = build_t5_tokenizer()
@@ -179,10 +192,11 @@ def build_tiny_flux1(folder: Path, *, variant: str = "dev", seed: int = 0) -> Pa
             dense_act_fn="gelu_new",
         )
     ).eval()
-    transformer = FluxTransformer2DModel(**TRANSFORMER, guidance_embeds=variant == "dev")
+    transformer = FluxTransformer2DModel(**TRANSFORMER, guidance_embeds=variant != "schnell")
     vae = AutoencoderKL(**VAE)
     scheduler = FlowMatchEulerDiscreteScheduler(**SCHEDULERS[variant])
-    pipeline = FluxPipeline(
+    pipeline_class = FluxKontextPipeline if variant == "kontext" else FluxPipeline
+    pipeline = pipeline_class(
         scheduler=scheduler,
         vae=vae,
         text_encoder=text_encoder,

@@ -136,22 +136,25 @@ SCHEDULER = {
 }
 
 
-def _training_text() -> list[str]:
+def _training_text(templates: tuple[str, ...]) -> list[str]:
     """Lines with every template and prompt word after a space and at a line start."""
     words = set(PROMPT_WORDS)
-    for piece in TEMPLATE.replace("{}", " ").split():
+    for piece in " ".join(templates).replace("{}", " ").split():
         for special in SPECIAL_TOKENS:
             piece = piece.replace(special, " ")
         words.update(piece.replace(",", " ").replace(":", " ").split())
     lines = []
     for word in sorted(words):
         lines += [f"{word}, {word}: {word}\n", f" {word} {word.lower()} {word.capitalize()}\n"] * 4
-    lines += [TEMPLATE_PREFIX.replace("<|im_start|>", "").replace("<|im_end|>", "")] * 8
+    for template in templates:
+        prefix = template.split("{}")[0]
+        lines += [prefix.replace("<|im_start|>", "").replace("<|im_end|>", "")] * 8
     return lines
 
 
-def build_tokenizer() -> Qwen2Tokenizer:
-    """A Qwen2Tokenizer over a byte-level BPE trained here with Qwen2's own pre-tokenizer."""
+def build_tokenizer(templates: tuple[str, ...] = (TEMPLATE,)) -> Qwen2Tokenizer:
+    """A Qwen2Tokenizer over a byte-level BPE trained here with Qwen2's own pre-tokenizer, on
+    text that makes every word of ``templates`` a single token."""
     bpe = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
     bpe.normalizer = normalizers.NFC()
     bpe.pre_tokenizer = pre_tokenizers.Sequence(
@@ -168,7 +171,7 @@ def build_tokenizer() -> Qwen2Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    bpe.train_from_iterator(_training_text(), trainer=trainer)
+    bpe.train_from_iterator(_training_text(templates), trainer=trainer)
     merges = [tuple(pair) for pair in _merges(bpe)]
     tokenizer = Qwen2Tokenizer(vocab=bpe.get_vocab(), merges=merges, model_max_length=131072)
     tokenizer.add_tokens(

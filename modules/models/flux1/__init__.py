@@ -1,4 +1,4 @@
-"""The ``flux1`` family's declaration: FLUX.1 dev and schnell (no torch).
+"""The ``flux1`` family's declaration: FLUX.1 dev, schnell and Kontext (no torch).
 
 The code is in :mod:`modules.models.flux1.family`, imported only when the family is used.
 """
@@ -6,11 +6,13 @@ The code is in :mod:`modules.models.flux1.family`, imported only when the family
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Literal
 
 from pydantic import Field
 
 from modules.models.spec import (
     FILE_FIELD,
+    ConditioningKind,
     FamilyOptions,
     FamilySpec,
     FolderKind,
@@ -78,6 +80,43 @@ class Flux1Options(FamilyOptions):
             "config, the VAE and both text encoders."
         ),
     )
+    reference_size: Literal["preferred", "own"] = Field(
+        "preferred",
+        title="Reference size (Kontext)",
+        description=(
+            "How FLUX.1 Kontext's reference images are resized before encoding. preferred: to "
+            "the Kontext resolution nearest the reference's aspect ratio (about 1 megapixel), "
+            "as FluxKontextPipeline does by default; own: kept at their own size (over 1 "
+            "megapixel scaled down to it), as the pipeline with _auto_resize=False, fewer "
+            "tokens for small training images. Both are floored to a multiple of 16 pixels."
+        ),
+    )
+
+
+KONTEXT_PIPELINE = "FluxKontextPipeline"
+REFERENCE = ConditioningKind(name="reference", source="references", most=1)
+"""A Kontext item's conditioning: its one reference image, at its own size."""
+
+
+def is_kontext(folder: Path) -> bool:
+    """Whether ``folder`` is a FLUX.1 Kontext folder (its ``model_index.json`` says so)."""
+    index = read_json(folder / "model_index.json") or {}
+    return index.get("_class_name") == KONTEXT_PIPELINE
+
+
+def _conditioning(folder: Path, options: Any) -> tuple[ConditioningKind, ...]:
+    return (REFERENCE,) if is_kontext(folder) else ()
+
+
+def _summary(folder: Path, options: Any) -> str | None:
+    """What a run trains on the folder, for the Model tab."""
+    if not is_kontext(folder):
+        return None
+    size = getattr(options, "reference_size", "preferred")
+    return (
+        "Detected: FLUX.1 Kontext (image editing); trains on pairs, one reference image per "
+        f"target (model.flux1.reference_size={size})"
+    )
 
 
 def _grid(folder: Path) -> LatentGrid | None:
@@ -90,13 +129,16 @@ def _grid(folder: Path) -> LatentGrid | None:
 
 SPEC = FamilySpec(
     name="flux1",
-    title="FLUX.1 dev and schnell text-to-image (CLIP + T5, 2x2 packed tokens)",
+    title=(
+        "FLUX.1 dev and schnell text-to-image, Kontext image editing (CLIP + T5, 2x2 packed tokens)"
+    ),
     implementation="modules.models.flux1.family:Flux1Family",
     single_file=SingleFileLayout(
         # BFL's files have double_blocks, diffusers' single_transformer_blocks; FLUX.2's have
         # both too, with modulation layers of their own.
         markers=(r"^double_blocks\.\d+\.", r"^single_transformer_blocks\.\d+\."),
-        excludes=(r"^double_stream_modulation_img\.",),
+        # FLUX.2's modulation; Chroma's guidance approximator (Chroma is FLUX.1-shaped).
+        excludes=(r"^double_stream_modulation_img\.", r"^distilled_guidance_layer\."),
         width=("img_in.weight", "x_embedder.weight"),
         blocks={
             "num_layers": r"^(?:double_blocks|transformer_blocks)\.(\d+)\.",
@@ -119,6 +161,16 @@ SPEC = FamilySpec(
                 "text_encoder_2": ("T5EncoderModel", "t5"),
             },
         ),
+        FolderKind(
+            title="FLUX.1 Kontext",
+            pipeline=KONTEXT_PIPELINE,
+            parts={
+                "transformer": ("FluxTransformer2DModel",),
+                "vae": ("AutoencoderKL",),
+                "text_encoder": ("CLIPTextModel", "clip_text_model"),
+                "text_encoder_2": ("T5EncoderModel", "t5"),
+            },
+        ),
     ),
     parts=(
         *("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"),
@@ -129,6 +181,7 @@ SPEC = FamilySpec(
         # Same parts as dev, but trained to take an input image (fill, control, editing).
         "FluxFillPipeline": "a FLUX.1 Fill folder, an inpainting model",
         "FluxControlPipeline": "a FLUX.1 Canny or Depth folder, a control model",
-        "FluxKontextPipeline": "a FLUX.1 Kontext folder, an image-editing model",
     },
+    conditioning_from_folder=_conditioning,
+    folder_summary=_summary,
 )

@@ -1,7 +1,8 @@
-"""The ``flux1`` family: FLUX.1 dev and schnell LoRAs from a local diffusers folder.
+"""The ``flux1`` family: FLUX.1 dev, schnell and Kontext LoRAs from a local diffusers folder.
 
 The folder is the diffusers layout (as ``FluxPipeline.save_pretrained`` writes it, e.g. a
-download of ``black-forest-labs/FLUX.1-dev``)::
+download of ``black-forest-labs/FLUX.1-dev``; ``FluxKontextPipeline`` for
+``black-forest-labs/FLUX.1-Kontext-dev``, the same parts)::
 
     transformer/     FluxTransformer2DModel (dev: guidance embedding; schnell: none)
     vae/             AutoencoderKL, 16 latent channels, scaling and shift factor
@@ -23,11 +24,15 @@ Everything is read with ``local_files_only``. As ``FluxPipeline`` does:
   samples use the same rule (``modules.models.flow_matching.ScheduleShift``).
 - Guidance: dev's embedding gets ``model.flux1.guidance`` in training and in the teacher pass
   (the same value), ``sample_guidance`` in the samples; no classifier-free guidance.
+- Kontext (told apart by ``model_index.json``'s ``FluxKontextPipeline``): each item's one
+  reference image is encoded as the pipeline encodes it (:mod:`.kontext`) and its tokens follow
+  the target's in the transformer; the prediction is the target's tokens only. Guidance as dev.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,9 +43,10 @@ from diffusers.loaders import FluxLoraLoaderMixin
 from torch import Tensor
 from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
-from modules.models.base import ComfyConverter, LoadedModel, TextEncoding
+from modules.models.base import ComfyConverter, LoadedModel, TextEncoding, with_conditioning
 from modules.models.flow_matching import ScheduleShift, ShiftedByTokens
-from modules.models.flux1 import LORA_TARGETS, Flux1Options
+from modules.models.flux1 import LORA_TARGETS, Flux1Options, is_kontext
+from modules.models.flux1 import kontext as ref
 from modules.models.model_folder import (
     FolderParts,
     check_model_folder,
@@ -70,7 +76,8 @@ Flux1Model = LoadedModel[Flux1Parts]
 
 
 class Flux1Family(ShiftedByTokens):
-    """FLUX.1 dev / schnell text-to-image, with its options (``model.flux1``)."""
+    """FLUX.1 dev / schnell text-to-image and Kontext image editing, with its options
+    (``model.flux1``)."""
 
     name = "flux1"
     loss_layout = "video"
@@ -80,6 +87,8 @@ class Flux1Family(ShiftedByTokens):
         self.shift = ScheduleShift()
         self.guided = True
         """Whether the transformer has a guidance embedding (dev); set by ``load``."""
+        self.kontext = False
+        """Whether the folder is FLUX.1 Kontext (items have a reference image); set by ``load``."""
 
     def lora_targets(self, model: LoadedModel) -> dict[str, list[str]]:
         return {name: list(modules) for name, modules in LORA_TARGETS.items()}
@@ -103,6 +112,7 @@ class Flux1Family(ShiftedByTokens):
         folder = check_model_folder(path, "flux1", self.options)
         denoiser = self._load_transformer(folder, dtype)
         self.guided = bool(denoiser.config.guidance_embeds)
+        self.kontext = is_kontext(folder)
         scheduler = read_model_json(folder / "scheduler" / "scheduler_config.json") or {}
         self.shift = ScheduleShift.from_scheduler_config(scheduler)
         parts = Flux1Parts(
@@ -112,6 +122,8 @@ class Flux1Family(ShiftedByTokens):
             vae_config=read_model_json(folder / "vae" / "config.json") or {},
         )
         identity = _identity(folder, dtype, self.text_tokens)
+        if self.kontext:  # the references' encodings depend on how they are resized
+            identity += f":kontext={self.options.reference_size}"
         return LoadedModel(denoiser=denoiser, identity=identity, parts=parts)
 
     def _load_transformer(self, folder: Path, dtype: torch.dtype) -> FluxTransformer2DModel:
@@ -202,6 +214,21 @@ class Flux1Family(ShiftedByTokens):
             parts.encoders = tuple(loaded)
         return parts.encoders
 
+    @torch.no_grad()
+    def encode_conditioning(
+        self, model: Flux1Model, kind: str, images: Sequence[Tensor], *, frames: int = 1
+    ) -> TextEncoding:
+        """Kontext: the one reference ``images[0]`` (3, H, W) at its own size → its packed
+        tokens and grid, as ``FluxKontextPipeline`` prepares it (:mod:`.kontext`)."""
+        if not self.kontext or kind != "reference" or len(images) != 1:
+            raise ValueError(
+                f"FLUX.1 Kontext takes one reference image, not {len(images)} {kind} images"
+            )
+        multiple = 2 * _vae_scale(model)
+        mode = self.options.reference_size
+        pixels = ref.reference_pixels(images[0], multiple=multiple, mode=mode)  # (1, 3, H', W')
+        return ref.encode_reference(self._vae(model), model.parts.vae_config, pixels)
+
     def _vae(self, model: Flux1Model) -> AutoencoderKL:
         return frozen_vae(model.parts, AutoencoderKL)
 
@@ -210,7 +237,8 @@ class Flux1Family(ShiftedByTokens):
     def predict(
         self, model: Flux1Model, noisy: Tensor, timesteps: Tensor, text: TextEncoding
     ) -> Tensor:
-        """The velocity (B, 16, h, w) for noisy latents of the same shape."""
+        """The velocity (B, 16, h, w) for noisy latents of the same shape (Kontext: with each
+        item's reference tokens in ``text``, after the target's)."""
         return self._velocity(model, noisy, timesteps, text, self.options.guidance)
 
     def _velocity(
@@ -218,20 +246,48 @@ class Flux1Family(ShiftedByTokens):
     ) -> Tensor:
         denoiser_on_device(model)
         batch, channels, height, width = noisy.shape
-        dtype = model.parts.dtype
-        tokens = pack(noisy).to(dtype)  # (B, h/2 * w/2, 4C)
+        tokens = pack(noisy).to(model.parts.dtype)  # (B, n, 4C), n = h/2 * w/2
+        ids = image_ids(height // 2, width // 2, noisy.device)  # (n, 3)
+        if not ref.conditioned(text):
+            out = self._forward(model, tokens, ids, text, t, guidance)
+            return unpack(out, channels, height, width)
+        # The transformer takes one set of position ids for the batch: items whose references
+        # differ in size run one by one.
+        grids = ref.grids(text)
+        groups = [list(range(batch))] if len(set(grids)) == 1 else [[row] for row in range(batch)]
+        outs = []
+        for rows in groups:
+            grid = grids[rows[0]]
+            reference = text[ref.TOKENS_KEY][rows, : grid[0] * grid[1]]  # (b, m, 4C)
+            hidden = torch.cat([tokens[rows], reference.to(tokens)], dim=1)  # (b, n + m, 4C)
+            both = torch.cat([ids, ref.reference_ids(grid, noisy.device)])  # (n + m, 3)
+            out = self._forward(model, hidden, both, _rows_of(text, rows), t[rows], guidance)
+            outs.append(out[:, : tokens.shape[1]])  # the target's tokens only
+        return unpack(torch.cat(outs), channels, height, width)
+
+    def _forward(
+        self,
+        model: Flux1Model,
+        tokens: Tensor,
+        ids: Tensor,
+        text: TextEncoding,
+        t: Tensor,
+        guidance: float,
+    ) -> Tensor:
+        """The transformer's output (b, L, 4C) for packed ``tokens`` (b, L, 4C) at ``ids``."""
+        dtype, device = model.parts.dtype, tokens.device
         embeds = text["embeds"].to(dtype)
-        out = model.runner(
+        batch = tokens.shape[0]
+        return model.runner(
             hidden_states=tokens,
             encoder_hidden_states=embeds,
             pooled_projections=text["pooled"].to(dtype),
             timestep=t.to(dtype),
-            img_ids=image_ids(height // 2, width // 2, noisy.device),
-            txt_ids=torch.zeros(embeds.shape[1], 3, device=noisy.device),
-            guidance=torch.full((batch,), guidance, device=noisy.device) if self.guided else None,
+            img_ids=ids,
+            txt_ids=torch.zeros(embeds.shape[1], 3, device=device),
+            guidance=torch.full((batch,), guidance, device=device) if self.guided else None,
             return_dict=False,
         )[0]
-        return unpack(out, channels, height, width)
 
     def training_mu(self, shape: torch.Size) -> float:
         """``calculate_shift`` of the packed token count (training and the samples)."""
@@ -246,13 +302,18 @@ class Flux1Family(ShiftedByTokens):
         size: tuple[int, int],
         steps: int,
         generator: torch.Generator,
+        conditioning: TextEncoding | None = None,
     ) -> Tensor:
         """Euler over the pipeline's schedule (``linspace(1, 1/steps)`` shifted by the folder's
-        rule), with dev's embedded ``sample_guidance``."""
+        rule), with dev's embedded ``sample_guidance``. Kontext: ``conditioning``, each prompt's
+        reference encoded by :meth:`encode_conditioning` (batch-first; one row serves every
+        prompt); without it, the prompt alone (as the pipeline without ``image``)."""
         denoiser_on_device(model)
         device = model.parts.device
         batch = text["embeds"].shape[0]
-        scale = 2 ** (len(model.parts.vae_config.get("block_out_channels") or [0] * 4) - 1)
+        if conditioning:
+            text = with_conditioning(text, _for_batch(conditioning, batch))
+        scale = _vae_scale(model)
         channels = model.denoiser.config.in_channels // 4
         x = torch.randn(batch, channels, size[1] // scale, size[0] // scale, generator=generator)
         x = x.to(device)
@@ -263,6 +324,26 @@ class Flux1Family(ShiftedByTokens):
             v = self._velocity(model, x, t, text, self.options.sample_guidance).float()
             x = x + (after - now) * v
         return self.decode_latents(model, x)
+
+
+def _vae_scale(model: Flux1Model) -> int:
+    """Pixels per latent cell of the folder's VAE (8 for FLUX.1's)."""
+    return 2 ** (len(model.parts.vae_config.get("block_out_channels") or [0] * 4) - 1)
+
+
+def _rows_of(text: TextEncoding, rows: list[int]) -> TextEncoding:
+    return {key: value[rows] for key, value in text.items()}
+
+
+def _for_batch(conditioning: TextEncoding, batch: int) -> TextEncoding:
+    """``conditioning`` with ``batch`` rows: one row repeated for every prompt, else as given
+    (a ValueError when the counts differ)."""
+    rows = {value.shape[0] for value in conditioning.values()}
+    if rows == {batch}:
+        return conditioning
+    if rows == {1}:
+        return {key: value.expand(batch, *value.shape[1:]) for key, value in conditioning.items()}
+    raise ValueError(f"{sorted(rows)} references for {batch} sample prompts: give one per prompt")
 
 
 def image_ids(rows: int, columns: int, device: torch.device) -> Tensor:

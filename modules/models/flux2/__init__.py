@@ -6,11 +6,13 @@ The code is in :mod:`modules.models.flux2.family`, imported only when the family
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Literal
 
 from pydantic import Field
 
 from modules.models.spec import (
     FILE_FIELD,
+    ConditioningKind,
     FamilyOptions,
     FamilySpec,
     FolderKind,
@@ -51,6 +53,11 @@ LORA_TARGETS = {
 """``lora.targets`` preset → peft target names (``SINGLE_BLOCK_OUT`` once per single block)."""
 
 
+REFERENCE_LIMITS = {"klein": 4, "dev": 10}
+"""The most reference images each model takes (Black Forest Labs' model documentation: klein 4;
+dev 10, with 6 recommended): more are refused by name."""
+
+
 class Flux2Options(FamilyOptions):
     """``model.flux2``."""
 
@@ -88,6 +95,37 @@ class Flux2Options(FamilyOptions):
             "them (dev: its system message too), are cut there."
         ),
     )
+    task: Literal["text_to_image", "edit"] = Field(
+        "text_to_image",
+        title="Task",
+        description=(
+            "What the LoRA learns. edit: each target image is made from its reference images "
+            "(files of the same name in the concept's reference folders, or name-ref.png, "
+            "name-ref1.png, ... beside it), given to the transformer as Flux2Pipeline's image= "
+            "references; the loss covers the target only. text_to_image: the prompt alone."
+        ),
+    )
+    references: int = Field(
+        1,
+        ge=1,
+        le=max(REFERENCE_LIMITS.values()),
+        title="References per image (edit)",
+        description=(
+            "The most reference images a target may have with task edit. FLUX.2 klein takes up "
+            f"to {REFERENCE_LIMITS['klein']}, dev up to {REFERENCE_LIMITS['dev']} (Black Forest "
+            "Labs recommend at most 6 for dev). An image with more is refused by name, never "
+            "trained on fewer."
+        ),
+    )
+
+    def warnings(self) -> list[str]:
+        if self.task != "edit" and self.references != 1:
+            return [
+                f"model.flux2.references={self.references} is for model.flux2.task=edit; "
+                "with task text_to_image no reference is read."
+            ]
+        return []
+
     transformer_file: str = Field(
         "",
         title="Transformer file",
@@ -110,9 +148,64 @@ def _grid(folder: Path) -> LatentGrid | None:
     return LatentGrid(pixels_per_cell=scale * patch, pixel_multiple=scale * patch)
 
 
+def variant_of(folder: Path) -> Literal["dev", "klein"] | None:
+    """dev or klein, from ``model_index.json`` (or, without one, the transformer's guidance
+    embedding, which only dev has); None: neither file is readable, or another model's folder
+    (the folder check names it)."""
+    index = read_json(folder / "model_index.json")
+    name = str((index or {}).get("_class_name", ""))
+    if name:
+        return {"Flux2Pipeline": "dev", "Flux2KleinPipeline": "klein"}.get(name)
+    transformer = read_json(folder / "transformer" / "config.json") or {}
+    if transformer.get("_class_name") != "Flux2Transformer2DModel":
+        return None
+    return "dev" if transformer.get("guidance_embeds") else "klein"
+
+
+def _conditioning(folder: Path, options: Any) -> tuple[ConditioningKind, ...]:
+    """``model.flux2.task=edit``: the references, up to ``model.flux2.references`` per image."""
+    if getattr(options, "task", "text_to_image") != "edit":
+        return ()
+    return (ConditioningKind(name="reference", source="references", most=options.references),)
+
+
+def _folder_problem(folder: Path, index: Any, options: Any) -> str | None:
+    """More references per image than the folder's model takes."""
+    variant = variant_of(folder)
+    if variant is None or getattr(options, "task", "text_to_image") != "edit":
+        return None
+    limit = REFERENCE_LIMITS[variant]
+    if options.references > limit:
+        return (
+            f"model.flux2.references={options.references}: FLUX.2 {variant} takes at most "
+            f"{limit} reference images per image; set model.flux2.references to {limit} or "
+            "fewer (and give no image more references than that)"
+        )
+    return None
+
+
+def _summary(folder: Path, options: Any) -> str | None:
+    """The detected model and what a run trains on it, for the Model tab."""
+    variant = variant_of(folder)
+    if variant is None:
+        return None
+    problem = _folder_problem(folder, {}, options)
+    if problem is not None:
+        return problem
+    if getattr(options, "task", "text_to_image") != "edit":
+        return f"Detected: FLUX.2 {variant}; trains text-to-image"
+    return (
+        f"Detected: FLUX.2 {variant}; trains editing with up to {options.references} "
+        f"reference image(s) per target (the model takes {REFERENCE_LIMITS[variant]})"
+    )
+
+
 SPEC = FamilySpec(
     name="flux2",
-    title="FLUX.2 dev and klein text-to-image (Mistral 3 / Qwen3 text, 16 px latent tokens)",
+    title=(
+        "FLUX.2 dev and klein text-to-image and editing with reference images (Mistral 3 / "
+        "Qwen3 text, 16 px latent tokens)"
+    ),
     implementation="modules.models.flux2.family:Flux2Family",
     single_file=SingleFileLayout(
         markers=(r"^double_stream_modulation_img\.",),
@@ -149,4 +242,7 @@ SPEC = FamilySpec(
     ),
     parts=("transformer", "vae", "text_encoder", "tokenizer", "scheduler"),
     example="a download of black-forest-labs/FLUX.2-klein-4B or FLUX.2-dev",
+    folder_check=_folder_problem,
+    conditioning_from_folder=_conditioning,
+    folder_summary=_summary,
 )

@@ -44,6 +44,10 @@ guidance embedding). Everything is read with ``local_files_only``. As the pipeli
   schedule further towards noise (about 2.0 at 50 steps, 1024 px); the samples use the
   pipeline's own ``mu`` for their step count. (diffusers' FLUX.2 DreamBooth scripts draw
   unshifted timesteps by default.)
+- Editing (``model.flux2.task=edit``): each target's reference images are resized, encoded
+  and packed as the pipelines' ``image=`` references, with their own time index in the
+  position ids (:mod:`.references`); ``predict`` and ``sample`` put their tokens after the
+  target's and keep the target's part of the prediction.
 - Guidance: dev's embedding gets ``model.flux2.guidance`` in training and in the teacher pass
   (the same value), ``sample_guidance`` in the samples. klein has no guidance embedding; the
   klein base's samples use true classifier-free guidance with the empty prompt as negative
@@ -53,6 +57,7 @@ guidance embedding). Everything is read with ``local_files_only``. As the pipeli
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,7 +72,8 @@ from transformers import AutoTokenizer, Mistral3ForConditionalGeneration, Qwen3F
 
 from modules.models.base import ComfyConverter, LoadedModel, TextEncoding
 from modules.models.flow_matching import ScheduleShift, ShiftedByTokens
-from modules.models.flux2 import LORA_TARGETS, SINGLE_BLOCK_OUT, Flux2Options
+from modules.models.flux2 import LORA_TARGETS, REFERENCE_LIMITS, SINGLE_BLOCK_OUT, Flux2Options
+from modules.models.flux2 import references as refs
 from modules.models.model_folder import (
     FolderParts,
     check_model_folder,
@@ -103,7 +109,8 @@ Flux2Model = LoadedModel[Flux2Parts]
 
 
 class Flux2Family(ShiftedByTokens):
-    """FLUX.2 dev / klein text-to-image, with its options (``model.flux2``)."""
+    """FLUX.2 dev / klein text-to-image, and editing with reference images
+    (``model.flux2.task=edit``, :mod:`.references`), with its options (``model.flux2``)."""
 
     name = "flux2"
     loss_layout = "video"
@@ -284,25 +291,82 @@ class Flux2Family(ShiftedByTokens):
     def predict(
         self, model: Flux2Model, noisy: Tensor, timesteps: Tensor, text: TextEncoding
     ) -> Tensor:
-        """The velocity (B, 128, h, w) for noisy latents of the same shape."""
-        return self._velocity(model, noisy, timesteps, text["embeds"], self.options.guidance)
+        """The velocity (B, 128, h, w) for noisy latents of the same shape; with an edit's
+        references in ``text`` (:mod:`.references`), their tokens after the target's."""
+        references = refs.references_of(text)
+        return self._velocity(
+            model, noisy, timesteps, text["embeds"], self.options.guidance, references
+        )
 
     def _velocity(
-        self, model: Flux2Model, noisy: Tensor, t: Tensor, embeds: Tensor, guidance: float
+        self,
+        model: Flux2Model,
+        noisy: Tensor,
+        t: Tensor,
+        embeds: Tensor,
+        guidance: float,
+        references: list[refs.ReferenceGroup] | None = None,
+    ) -> Tensor:
+        """The velocity of the whole batch; items whose references differ in layout run in
+        separate calls (one set of position ids per call), put back in the batch's order."""
+        if references is None:
+            return self._forward(model, noisy, t, embeds, guidance)
+        if len(references) == 1:
+            (group,) = references
+            return self._forward(model, noisy, t, embeds, guidance, group)
+        parts = [
+            self._forward(model, noisy[g.index], t[g.index], embeds[g.index], guidance, g)
+            for g in references
+        ]
+        order = torch.tensor([i for group in references for i in group.index]).argsort()
+        return torch.cat(parts)[order.to(noisy.device)]
+
+    def _forward(
+        self,
+        model: Flux2Model,
+        noisy: Tensor,
+        t: Tensor,
+        embeds: Tensor,
+        guidance: float,
+        references: refs.ReferenceGroup | None = None,
     ) -> Tensor:
         denoiser_on_device(model)
         batch, _, rows, columns = noisy.shape
         dtype, device = model.parts.dtype, noisy.device
+        hidden = pack(noisy).to(dtype)  # (B, h * w, 128)
+        ids = image_ids(rows, columns, device)  # (h * w, 4)
+        if references is not None:  # the pipelines' order: the target's tokens, then theirs
+            hidden = torch.cat([hidden, references.latents.to(device, dtype)], dim=1)
+            ids = torch.cat([ids, references.ids.to(device)])  # (h * w + N, 4)
         out = model.runner(
-            hidden_states=pack(noisy).to(dtype),  # (B, h * w, 128)
+            hidden_states=hidden,
             encoder_hidden_states=embeds.to(device, dtype),
             timestep=t.to(dtype),
-            img_ids=image_ids(rows, columns, device),
+            img_ids=ids,
             txt_ids=text_ids(embeds.shape[1], device),
             guidance=torch.full((batch,), guidance, device=device) if self.guided else None,
             return_dict=False,
         )[0]
-        return unpack(out, rows, columns)
+        return unpack(out[:, : rows * columns], rows, columns)  # the target's tokens only
+
+    @torch.no_grad()
+    def encode_conditioning(
+        self, model: Flux2Model, kind: str, images: Sequence[Tensor], *, frames: int = 1
+    ) -> TextEncoding:
+        """One target's reference images, each (3, H, W) in [-1, 1] at its own size → their
+        encodings (:func:`.references.encode_references`): resized, VAE-encoded, normalised
+        and packed as the pipelines do, with their position ids."""
+        if kind != "reference":
+            raise ValueError(f"FLUX.2 takes reference images, not '{kind}'")
+        limit = REFERENCE_LIMITS["klein" if self.klein else "dev"]
+        if len(images) > limit:
+            raise ValueError(
+                f"FLUX.2 {'klein' if self.klein else 'dev'} takes at most {limit} reference "
+                f"images, not {len(images)}"
+            )
+        return refs.encode_references(
+            images, lambda image: self.encode_images(model, image), _pixels_per_cell(model)
+        )
 
     @torch.no_grad()
     def sample(
@@ -313,10 +377,14 @@ class Flux2Family(ShiftedByTokens):
         size: tuple[int, int],
         steps: int,
         generator: torch.Generator,
+        conditioning: TextEncoding | None = None,
     ) -> Tensor:
         """Euler over the pipeline's schedule (``linspace(1, 1/steps)`` shifted with its
         ``mu`` for this size and step count), with dev's embedded ``sample_guidance``, the
-        klein base's classifier-free guidance, or neither (distilled klein)."""
+        klein base's classifier-free guidance, or neither (distilled klein). Editing:
+        ``conditioning``, each prompt's references encoded by :meth:`encode_conditioning`
+        (batch-first), given to the conditional and the unconditional pass alike, as the
+        pipelines give ``image=``."""
         denoiser_on_device(model)
         device = model.parts.device
         embeds = text["embeds"]
@@ -329,11 +397,12 @@ class Flux2Family(ShiftedByTokens):
         sigmas = torch.cat([self.shift.sigmas(grid, mu), torch.zeros(1)])
         negative = self._negative(model, batch) if self.cfg else None
         scale = self.options.sample_guidance
+        references = refs.references_of(conditioning or {})
         for now, after in itertools.pairwise(sigmas.tolist()):
             t = torch.full((batch,), now, device=device)
-            v = self._velocity(model, x, t, embeds, scale).float()
+            v = self._velocity(model, x, t, embeds, scale, references).float()
             if negative is not None:
-                free = self._velocity(model, x, t, negative, scale).float()
+                free = self._velocity(model, x, t, negative, scale, references).float()
                 v = free + scale * (v - free)
             x = x + (after - now) * v
         return self.decode_latents(model, x)

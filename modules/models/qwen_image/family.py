@@ -26,11 +26,20 @@ Everything is read with ``local_files_only``. As ``QwenImagePipeline`` does:
   step.
 - Samples: true classifier-free guidance (``sample_cfg`` with ``negative_prompt``), the
   combined prediction rescaled to the conditional one's norm per token.
+
+A Qwen-Image-Edit or Edit Plus (2509 / 2511) folder (``model_index.json`` names
+``QwenImageEditPipeline`` or ``QwenImageEditPlusPipeline``; a ``processor/`` beside the
+tokenizer) trains edits: each item's references come through the conditioning slot
+(:meth:`QwenImageFamily.encode_conditioning`, :mod:`modules.models.qwen_image.edit`), the
+denoiser reads the edit prompt and the references' tokens after the target's, and predicts the
+target's. Edit samples are the pipelines' default call: no true CFG (their negative prompt would
+have to be read with each sample's references).
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +50,7 @@ from diffusers.loaders import QwenImageLoraLoaderMixin
 from torch import Tensor
 from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
+from modules.config import ConfigError
 from modules.models.base import ComfyConverter, LoadedModel, TextEncoding
 from modules.models.flow_matching import ScheduleShift, ShiftedByTokens
 from modules.models.model_folder import (
@@ -57,6 +67,7 @@ from modules.models.model_folder import (
 )
 from modules.models.packing import pack, unpack
 from modules.models.qwen_image import LORA_TARGETS, QwenImageOptions
+from modules.models.qwen_image import edit as edits
 
 # QwenImagePipeline's prompt template and the number of its leading tokens it drops (the
 # system prefix, up to the user's prompt); the tokenizer reads at most 1024 + those.
@@ -80,6 +91,8 @@ class QwenImageParts(FolderParts):
     """The tokenizer and the text encoder: loaded on first use, freed by ``release_encoders``."""
     negative: TextEncoding | None = None
     """``negative_prompt`` encoded before the text encoder is freed, for guided samples."""
+    processor: Any = None
+    """Edit models: the VL processor the references are read with (loaded with the encoder)."""
 
 
 QwenImageModel = LoadedModel[QwenImageParts]
@@ -94,6 +107,8 @@ class QwenImageFamily(ShiftedByTokens):
     def __init__(self, options: QwenImageOptions | None = None) -> None:
         self.options = options if options is not None else QwenImageOptions()
         self.shift = ScheduleShift()
+        self.edit: edits.EditForm | None = None
+        """The loaded folder's edit form (None: text-to-image)."""
 
     def lora_targets(self, model: LoadedModel) -> dict[str, list[str]]:
         return {name: list(modules) for name, modules in LORA_TARGETS.items()}
@@ -120,6 +135,7 @@ class QwenImageFamily(ShiftedByTokens):
         denoiser = self._load_transformer(folder, dtype)
         scheduler = read_model_json(folder / "scheduler" / "scheduler_config.json") or {}
         self.shift = ScheduleShift.from_scheduler_config(scheduler)
+        self.edit = edits.edit_form(folder)
         vae_config = read_model_json(folder / "vae" / "config.json") or {}
         parts = QwenImageParts(
             folder=folder, device=torch.device(device), dtype=dtype, vae_config=vae_config
@@ -141,7 +157,11 @@ class QwenImageFamily(ShiftedByTokens):
         """What the cached latents and prompt encodings depend on: the VAE, the text encoder
         and tokenizer (path, size, modification time), the dtype and the prompt length."""
         head = f"qwen_image:{folder.resolve()}:dtype={dtype}:tokens={self.options.text_tokens}:"
-        return head + files_stamp(folder, ("vae", "text_encoder", "tokenizer"))
+        if self.edit is None:
+            return head + files_stamp(folder, ("vae", "text_encoder", "tokenizer"))
+        # Edit models: the references' size and the processor that reads them too.
+        head += f"{self.edit}:references={self.options.reference_pixels}:"
+        return head + files_stamp(folder, ("vae", "text_encoder", "tokenizer", "processor"))
 
     # ------------------------------------------------------------------------------ encoders
 
@@ -205,21 +225,27 @@ class QwenImageFamily(ShiftedByTokens):
         self, model: QwenImageModel, prompts: list[str]
     ) -> tuple[list[int], int]:
         """Tokens after the template's prefix (the caption and the template's 5 closing
-        tokens), and how many the transformer reads."""
+        tokens), and how many the transformer reads (edit models: every one, as the edit
+        pipelines cut nothing)."""
         tokenizer = AutoTokenizer.from_pretrained(
             model.parts.folder / "tokenizer", local_files_only=True
         )
         ids = tokenizer([PROMPT_TEMPLATE.format(prompt) for prompt in prompts]).input_ids
-        return [len(row) - TEMPLATE_TOKENS for row in ids], self.options.text_tokens
+        counts = [len(row) - TEMPLATE_TOKENS for row in ids]
+        if self.edit is not None:
+            return counts, max([MAX_TOKENS, *counts])
+        return counts, self.options.text_tokens
 
     def release_encoders(self, model: QwenImageModel, *, keep_decoder: bool) -> None:
         """Free the text encoder (and the VAE unless samples are decoded), then move the
         transformer to the training device. For guided samples the negative prompt is
         encoded first."""
         parts = model.parts
-        if keep_decoder and self.options.sample_cfg > 1 and parts.negative is None:
+        guided = self.options.sample_cfg > 1 and self.edit is None  # edit samples: no CFG
+        if keep_decoder and guided and parts.negative is None:
             parts.negative = self.encode_prompts(model, [self.options.negative_prompt])
         parts.encoder = None
+        parts.processor = None
         free_encoders(model, keep_decoder=keep_decoder)
 
     def _encoder(self, model: QwenImageModel) -> tuple[Any, Qwen2_5_VLForConditionalGeneration]:
@@ -239,12 +265,57 @@ class QwenImageFamily(ShiftedByTokens):
     def _vae(self, model: QwenImageModel) -> AutoencoderKLQwenImage:
         return frozen_vae(model.parts, AutoencoderKLQwenImage)
 
+    @torch.no_grad()
+    def encode_conditioning(
+        self,
+        model: QwenImageModel,
+        kind: str,
+        images: Sequence[Tensor],
+        *,
+        frames: int = 1,
+        caption: str = "",
+    ) -> TextEncoding:
+        """An edit item's references (each (3, H, W) in [-1, 1] at its own size) and caption →
+        the edit prompt read with them by the VL encoder and their packed latents
+        (:mod:`.edit`), batch-first with a batch of one."""
+        if self.edit is None or kind != "reference":
+            raise ValueError(f"{model.parts.folder} is not an edit model: it takes no {kind}")
+        most = edits.most_references(self.edit)
+        if not 1 <= len(images) <= most:
+            raise ValueError(f"this edit model takes 1 to {most} references, not {len(images)}")
+        parts = model.parts
+        pictures = [edits.to_picture(image) for image in images]
+        _, encoder = self._encoder(model)
+        if parts.processor is None:
+            parts.processor = edits.load_processor(parts.folder)
+        area = self.options.reference_pixels
+        prompt = edits.encode_edit_prompt(
+            parts.processor,
+            encoder,
+            caption,
+            pictures,
+            self.edit,
+            parts.vae_config,
+            vae_pixels=area,
+        )
+        references = edits.encode_references(
+            self._vae(model), parts.vae_config, pictures, vae_pixels=area
+        )
+        return {**prompt, **references}
+
     # ---------------------------------------------------------------------------- training
 
     def predict(
         self, model: QwenImageModel, noisy: Tensor, timesteps: Tensor, text: TextEncoding
     ) -> Tensor:
-        """The velocity (B, 16, h, w) for noisy latents of the same shape."""
+        """The velocity (B, 16, h, w) for noisy latents of the same shape (edit models: with
+        the references in ``text``)."""
+        if self.edit is not None and not edits.has_references(text):
+            # Only the drift meter's held-out stills come without references.
+            raise ConfigError(
+                "drift.every: the drift meter measures held-out images without reference "
+                "images, which an edit model needs; set drift.every=0 for this model"
+            )
         _, channels, height, width = noisy.shape
         tokens = self._velocity_tokens(model, pack(noisy), timesteps, text, height, width)
         return unpack(tokens, channels, height, width)
@@ -258,18 +329,28 @@ class QwenImageFamily(ShiftedByTokens):
         height: int,
         width: int,
     ) -> Tensor:
-        """One transformer call on packed tokens (B, h/2 * w/2, 64)."""
+        """One transformer call on packed tokens (B, h/2 * w/2, 64); with an edit's references
+        in ``text``, their tokens follow the target's and the output is cut back to the
+        target's."""
         denoiser_on_device(model)
         dtype = model.parts.dtype
-        mask = text["mask"]
+        hidden, embeds, mask = tokens, text["embeds"], text["mask"]
+        img_shapes = [[(1, height // 2, width // 2)]] * tokens.shape[0]
+        if edits.has_references(text):
+            try:
+                hidden, embeds, mask, img_shapes = edits.denoiser_inputs(
+                    tokens, text, height, width
+                )
+            except ValueError as error:
+                raise ConfigError(str(error)) from None
         return model.runner(
-            hidden_states=tokens.to(dtype),
-            encoder_hidden_states=text["embeds"].to(dtype),
+            hidden_states=hidden.to(dtype),
+            encoder_hidden_states=embeds.to(dtype),
             encoder_hidden_states_mask=None if bool(mask.all()) else mask,
             timestep=t.to(dtype),
-            img_shapes=[[(1, height // 2, width // 2)]] * tokens.shape[0],
+            img_shapes=img_shapes,
             return_dict=False,
-        )[0]
+        )[0][:, : tokens.shape[1]]  # the target's tokens
 
     def training_mu(self, shape: torch.Size) -> float:
         """``calculate_shift`` of the packed token count (training and the samples)."""
@@ -284,9 +365,15 @@ class QwenImageFamily(ShiftedByTokens):
         size: tuple[int, int],
         steps: int,
         generator: torch.Generator,
+        conditioning: TextEncoding | None = None,
     ) -> Tensor:
         """Euler over the pipeline's schedule (``linspace(1, 1/steps)``, shifted for the
-        image's token count and stretched to ``shift_terminal``), with true CFG."""
+        image's token count and stretched to ``shift_terminal``), with true CFG. Edit models:
+        ``conditioning``, each prompt's references encoded with it by
+        :meth:`encode_conditioning` (batch-first), whose edit prompt replaces ``text``'s;
+        no CFG, as the edit pipelines' default call."""
+        if self.edit is not None and not conditioning:
+            raise ValueError("Qwen-Image-Edit samples need each prompt's references")
         denoiser_on_device(model)
         device = model.parts.device
         batch = text["embeds"].shape[0]
@@ -294,13 +381,41 @@ class QwenImageFamily(ShiftedByTokens):
         rows, columns = size[1] // scale, size[0] // scale
         channels = model.denoiser.config.out_channels
         latents = torch.randn(batch, channels, rows, columns, generator=generator).to(device)
-        tokens = pack(latents)
-        negative = self._negative(model, batch)
         grid = torch.linspace(1.0, 1.0 / steps, steps)
         sigmas = torch.cat(
             [self.shift.sigmas(grid, self.training_mu(latents.shape)), torch.zeros(1)]
-        )
-        for now, after in itertools.pairwise(sigmas.tolist()):
+        ).tolist()
+        if conditioning is None or self.edit is None:
+            tokens = self._denoise(model, pack(latents), text, sigmas, rows, columns)
+        else:  # one prompt at a time, as the edit pipelines: its references may differ
+            tokens = torch.cat(
+                [
+                    self._denoise(
+                        model,
+                        pack(latents[i : i + 1]),
+                        edits.row(text, conditioning, i),
+                        sigmas,
+                        rows,
+                        columns,
+                    )
+                    for i in range(batch)
+                ]
+            )
+        return self.decode_latents(model, unpack(tokens, channels, rows, columns))
+
+    def _denoise(
+        self,
+        model: QwenImageModel,
+        tokens: Tensor,
+        text: TextEncoding,
+        sigmas: list[float],
+        rows: int,
+        columns: int,
+    ) -> Tensor:
+        """Euler steps over ``sigmas`` from the packed noise ``tokens`` (B, N, 64)."""
+        batch, device = tokens.shape[0], model.parts.device
+        negative = self._negative(model, batch)
+        for now, after in itertools.pairwise(sigmas):
             t = torch.full((batch,), now, device=device)
             v = self._velocity_tokens(model, tokens, t, text, rows, columns).float()
             if negative is not None:
@@ -310,11 +425,11 @@ class QwenImageFamily(ShiftedByTokens):
                     self.options.sample_cfg,
                 )
             tokens = tokens + (after - now) * v
-        return self.decode_latents(model, unpack(tokens, channels, rows, columns))
+        return tokens
 
     def _negative(self, model: QwenImageModel, batch: int) -> TextEncoding | None:
         negative = model.parts.negative
-        if self.options.sample_cfg <= 1 or negative is None:
+        if self.options.sample_cfg <= 1 or negative is None or self.edit is not None:
             return None
         return {key: value.expand(batch, *value.shape[1:]) for key, value in negative.items()}
 
