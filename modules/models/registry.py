@@ -17,6 +17,7 @@ FAMILY_PACKAGES = (
     "modules.models.flux1",
     "modules.models.flux2",
     "modules.models.qwen_image",
+    "modules.models.zimage",
 )
 """One line per family: the package whose ``__init__`` declares its ``SPEC`` (no torch)."""
 
