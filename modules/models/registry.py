@@ -18,6 +18,7 @@ FAMILY_PACKAGES = (
     "modules.models.flux2",
     "modules.models.qwen_image",
     "modules.models.zimage",
+    "modules.models.chroma",
 )
 """One line per family: the package whose ``__init__`` declares its ``SPEC`` (no torch)."""
 
