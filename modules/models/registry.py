@@ -19,6 +19,7 @@ FAMILY_PACKAGES = (
     "modules.models.qwen_image",
     "modules.models.zimage",
     "modules.models.chroma",
+    "modules.models.sdxl",
 )
 """One line per family: the package whose ``__init__`` declares its ``SPEC`` (no torch)."""
 
