@@ -420,12 +420,22 @@ def _with(config: TrainConfig, **changes: object) -> TrainConfig:
     return config.model_copy(update={"training": training})
 
 
+BLOCK_NAME = re.compile(r"([a-z_]*blocks|layers|noise_refiner|context_refiner)\.(\d+)\.")
+"""A repeated block's weights: ``blocks.N.`` (WAN), ``transformer_blocks.N.`` and
+``single_transformer_blocks.N.`` (FLUX, Qwen-Image, Chroma), ``layers.N.`` and the refiners'
+(Z-Image)."""
+
+
 def _folder_sizes(folder: Path, config: TrainConfig) -> ModelSizes | None:
     """Sizes from a diffusers folder: ``transformer/config.json`` for the hidden size, the
     safetensors headers for every tensor's shape."""
     try:
         transformer = json.loads((folder / "transformer" / "config.json").read_text())
-        hidden = int(transformer["num_attention_heads"]) * int(transformer["attention_head_dim"])
+        if "dim" in transformer:  # Z-Image names its width directly
+            hidden = int(transformer["dim"])
+        else:
+            heads = int(transformer["num_attention_heads"])
+            hidden = heads * int(transformer["attention_head_dim"])
         shapes = _shapes(folder / "transformer")
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -434,7 +444,7 @@ def _folder_sizes(folder: Path, config: TrainConfig) -> ModelSizes | None:
     blocks: dict[tuple[str, int], int] = Counter()
     outside = 0
     for name, shape in shapes.items():
-        found = re.match(r"([a-z_]*blocks)\.(\d+)\.", name)
+        found = BLOCK_NAME.match(name)
         if found:
             blocks[(found[1], int(found[2]))] += math.prod(shape)
         else:

@@ -239,3 +239,21 @@ def test_a_run_resolves_auto_and_says_its_estimate(tiny_wan, tmp_path, monkeypat
     assert swapped == [2]
     assert any(t.startswith("memory estimate (not measured): peak") for t in texts)
     assert "memory estimate: blocks_to_swap=auto swaps 2 blocks" in texts
+
+
+def test_a_z_image_folder_s_blocks_and_width_are_read(tmp_path):
+    """Z-Image names its width ``dim`` and its blocks ``layers`` and refiners: the estimate
+    reads them, one size per block the family swaps."""
+    from tests.zimage.tiny_zimage import build_tiny_zimage
+
+    folder = build_tiny_zimage(tmp_path / "Z-Image")
+    config = _config(str(folder), family="zimage")
+    sizes = model_sizes(config)
+    assert sizes is not None and sizes.source == "the model folder's files"
+    transformer = json.loads((folder / "transformer" / "config.json").read_text())
+    assert sizes.hidden == transformer["dim"]
+    family = get_family(config.model)
+    model = load_model(family, config.model, dtype=torch.float32, device=CPU)
+    assert len(sizes.blocks) == len(family.blocks(model.denoiser))
+    in_blocks = sum(p.numel() for b in family.blocks(model.denoiser) for p in b.parameters())
+    assert sum(sizes.blocks) == in_blocks
