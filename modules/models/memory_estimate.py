@@ -314,7 +314,33 @@ def token_count(config: TrainConfig) -> int:
     frames = (config.data.frames - 1) // 4 + 1 if spec.video else 1
     options = getattr(config.model, config.model.family, None)
     text = getattr(options, "text_tokens", None) or 0
-    return side * side * frames + (text if config.model.family != "wan" else 0)
+    return (
+        side * side * frames
+        + (text if config.model.family != "wan" else 0)
+        + reference_tokens(config)
+    )
+
+
+REFERENCE_PIXELS = 1024 * 1024
+"""The area the edit pipelines encode a reference at, at most (Qwen-Image-Edit's VAE size,
+FLUX.1 Kontext's preferred resolutions, FLUX.2's limit)."""
+
+
+def reference_tokens(config: TrainConfig) -> int:
+    """An edit model's reference tokens beside the target's, counted at the most references
+    the run allows, each at the pipelines' largest reference area (smaller references cost
+    less): 0 for a model without references."""
+    from modules.models.registry import conditioning_kinds, family_spec
+
+    most = max(
+        (k.most for k in conditioning_kinds(config.model) if k.source == "references"), default=0
+    )
+    if not most:
+        return 0
+    options = getattr(config.model, config.model.family, None)
+    pixels = getattr(options, "reference_pixels", None) or REFERENCE_PIXELS
+    multiple = family_spec(config.model.family).latent_grid(config.model.path).pixel_multiple
+    return most * pixels // (multiple * multiple)
 
 
 def fitting_swap(config: TrainConfig, sizes: ModelSizes, budget_gb: float) -> int | None:

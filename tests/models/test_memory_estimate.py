@@ -257,3 +257,15 @@ def test_a_z_image_folder_s_blocks_and_width_are_read(tmp_path):
     assert len(sizes.blocks) == len(family.blocks(model.denoiser))
     in_blocks = sum(p.numel() for b in family.blocks(model.denoiser) for p in b.parameters())
     assert sum(sizes.blocks) == in_blocks
+
+
+def test_an_edit_model_s_references_count_as_tokens(tmp_path):
+    """Each reference the run allows adds the tokens of a reference at the pipelines' largest
+    area (1024 x 1024 px: 64 x 64 tokens of 16 px) to the activations' token count."""
+    from modules.models.memory_estimate import token_count
+
+    def flux2(**options) -> TrainConfig:
+        model = {"family": "flux2", "path": str(tmp_path), "flux2": options}
+        return _config(model=model, data={"resolution": 512})
+
+    assert token_count(flux2(task="edit", references=2)) - token_count(flux2()) == 2 * 64 * 64
