@@ -495,7 +495,8 @@ def _folder_sizes(folder: Path, config: TrainConfig) -> ModelSizes | None:
         outside=outside,
         hidden=hidden,
         lora_layers=layers,
-        text_encoder=count("text_encoder") + count("text_encoder_2"),
+        # WAN 2.1 image-to-video's CLIP image encoder is on the GPU while the cache fills too.
+        text_encoder=count("text_encoder") + count("text_encoder_2") + count("image_encoder"),
         vae=count("vae"),
     )
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from pydantic import ValidationError
+from safetensors.torch import load_file
 
 from modules.cli.main import main
 from modules.config import load_preset
@@ -269,3 +270,19 @@ def test_an_edit_model_s_references_count_as_tokens(tmp_path):
         return _config(model=model, data={"resolution": 512})
 
     assert token_count(flux2(task="edit", references=2)) - token_count(flux2()) == 2 * 64 * 64
+
+
+def test_wan_2_1_image_to_video_s_clip_encoder_counts_in_the_cache_phase(tmp_path):
+    """Its CLIP image encoder is on the GPU with the text encoder while the cache fills."""
+    from tests.wan.tiny_wan import build_tiny_wan_i2v
+
+    folder = build_tiny_wan_i2v(tmp_path / "i2v", version="2.1")
+    sizes = model_sizes(_config(str(folder)))
+    clip = sum(
+        t.numel()
+        for t in load_file(next((folder / "image_encoder").glob("*.safetensors"))).values()
+    )
+    text = sum(
+        t.numel() for t in load_file(next((folder / "text_encoder").glob("*.safetensors"))).values()
+    )
+    assert sizes.text_encoder == clip + text
