@@ -5,8 +5,9 @@ that is missing or holds no images, a run folder that is a file or cannot be wri
 ``model.path`` that is missing, a file or another family's folder (read from its JSON files:
 :mod:`modules.models.folder_check`), a ``transformer_file`` of another family or size (read
 from its header: :mod:`modules.models.single_file_check`), a mask whose size is not its
-image's, an item without the conditioning files its family needs (a reference image,
-:mod:`modules.data.conditioning`), a tracker whose ``logs`` folder cannot be made. Those stop
+image's, an item without the conditioning files its family needs or an edit model's pairs
+that do not match (:mod:`modules.trainer.reference_checks`), a tracker whose ``logs`` folder
+cannot be made. Those stop
 here, in ``check`` as in ``train``, with a message naming the field or file and the fix, before
 the model loads or anything is cached. What is allowed but worth knowing (files skipped,
 captions missing, images upscaled) is collected as notes, said once at the start of a run.
@@ -30,11 +31,11 @@ from modules.data.concept import (
     name_list,
     scan_concept,
 )
-from modules.data.conditioning import find_pairs, pair_problems, reference_kind, takes_references
+from modules.data.conditioning import takes_references
 from modules.models.folder_check import model_folder_problem
 from modules.models.registry import conditioning_kinds, family_spec
 from modules.models.single_file_check import single_file_problem
-from modules.models.spec import ConditioningKind
+from modules.trainer.reference_checks import concept_pairs, reference_notes, reference_problems
 from modules.trainer.run_folder import check_run_folder
 
 
@@ -75,8 +76,7 @@ def preflight(config: TrainConfig, *, create_run_dir: bool) -> Preflight:
         *_optimizer_problem(config),
     ]
     kinds = conditioning_kinds(config.model)
-    problems += _caption_dropout_problem(config, kinds)
-    problems += _sampling_references_problem(config, kinds)
+    problems += reference_problems(config, kinds)
     scans, pairs = [], []
     for number, concept in enumerate(config.data.concepts):
         try:
@@ -85,21 +85,12 @@ def preflight(config: TrainConfig, *, create_run_dir: bool) -> Preflight:
             problems.append(str(error))
             continue
         scans.append(scan)
-        # Every item's missing or extra conditioning file, by name (none without conditioning).
-        named = f"data.concepts.{number} ({scan.folder})"
-        folders = [Path(folder) for folder in concept.reference_dirs]
-        found = pair_problems(
-            scan, kinds, concept=named, field=f"data.concepts.{number}", reference_dirs=folders
-        )
+        found, line = concept_pairs(number, concept, scan, kinds)
         problems += found
-        kind = reference_kind(kinds)
-        if kind is not None and not found:
-            found_pairs = find_pairs(scan, kind, folders)
-            pairs.append(f"{named}: {found_pairs.describe()}")
-            problems += _unreadable_references(found_pairs.references, named)
+        pairs += [line] if line else []
     if problems:  # all of them at once: fixing one need not reveal the next
         raise ConfigError("\n".join(problems))
-    notes = _reference_notes(config, kinds, scans)
+    notes = reference_notes(config, kinds, scans)
     for concept, scan in zip(config.data.concepts, scans, strict=True):
         notes += _skipped_note(scan)
         notes += _caption_notes(scan, concept.caption.default)
@@ -128,95 +119,6 @@ def preflight(config: TrainConfig, *, create_run_dir: bool) -> Preflight:
         line = f"Buckets ({len(placement.histogram())} used by {len(readable)} items): "
         line += histogram_text(placement, names)
     return Preflight(scans=scans, notes=notes, buckets=line, sources=per_scan, pairs=tuple(pairs))
-
-
-def _caption_dropout_problem(config: TrainConfig, kinds: Sequence[ConditioningKind]) -> list[str]:
-    """Caption dropout for a model whose reference encoding reads the caption (an edit
-    model's vision-language prompt): the dropped prompt would need its own encoding."""
-    reading = [kind.name for kind in kinds if kind.with_caption]
-    if not reading:
-        return []
-    return [
-        f"data.concepts.{number}.caption.dropout={concept.caption.dropout}: this model encodes "
-        f"the caption together with the {reading[0]} images, so a dropped caption has no "
-        f"encoding; set it to 0"
-        for number, concept in enumerate(config.data.concepts)
-        if concept.caption.dropout > 0
-    ]
-
-
-def _sampling_references_problem(
-    config: TrainConfig, kinds: Sequence[ConditioningKind]
-) -> list[str]:
-    """``sampling.references`` of an edit model that the samples could not use: not one entry
-    per prompt, more references than the model takes, a file that cannot be read (its header);
-    said here so that a run does not stop at its first sample, after the model loaded."""
-    kind = reference_kind(kinds)
-    if kind is None or not config.sampling.prompts:
-        return []
-    from modules.data.images import image_size
-    from modules.trainer.sampling import sampling_reference_paths
-
-    try:
-        given = sampling_reference_paths(config, kind) or []
-    except ConfigError as error:
-        return [str(error)]
-    problems = []
-    for number, paths in enumerate(given):
-        for path in paths:
-            if not path.is_file():
-                problems.append(
-                    f"sampling.references: '{path}' (prompt {number + 1}) is not a file: give "
-                    "the path of an image (png, jpg, webp)"
-                )
-                continue
-            try:
-                image_size(path)
-            except DataError as error:
-                problems.append(f"sampling.references: prompt {number + 1}'s reference: {error}")
-    return problems
-
-
-def _unreadable_references(references: Sequence[Sequence[Path]], concept: str) -> list[str]:
-    """Reference images whose header cannot be read (as the encoding would refuse them)."""
-    from modules.data.images import image_size
-
-    problems = []
-    for path in dict.fromkeys(path for found in references for path in found):
-        try:
-            image_size(path)
-        except DataError as error:
-            problems.append(f"{concept}: reference {error}")
-    return problems
-
-
-def _reference_notes(
-    config: TrainConfig, kinds: Sequence[ConditioningKind], scans: Sequence[ConceptScan]
-) -> list[str]:
-    """``reference_dirs`` a run does not read: for a model without references, and the
-    ``name-ref.png`` files beside the targets of a concept that has reference folders."""
-    notes = []
-    takes = takes_references(kinds)
-    if config.sampling.references and not takes:
-        notes.append(
-            f"sampling.references is set but this {config.model.family} model takes no "
-            "reference images: the samples do not use them"
-        )
-    for number, (concept, scan) in enumerate(zip(config.data.concepts, scans, strict=True)):
-        if concept.reference_dirs and not takes:
-            notes.append(
-                f"data.concepts.{number}.reference_dirs is set but this {config.model.family} "
-                "model takes no reference images: the folders are ignored (remove them, or "
-                "choose an edit model)"
-            )
-        elif concept.reference_dirs and scan.references:
-            notes.append(
-                f"data.concepts.{number}: {count_of(len(scan.references), 'reference image')} "
-                f"beside the targets ({name_list(scan.references)}) are not read: the "
-                f"references come from data.concepts.{number}.reference_dirs (move them there, "
-                "or clear reference_dirs to use them)"
-            )
-    return notes
 
 
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
