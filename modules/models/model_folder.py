@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
+from torch import Tensor
 
 from modules.models.base import LoadedModel, ModelLoadError
 from modules.models.base_weights import ScaledLayer, keep_scaled_layers, read_single_file
@@ -155,6 +156,24 @@ def frozen_vae(parts: FolderParts, vae_class: Any) -> Any:
         folder = parts.folder / "vae"
         parts.vae = load_frozen(vae_class, folder, parts.device, torch_dtype=torch.float32)
     return parts.vae
+
+
+@torch.no_grad()
+def encode_shifted(vae: Any, vae_config: dict[str, Any], images: Tensor) -> Tensor:
+    """(B, 3, H, W) in [-1, 1] → ``(z - shift_factor) * scaling_factor`` of the posterior's mode
+    (deterministic, so the cache holds one latent per item), float32: FLUX.1's VAE, which
+    FLUX.1, Kontext, Chroma and Z-Image share."""
+    param = next(vae.parameters())
+    latents = vae.encode(images.to(param.device, param.dtype)).latent_dist.mode()
+    return ((latents - vae_config["shift_factor"]) * vae_config["scaling_factor"]).float()
+
+
+@torch.no_grad()
+def decode_shifted(vae: Any, vae_config: dict[str, Any], latents: Tensor) -> Tensor:
+    """The inverse of :func:`encode_shifted`: latents → (B, 3, H, W) in [-1, 1], float32."""
+    param = next(vae.parameters())
+    latents = latents / vae_config["scaling_factor"] + vae_config["shift_factor"]
+    return vae.decode(latents.to(param.device, param.dtype)).sample.float().clamp(-1, 1)
 
 
 def text_encoder_dtype(dtype: torch.dtype) -> torch.dtype:

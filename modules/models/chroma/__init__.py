@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pydantic import Field
 
+from modules.models.flux1 import FLUX_BLOCKS
 from modules.models.spec import (
     FILE_FIELD,
     FamilyOptions,
@@ -100,10 +101,7 @@ SPEC = FamilySpec(
         markers=(r"^distilled_guidance_layer\.",),
         excludes=(r"^nerf_",),
         width=("img_in.weight", "x_embedder.weight"),
-        blocks={
-            "num_layers": r"^(?:double_blocks|transformer_blocks)\.(\d+)\.",
-            "num_single_layers": r"^(?:single_blocks|single_transformer_blocks)\.(\d+)\.",
-        },
+        blocks=FLUX_BLOCKS,
     ),
     lora_targets=LORA_TARGETS,
     grid=LatentGrid(pixels_per_cell=8, pixel_multiple=16),

@@ -56,7 +56,9 @@ from modules.models.flow_matching import ScheduleShift, ShiftedByTokens
 from modules.models.model_folder import (
     FolderParts,
     check_model_folder,
+    decode_shifted,
     denoiser_on_device,
+    encode_shifted,
     files_stamp,
     free_encoders,
     frozen_vae,
@@ -146,22 +148,16 @@ class ChromaFamily(ShiftedByTokens):
 
     # ------------------------------------------------------------------------------ encoders
 
-    @torch.no_grad()
     def encode_images(self, model: ChromaModel, images: Tensor) -> Tensor:
         """(B, 3, H, W) in [-1, 1] → (B, 16, H/8, W/8)."""
-        vae = frozen_vae(model.parts, AutoencoderKL)
-        param = next(vae.parameters())
-        latents = vae.encode(images.to(param.device, param.dtype)).latent_dist.mode()
-        config = model.parts.vae_config
-        return ((latents - config["shift_factor"]) * config["scaling_factor"]).float()
+        return encode_shifted(
+            frozen_vae(model.parts, AutoencoderKL), model.parts.vae_config, images
+        )
 
-    @torch.no_grad()
     def decode_latents(self, model: ChromaModel, latents: Tensor) -> Tensor:
-        vae = frozen_vae(model.parts, AutoencoderKL)
-        param = next(vae.parameters())
-        config = model.parts.vae_config
-        latents = latents / config["scaling_factor"] + config["shift_factor"]
-        return vae.decode(latents.to(param.device, param.dtype)).sample.float().clamp(-1, 1)
+        return decode_shifted(
+            frozen_vae(model.parts, AutoencoderKL), model.parts.vae_config, latents
+        )
 
     @torch.no_grad()
     def encode_prompts(self, model: ChromaModel, prompts: list[str]) -> TextEncoding:

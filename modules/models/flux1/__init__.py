@@ -127,6 +127,14 @@ def _grid(folder: Path) -> LatentGrid | None:
     return LatentGrid(pixels_per_cell=scale, pixel_multiple=2 * scale)
 
 
+FLUX_BLOCKS = {
+    "num_layers": r"^(?:double_blocks|transformer_blocks)\.(\d+)\.",
+    "num_single_layers": r"^(?:single_blocks|single_transformer_blocks)\.(\d+)\.",
+}
+"""A FLUX-shaped single file's block counts by config field, in BFL's and diffusers' names
+(FLUX.1, FLUX.2 and Chroma alike)."""
+
+
 SPEC = FamilySpec(
     name="flux1",
     title=(
@@ -140,10 +148,7 @@ SPEC = FamilySpec(
         # FLUX.2's modulation; Chroma's guidance approximator (Chroma is FLUX.1-shaped).
         excludes=(r"^double_stream_modulation_img\.", r"^distilled_guidance_layer\."),
         width=("img_in.weight", "x_embedder.weight"),
-        blocks={
-            "num_layers": r"^(?:double_blocks|transformer_blocks)\.(\d+)\.",
-            "num_single_layers": r"^(?:single_blocks|single_transformer_blocks)\.(\d+)\.",
-        },
+        blocks=FLUX_BLOCKS,
     ),
     lora_targets=LORA_TARGETS,
     grid=LatentGrid(pixels_per_cell=8, pixel_multiple=16),

@@ -50,7 +50,9 @@ from modules.models.flux1 import kontext as ref
 from modules.models.model_folder import (
     FolderParts,
     check_model_folder,
+    decode_shifted,
     denoiser_on_device,
+    encode_shifted,
     files_stamp,
     free_encoders,
     frozen_vae,
@@ -142,22 +144,12 @@ class Flux1Family(ShiftedByTokens):
 
     # ------------------------------------------------------------------------------ encoders
 
-    @torch.no_grad()
     def encode_images(self, model: Flux1Model, images: Tensor) -> Tensor:
         """(B, 3, H, W) in [-1, 1] → (B, 16, H/8, W/8)."""
-        vae = self._vae(model)
-        param = next(vae.parameters())
-        latents = vae.encode(images.to(param.device, param.dtype)).latent_dist.mode()
-        config = model.parts.vae_config
-        return ((latents - config["shift_factor"]) * config["scaling_factor"]).float()
+        return encode_shifted(self._vae(model), model.parts.vae_config, images)
 
-    @torch.no_grad()
     def decode_latents(self, model: Flux1Model, latents: Tensor) -> Tensor:
-        vae = self._vae(model)
-        param = next(vae.parameters())
-        config = model.parts.vae_config
-        latents = latents / config["scaling_factor"] + config["shift_factor"]
-        return vae.decode(latents.to(param.device, param.dtype)).sample.float().clamp(-1, 1)
+        return decode_shifted(self._vae(model), model.parts.vae_config, latents)
 
     @torch.no_grad()
     def encode_prompts(self, model: Flux1Model, prompts: list[str]) -> TextEncoding:

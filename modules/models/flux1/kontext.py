@@ -32,6 +32,7 @@ from PIL import Image
 from torch import Tensor
 
 from modules.models.base import TextEncoding
+from modules.models.model_folder import encode_shifted
 from modules.models.packing import pack
 
 TOKENS_KEY = "kontext_reference"
@@ -76,9 +77,7 @@ def encode_reference(vae: Any, vae_config: dict[str, Any], pixels: Tensor) -> Te
     """(1, 3, H, W) reference pixels → ``{TOKENS_KEY: (1, h/2 * w/2, 4C), GRID_KEY: (1, 2)}``,
     the normalised posterior mode packed as the target (the pipeline's ``_encode_vae_image``
     with ``argmax`` and ``_pack_latents``)."""
-    param = next(vae.parameters())
-    latent = vae.encode(pixels.to(param.device, param.dtype)).latent_dist.mode()
-    latent = ((latent - vae_config["shift_factor"]) * vae_config["scaling_factor"]).float()
+    latent = encode_shifted(vae, vae_config, pixels)
     rows, columns = latent.shape[-2] // 2, latent.shape[-1] // 2
     return {
         TOKENS_KEY: pack(latent),  # (1, rows * columns, 4C)

@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from modules.models.flux1 import FLUX_BLOCKS
 from modules.models.spec import (
     FILE_FIELD,
     ConditioningKind,
@@ -210,10 +211,7 @@ SPEC = FamilySpec(
     single_file=SingleFileLayout(
         markers=(r"^double_stream_modulation_img\.",),
         width=("img_in.weight", "x_embedder.weight"),
-        blocks={
-            "num_layers": r"^(?:double_blocks|transformer_blocks)\.(\d+)\.",
-            "num_single_layers": r"^(?:single_blocks|single_transformer_blocks)\.(\d+)\.",
-        },
+        blocks=FLUX_BLOCKS,
     ),
     lora_targets=LORA_TARGETS,
     grid=LatentGrid(pixels_per_cell=16, pixel_multiple=16),

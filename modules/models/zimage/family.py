@@ -56,7 +56,9 @@ from modules.models.flow_matching import ScheduleShift, ShiftedByTokens
 from modules.models.model_folder import (
     FolderParts,
     check_model_folder,
+    decode_shifted,
     denoiser_on_device,
+    encode_shifted,
     files_stamp,
     free_encoders,
     frozen_vae,
@@ -176,22 +178,12 @@ class ZImageFamily(ShiftedByTokens):
 
     # ------------------------------------------------------------------------------ encoders
 
-    @torch.no_grad()
     def encode_images(self, model: ZImageModel, images: Tensor) -> Tensor:
         """(B, 3, H, W) in [-1, 1] → (B, 16, H/8, W/8)."""
-        vae = self._vae(model)
-        param = next(vae.parameters())
-        latents = vae.encode(images.to(param.device, param.dtype)).latent_dist.mode()
-        config = model.parts.vae_config
-        return ((latents - config["shift_factor"]) * config["scaling_factor"]).float()
+        return encode_shifted(self._vae(model), model.parts.vae_config, images)
 
-    @torch.no_grad()
     def decode_latents(self, model: ZImageModel, latents: Tensor) -> Tensor:
-        vae = self._vae(model)
-        param = next(vae.parameters())
-        config = model.parts.vae_config
-        latents = latents / config["scaling_factor"] + config["shift_factor"]
-        return vae.decode(latents.to(param.device, param.dtype)).sample.float().clamp(-1, 1)
+        return decode_shifted(self._vae(model), model.parts.vae_config, latents)
 
     def _templated(self, tokenizer: Any, prompts: list[str]) -> list[str]:
         return [
